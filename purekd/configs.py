@@ -1,0 +1,303 @@
+"""``TrainingConfig``, ``DistillationConfig`` and ``IntermediateMatch``: frozen, validated data.
+
+Argument names and defaults are TextBrewer 0.2.1's. Differences, all deliberate:
+
+* every value is checked when the config is built; a bad one raises ``ValueError`` (or
+  ``TypeError``) naming the field, the value and what is valid;
+* configs are immutable (change one with :func:`attrs.evolve`); training never writes into
+  them — TextBrewer overwrote ``kd_loss_weight`` as it trained, here weights are schedules;
+* ``device`` defaults to CUDA when available, else CPU; ``fp16`` means ``torch.autocast`` with a
+  gradient scaler (no Apex), and ``bf16`` is offered too; the output directory is created when
+  training starts, not when the config is built.
+
+``from_dict`` / ``from_json_file`` reject unknown keys; ``to_dict`` / ``to_json`` round-trip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+import torch
+
+from purekd import presets
+
+C = TypeVar("C", bound="_ConfigIO")
+
+
+def _field_error(instance: Any, attribute: attrs.Attribute, value: Any, problem: str) -> ValueError:
+    return ValueError(f"{type(instance).__name__}.{attribute.name}={value!r}: {problem}")
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise _field_error(instance, attribute, value, "must be a number > 0")
+
+
+def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _field_error(instance, attribute, value, "must be an int >= 1")
+
+
+def _optional_positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None:
+        _positive_int(instance, attribute, value)
+
+
+def _number(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _field_error(instance, attribute, value, "must be a number")
+
+
+def _boolean(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise _field_error(instance, attribute, value, "must be True or False")
+
+
+def _in_map(preset: presets.PresetMap, allow_none: bool = False):  # type: ignore[no-untyped-def]
+    def validate(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if allow_none and value == "none":
+            return
+        try:
+            preset[value]
+        except ValueError as error:
+            hint = " or 'none'" if allow_none else ""
+            raise _field_error(instance, attribute, value, f"{error}{hint}") from None
+
+    return validate
+
+
+def _tuple_if_list(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _ConfigIO:
+    """``from_dict`` / ``from_json_file`` / ``to_dict`` / ``to_json`` for the attrs configs."""
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+        """Build from a dict; an unknown key or a bad value raises ``ValueError`` naming it."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"{cls.__name__}.from_dict needs a dict, got {type(data).__name__}")
+        known = {a.name for a in attrs.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__}: unknown key(s) {unknown}; valid keys: {sorted(known)}"
+            )
+        try:
+            return _converter.structure(dict(data), cls)
+        except cattrs.BaseValidationError as group:
+            raise ValueError(_format_errors(cls.__name__, group)) from None
+
+    @classmethod
+    def from_json_file(cls: type[C], path: str | os.PathLike[str]) -> C:
+        """Build from a JSON file holding one object."""
+        with open(path, encoding="utf-8") as file:
+            return cls.from_dict(json.load(file))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (lists, dicts, numbers, strings) that ``from_dict`` turns back into an
+        equal config."""
+        return _converter.unstructure(self)  # type: ignore[no-any-return]
+
+    def to_json(self, **json_kwargs: Any) -> str:
+        """``to_dict`` as JSON text."""
+        return json.dumps(self.to_dict(), **json_kwargs)
+
+
+def _format_errors(name: str, group: cattrs.BaseValidationError) -> str:
+    """One line per failure: keeps the validator's own message and names the field path."""
+    lines = []
+    for error, path in group.group_exceptions():
+        where = f"{name}{path}" if path else name
+        message = str(error)
+        lines.append(message if message.startswith(name) else f"{where}: {message}")
+    return "\n".join(lines) if len(lines) > 1 else lines[0]
+
+
+def _check_projection(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    usage = "write 'proj': [kind, dim_S, dim_T] or [kind, dim_S, dim_T, {optimizer group options}]"
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) not in (3, 4):
+        raise _field_error(instance, attribute, value, usage)
+    kind, dim_in, dim_out, *rest = value
+    try:
+        presets.PROJ_MAP[kind]
+    except ValueError as error:
+        raise _field_error(instance, attribute, value, str(error)) from None
+    for dim in (dim_in, dim_out):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise _field_error(instance, attribute, value, f"widths must be ints >= 1; {usage}")
+    if rest and not isinstance(rest[0], Mapping):
+        raise _field_error(instance, attribute, value, f"the 4th element must be a dict; {usage}")
+
+
+def _projection(value: Any) -> Any:
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        return (*value, {})
+    return _tuple_if_list(value)
+
+
+def _layer(value: Any) -> Any:
+    return _tuple_if_list(value)
+
+
+@attrs.frozen(kw_only=True)
+class IntermediateMatch(_ConfigIO):
+    """One intermediate-feature match: ``loss(proj(S.feature[layer_S]), T.feature[layer_T])``.
+
+    ``layer_T`` / ``layer_S`` index the adaptor's ``feature`` list (pairs of indices for
+    ``fsp``/``gram``/``mmd``/``nst``); ``proj`` is ``(kind, dim_S, dim_T, group_options)`` with
+    ``kind`` in :data:`~purekd.presets.PROJ_MAP`, or ``None``.
+    """
+
+    layer_T: int | tuple[int, int] = attrs.field(converter=_layer)
+    layer_S: int | tuple[int, int] = attrs.field(converter=_layer)
+    weight: float = attrs.field(validator=_number)
+    loss: str = attrs.field(validator=_in_map(presets.MATCH_LOSS_MAP))
+    feature: str = attrs.field()
+    proj: tuple[Any, ...] | None = attrs.field(default=None, converter=_projection,
+                                               validator=_check_projection)
+
+    @feature.validator
+    def _check_feature(self, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in presets.FEATURES:
+            raise _field_error(self, attribute, value, f"must be one of {presets.FEATURES}")
+
+    def __attrs_post_init__(self) -> None:
+        presets.check_layer_spec(self.loss, self.layer_T, "IntermediateMatch.layer_T")
+        presets.check_layer_spec(self.loss, self.layer_S, "IntermediateMatch.layer_S")
+
+
+def _matches(value: Any) -> tuple[IntermediateMatch, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, Mapping)) or not isinstance(value, Sequence):
+        raise TypeError(
+            f"DistillationConfig.intermediate_matches must be a list of dicts, got {type(value).__name__}"
+        )
+    matches = []
+    for index, item in enumerate(value):
+        if isinstance(item, IntermediateMatch):
+            matches.append(item)
+            continue
+        if not isinstance(item, Mapping):
+            raise TypeError(
+                f"DistillationConfig.intermediate_matches[{index}] must be a dict, got {type(item).__name__}"
+            )
+        try:
+            matches.append(IntermediateMatch.from_dict(item))
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"DistillationConfig.intermediate_matches[{index}]: {error}") from None
+    return tuple(matches)
+
+
+@attrs.frozen(kw_only=True)
+class DistillationConfig(_ConfigIO):
+    r"""What to distil and how; defines the total loss
+
+    .. math:: \mathcal{L} = w_{KD}\,\mathcal{L}_{KD} + w_{hl}\sum_i \operatorname{mean}(\text{losses}_i)
+              + \sum_m w_m \mathcal{L}_m
+
+    ``temperature_scheduler``: ``'none'``, ``'constant'``, ``['flsw', beta, gamma]`` or
+    ``['cwsm', beta]``. Weight schedulers: ``'none'``, ``'linear_decay'``, ``'linear_growth'``;
+    as in TextBrewer, a scheduled weight is the fixed weight at the first step and the
+    schedule's value at the progress reached after that.
+    """
+
+    temperature: float = attrs.field(default=4, validator=_positive)
+    temperature_scheduler: str | tuple[Any, ...] = attrs.field(
+        default="none", converter=_tuple_if_list,
+        validator=_in_map(presets.TEMPERATURE_SCHEDULER, allow_none=True))
+    hard_label_weight: float = attrs.field(default=0, validator=_number)
+    hard_label_weight_scheduler: str = attrs.field(
+        default="none", validator=_in_map(presets.WEIGHT_SCHEDULER, allow_none=True))
+    kd_loss_type: str = attrs.field(default="ce", validator=_in_map(presets.KD_LOSS_MAP))
+    kd_loss_weight: float = attrs.field(default=1, validator=_number)
+    kd_loss_weight_scheduler: str = attrs.field(
+        default="none", validator=_in_map(presets.WEIGHT_SCHEDULER, allow_none=True))
+    probability_shift: bool = attrs.field(default=False, validator=_boolean)
+    intermediate_matches: tuple[IntermediateMatch, ...] = attrs.field(
+        factory=tuple, converter=_matches)
+    is_caching_logits: bool = attrs.field(default=False, validator=_boolean)
+
+
+_FP16_LEVELS = ("O0", "O1", "O2", "O3")
+
+
+@attrs.frozen(kw_only=True)
+class TrainingConfig(_ConfigIO):
+    """How to train: accumulation, checkpoints, logging, device, precision, parallelism.
+
+    ``ckpt_frequency`` checkpoints per epoch, every ``ckpt_epoch_frequency`` epochs (epoch
+    mode); every ``ckpt_steps`` optimizer steps with ``num_steps``. ``fp16`` / ``bf16``: mixed
+    precision with ``torch.autocast`` (fp16 adds a gradient scaler); ``fp16_opt_level`` is
+    accepted for compatibility and ignored. ``local_rank`` >= 0 (or the ``LOCAL_RANK``
+    environment variable set by torchrun) means DistributedDataParallel.
+    """
+
+    gradient_accumulation_steps: int = attrs.field(default=1, validator=_positive_int)
+    ckpt_frequency: int = attrs.field(default=1, validator=_positive_int)
+    ckpt_epoch_frequency: int = attrs.field(default=1, validator=_positive_int)
+    ckpt_steps: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    log_dir: str | None = attrs.field(default=None)
+    output_dir: str = attrs.field(default="./saved_models")
+    device: str = attrs.field(factory=_default_device, converter=str)
+    fp16: bool = attrs.field(default=False, validator=_boolean)
+    fp16_opt_level: str = attrs.field(default="O1")
+    data_parallel: bool = attrs.field(default=False, validator=_boolean)
+    local_rank: int = attrs.field(default=-1)
+    bf16: bool = attrs.field(default=False, validator=_boolean)
+
+    @device.validator
+    def _check_device(self, attribute: attrs.Attribute, value: str) -> None:
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError):
+            raise _field_error(self, attribute, value,
+                               "not a torch device; use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+
+    @fp16_opt_level.validator
+    def _check_level(self, attribute: attrs.Attribute, value: str) -> None:
+        if value not in _FP16_LEVELS:
+            raise _field_error(self, attribute, value, f"must be one of {list(_FP16_LEVELS)}")
+
+    @local_rank.validator
+    def _check_rank(self, attribute: attrs.Attribute, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+            raise _field_error(self, attribute, value, "must be -1 (not distributed) or a rank >= 0")
+
+    def __attrs_post_init__(self) -> None:
+        if self.fp16 and self.bf16:
+            raise ValueError("TrainingConfig: fp16=True and bf16=True; choose one precision")
+        if self.data_parallel and self.local_rank != -1:
+            raise ValueError(
+                "TrainingConfig: data_parallel=True with local_rank="
+                f"{self.local_rank}; DataParallel and DistributedDataParallel exclude each other"
+            )
+        for name in ("log_dir", "output_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise TypeError(f"TrainingConfig.{name}={value!r}: must be a path string")
+
+
+_converter = cattrs.Converter(forbid_extra_keys=True)
+_converter.register_structure_hook(
+    IntermediateMatch, lambda data, _: IntermediateMatch(**data)
+    if isinstance(data, Mapping) else data)
+for _cls in (DistillationConfig, TrainingConfig):
+    _converter.register_structure_hook(_cls, lambda data, cls: cls(**data))
+_converter.register_unstructure_hook(
+    tuple, lambda value: [_converter.unstructure(v) for v in value])
+
+__all__ = ["DistillationConfig", "IntermediateMatch", "TrainingConfig"]

@@ -1,0 +1,30 @@
+"""Layer 1 — loss functions: pure functions of tensors.
+
+No state, no config objects, no Python branch on a tensor's value. Masks are applied by
+weighting, so every loss compiles with ``torch.compile(fullgraph=True)`` without graph breaks,
+and no input is modified. Values equal TextBrewer 0.2.1's for the same inputs.
+
+Logits: :func:`kd_ce`, :func:`kd_mse` ``(logits_S, logits_T, temperature=1, mask=None)``.
+Features: each ``(feature_S, feature_T, mask=None) -> 0-dim Tensor``.
+"""
+
+from ._attention import attention_ce, attention_ce_mean, attention_mse, attention_mse_sum
+from ._hidden import cos, hidden_mse, pkd
+from ._logits import kd_ce, kd_mse
+from ._similarity import fsp, gram, mmd, nst
+
+__all__ = [
+    "attention_ce",
+    "attention_ce_mean",
+    "attention_mse",
+    "attention_mse_sum",
+    "cos",
+    "fsp",
+    "gram",
+    "hidden_mse",
+    "kd_ce",
+    "kd_mse",
+    "mmd",
+    "nst",
+    "pkd",
+]

@@ -1,0 +1,213 @@
+"""Name → function maps with TextBrewer's names, and :func:`register_new` to extend them.
+
+These are what configs refer to by name: ``kd_loss_type='ce'``, ``'loss': 'hidden_mse'``,
+``'proj': ['linear', 384, 768]``, ``kd_loss_weight_scheduler='linear_decay'``,
+``temperature_scheduler=['flsw', 1, 2]``. An unknown name raises a :class:`ValueError` that
+lists the valid ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from typing import Any
+
+from purekd import losses, projections, schedules
+
+
+class UnknownNameError(ValueError, KeyError):
+    """A name that is not in a preset map; the message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class PresetMap(MutableMapping[str, Callable[..., Any]]):
+    """A dict of named functions whose missing keys raise :class:`UnknownNameError`."""
+
+    def __init__(self, title: str, entries: Mapping[str, Callable[..., Any]]):
+        self.title = title
+        self._entries: dict[str, Callable[..., Any]] = dict(entries)
+
+    def __getitem__(self, name: str) -> Callable[..., Any]:
+        try:
+            return self._entries[name]
+        except (KeyError, TypeError):
+            raise UnknownNameError(
+                f"unknown {self.title} {name!r}; valid names: {sorted(self._entries)}"
+            ) from None
+
+    def __setitem__(self, name: str, func: Callable[..., Any]) -> None:
+        self._entries[name] = func
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.title!r}, {sorted(self._entries)})"
+
+
+class BuilderMap(PresetMap):
+    """A preset map whose keys may carry arguments: ``m['name']`` or ``m[['name', *args]]``.
+
+    Entries registered as builders (in ``builders``) must be given their arguments and return
+    the function to use: ``TEMPERATURE_SCHEDULER[['flsw', 1, 2]]`` is ``flsw(1, 2)``. A list
+    whose last element is a dict passes it as keyword arguments.
+    """
+
+    def __init__(
+        self,
+        title: str,
+        entries: Mapping[str, Callable[..., Any]],
+        builders: Mapping[str, str],
+    ):
+        super().__init__(title, entries)
+        self.builders = dict(builders)  # name -> its argument description, for errors
+
+    def __getitem__(self, key: Any) -> Callable[..., Any]:
+        if isinstance(key, (list, tuple)):
+            if not key:
+                raise UnknownNameError(f"empty {self.title}; valid names: {sorted(self)}")
+            name, args = key[0], list(key[1:])
+            builder = super().__getitem__(name)
+            if name not in self.builders:
+                if args:
+                    raise ValueError(f"{self.title} {name!r} takes no arguments, got {args!r}")
+                return builder
+            kwargs: dict[str, Any] = args.pop() if args and isinstance(args[-1], dict) else {}
+            try:
+                return builder(*args, **kwargs)
+            except TypeError as error:
+                raise ValueError(
+                    f"{self.title} {name!r} needs arguments {self.builders[name]}, got "
+                    f"{list(key[1:])!r}: write [{name!r}, {self.builders[name]}] ({error})"
+                ) from None
+        if key in self.builders:
+            raise ValueError(
+                f"{self.title} {key!r} needs arguments: write [{key!r}, {self.builders[key]}]"
+            )
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        name = key[0] if isinstance(key, (list, tuple)) and key else key
+        return isinstance(name, str) and name in self._entries
+
+
+FEATURES: list[str] = ["hidden", "attention"]
+"""Intermediate features an adaptor may return, each a list of per-layer tensors."""
+
+ADAPTOR_KEYS: list[str] = ["logits", "logits_mask", "losses", "inputs_mask", "labels", *FEATURES]
+"""Keys an adaptor's dict may contain."""
+
+KD_LOSS_MAP = PresetMap("kd_loss_type", {"ce": losses.kd_ce, "mse": losses.kd_mse})
+"""Logits KD losses: ``'ce'`` (soft cross-entropy), ``'mse'``."""
+
+MATCH_LOSS_MAP = PresetMap(
+    "intermediate match loss",
+    {
+        "attention_mse_sum": losses.attention_mse_sum,
+        "attention_mse": losses.attention_mse,
+        "attention_ce_mean": losses.attention_ce_mean,
+        "attention_ce": losses.attention_ce,
+        "hidden_mse": losses.hidden_mse,
+        "cos": losses.cos,
+        "pkd": losses.pkd,
+        "gram": losses.gram,
+        "fsp": losses.fsp,
+        "mmd": losses.mmd,
+        "nst": losses.nst,
+    },
+)
+"""Intermediate-feature losses, each ``(feature_S, feature_T, mask=None) -> Tensor``."""
+
+PAIR_LOSSES: frozenset[str] = frozenset({"gram", "fsp", "mmd", "nst"})
+"""Match losses that compare a pair of layers: ``layer_T`` and ``layer_S`` are two-element lists."""
+
+PROJ_MAP = PresetMap(
+    "projection",
+    {"linear": projections.linear, "relu": projections.relu, "tanh": projections.tanh},
+)
+"""Projection builders ``(dim_in, dim_out) -> nn.Module``."""
+
+WEIGHT_SCHEDULER = PresetMap(
+    "weight scheduler",
+    {"linear_decay": schedules.linear_decay, "linear_growth": schedules.linear_growth},
+)
+"""Weight schedules of progress in [0, 1]."""
+
+TEMPERATURE_SCHEDULER = BuilderMap(
+    "temperature scheduler",
+    {
+        "constant": schedules.constant_temperature,
+        "flsw": schedules.flsw,
+        "cwsm": schedules.cwsm,
+    },
+    builders={"flsw": "beta, gamma", "cwsm": "beta"},
+)
+"""Temperature schedules: ``'constant'``, ``['flsw', beta, gamma]``, ``['cwsm', beta]``."""
+
+MAPS: dict[str, PresetMap] = {
+    "kd_loss": KD_LOSS_MAP,
+    "match_loss": MATCH_LOSS_MAP,
+    "match_Loss": MATCH_LOSS_MAP,  # TextBrewer's spelling
+    "projection": PROJ_MAP,
+    "weight_scheduler": WEIGHT_SCHEDULER,
+    "temperature_scheduler": TEMPERATURE_SCHEDULER,
+}
+
+
+def register_new(map_name: str, name: str, func: Callable[..., Any]) -> None:
+    """Add ``func`` under ``name`` to the preset map ``map_name``.
+
+    ``map_name`` is one of ``'kd_loss'``, ``'match_loss'`` (or TextBrewer's ``'match_Loss'``),
+    ``'projection'``, ``'weight_scheduler'``, ``'temperature_scheduler'``.
+
+    >>> register_new('match_loss', 'l1', lambda s, t, mask=None: (s - t).abs().mean())
+    """
+    if map_name not in MAPS:
+        raise ValueError(f"unknown map {map_name!r}; valid maps: {sorted(set(MAPS) - {'match_Loss'})}")
+    if not isinstance(name, str):
+        raise TypeError(f"the name to register must be a str, got {type(name).__name__}")
+    if not callable(func):
+        raise TypeError(
+            f"register_new({map_name!r}, {name!r}, ...) needs a callable, got {type(func).__name__}"
+        )
+    MAPS[map_name][name] = func
+
+
+def check_layer_spec(loss: str, layer: Any, field: str) -> None:
+    """Raise unless ``layer`` fits ``loss``: a pair of ints for pair losses, else one int."""
+    if loss in PAIR_LOSSES:
+        ok = isinstance(layer, Sequence) and len(layer) == 2 and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in layer
+        )
+        if not ok:
+            raise ValueError(
+                f"{field}={layer!r}: the {loss!r} loss compares two layers, so {field} must be a "
+                f"list of two ints, e.g. {field}=[0, 1]"
+            )
+    elif not (isinstance(layer, int) and not isinstance(layer, bool)):
+        raise ValueError(f"{field}={layer!r}: the {loss!r} loss takes one layer index (an int)")
+
+
+__all__ = [
+    "ADAPTOR_KEYS",
+    "FEATURES",
+    "KD_LOSS_MAP",
+    "MAPS",
+    "MATCH_LOSS_MAP",
+    "PAIR_LOSSES",
+    "PROJ_MAP",
+    "TEMPERATURE_SCHEDULER",
+    "WEIGHT_SCHEDULER",
+    "BuilderMap",
+    "PresetMap",
+    "UnknownNameError",
+    "check_layer_spec",
+    "register_new",
+]

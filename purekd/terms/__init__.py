@@ -1,0 +1,28 @@
+"""Layer 3 — loss terms: ``(adapted_S, adapted_T, ctx) -> {name: unweighted loss}``.
+
+Each builder returns a :class:`Term`: the term function, its weight (a constant or a schedule
+of progress) and an eager precondition check.
+"""
+
+from ._context import Check, Context, Term, TermFn, Weight, as_term, make_context
+from ._hard_label import hard_label
+from ._logits_kd import check_logits, logits_kd, logits_mask_for
+from ._match import custom_match, intermediate_match, match_name, select_layers
+
+__all__ = [
+    "Check",
+    "Context",
+    "Term",
+    "TermFn",
+    "Weight",
+    "as_term",
+    "check_logits",
+    "custom_match",
+    "hard_label",
+    "intermediate_match",
+    "logits_kd",
+    "logits_mask_for",
+    "make_context",
+    "match_name",
+    "select_layers",
+]

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment in .venv and install purekd into it.
+# torch==2.13.0 goes in first: a CPU wheel is on disk on our machines, while an unpinned torch
+# would pull a multi-GB CUDA build. Usage: scripts/setup-env.sh [extras], e.g. "test,dev".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-test,dev}"
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+.venv/bin/python -c "import torch" 2>/dev/null || \
+    .venv/bin/pip install -q torch==2.13.0 || \
+    echo "note: torch==2.13.0 is not available here; pip will pick a torch>=2.4" >&2
+stamp=".venv/.purekd-installed-${extras//,/-}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/pip install -q -e ".[${extras}]" 2> >(grep -v "^WARNING: Location" >&2)
+    touch "$stamp"
+fi
