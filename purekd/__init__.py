@@ -1,1 +1,28 @@
-"""purekd."""
+"""purekd — knowledge distillation for PyTorch.
+
+A core of pure functions (losses, schedules, stages, terms) composed by a small combinator
+library into a step, a thin stateful runner on top, and a TextBrewer-compatible surface.
+"""
+
+from purekd import combinators, losses, presets, schedules, stages, terms
+from purekd.combinators import CustomMatch, Step, StepOutput, make_step
+from purekd.configs import DistillationConfig, IntermediateMatch, TrainingConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CustomMatch",
+    "DistillationConfig",
+    "IntermediateMatch",
+    "Step",
+    "StepOutput",
+    "TrainingConfig",
+    "__version__",
+    "combinators",
+    "losses",
+    "make_step",
+    "presets",
+    "schedules",
+    "stages",
+    "terms",
+]

@@ -1,0 +1,59 @@
+"""Layer 4 — combinators: build a step out of stages and terms.
+
+* :func:`chain` — compose stages;
+* :func:`objective`, :func:`weighted`, :func:`scheduled_after_start` — sum named terms, weight
+  them by constants or schedules of progress;
+* :func:`single_teacher`, :func:`mean_of_teachers`, :func:`models_stage` — run the models
+  (cached teacher outputs from ``batch['teacher_cache']`` included);
+* :func:`route_by_task` — one step per task;
+* :func:`compiled` — the loss path under ``torch.compile``, with an eager fallback;
+* :class:`Step` — the assembled step; :func:`make_step` builds it from a config.
+"""
+
+from ._chain import chain
+from ._compile import Compiled, compiled
+from ._from_config import CustomMatch, build_projections, make_step
+from ._models import (
+    Outputs,
+    TeacherStage,
+    capture_outputs,
+    mean_of_teachers,
+    models_stage,
+    single_teacher,
+)
+from ._objective import (
+    LossFn,
+    Objective,
+    StepOutput,
+    evaluate_weight,
+    objective,
+    scheduled_after_start,
+    weighted,
+)
+from ._step import Step
+from ._tasks import TaskRouter, route_by_task
+
+__all__ = [
+    "Compiled",
+    "CustomMatch",
+    "LossFn",
+    "Objective",
+    "Outputs",
+    "Step",
+    "StepOutput",
+    "TaskRouter",
+    "TeacherStage",
+    "build_projections",
+    "capture_outputs",
+    "chain",
+    "compiled",
+    "evaluate_weight",
+    "make_step",
+    "mean_of_teachers",
+    "models_stage",
+    "objective",
+    "route_by_task",
+    "scheduled_after_start",
+    "single_teacher",
+    "weighted",
+]

@@ -1,0 +1,196 @@
+"""``make_step``: the step a TextBrewer configuration describes, built from the combinators."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from purekd import presets
+from purekd.configs import DistillationConfig, IntermediateMatch
+from purekd.terms import Term, custom_match, hard_label, intermediate_match, logits_kd
+
+from ._compile import compiled
+from ._models import Adaptor, mean_of_teachers, models_stage, single_teacher
+from ._objective import objective, scheduled_after_start
+from ._step import Step
+from ._tasks import TaskRouter, route_by_task
+
+
+@attrs.frozen(kw_only=True)
+class CustomMatch:
+    """A match between the outputs of two submodules (TextBrewer's ``custom_matches``).
+
+    ``loss(proj_func(output_S), output_T, inputs_mask_S, inputs_mask_T)`` weighted by
+    ``weight``; ``proj_group`` holds optimizer options for ``proj_func``'s parameters.
+    """
+
+    module_T: nn.Module
+    module_S: nn.Module
+    weight: float
+    loss: Callable[..., torch.Tensor]
+    proj_func: Callable[[Any], Any] | None = None
+    proj_group: dict[str, Any] = attrs.field(factory=dict)
+
+    @classmethod
+    def coerce(cls, value: Any, index: int) -> CustomMatch:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            try:
+                return cls(**{k: v for k, v in value.items() if not (k == "proj_group" and v is None)})
+            except TypeError as error:
+                raise ValueError(f"custom_matches[{index}]: {error}") from None
+        if hasattr(value, "module_T") and hasattr(value, "module_S"):  # TextBrewer's CustomMatch
+            fields = {k: getattr(value, k) for k in ("module_T", "module_S", "proj_func")}
+            weight, loss = value.weight, value.loss  # TextBrewer stores these as 1-tuples
+            return cls(**fields, weight=weight[0] if isinstance(weight, tuple) else weight,
+                       loss=loss[0] if isinstance(loss, tuple) else loss,
+                       proj_group=dict(getattr(value, "proj_group", None) or {}))
+        raise TypeError(f"custom_matches[{index}] must be a CustomMatch or a dict, "
+                        f"got {type(value).__name__}")
+
+
+def _config(distill_config: DistillationConfig | Mapping[str, Any] | None) -> DistillationConfig:
+    if distill_config is None:
+        return DistillationConfig()
+    if isinstance(distill_config, Mapping):
+        return DistillationConfig.from_dict(distill_config)
+    if isinstance(distill_config, DistillationConfig):
+        return distill_config
+    raise TypeError("distill_config must be a purekd.DistillationConfig or a dict, got "
+                    f"{type(distill_config).__name__}")
+
+
+def _weight(base: float, scheduler: str) -> Any:
+    if scheduler == "none":
+        return base
+    return scheduled_after_start(base, presets.WEIGHT_SCHEDULER[scheduler])
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def build_projections(config: DistillationConfig,
+                      device: torch.device | str = "cpu") -> list[nn.Module | None]:
+    """One entry per intermediate match: its projection module, or ``None``.
+
+    Built in match order, so the random initialisation matches TextBrewer's under one seed.
+    """
+    built: list[nn.Module | None] = []
+    for match in config.intermediate_matches:
+        if match.proj is None:
+            built.append(None)
+        else:
+            kind, dim_in, dim_out = match.proj[:3]
+            built.append(presets.PROJ_MAP[kind](dim_in, dim_out).to(device))
+    return built
+
+
+def _match_term(match: IntermediateMatch, projection: nn.Module | None) -> Term:
+    layer = (lambda v: list(v) if isinstance(v, tuple) else v)  # noqa: E731
+    return intermediate_match(
+        match.feature, layer(match.layer_S), layer(match.layer_T),
+        presets.MATCH_LOSS_MAP[match.loss], projection, weight=match.weight,
+        loss_name=match.loss,
+    )
+
+
+def _terms(config: DistillationConfig, projections: Sequence[nn.Module | None],
+           customs: Sequence[CustomMatch]) -> list[Term]:
+    temperature_schedule: Callable[..., Any] = (
+        presets.TEMPERATURE_SCHEDULER["constant"] if config.temperature_scheduler == "none"
+        else presets.TEMPERATURE_SCHEDULER[config.temperature_scheduler])
+    terms = [logits_kd(
+        presets.KD_LOSS_MAP[config.kd_loss_type], config.temperature, temperature_schedule,
+        config.probability_shift, weight=_weight(config.kd_loss_weight, config.kd_loss_weight_scheduler),
+    )]
+    terms += [_match_term(m, p) for m, p in zip(config.intermediate_matches, projections, strict=True)]
+    terms += [custom_match(i, c.loss, c.proj_func, weight=c.weight) for i, c in enumerate(customs)]
+    terms.append(hard_label(weight=_weight(config.hard_label_weight,
+                                           config.hard_label_weight_scheduler)))
+    return terms
+
+
+def make_step(
+    distill_config: DistillationConfig | Mapping[str, Any] | None,
+    model_T: Any,
+    model_S: nn.Module,
+    adaptor_T: Adaptor | Sequence[Adaptor] | Mapping[str, Adaptor],
+    adaptor_S: Adaptor | Mapping[str, Adaptor],
+    *,
+    custom_matches: Sequence[Any] | None = None,
+    compile: bool = True,
+    projections: Sequence[nn.Module | None] | None = None,
+) -> Step | TaskRouter:
+    """The distillation step a :class:`~purekd.DistillationConfig` describes.
+
+    ``step(batch, progress=p)`` returns ``StepOutput(loss, terms)`` where, in TextBrewer's order,
+
+    ``loss = w_kd(p) * kd_loss + sum_m w_m * match_m + sum_c w_c * custom_c + w_hl(p) * hard_label_loss``
+
+    and ``terms`` holds the unweighted values under TextBrewer's names (``'kd_loss'``,
+    ``'{feature}_{loss}_{S}_{T}'``, ``'hard_label_loss'``). For the same configuration and
+    outputs the loss equals TextBrewer's ``GeneralDistiller.train_on_batch``.
+
+    * ``model_T``: a module; a list of modules (their logits averaged, as MultiTeacherDistiller);
+      or a dict of modules by task, with ``adaptor_T`` / ``adaptor_S`` dicts by task too — then
+      the result routes ``step(batch, task, ...)`` (MultiTaskDistiller).
+    * ``custom_matches``: TextBrewer custom matches (``CustomMatch`` or dicts) on submodules.
+    * ``compile``: run the loss path under ``torch.compile`` (eager fallback on failure).
+    * ``projections``: reuse existing projection modules, one entry per match (``None`` for none).
+
+    ``step.projections`` holds the projection modules: add their parameters to the optimizer
+    (or just optimise ``step.parameters()``, which covers student and projections).
+    """
+    config = _config(distill_config)
+    device = _device_of(model_S)
+    projs = list(projections) if projections is not None else build_projections(config, device)
+    if len(projs) != len(config.intermediate_matches):
+        raise ValueError(f"{len(projs)} projections for {len(config.intermediate_matches)} "
+                         "intermediate matches: give one entry (a module or None) per match")
+    customs = [CustomMatch.coerce(c, i) for i, c in enumerate(custom_matches or ())]
+    for custom in customs:
+        if isinstance(custom.proj_func, nn.Module):
+            custom.proj_func.to(device)
+    trainable = nn.ModuleList([p for p in projs if p is not None]
+                              + [c.proj_func for c in customs if isinstance(c.proj_func, nn.Module)])
+    loss = compiled(objective(*_terms(config, projs, customs)), enabled=compile)
+
+    def one(teacher_model: Any, teacher_adaptor: Any, student_adaptor: Adaptor) -> Step:
+        if isinstance(teacher_model, (list, tuple)):
+            if customs:
+                raise ValueError("custom_matches need a single teacher")
+            teacher = mean_of_teachers(teacher_model, teacher_adaptor)
+        else:
+            teacher = single_teacher(teacher_model, teacher_adaptor, [c.module_T for c in customs])
+        outputs = models_stage(teacher, model_S, student_adaptor,
+                               capture_S=[c.module_S for c in customs])
+        step = Step(student=model_S, outputs=outputs, loss=loss, projections=trainable,
+                    teachers={"teacher": teacher_model})
+        step.projection_options = [m.proj[3] if m.proj else None
+                                   for m in config.intermediate_matches]
+        step.custom_match_options = [c.proj_group for c in customs]
+        return step
+
+    if isinstance(model_T, Mapping):
+        for name, table in (("adaptor_T", adaptor_T), ("adaptor_S", adaptor_S)):
+            if not isinstance(table, Mapping) or set(table) != set(model_T):
+                raise ValueError(
+                    f"a dict of teachers (tasks {sorted(model_T)}) needs {name} as a dict with the "
+                    f"same tasks, got {sorted(table) if isinstance(table, Mapping) else type(table).__name__}")
+        return route_by_task({task: one(model_T[task], adaptor_T[task], adaptor_S[task])  # type: ignore[index]
+                              for task in model_T})
+    if isinstance(adaptor_S, Mapping):
+        raise TypeError("adaptor_S is a dict but model_T is not: per-task adaptors need a dict "
+                        "of teachers by task")
+    return one(model_T, adaptor_T, adaptor_S)
+
+
+__all__ = ["CustomMatch", "build_projections", "make_step"]

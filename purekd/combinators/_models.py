@@ -1,0 +1,122 @@
+"""Model stages: run the teacher(s) and the student on a split batch and adapt their outputs.
+
+A teacher stage is ``(split, args) -> Adapted`` and runs without autograd; it reads
+``split.teacher_cache`` instead of calling the model when the batch carries cached outputs.
+:func:`models_stage` puts a teacher stage and the student together:
+``(batch, **args) -> Outputs(student, teacher)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from purekd.stages import Adapted, Split, adapt, batch_split, detach, forward, mean_logits
+
+Adaptor = Callable[[Any, Any], Any]
+TeacherStage = Callable[[Split, Mapping[str, Any]], Adapted]
+
+
+class Outputs(NamedTuple):
+    """Both models' adapted outputs for one batch."""
+
+    student: Adapted
+    teacher: Adapted
+
+
+@contextmanager
+def capture_outputs(modules: Sequence[nn.Module]) -> Iterator[list[Any]]:
+    """Record each module's forward output while the block runs (the last call wins).
+
+    Yields a list with one slot per module (``None`` if it was not called); the hooks are
+    removed on exit, so nothing stays attached to the model.
+    """
+    captured: list[Any] = [None] * len(modules)
+    handles = []
+    for index, module in enumerate(modules):
+        def hook(_module: nn.Module, _inputs: Any, output: Any, index: int = index) -> None:
+            captured[index] = output
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def single_teacher(model_T: Callable[..., Any], adaptor_T: Adaptor,
+                   capture: Sequence[nn.Module] = ()) -> TeacherStage:
+    """The teacher's forward (under ``torch.no_grad``) and adaptor, or its cached outputs."""
+
+    def teacher(split: Split, args: Mapping[str, Any]) -> Adapted:
+        with capture_outputs(capture) as captured, torch.no_grad():
+            outputs = (split.teacher_cache if split.teacher_cache is not None
+                       else forward(model_T, split.teacher, **args))
+        adapted = adapt(adaptor_T, split.teacher, outputs)
+        return detach(adapted._replace(captured=tuple(captured)))
+
+    return teacher
+
+
+def mean_of_teachers(models_T: Sequence[Callable[..., Any]],
+                     adaptors_T: Adaptor | Sequence[Adaptor]) -> TeacherStage:
+    """Several teachers whose logits are averaged (MultiTeacherDistiller).
+
+    ``adaptors_T`` is one adaptor for all teachers or one per teacher. Cached outputs, when the
+    batch has them, are a list with one entry per teacher.
+    """
+    models = list(models_T)
+    if not models:
+        raise ValueError("mean_of_teachers needs at least one teacher")
+    adaptors = (list(adaptors_T) if isinstance(adaptors_T, Sequence)
+                else [adaptors_T] * len(models))
+    if len(adaptors) != len(models):
+        raise ValueError(f"{len(models)} teachers but {len(adaptors)} adaptors: give one adaptor "
+                         "per teacher, or a single adaptor for all")
+
+    def teachers(split: Split, args: Mapping[str, Any]) -> Adapted:
+        adapted = []
+        for index, (model, adaptor) in enumerate(zip(models, adaptors, strict=True)):
+            cached = split.teacher_cache[index] if split.teacher_cache is not None else None
+            adapted.append(single_teacher(model, adaptor)(split._replace(teacher_cache=cached), args))
+        return mean_logits(adapted)
+
+    return teachers
+
+
+def models_stage(
+    teacher: TeacherStage,
+    model_S: Callable[..., Any],
+    adaptor_S: Adaptor,
+    *,
+    split: Callable[[Any], Split] = batch_split,
+    capture_S: Sequence[nn.Module] = (),
+) -> Callable[..., Outputs]:
+    """``(batch, *, teacher_outputs=None, **args) -> Outputs``: split, run, adapt.
+
+    ``teacher_outputs`` (an :class:`Adapted`) replaces the teacher stage, e.g. with logits cached
+    from an earlier epoch; like TextBrewer, it then takes the student's ``logits_mask``.
+    """
+
+    def run(batch: Any, *, teacher_outputs: Adapted | None = None, **args: Any) -> Outputs:
+        parts = split(batch)
+        if teacher_outputs is None:
+            adapted_T = teacher(parts, args)
+        else:
+            adapted_T = teacher_outputs
+        with capture_outputs(capture_S) as captured:
+            outputs_S = forward(model_S, parts.student, **args)
+        adapted_S = adapt(adaptor_S, parts.student, outputs_S)._replace(captured=tuple(captured))
+        if teacher_outputs is not None and adapted_S.logits_mask and not adapted_T.logits_mask:
+            adapted_T = adapted_T._replace(logits_mask=adapted_S.logits_mask)
+        return Outputs(adapted_S, adapted_T)
+
+    return run
+
+
+__all__ = ["Adaptor", "Outputs", "TeacherStage", "capture_outputs", "mean_of_teachers",
+           "models_stage", "single_teacher"]
