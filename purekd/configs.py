@@ -58,7 +58,7 @@ def _boolean(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise _field_error(instance, attribute, value, "must be True or False")
 
 
-def _in_map(preset: presets.PresetMap, allow_none: bool = False):  # type: ignore[no-untyped-def]
+def _in_map(preset: presets.PresetMap, allow_none: bool = False):
     def validate(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         if allow_none and value == "none":
             return
@@ -93,10 +93,7 @@ class _ConfigIO:
             raise ValueError(
                 f"{cls.__name__}: unknown key(s) {unknown}; valid keys: {sorted(known)}"
             )
-        try:
-            return _converter.structure(dict(data), cls)
-        except cattrs.BaseValidationError as group:
-            raise ValueError(_format_errors(cls.__name__, group)) from None
+        return _converter.structure(dict(data), cls)
 
     @classmethod
     def from_json_file(cls: type[C], path: str | os.PathLike[str]) -> C:
@@ -107,21 +104,11 @@ class _ConfigIO:
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (lists, dicts, numbers, strings) that ``from_dict`` turns back into an
         equal config."""
-        return _converter.unstructure(self)  # type: ignore[no-any-return]
+        return dict(_converter.unstructure(self))
 
     def to_json(self, **json_kwargs: Any) -> str:
         """``to_dict`` as JSON text."""
         return json.dumps(self.to_dict(), **json_kwargs)
-
-
-def _format_errors(name: str, group: cattrs.BaseValidationError) -> str:
-    """One line per failure: keeps the validator's own message and names the field path."""
-    lines = []
-    for error, path in group.group_exceptions():
-        where = f"{name}{path}" if path else name
-        message = str(error)
-        lines.append(message if message.startswith(name) else f"{where}: {message}")
-    return "\n".join(lines) if len(lines) > 1 else lines[0]
 
 
 def _check_projection(instance: Any, attribute: attrs.Attribute, value: Any) -> None:

@@ -104,10 +104,7 @@ def models_stage(
 
     def run(batch: Any, *, teacher_outputs: Adapted | None = None, **args: Any) -> Outputs:
         parts = split(batch)
-        if teacher_outputs is None:
-            adapted_T = teacher(parts, args)
-        else:
-            adapted_T = teacher_outputs
+        adapted_T = teacher(parts, args) if teacher_outputs is None else teacher_outputs
         with capture_outputs(capture_S) as captured:
             outputs_S = forward(model_S, parts.student, **args)
         adapted_S = adapt(adaptor_S, parts.student, outputs_S)._replace(captured=tuple(captured))

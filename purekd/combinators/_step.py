@@ -32,6 +32,11 @@ class Step(nn.Module):
     its inputs.
     """
 
+    projection_options: list[dict[str, Any] | None]
+    """Optimizer options per intermediate match (``proj[3]``), ``None`` where there is no projection."""
+    custom_match_options: list[dict[str, Any]]
+    """Optimizer options per custom match (``proj_group``)."""
+
     def __init__(
         self,
         *,
@@ -47,6 +52,8 @@ class Step(nn.Module):
         self.outputs = outputs
         self.loss = loss
         self._teachers = dict(teachers or {})  # a plain dict: not registered, not trained
+        self.projection_options = []
+        self.custom_match_options = []
 
     @property
     def teachers(self) -> dict[str, Any]:

@@ -108,8 +108,9 @@ def detach(adapted: Adapted) -> Adapted:
         return tuple(v.detach() if isinstance(v, Tensor) else v for v in values)
 
     mask = adapted.inputs_mask
+    fields: dict[str, Any] = {k: off(getattr(adapted, k)) for k in _LIST_KEYS}
     return Adapted(
-        *(off(getattr(adapted, k)) for k in _LIST_KEYS),
+        **fields,
         inputs_mask=mask.detach() if isinstance(mask, Tensor) else mask,
         captured=off(adapted.captured),
     )

@@ -68,7 +68,7 @@ def intermediate_match(
     Its check: both layer indices exist, and, for a known loss other than ``mmd``/``nst`` with no
     projection, the student and teacher features have the same width.
     """
-    loss_label = loss_name or getattr(loss, "__name__", "loss")
+    loss_label: str = loss_name or str(getattr(loss, "__name__", "loss"))
     term_name = name or match_name(feature, loss_label, layer_S, layer_T)
     label = (f"intermediate match {term_name!r} (feature {feature!r}, loss {loss_label!r}, "
              f"layer_S={layer_S!r}, layer_T={layer_T!r})")
