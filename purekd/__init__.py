@@ -7,13 +7,28 @@ library into a step, a thin stateful runner on top, and a TextBrewer-compatible 
 from purekd import combinators, losses, presets, schedules, stages, terms
 from purekd.combinators import CustomMatch, Step, StepOutput, make_step
 from purekd.configs import DistillationConfig, IntermediateMatch, TrainingConfig
+from purekd.distillers import (
+    BasicDistiller,
+    BasicTrainer,
+    GeneralDistiller,
+    MultiTaskDistiller,
+    MultiTeacherDistiller,
+)
+from purekd.runner import EarlyStopping, NonFiniteLossError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BasicDistiller",
+    "BasicTrainer",
     "CustomMatch",
     "DistillationConfig",
+    "EarlyStopping",
+    "GeneralDistiller",
     "IntermediateMatch",
+    "MultiTaskDistiller",
+    "MultiTeacherDistiller",
+    "NonFiniteLossError",
     "Step",
     "StepOutput",
     "TrainingConfig",

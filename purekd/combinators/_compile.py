@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ._objective import Objective
+
 
 def _inside_functorch_transform() -> bool:
     peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
@@ -25,8 +27,9 @@ class Compiled:
     * attributes of the wrapped function (e.g. ``check``) stay reachable.
     """
 
-    def __init__(self, fn: Callable[..., Any], *, enabled: bool = True, **options: Any):
-        self.eager = fn
+    def __init__(self, fn: Callable[..., Any] | Objective, *, enabled: bool = True,
+                 **options: Any):
+        self.eager: Callable[..., Any] = fn  # type: ignore[assignment]
         self.enabled = enabled
         self.options = options
         self._compiled: Callable[..., Any] | None = None
@@ -60,7 +63,8 @@ class Compiled:
             return result
 
 
-def compiled(fn: Callable[..., Any], *, enabled: bool = True, **options: Any) -> Compiled:
+def compiled(fn: Callable[..., Any] | Objective, *, enabled: bool = True,
+             **options: Any) -> Compiled:
     """Wrap ``fn`` in :class:`Compiled`; ``options`` go to ``torch.compile``."""
     return Compiled(fn, enabled=enabled, **options)
 

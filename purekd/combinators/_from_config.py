@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import torch
@@ -161,8 +161,7 @@ def make_step(
             custom.proj_func.to(device)
     trainable = nn.ModuleList([p for p in projs if p is not None]
                               + [c.proj_func for c in customs if isinstance(c.proj_func, nn.Module)])
-    loss = compiled(cast(Callable[..., Any], objective(*_terms(config, projs, customs))),
-                    enabled=compile)
+    loss = compiled(objective(*_terms(config, projs, customs)), enabled=compile)
 
     def one(teacher_model: Any, teacher_adaptor: Any, student_adaptor: Adaptor) -> Step:
         if isinstance(teacher_model, (list, tuple)):

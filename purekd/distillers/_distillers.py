@@ -1,0 +1,201 @@
+"""The TextBrewer distillers, each a thin facade: configs → :func:`~purekd.make_step` → runner."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from purekd.combinators import (
+    Step,
+    TaskRouter,
+    TeacherStage,
+    build_projections,
+    make_step,
+    mean_of_teachers,
+    single_teacher,
+)
+from purekd.configs import DistillationConfig, TrainingConfig
+from purekd.runner import EarlyStopping, Runner, StepPlan, sampled_tasks
+
+from ._base import Distiller
+
+Adaptor = Callable[[Any, Any], Any]
+
+
+class BasicDistiller(Distiller):
+    """Single teacher, single task: logits KD plus the hard-label losses (no intermediate
+    matches — use :class:`GeneralDistiller` for those). Supports ``is_caching_logits``.
+
+    ``compile`` puts the loss path under ``torch.compile`` (eager fallback on failure).
+    """
+
+    caches_logits = True
+
+    def __init__(self, train_config: TrainingConfig | Mapping[str, Any],
+                 distill_config: DistillationConfig | Mapping[str, Any] | None,
+                 model_T: nn.Module, model_S: nn.Module, adaptor_T: Adaptor, adaptor_S: Adaptor,
+                 *, compile: bool = True):
+        super().__init__(train_config, distill_config, model_T, model_S)
+        self.adaptor_T, self.adaptor_S = adaptor_T, adaptor_S
+        config = attrs.evolve(self.d_config, intermediate_matches=())
+        self.step = make_step(config, model_T, model_S, adaptor_T, adaptor_S, compile=compile)
+
+    def _teacher_stage(self) -> TeacherStage | None:
+        return single_teacher(self.model_T, self.adaptor_T)
+
+
+class GeneralDistiller(Distiller):
+    """Single teacher, single task, with intermediate-feature matches (recommended).
+
+    ``projs`` has one entry per intermediate match: the projection module, or ``None``;
+    ``custom_matches`` match outputs of arbitrary submodules (captured with forward hooks that
+    exist only during the forward pass). ``is_caching_logits`` is ignored, as in TextBrewer:
+    intermediate matches need the teacher's features at every step.
+    """
+
+    def __init__(self, train_config: TrainingConfig | Mapping[str, Any],
+                 distill_config: DistillationConfig | Mapping[str, Any] | None,
+                 model_T: Any, model_S: nn.Module, adaptor_T: Any, adaptor_S: Any,
+                 custom_matches: Sequence[Any] | None = None, *, compile: bool = True):
+        super().__init__(train_config, distill_config, model_T, model_S)
+        if self.d_config.is_caching_logits:
+            warnings.warn(f"{type(self).__name__} ignores is_caching_logits=True (as TextBrewer "
+                          "does); use BasicDistiller or MultiTeacherDistiller to cache logits",
+                          stacklevel=2)
+        self.adaptor_T, self.adaptor_S = adaptor_T, adaptor_S
+        self.projs: list[nn.Module | None] = build_projections(self.d_config, self.t_config.device)
+        self.projs_group = [m.proj[3] if m.proj else None for m in self.d_config.intermediate_matches]
+        self.step = make_step(self.d_config, model_T, model_S, adaptor_T, adaptor_S,
+                              custom_matches=custom_matches, compile=compile,
+                              projections=self.projs)
+
+    def _extra_param_groups(self) -> list[tuple[nn.Module, dict[str, Any]]]:
+        groups = [(p, dict(g or {})) for p, g in zip(self.projs, self.projs_group, strict=True)
+                  if p is not None]
+        step: Step = (self.step if isinstance(self.step, Step)
+                      else next(iter(self.step.steps.values())))  # type: ignore[assignment]
+        customs = [m for m in step.projections if all(m is not p for p in self.projs)]
+        groups += [(m, dict(g)) for m, g in zip(customs, step.custom_match_options, strict=False)]
+        return groups
+
+
+class MultiTeacherDistiller(BasicDistiller):
+    """Several teachers of the same task; the student learns their averaged logits (no
+    intermediate matches). ``adaptor_T`` is one adaptor or one per teacher."""
+
+    def __init__(self, train_config: TrainingConfig | Mapping[str, Any],
+                 distill_config: DistillationConfig | Mapping[str, Any] | None,
+                 model_T: Sequence[nn.Module], model_S: nn.Module,
+                 adaptor_T: Adaptor | Sequence[Adaptor], adaptor_S: Adaptor,
+                 *, compile: bool = True):
+        if not isinstance(model_T, (list, tuple)) or not model_T:
+            raise TypeError("MultiTeacherDistiller needs model_T as a non-empty list of teachers")
+        if isinstance(adaptor_T, (list, tuple)) and len(adaptor_T) != len(model_T):
+            raise ValueError(f"{len(model_T)} teachers but {len(adaptor_T)} teacher adaptors")
+        super().__init__(train_config, distill_config, model_T, model_S,  # type: ignore[arg-type]
+                         adaptor_T, adaptor_S, compile=compile)  # type: ignore[arg-type]
+
+    def _teacher_stage(self) -> TeacherStage | None:
+        return mean_of_teachers(self.model_T, self.adaptor_T)
+
+
+class MultiTaskDistiller(GeneralDistiller):
+    """Teachers of different tasks into one student: ``model_T``, ``adaptor_T`` and
+    ``adaptor_S`` are dicts by task. Each step samples a task with probability proportional to
+    ``len(dataloader) ** tau``."""
+
+    def __init__(self, train_config: TrainingConfig | Mapping[str, Any],
+                 distill_config: DistillationConfig | Mapping[str, Any] | None,
+                 model_T: Mapping[str, nn.Module], model_S: nn.Module,
+                 adaptor_T: Mapping[str, Adaptor], adaptor_S: Mapping[str, Adaptor],
+                 *, compile: bool = True):
+        if not isinstance(model_T, Mapping) or not model_T:
+            raise TypeError("MultiTaskDistiller needs model_T as a dict of teachers by task")
+        super().__init__(train_config, distill_config, model_T, model_S, adaptor_T, adaptor_S,
+                         compile=compile)
+
+    def train(  # type: ignore[override]
+        self,
+        optimizer: torch.optim.Optimizer,
+        dataloaders: Mapping[str, Iterable[Any]],
+        num_steps: int,
+        scheduler_class: Any = None,
+        scheduler_args: Mapping[str, Any] | None = None,
+        scheduler: Any = None,
+        max_grad_norm: float = -1.0,
+        tau: float = 1,
+        callback: Callable[..., Any] | None = None,
+        batch_postprocessors: Mapping[str, Callable[[Any], Any]] | None = None,
+        *,
+        resume_from: Any = None,
+        save_state: bool = False,
+        early_stopping: EarlyStopping | None = None,
+        **args: Any,
+    ) -> None:
+        """Train for ``num_steps`` optimizer steps over tasks sampled from ``dataloaders``."""
+        assert isinstance(self.step, TaskRouter)
+        if not isinstance(dataloaders, Mapping) or set(dataloaders) != set(self.step.tasks):
+            raise ValueError(f"dataloaders must be a dict with the tasks {sorted(self.step.tasks)}, "
+                             f"got {sorted(dataloaders) if isinstance(dataloaders, Mapping) else type(dataloaders).__name__}")
+        if batch_postprocessors is not None and set(batch_postprocessors) - set(self.step.tasks):
+            raise ValueError(f"batch_postprocessors has unknown tasks "
+                             f"{sorted(set(batch_postprocessors) - set(self.step.tasks))}")
+        if isinstance(num_steps, bool) or int(num_steps) < 1:
+            raise ValueError(f"num_steps={num_steps!r}: must be an int >= 1")
+        posts = dict(batch_postprocessors or {})
+        self._prepare_optimizer(optimizer)
+        lr_scheduler = self._scheduler(optimizer, scheduler_class, scheduler_args, scheduler)
+        self.runner = self._runner()
+        self.runner.run(optimizer, StepPlan(int(num_steps), self.t_config.ckpt_steps),
+                        lambda: sampled_tasks(dataloaders, tau), scheduler=lr_scheduler,
+                        max_grad_norm=max_grad_norm, callback=callback,
+                        batch_postprocessor={t: posts.get(t, _identity) for t in self.step.tasks},
+                        model_args=args, resume_from=resume_from, save_state=save_state,
+                        early_stopping=early_stopping)
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+class BasicTrainer(Distiller):
+    """Supervised training of one model (e.g. the teacher) on the sum of its adaptor's
+    ``losses``. ``with trainer:`` puts the model in train mode."""
+
+    def __init__(self, train_config: TrainingConfig | Mapping[str, Any], model: nn.Module,
+                 adaptor: Adaptor, *, compile: bool = False):
+        super().__init__(train_config, DistillationConfig(kd_loss_weight=0, hard_label_weight=1),
+                         [], model)
+        self.model, self.adaptor = model, adaptor
+        self.step = _trainer_step(model, adaptor, compile)
+
+    def _runner(self) -> Runner:
+        return Runner(self.step, self.t_config, student=self.model)
+
+
+def _trainer_step(model: nn.Module, adaptor: Adaptor, compile: bool) -> Step:
+    from purekd.combinators import compiled, models_stage, objective
+    from purekd.stages import Adapted, Split
+    from purekd.terms import Term, hard_label
+
+    def no_teacher(split: Split, args: Mapping[str, Any]) -> Adapted:
+        del split, args
+        return Adapted()
+
+    def needs_losses(adapted_S: Adapted, adapted_T: Adapted) -> None:
+        if not adapted_S.losses:
+            raise ValueError("BasicTrainer optimises the adaptor's 'losses', but the adaptor "
+                             "returned none: add 'losses': [loss] to its dict")
+
+    term = hard_label(name="loss")
+    loss = compiled(objective(Term(term.fn, 1.0, needs_losses)), enabled=compile)
+    return Step(student=model, outputs=models_stage(no_teacher, model, adaptor), loss=loss)
+
+
+__all__ = ["BasicDistiller", "BasicTrainer", "GeneralDistiller", "MultiTaskDistiller",
+           "MultiTeacherDistiller"]

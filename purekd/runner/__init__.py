@@ -1,0 +1,40 @@
+"""Layer 6 — the runner, the only stateful layer: epochs or step counts, accumulation,
+clipping, LR scheduler, mixed precision, atomic checkpoints and exact resume, callbacks,
+logging, progress bars, teacher-logit caching, DistributedDataParallel."""
+
+from ._checkpoint import atomic_save, latest_state, state_path, weights_path
+from ._early_stopping import EarlyStopping, EarlyStoppingState
+from ._guard import NonFiniteGuard, NonFiniteLossError
+from ._loop import Counters, Runner, move_to_device
+from ._metrics import MetricsLogger
+from ._plan import EpochPlan, StepPlan, progress
+from ._precision import Precision
+from ._rng import rng_state, set_rng_state
+from ._sources import Micro, cached_epochs, cycled, epochs, sampled_tasks, task_sampling_weights
+
+__all__ = [
+    "Counters",
+    "EarlyStopping",
+    "EarlyStoppingState",
+    "EpochPlan",
+    "MetricsLogger",
+    "Micro",
+    "NonFiniteGuard",
+    "NonFiniteLossError",
+    "Precision",
+    "Runner",
+    "StepPlan",
+    "atomic_save",
+    "cached_epochs",
+    "cycled",
+    "epochs",
+    "latest_state",
+    "move_to_device",
+    "progress",
+    "rng_state",
+    "sampled_tasks",
+    "set_rng_state",
+    "state_path",
+    "task_sampling_weights",
+    "weights_path",
+]

@@ -1,0 +1,45 @@
+"""DistributedDataParallel set-up for runs launched by torchrun."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def local_rank_from(config_rank: int) -> int:
+    """The local rank: the config's if set, else ``LOCAL_RANK`` from torchrun, else -1."""
+    if config_rank != -1:
+        return config_rank
+    return int(os.environ.get("LOCAL_RANK", "-1"))
+
+
+def ensure_process_group(device: str | torch.device) -> None:
+    """Initialise the default process group from torchrun's environment if nobody has."""
+    if not dist.is_initialized():
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def wrap(module: nn.Module, device: str | torch.device, local_rank: int) -> Any:
+    """``module`` in DistributedDataParallel (device ids only for CUDA)."""
+    if torch.device(device).type == "cuda":
+        return nn.parallel.DistributedDataParallel(module, device_ids=[local_rank],
+                                                   output_device=local_rank,
+                                                   find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+__all__ = ["barrier", "ensure_process_group", "local_rank_from", "rank", "wrap"]

@@ -1,0 +1,100 @@
+"""Where micro-batches come from: epochs over a loader, a cycled loader, cached teacher
+logits, or tasks sampled in proportion to their size. Each source yields :class:`Micro`."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from purekd.stages import Adapted
+
+Postprocessor = Callable[[Any], Any]
+
+
+class Micro(NamedTuple):
+    """One micro-batch and where it sits.
+
+    ``position`` counts micro-batches from the start of the epoch (epoch sources) or of training
+    (step and task sources); an optimizer step follows every ``accumulation``-th one.
+    ``first_in_epoch`` marks the start of an epoch (gradients are reset there, as in TextBrewer).
+    """
+
+    batch: Any
+    epoch: int
+    position: int
+    first_in_epoch: bool = False
+    task: str | None = None
+    teacher_outputs: Adapted | None = None
+    postprocessed: bool = False
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    sampler = getattr(loader, "sampler", None)
+    if sampler is not None and hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+def epochs(loader: Iterable[Any], num_epochs: int, distributed: bool = False) -> Iterator[Micro]:
+    """Every batch of ``loader``, ``num_epochs`` times."""
+    for epoch in range(num_epochs):
+        if distributed:
+            _set_epoch(loader, epoch)
+        for index, batch in enumerate(loader):
+            yield Micro(batch, epoch, index, first_in_epoch=index == 0)
+
+
+def cached_epochs(cache: list[tuple[Any, Adapted]], num_epochs: int) -> Iterator[Micro]:
+    """Cached ``(batch, teacher logits)`` pairs, reshuffled (Python's ``random``) every epoch."""
+    for epoch in range(num_epochs):
+        random.shuffle(cache)
+        for index, (batch, teacher) in enumerate(cache):
+            yield Micro(batch, epoch, index, first_in_epoch=index == 0, teacher_outputs=teacher,
+                        postprocessed=True)
+
+
+def cycled(loader: Iterable[Any]) -> Iterator[Micro]:
+    """``loader`` over and over; ``epoch`` counts passes."""
+    index, epoch = 0, 0
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield Micro(batch, epoch, index)
+            index += 1
+        if empty:
+            raise ValueError("the dataloader yielded no batch")
+        epoch += 1
+
+
+def _cycle(loader: Iterable[Any]) -> Iterator[Any]:
+    while True:
+        yield from loader
+
+
+def task_sampling_weights(loaders: Mapping[str, Any], tau: float) -> tuple[list[str], list[float] | None]:
+    """Tasks and their sampling probabilities ``|d|^tau / sum_d' |d'|^tau`` (uniform, ``None``,
+    when some loader has no length), as TextBrewer's MultiTaskDistiller."""
+    names = list(loaders)
+    if all(hasattr(v, "__len__") for v in loaders.values()):
+        sizes = {k: len(v) for k, v in loaders.items()}
+        z = sum(pow(v, tau) for v in sizes.values())
+        return names, [pow(sizes[k], tau) / z for k in names]
+    return names, None
+
+
+def sampled_tasks(loaders: Mapping[str, Iterable[Any]], tau: float) -> Iterator[Micro]:
+    """Micro-batches from tasks drawn with NumPy's global generator, in proportion to
+    ``size ** tau``; each task's loader is cycled."""
+    names, weights = task_sampling_weights(loaders, tau)
+    iterators = {k: _cycle(v) for k, v in loaders.items()}
+    index = 0
+    while True:
+        task = str(np.random.choice(names, p=weights))
+        yield Micro(next(iterators[task]), 0, index, task=task)
+        index += 1
+
+
+__all__ = ["Micro", "cached_epochs", "cycled", "epochs", "sampled_tasks", "task_sampling_weights"]
