@@ -21,6 +21,7 @@ from purekd.runner import (
     cached_epochs,
     cycled,
     epochs,
+    local_rank_from,
     move_to_device,
 )
 from purekd.stages import Adapted, batch_split
@@ -129,8 +130,8 @@ class Distiller(ModeContext):
 
     # -- train -------------------------------------------------------------------------------
 
-    def _runner(self) -> Runner:
-        return Runner(self.step, self.t_config, student=self.model_S)
+    def _runner(self, progress_bar: bool | None = None) -> Runner:
+        return Runner(self.step, self.t_config, student=self.model_S, progress_bar=progress_bar)
 
     def train(
         self,
@@ -148,6 +149,7 @@ class Distiller(ModeContext):
         resume_from: str | os.PathLike[str] | None = None,
         save_state: bool = False,
         early_stopping: EarlyStopping | None = None,
+        progress_bar: bool | None = None,
         **args: Any,
     ) -> None:
         """Train the student, TextBrewer's way.
@@ -159,7 +161,8 @@ class Distiller(ModeContext):
 
         Beyond TextBrewer: ``save_state=True`` writes the full training state beside each
         checkpoint, ``resume_from`` (a state file or the output directory) continues such a run
-        exactly; ``early_stopping`` tracks a metric at checkpoints.
+        exactly; ``early_stopping`` tracks a metric at checkpoints; ``progress_bar`` forces the
+        tqdm bar on or off (default: on when stderr is a terminal, on rank 0).
         """
         if num_epochs is None and num_steps is None:
             raise ValueError("train() needs num_epochs or num_steps")
@@ -186,7 +189,7 @@ class Distiller(ModeContext):
                              int(num_epochs), self.t_config.ckpt_frequency,
                              self.t_config.ckpt_epoch_frequency)
             epochs_ = int(num_epochs)
-            distributed = self._runner().local_rank != -1
+            distributed = local_rank_from(self.t_config.local_rank) != -1
 
             def make_source() -> Iterator[Micro]:
                 if caching:
@@ -194,7 +197,7 @@ class Distiller(ModeContext):
                 return epochs(dataloader, epochs_, distributed)
         self._prepare_optimizer(optimizer)
         lr_scheduler = self._scheduler(optimizer, scheduler_class, scheduler_args, scheduler)
-        self.runner = self._runner()
+        self.runner = self._runner(progress_bar)
         self.runner.run(optimizer, plan, make_source, scheduler=lr_scheduler,
                         max_grad_norm=max_grad_norm, callback=callback,
                         batch_postprocessor=batch_postprocessor, model_args=args,

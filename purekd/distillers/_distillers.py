@@ -135,6 +135,7 @@ class MultiTaskDistiller(GeneralDistiller):
         resume_from: Any = None,
         save_state: bool = False,
         early_stopping: EarlyStopping | None = None,
+        progress_bar: bool | None = None,
         **args: Any,
     ) -> None:
         """Train for ``num_steps`` optimizer steps over tasks sampled from ``dataloaders``."""
@@ -150,7 +151,7 @@ class MultiTaskDistiller(GeneralDistiller):
         posts = dict(batch_postprocessors or {})
         self._prepare_optimizer(optimizer)
         lr_scheduler = self._scheduler(optimizer, scheduler_class, scheduler_args, scheduler)
-        self.runner = self._runner()
+        self.runner = self._runner(progress_bar)
         self.runner.run(optimizer, StepPlan(int(num_steps), self.t_config.ckpt_steps),
                         lambda: sampled_tasks(dataloaders, tau), scheduler=lr_scheduler,
                         max_grad_norm=max_grad_norm, callback=callback,
@@ -174,8 +175,8 @@ class BasicTrainer(Distiller):
         self.model, self.adaptor = model, adaptor
         self.step = _trainer_step(model, adaptor, compile)
 
-    def _runner(self) -> Runner:
-        return Runner(self.step, self.t_config, student=self.model)
+    def _runner(self, progress_bar: bool | None = None) -> Runner:
+        return Runner(self.step, self.t_config, student=self.model, progress_bar=progress_bar)
 
 
 def _trainer_step(model: nn.Module, adaptor: Adaptor, compile: bool) -> Step:

@@ -3,6 +3,7 @@ clipping, LR scheduler, mixed precision, atomic checkpoints and exact resume, ca
 logging, progress bars, teacher-logit caching, DistributedDataParallel."""
 
 from ._checkpoint import atomic_save, latest_state, state_path, weights_path
+from ._distributed import local_rank_from
 from ._early_stopping import EarlyStopping, EarlyStoppingState
 from ._guard import NonFiniteGuard, NonFiniteLossError
 from ._loop import Counters, Runner, move_to_device
@@ -29,6 +30,7 @@ __all__ = [
     "cycled",
     "epochs",
     "latest_state",
+    "local_rank_from",
     "move_to_device",
     "progress",
     "rng_state",
