@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job: sets up .venv (scripts/setup-env.sh) and runs `purekd demo`.
+# Arguments go to the demo, e.g. scripts/demo.sh --labels 100 --output-dir /tmp/demo
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup-env.sh demo
+exec .venv/bin/purekd demo "$@"
