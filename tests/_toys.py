@@ -237,3 +237,20 @@ def _assert_same_grads(loss: torch.Tensor, loss_TB: torch.Tensor, modules: Seque
     for index, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         torch.testing.assert_close(a, b, atol=atol, rtol=0,
                                    msg=lambda m, i=index: f"gradient of parameter #{i}: {m}")
+
+
+def assert_tree_close(actual: Any, expected: Any, atol: float = ATOL) -> None:
+    """Nested tuples / lists / dicts (an ``Adapted`` included) of tensors are close."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), type(actual)
+        torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+    elif isinstance(expected, (tuple, list)):
+        assert isinstance(actual, (tuple, list)) and len(actual) == len(expected)
+        for a, e in zip(actual, expected, strict=True):
+            assert_tree_close(a, e, atol)
+    elif isinstance(expected, Mapping):
+        assert set(actual) == set(expected)
+        for key in expected:
+            assert_tree_close(actual[key], expected[key], atol)
+    else:
+        assert actual == expected
