@@ -1,4 +1,6 @@
-"""``compiled``: run the loss path under ``torch.compile``, falling back to eager."""
+"""``compiled``: run a function under ``torch.compile``, falling back to eager.
+
+Shared by the losses (the chunked KD kernels) and the combinators (the step's loss path)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
-from ._objective import Objective
 
 
 def _inside_functorch_transform() -> bool:
@@ -27,9 +27,8 @@ class Compiled:
     * attributes of the wrapped function (e.g. ``check``) stay reachable.
     """
 
-    def __init__(self, fn: Callable[..., Any] | Objective, *, enabled: bool = True,
-                 **options: Any):
-        self.eager: Callable[..., Any] = fn  # type: ignore[assignment]
+    def __init__(self, fn: Callable[..., Any], *, enabled: bool = True, **options: Any):
+        self.eager = fn
         self.enabled = enabled
         self.options = options
         self._compiled: Callable[..., Any] | None = None
@@ -55,7 +54,8 @@ class Compiled:
             result = self.eager(*args, **kwargs)  # a genuine error raises here, uncompiled
             self.fallback_reason = f"{type(error).__name__}: {error}"
             warnings.warn(
-                f"torch.compile failed on the loss path; running it eagerly from now on "
+                f"torch.compile failed on {getattr(self.eager, '__qualname__', 'a function')}; "
+                f"running it eagerly from now on "
                 f"({self.fallback_reason.splitlines()[0][:300]})",
                 RuntimeWarning,
                 stacklevel=2,
@@ -63,8 +63,7 @@ class Compiled:
             return result
 
 
-def compiled(fn: Callable[..., Any] | Objective, *, enabled: bool = True,
-             **options: Any) -> Compiled:
+def compiled(fn: Callable[..., Any], *, enabled: bool = True, **options: Any) -> Compiled:
     """Wrap ``fn`` in :class:`Compiled`; ``options`` go to ``torch.compile``."""
     return Compiled(fn, enabled=enabled, **options)
 

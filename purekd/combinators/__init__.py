@@ -10,8 +10,9 @@
 * :class:`Step` — the assembled step; :func:`make_step` builds it from a config.
 """
 
+from purekd._compiling import Compiled, compiled
+
 from ._chain import chain
-from ._compile import Compiled, compiled
 from ._from_config import CustomMatch, build_projections, make_step
 from ._models import (
     Outputs,

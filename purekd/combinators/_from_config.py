@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
 from torch import nn
 
 from purekd import presets
+from purekd._compiling import compiled
 from purekd.configs import DistillationConfig, IntermediateMatch
 from purekd.terms import Term, custom_match, hard_label, intermediate_match, logits_kd
 
-from ._compile import compiled
 from ._models import Adaptor, mean_of_teachers, models_stage, single_teacher
 from ._objective import objective, scheduled_after_start
 from ._step import Step
@@ -161,7 +161,8 @@ def make_step(
             custom.proj_func.to(device)
     trainable = nn.ModuleList([p for p in projs if p is not None]
                               + [c.proj_func for c in customs if isinstance(c.proj_func, nn.Module)])
-    loss = compiled(objective(*_terms(config, projs, customs)), enabled=compile)
+    loss = compiled(cast(Callable[..., Any], objective(*_terms(config, projs, customs))),
+                    enabled=compile)
 
     def one(teacher_model: Any, teacher_adaptor: Any, student_adaptor: Adaptor) -> Step:
         if isinstance(teacher_model, (list, tuple)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
@@ -194,7 +194,8 @@ def _trainer_step(model: nn.Module, adaptor: Adaptor, compile: bool) -> Step:
                              "returned none: add 'losses': [loss] to its dict")
 
     term = hard_label(name="loss")
-    loss = compiled(objective(Term(term.fn, 1.0, needs_losses)), enabled=compile)
+    loss = compiled(cast(Callable[..., Any], objective(Term(term.fn, 1.0, needs_losses))),
+                    enabled=compile)
     return Step(student=model, outputs=models_stage(no_teacher, model, adaptor), loss=loss)
 
 

@@ -9,6 +9,7 @@ Features: each ``(feature_S, feature_T, mask=None) -> 0-dim Tensor``.
 """
 
 from ._attention import attention_ce, attention_ce_mean, attention_mse, attention_mse_sum
+from ._chunked import kd_ce_chunked
 from ._hidden import cos, hidden_mse, pkd
 from ._logits import kd_ce, kd_mse
 from ._similarity import fsp, gram, mmd, nst
@@ -23,6 +24,7 @@ __all__ = [
     "gram",
     "hidden_mse",
     "kd_ce",
+    "kd_ce_chunked",
     "kd_mse",
     "mmd",
     "nst",

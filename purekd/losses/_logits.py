@@ -14,7 +14,12 @@ from torch import Tensor
 
 from purekd._masked import as_weights, weighted_mean
 
+from ._chunked import kd_ce_chunked
+
 Temperature = float | Tensor
+
+CHUNKED_KD_MIN_ELEMENTS = 1 << 24
+"""From this many logits on (64 MiB in float32), :func:`kd_ce` computes in row chunks."""
 
 
 def _scale(logits: Tensor, temperature: Temperature) -> Tensor:
@@ -35,7 +40,13 @@ def kd_ce(
 
     the mean taken over the rows ``r`` (all leading dimensions), or over the rows where
     ``mask == 1``. No :math:`\tau^2` factor, as in TextBrewer.
+
+    From :data:`CHUNKED_KD_MIN_ELEMENTS` logits on (token-level KD over a large vocabulary) the
+    same value is computed by :func:`~purekd.losses.kd_ce_chunked`, which never holds both full
+    softmaxes; the temperature then carries no gradient.
     """
+    if logits_S.numel() >= CHUNKED_KD_MIN_ELEMENTS:
+        return kd_ce_chunked(logits_S, logits_T, temperature, mask)
     p_T = F.softmax(_scale(logits_T, temperature), dim=-1)
     log_p_S = F.log_softmax(_scale(logits_S, temperature), dim=-1)
     per_row = -(p_T * log_p_S).sum(dim=-1)
