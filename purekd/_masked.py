@@ -25,10 +25,23 @@ def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
 
     ``weights`` broadcasts against ``values``; the denominator counts the weights after
     broadcasting, so a mask of shape ``(B, L)`` against rows of shape ``(B, L)`` is the mean
-    over the selected rows.
+    over the selected rows. Values where the weight is 0 are dropped with ``torch.where`` first,
+    so a NaN or infinity in a masked position does not leak into the result.
     """
     weights = torch.broadcast_to(weights, values.shape)
-    return safe_divide((values * weights).sum(), weights.sum())
+    kept = torch.where(weights != 0, values, torch.zeros_like(values))
+    return safe_divide((kept * weights).sum(), weights.sum())
+
+
+def zero_masked_rows(values: Tensor, mask: Tensor) -> Tensor:
+    """``values`` with every row whose ``mask`` entry is 0 replaced by zeros.
+
+    ``mask`` has shape ``values.shape[:-1]``. Used before any arithmetic on rows that a mask
+    removes, so non-finite values there affect neither the loss nor its gradient (the gradient
+    of those rows is exactly 0), as if the rows had been removed by boolean selection.
+    """
+    keep = (mask != 0).unsqueeze(-1)
+    return torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 def as_weights(mask: Tensor, like: Tensor) -> Tensor:

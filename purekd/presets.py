@@ -56,8 +56,9 @@ class BuilderMap(PresetMap):
     """A preset map whose keys may carry arguments: ``m['name']`` or ``m[['name', *args]]``.
 
     Entries registered as builders (in ``builders``) must be given their arguments and return
-    the function to use: ``TEMPERATURE_SCHEDULER[['flsw', 1, 2]]`` is ``flsw(1, 2)``. A list
-    whose last element is a dict passes it as keyword arguments.
+    the function to use: ``TEMPERATURE_SCHEDULER[['flsw', 1, 2]]`` is ``flsw(1, 2)``. Any other
+    entry given arguments is called with them too (as TextBrewer does for entries added with
+    :func:`register_new`). A list whose last element is a dict passes it as keyword arguments.
     """
 
     def __init__(
@@ -75,17 +76,16 @@ class BuilderMap(PresetMap):
                 raise UnknownNameError(f"empty {self.title}; valid names: {sorted(self)}")
             name, args = key[0], list(key[1:])
             builder = super().__getitem__(name)
-            if name not in self.builders:
-                if args:
-                    raise ValueError(f"{self.title} {name!r} takes no arguments, got {args!r}")
+            if name not in self.builders and not args:
                 return builder
             kwargs: dict[str, Any] = args.pop() if args and isinstance(args[-1], dict) else {}
             try:
                 return builder(*args, **kwargs)
             except TypeError as error:
+                wanted = self.builders.get(name, "its builder's arguments")
                 raise ValueError(
-                    f"{self.title} {name!r} needs arguments {self.builders[name]}, got "
-                    f"{list(key[1:])!r}: write [{name!r}, {self.builders[name]}] ({error})"
+                    f"{self.title} {name!r} needs arguments {wanted}, got "
+                    f"{list(key[1:])!r}: write [{name!r}, {wanted}] ({error})"
                 ) from None
         if key in self.builders:
             raise ValueError(

@@ -249,12 +249,6 @@ def test_direct_assignment_as_in_textbrewers_docs(registered):
     assert "test_my_l1_loss" not in presets.MATCH_LOSS_MAP
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="purekd bug: BuilderMap only passes arguments to its built-in builders (flsw, cwsm); "
-    "a temperature-scheduler builder added with register_new cannot take arguments, so "
-    "['my_scheduler', 0.5] raises 'takes no arguments' where TextBrewer calls my_builder(0.5)",
-)
 def test_registered_temperature_scheduler_builder_takes_arguments(registered):
     def my_builder(beta):
         def schedule(logits_S, logits_T, base_temperature):

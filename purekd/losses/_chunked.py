@@ -26,19 +26,22 @@ def _loss_block(s: Tensor, t: Tensor, inv_tau: Tensor, weights: Tensor) -> Tenso
     scaled_s = s * inv_tau
     lse_s = torch.logsumexp(scaled_s, dim=-1)
     p_t = torch.softmax(t * inv_tau, dim=-1)
-    return ((lse_s - (p_t * scaled_s).sum(dim=-1)).float() * weights).sum()
+    per_row = (lse_s - (p_t * scaled_s).sum(dim=-1)).float()
+    return (torch.where(weights != 0, per_row, 0.0) * weights).sum()
 
 
 def _student_grad_block(s: Tensor, t: Tensor, inv_tau: Tensor, row_scale: Tensor) -> Tensor:
-    """``(softmax(s/tau) - softmax(t/tau)) * row_scale`` for a block."""
-    return (torch.softmax(s * inv_tau, dim=-1) - torch.softmax(t * inv_tau, dim=-1)) * row_scale
+    """``(softmax(s/tau) - softmax(t/tau)) * row_scale`` for a block (0 in rows of scale 0)."""
+    grad = (torch.softmax(s * inv_tau, dim=-1) - torch.softmax(t * inv_tau, dim=-1)) * row_scale
+    return torch.where(row_scale != 0, grad, 0.0)
 
 
 def _teacher_grad_block(s: Tensor, t: Tensor, inv_tau: Tensor, row_scale: Tensor) -> Tensor:
     """``-p (log q - sum_c p log q) * row_scale``: the gradient for teacher logits that need one."""
     log_q = torch.log_softmax(s * inv_tau, dim=-1)
     p_t = torch.softmax(t * inv_tau, dim=-1)
-    return -p_t * (log_q - (p_t * log_q).sum(dim=-1, keepdim=True)) * row_scale
+    grad = -p_t * (log_q - (p_t * log_q).sum(dim=-1, keepdim=True)) * row_scale
+    return torch.where(row_scale != 0, grad, 0.0)
 
 
 # Each block kernel reads its inputs once when compiled (inductor fuses the softmaxes); they

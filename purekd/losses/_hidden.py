@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from purekd._masked import as_weights, weighted_mean
+from purekd._masked import as_weights, weighted_mean, zero_masked_rows
 
 
 def hidden_mse(state_S: Tensor, state_T: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -37,6 +37,8 @@ def cos(state_S: Tensor, state_T: Tensor, mask: Tensor | None = None) -> Tensor:
     which is :func:`torch.nn.functional.cosine_embedding_loss` with target 1.
     """
     width = state_S.size(-1)
+    if mask is not None:
+        state_S, state_T = zero_masked_rows(state_S, mask), zero_masked_rows(state_T, mask)
     rows_S = state_S.reshape(-1, width)
     rows_T = state_T.reshape(-1, width)
     target = torch.ones(rows_S.size(0), dtype=rows_S.dtype, device=rows_S.device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from purekd._masked import as_weights, weighted_mean
+from purekd._masked import as_weights, weighted_mean, zero_masked_rows
 
 from ._chunked import kd_ce_chunked
 
@@ -47,6 +47,8 @@ def kd_ce(
     """
     if logits_S.numel() >= CHUNKED_KD_MIN_ELEMENTS:
         return kd_ce_chunked(logits_S, logits_T, temperature, mask)
+    if mask is not None:
+        logits_S, logits_T = zero_masked_rows(logits_S, mask), zero_masked_rows(logits_T, mask)
     p_T = F.softmax(_scale(logits_T, temperature), dim=-1)
     log_p_S = F.log_softmax(_scale(logits_S, temperature), dim=-1)
     per_row = -(p_T * log_p_S).sum(dim=-1)
@@ -66,6 +68,8 @@ def kd_mse(
 
     over all rows and classes, or over the classes of the rows where ``mask == 1``.
     """
+    if mask is not None:
+        logits_S, logits_T = zero_masked_rows(logits_S, mask), zero_masked_rows(logits_T, mask)
     squared = (_scale(logits_S, temperature) - _scale(logits_T, temperature)).pow(2)
     if mask is None:
         return squared.mean()

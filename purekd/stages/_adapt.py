@@ -127,6 +127,13 @@ def mean_logits(teachers: list[Adapted]) -> Adapted:
     counts = {len(t.logits) for t in teachers}
     if len(counts) != 1:
         raise ValueError(f"teachers returned different numbers of logits: {[len(t.logits) for t in teachers]}")
+    for index, group in enumerate(zip(*(t.logits for t in teachers), strict=True)):
+        shapes = [tuple(logits.shape) for logits in group]
+        if len(set(shapes)) != 1:
+            raise ValueError(
+                f"the teachers' logits[{index}] differ in shape: "
+                + ", ".join(f"teacher {k}: {s}" for k, s in enumerate(shapes))
+                + "; teachers are averaged entry by entry, so their logits must have one shape")
     averaged = tuple(
         sum(group, torch.zeros((), dtype=group[0].dtype, device=group[0].device)) / len(group)
         for group in zip(*(t.logits for t in teachers), strict=True)

@@ -48,6 +48,24 @@ def _check_indices(label: str, side: str, adapted: Adapted, feature: str, layer:
             )
 
 
+def _check_projection(label: str, projection: nn.Module, width_S: int, width_T: int,
+                      match_teacher: bool) -> None:
+    """The projection's first linear layer must take the student's width (and, unless the loss
+    allows different widths, produce the teacher's)."""
+    linear = next((m for m in projection.modules() if isinstance(m, nn.Linear)), None)
+    if linear is None:
+        return
+    fix = f"set 'proj': [kind, {width_S}, {width_T}]"
+    if linear.in_features != width_S:
+        raise ValueError(
+            f"{label}: the projection maps width {linear.in_features} to {linear.out_features}, "
+            f"but the student's feature has width {width_S}; {fix}")
+    if match_teacher and linear.out_features != width_T:
+        raise ValueError(
+            f"{label}: the projection maps width {linear.in_features} to {linear.out_features}, "
+            f"but the teacher's feature has width {width_T}; {fix}")
+
+
 def intermediate_match(
     feature: str,
     layer_S: Layer,
@@ -85,13 +103,17 @@ def intermediate_match(
     def check(adapted_S: Adapted, adapted_T: Adapted) -> None:
         _check_indices(label, "S", adapted_S, feature, layer_S)
         _check_indices(label, "T", adapted_T, feature, layer_T)
-        if projection is not None or loss_name is None or loss_label in WIDTH_FREE_LOSSES:
-            return
         first_S = select_layers(adapted_S, feature, layer_S)
         first_T = select_layers(adapted_T, feature, layer_T)
         if isinstance(first_S, list):
             first_S, first_T = first_S[0], first_T[0]
         width_S, width_T = first_S.shape[-1], first_T.shape[-1]
+        if projection is not None:
+            _check_projection(label, projection, width_S, width_T,
+                              loss_label not in WIDTH_FREE_LOSSES)
+            return
+        if loss_name is None or loss_label in WIDTH_FREE_LOSSES:
+            return
         if width_S != width_T:
             raise ValueError(
                 f"{label}: the student's feature has width {width_S} (shape "

@@ -160,11 +160,6 @@ def test_cos_is_zero_for_identical_states(seed, length, width, scale, masked):
     assert abs(cos(state, state * 3.5, mask).item()) < 1e-5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="purekd bug: cos applies the mask by multiplying, so an inf/nan in a masked position "
-    "gives nan (0 * nan), while TextBrewer's masked_select drops the position and stays finite",
-)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_cos_non_finite_values_in_masked_positions_take_no_part(bad):
     gen = generator(25)

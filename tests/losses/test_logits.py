@@ -196,15 +196,6 @@ def test_kd_ce_is_smallest_when_student_equals_teacher(seed, classes, temperatur
 
 
 # ---------------------------------------------------------------- known divergence
-NON_FINITE_REASON = (
-    "purekd bug: masks are applied by multiplying (weighted_mean: (x * w).sum() / w.sum()), so "
-    "an inf/nan in a masked row gives 0 * inf = nan, while TextBrewer's logits_mask selection "
-    "drops the row and stays finite; zeroing masked rows with torch.where before the "
-    "arithmetic would keep the masked rows out of both the value and the gradient"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=NON_FINITE_REASON)
 @pytest.mark.parametrize(("loss", "tb_loss"), KD, ids=KD_IDS)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_non_finite_values_in_masked_rows_take_no_part(loss, tb_loss, bad):

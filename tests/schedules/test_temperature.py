@@ -99,12 +99,6 @@ def test_temperatures_carry_no_gradient_and_inputs_untouched(schedule, tb_schedu
     assert logits_T.grad is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="purekd bug: the masked batch mean (weighted_mean) multiplies by the mask, so an "
-    "inf/nan in a masked row makes every row's temperature nan, while TextBrewer, applied to "
-    "the logits_mask-selected rows, never sees that row",
-)
 @pytest.mark.parametrize(("schedule", "tb_schedule"), [SCHEDULES[0], SCHEDULES[3]],
                          ids=["flsw", "cwsm"])
 def test_non_finite_masked_rows_do_not_change_the_temperatures(schedule, tb_schedule):
