@@ -406,3 +406,34 @@ def test_plain_loop_reproduces_textbrewer_training():
     for ours, theirs in zip(step.projections[0].parameters(), projection_TB.parameters(),
                             strict=True):
         torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+# --- a few more layouts TextBrewer accepts ------------------------------------------------------
+
+
+@pytest.mark.parametrize("kd_loss_type", ["ce", "mse"])
+def test_probability_shift_on_unmasked_token_logits(kd_loss_type):
+    """3-d logits, labels (B, L) with -100 on padding: ignored rows keep the teacher's logits."""
+    teacher, student = toy_models(token_level=True)
+    adaptor = toy_adaptor(hidden=False, attention=False)
+    config = {"kd_loss_type": kd_loss_type, "probability_shift": True,
+              "temperature_scheduler": ["flsw", 1, 1]}
+    assert_matches_textbrewer(config, teacher, student, adaptor, adaptor,
+                              toy_batch(token_level=True))
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
+@pytest.mark.parametrize("loss", ["attention_mse_sum", "attention_ce_mean"])
+def test_attention_losses_on_3d_attention(loss, masked):
+    """Attention given as (B, L, L) (heads already reduced), which these two losses accept."""
+    teacher, student = toy_models()
+    base = toy_adaptor(inputs_mask=masked)
+
+    def adaptor(batch, outputs):
+        result = base(batch, outputs)
+        result["attention"] = [a.mean(dim=1) for a in result["attention"]]
+        return result
+
+    match = {"layer_T": 2, "layer_S": 1, "feature": "attention", "loss": loss, "weight": 0.5}
+    assert_matches_textbrewer({"intermediate_matches": [match]}, teacher, student, adaptor,
+                              adaptor, toy_batch())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from purekd.combinators import compiled
 from purekd.functional import (
     functional_step,
     load_params,
@@ -88,3 +89,24 @@ def test_functional_sgd_equals_torch_optim_sgd():
         optimizer.step()
         optimizer.zero_grad()
     assert_tree_close(params, trainable_params(reference), atol=ATOL)
+
+
+def test_functional_step_through_a_compiled_loss_path_sees_the_swapped_projections():
+    """Outside a transform the loss path runs compiled; the projections it calls must be the
+    swapped-in tensors, not stale ones captured at compilation."""
+    step = build()
+    step.loss = compiled(step.loss.eager, backend="eager")  # Dynamo guards, no inductor cost
+    batch = toy_batch()
+    params = trainable_params(step)
+    step(batch)  # compile with the module's own tensors first
+    for shift in (0.05, -0.05):
+        shifted = {name: p + shift for name, p in params.items()}
+        got = functional_step(step)(shifted, batch, progress=0.5)
+        load_params(step, shifted)
+        step.loss.enabled = False
+        expected = step(batch, progress=0.5)
+        step.loss.enabled = True
+        load_params(step, params)
+        torch.testing.assert_close(got.loss, expected.loss, atol=ATOL, rtol=0)
+        assert_tree_close(got.terms, expected.terms)
+    assert step.loss.is_compiled
