@@ -300,14 +300,6 @@ def test_cached_teacher_logits_use_the_student_logits_mask(tmp_path, kind):
          distillation={"is_caching_logits": True}, train={"num_epochs": 2})
 
 
-OWN_LOGITS_MASK = pytest.mark.xfail(strict=True, reason=(
-    "purekd applies one logits_mask (the student's, else the teacher's) to both sides; "
-    "TextBrewer selects the teacher's rows with the teacher's own mask (MultiTeacher: the first "
-    "teacher's) and pairs the selected rows in order, so teacher and student logits may differ "
-    "in positions and sequence length"))
-
-
-@OWN_LOGITS_MASK
 @pytest.mark.parametrize("kind", ["basic", "general", "multiteacher"])
 def test_teacher_logits_selected_with_the_teacher_logits_mask(tmp_path, kind):
     teacher, student = pair(token_level=True)
@@ -333,7 +325,6 @@ def longer_teacher_items(size: int) -> list[dict[str, Any]]:
             for i in range(size)]
 
 
-@OWN_LOGITS_MASK
 def test_token_level_teacher_longer_than_student(tmp_path):
     teacher, student = pair(token_level=True)
     adaptor = make_adaptor(logits_mask=True)
