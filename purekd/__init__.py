@@ -14,15 +14,42 @@ from purekd.distillers import (
     MultiTaskDistiller,
     MultiTeacherDistiller,
 )
+from purekd.presets import (
+    ADAPTOR_KEYS,
+    FEATURES,
+    KD_LOSS_MAP,
+    MATCH_LOSS_MAP,
+    PROJ_MAP,
+    TEMPERATURE_SCHEDULER,
+    WEIGHT_SCHEDULER,
+    register_new,
+)
 from purekd.runner import EarlyStopping, NonFiniteLossError
+
+Distillers = {
+    "Basic": BasicDistiller,
+    "General": GeneralDistiller,
+    "MultiTeacher": MultiTeacherDistiller,
+    "MultiTask": MultiTaskDistiller,
+    "Train": BasicTrainer,
+}
+"""TextBrewer's table of distiller classes by short name."""
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADAPTOR_KEYS",
+    "FEATURES",
+    "KD_LOSS_MAP",
+    "MATCH_LOSS_MAP",
+    "PROJ_MAP",
+    "TEMPERATURE_SCHEDULER",
+    "WEIGHT_SCHEDULER",
     "BasicDistiller",
     "BasicTrainer",
     "CustomMatch",
     "DistillationConfig",
+    "Distillers",
     "EarlyStopping",
     "GeneralDistiller",
     "IntermediateMatch",
@@ -37,6 +64,7 @@ __all__ = [
     "losses",
     "make_step",
     "presets",
+    "register_new",
     "schedules",
     "stages",
     "terms",

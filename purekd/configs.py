@@ -229,7 +229,8 @@ class TrainingConfig(_ConfigIO):
     ``ckpt_frequency`` checkpoints per epoch, every ``ckpt_epoch_frequency`` epochs (epoch
     mode); every ``ckpt_steps`` optimizer steps with ``num_steps``. ``fp16`` / ``bf16``: mixed
     precision with ``torch.autocast`` (fp16 adds a gradient scaler); ``fp16_opt_level`` is
-    accepted for compatibility and ignored. ``local_rank`` >= 0 (or the ``LOCAL_RANK``
+    accepted for compatibility and ignored. ``data_parallel`` wraps the step (student and
+    projections) in ``torch.nn.DataParallel`` when more than one GPU is visible. ``local_rank`` >= 0 (or the ``LOCAL_RANK``
     environment variable set by torchrun) means DistributedDataParallel.
     """
 

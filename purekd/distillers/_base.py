@@ -16,6 +16,7 @@ from purekd.runner import (
     EarlyStopping,
     EpochPlan,
     Micro,
+    PassLog,
     Runner,
     StepPlan,
     cached_epochs,
@@ -171,14 +172,14 @@ class Distiller(ModeContext):
             raise ValueError("is_caching_logits=True needs epoch-based training: pass num_epochs "
                              "and num_steps=None (or set is_caching_logits=False)")
         plan: EpochPlan | StepPlan
-        make_source: Callable[[], Iterator[Micro]]
+        make_source: Callable[[PassLog], Iterator[Micro]]
         if num_steps is not None:
             if isinstance(num_steps, bool) or int(num_steps) < 1:
                 raise ValueError(f"num_steps={num_steps!r}: must be an int >= 1")
             plan = StepPlan(int(num_steps), self.t_config.ckpt_steps)
 
-            def make_source() -> Iterator[Micro]:
-                return cycled(dataloader)
+            def make_source(log: PassLog) -> Iterator[Micro]:
+                return cycled(dataloader, log)
         else:
             assert num_epochs is not None
             if not hasattr(dataloader, "__len__"):
@@ -191,10 +192,11 @@ class Distiller(ModeContext):
             epochs_ = int(num_epochs)
             distributed = local_rank_from(self.t_config.local_rank) != -1
 
-            def make_source() -> Iterator[Micro]:
+            def make_source(log: PassLog) -> Iterator[Micro]:
                 if caching:
-                    return cached_epochs(self._cache(dataloader, batch_postprocessor, args), epochs_)
-                return epochs(dataloader, epochs_, distributed)
+                    return cached_epochs(self._cache(dataloader, batch_postprocessor, args),
+                                         epochs_, log)
+                return epochs(dataloader, epochs_, distributed, log)
         self._prepare_optimizer(optimizer)
         lr_scheduler = self._scheduler(optimizer, scheduler_class, scheduler_args, scheduler)
         self.runner = self._runner(progress_bar)

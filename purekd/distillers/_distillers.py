@@ -153,7 +153,7 @@ class MultiTaskDistiller(GeneralDistiller):
         lr_scheduler = self._scheduler(optimizer, scheduler_class, scheduler_args, scheduler)
         self.runner = self._runner(progress_bar)
         self.runner.run(optimizer, StepPlan(int(num_steps), self.t_config.ckpt_steps),
-                        lambda: sampled_tasks(dataloaders, tau), scheduler=lr_scheduler,
+                        lambda log: sampled_tasks(dataloaders, tau, log), scheduler=lr_scheduler,
                         max_grad_norm=max_grad_norm, callback=callback,
                         batch_postprocessor={t: posts.get(t, _identity) for t in self.step.tasks},
                         model_args=args, resume_from=resume_from, save_state=save_state,

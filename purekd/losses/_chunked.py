@@ -21,25 +21,32 @@ from purekd._masked import safe_divide
 DEFAULT_CHUNK_ROWS = 256
 
 
-def _loss_block(s: Tensor, t: Tensor, inv_tau: Tensor, weights: Tensor) -> Tensor:
-    """``sum_r w_r (lse(s_r/tau_r) - sum_c softmax(t_r/tau_r)_c s_rc/tau_r)`` for a block."""
+def _loss_block(s: Tensor, t: Tensor, inv_tau: Tensor,
+                weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``sum_r w_r (lse(s_r/tau_r) - sum_c softmax(t_r/tau_r)_c s_rc/tau_r)`` for a block, and
+    the per-row log-sum-exps of both sides (kept for the backward pass)."""
     scaled_s = s * inv_tau
-    lse_s = torch.logsumexp(scaled_s, dim=-1)
-    p_t = torch.softmax(t * inv_tau, dim=-1)
-    per_row = (lse_s - (p_t * scaled_s).sum(dim=-1)).float()
-    return (torch.where(weights != 0, per_row, 0.0) * weights).sum()
+    scaled_t = t * inv_tau
+    lse_s = torch.logsumexp(scaled_s, dim=-1, keepdim=True)
+    lse_t = torch.logsumexp(scaled_t, dim=-1, keepdim=True)
+    expected_s = (torch.exp(scaled_t - lse_t) * scaled_s).sum(dim=-1, keepdim=True)
+    per_row = (lse_s - expected_s).float().squeeze(-1)
+    return (torch.where(weights != 0, per_row, 0.0) * weights).sum(), lse_s, lse_t
 
 
-def _student_grad_block(s: Tensor, t: Tensor, inv_tau: Tensor, row_scale: Tensor) -> Tensor:
-    """``(softmax(s/tau) - softmax(t/tau)) * row_scale`` for a block (0 in rows of scale 0)."""
-    grad = (torch.softmax(s * inv_tau, dim=-1) - torch.softmax(t * inv_tau, dim=-1)) * row_scale
+def _student_grad_block(s: Tensor, t: Tensor, inv_tau: Tensor, lse_s: Tensor, lse_t: Tensor,
+                        row_scale: Tensor) -> Tensor:
+    """``(softmax(s/tau) - softmax(t/tau)) * row_scale`` for a block (0 in rows of scale 0),
+    from the saved log-sum-exps: one pass, no reduction."""
+    grad = (torch.exp(s * inv_tau - lse_s) - torch.exp(t * inv_tau - lse_t)) * row_scale
     return torch.where(row_scale != 0, grad, 0.0)
 
 
-def _teacher_grad_block(s: Tensor, t: Tensor, inv_tau: Tensor, row_scale: Tensor) -> Tensor:
+def _teacher_grad_block(s: Tensor, t: Tensor, inv_tau: Tensor, lse_s: Tensor, lse_t: Tensor,
+                        row_scale: Tensor) -> Tensor:
     """``-p (log q - sum_c p log q) * row_scale``: the gradient for teacher logits that need one."""
-    log_q = torch.log_softmax(s * inv_tau, dim=-1)
-    p_t = torch.softmax(t * inv_tau, dim=-1)
+    log_q = s * inv_tau - lse_s
+    p_t = torch.exp(t * inv_tau - lse_t)
     grad = -p_t * (log_q - (p_t * log_q).sum(dim=-1, keepdim=True)) * row_scale
     return torch.where(row_scale != 0, grad, 0.0)
 
@@ -63,17 +70,23 @@ class _ChunkedSoftCrossEntropy(torch.autograd.Function):
                 chunk_rows: int, fast: bool) -> Tensor:
         loss_block = _kernels(fast)[0]
         total = logits_S.new_zeros((), dtype=torch.float32)
+        lse_S, lse_T = [], []
         for start in range(0, logits_S.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
-            total = total + loss_block(logits_S[rows], logits_T[rows], inv_tau[rows], weights[rows])
+            block_total, lse_s, lse_t = loss_block(logits_S[rows], logits_T[rows], inv_tau[rows],
+                                                   weights[rows])
+            total = total + block_total
+            lse_S.append(lse_s)
+            lse_T.append(lse_t)
         denominator = weights.sum()
-        ctx.save_for_backward(logits_S, logits_T, inv_tau, weights, denominator)
+        ctx.save_for_backward(logits_S, logits_T, inv_tau, weights, denominator,
+                              torch.cat(lse_S), torch.cat(lse_T))
         ctx.chunk_rows, ctx.fast = chunk_rows, fast
         return safe_divide(total, denominator).to(logits_S.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        logits_S, logits_T, inv_tau, weights, denominator = ctx.saved_tensors
+        logits_S, logits_T, inv_tau, weights, denominator, lse_S, lse_T = ctx.saved_tensors
         _, student_block, teacher_block = _kernels(ctx.fast)
         scale = safe_divide(grad_output.float(), denominator)
         grad_S = torch.empty_like(logits_S) if ctx.needs_input_grad[0] else None
@@ -81,11 +94,12 @@ class _ChunkedSoftCrossEntropy(torch.autograd.Function):
         for start in range(0, logits_S.size(0), ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             row_scale = (weights[rows] * scale).unsqueeze(-1).to(logits_S.dtype) * inv_tau[rows]
-            s, t, inv = logits_S[rows], logits_T[rows], inv_tau[rows]
+            block = (logits_S[rows], logits_T[rows], inv_tau[rows], lse_S[rows], lse_T[rows],
+                     row_scale)
             if grad_S is not None:
-                grad_S[rows] = student_block(s, t, inv, row_scale)
+                grad_S[rows] = student_block(*block)
             if grad_T is not None:
-                grad_T[rows] = teacher_block(s, t, inv, row_scale)
+                grad_T[rows] = teacher_block(*block)
         return grad_S, grad_T, None, None, None, None
 
 

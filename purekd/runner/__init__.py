@@ -11,7 +11,15 @@ from ._metrics import MetricsLogger
 from ._plan import EpochPlan, StepPlan, progress
 from ._precision import Precision
 from ._rng import rng_state, set_rng_state
-from ._sources import Micro, cached_epochs, cycled, epochs, sampled_tasks, task_sampling_weights
+from ._sources import (
+    Micro,
+    PassLog,
+    cached_epochs,
+    cycled,
+    epochs,
+    sampled_tasks,
+    task_sampling_weights,
+)
 
 __all__ = [
     "Counters",
@@ -22,6 +30,7 @@ __all__ = [
     "Micro",
     "NonFiniteGuard",
     "NonFiniteLossError",
+    "PassLog",
     "Precision",
     "Runner",
     "StepPlan",

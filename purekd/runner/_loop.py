@@ -31,7 +31,7 @@ from ._metrics import MetricsLogger
 from ._plan import EpochPlan, StepPlan, progress
 from ._precision import Precision
 from ._rng import rng_state, set_rng_state
-from ._sources import Micro
+from ._sources import Micro, PassLog
 
 logger = logging.getLogger("purekd")
 
@@ -48,6 +48,27 @@ def move_to_device(batch: Any, device: torch.device | str) -> Any:
     if isinstance(batch, Mapping):
         return {key: move_to_device(value, device) for key, value in batch.items()}
     return batch
+
+
+def _truncate_metrics(path: Path, writer_step: int) -> None:
+    """Drop the log lines of micro-batches a resumed run will redo (``step >= writer_step``)."""
+    if not path.exists():
+        return
+    import json
+
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line and json.loads(line).get("step", 0) < writer_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _reduce_replicas(loss: torch.Tensor,
+                     terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DataParallel gathers one loss per GPU; average them (TextBrewer's ``.mean()``)."""
+    if loss.dim() == 0:
+        return loss, terms
+    return loss.mean(), {name: value.mean() for name, value in terms.items()}
 
 
 @attrs.define
@@ -86,6 +107,8 @@ class Runner:
 
     def _model(self) -> Any:
         if self.local_rank == -1:
+            if self.config.data_parallel and torch.cuda.device_count() > 1:
+                return nn.DataParallel(self.step)
             return self.step
         distributed.ensure_process_group(self.config.device)
         return distributed.wrap(self.step, self.config.device, self.local_rank)
@@ -103,7 +126,8 @@ class Runner:
     # -- checkpoints -------------------------------------------------------------------------
 
     def _full_state(self, optimizer: torch.optim.Optimizer, scheduler: Any, precision: Precision,
-                    start_rng: dict[str, Any], stopping: EarlyStoppingState) -> dict[str, Any]:
+                    start_rng: dict[str, Any], stopping: EarlyStoppingState,
+                    pass_log: PassLog) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "step": self.step.state_dict(),
@@ -113,6 +137,7 @@ class Runner:
             "rng": rng_state(),
             "start_rng": start_rng,
             "counters": attrs.asdict(self.counters),
+            "passes": dict(pass_log.latest),
             "early_stopping": attrs.asdict(stopping),
         }
 
@@ -133,7 +158,7 @@ class Runner:
         self,
         optimizer: torch.optim.Optimizer,
         plan: EpochPlan | StepPlan,
-        make_source: Callable[[], Iterator[Micro]],
+        make_source: Callable[[PassLog], Iterator[Micro]],
         *,
         scheduler: Any = None,
         max_grad_norm: float = -1.0,
@@ -145,8 +170,14 @@ class Runner:
         early_stopping: EarlyStopping | None = None,
         zero_grad_at_epoch_start: bool = True,
     ) -> Counters:
-        """Train to the end of ``plan``; returns the final :class:`Counters`."""
+        """Train to the end of ``plan``; returns the final :class:`Counters`.
+
+        ``make_source(pass_log)`` builds the micro-batch source; it must call
+        ``pass_log.begin`` / ``pass_log.passes`` at the start of every pass over a loader.
+        """
         config = self.config
+        if self.local_rank != -1:  # before anything asks for the rank
+            distributed.ensure_process_group(config.device)
         accumulation = config.gradient_accumulation_steps
         args = dict(model_args or {})
         precision = Precision(config.device, fp16=config.fp16, bf16=config.bf16)
@@ -158,7 +189,7 @@ class Runner:
 
         saved: dict[str, Any] | None = None
         if resume_from is not None:
-            saved = torch.load(latest_state(resume_from), map_location="cpu", weights_only=False)
+            saved = torch.load(latest_state(resume_from), map_location="cpu", weights_only=True)
             if saved.get("version") != STATE_VERSION:
                 raise ValueError(f"resume_from={str(resume_from)!r}: not a purekd state file")
             self.step.load_state_dict(saved["step"])
@@ -169,12 +200,15 @@ class Runner:
             stopping = EarlyStoppingState(**saved["early_stopping"])
             set_rng_state(saved["start_rng"])
         start_rng = rng_state()
-        source = make_source()
+        pass_log = PassLog(saved["passes"] if saved is not None else None)
+        source = make_source(pass_log)
         if saved is not None:
             for _ in range(saved["counters"]["consumed"]):  # replay the data order, no compute
                 next(source)
             self.counters = Counters(**saved["counters"])
             set_rng_state(saved["rng"])
+            if is_main:
+                _truncate_metrics(output_dir / "metrics.jsonl", self.counters.writer_step)
         else:
             self.counters = Counters()
 
@@ -218,10 +252,11 @@ class Runner:
                         else:
                             out = model(batch, progress=fraction, step=counters.global_step,
                                         teacher_outputs=teacher, **args)
-                    guard.observe(counters.global_step + 1, out.loss, out.terms)
-                    metrics.record(counters.writer_step, counters.global_step, out.loss, out.terms)
+                    loss, terms = _reduce_replicas(out.loss, out.terms)
+                    guard.observe(counters.global_step + 1, loss, terms)
+                    metrics.record(counters.writer_step, counters.global_step, loss, terms)
                     counters.writer_step += 1
-                    precision.backward(out.loss / accumulation)
+                    precision.backward(loss / accumulation)
 
                     if (micro.position + 1) % accumulation != 0:
                         continue
@@ -255,7 +290,7 @@ class Runner:
                                                    path, output_dir)
                         if save_state and is_main:  # after the callback: resume continues from here
                             atomic_save(self._full_state(optimizer, scheduler, precision, start_rng,
-                                                         stopping),
+                                                         stopping, pass_log),
                                         state_path(output_dir, counters.global_step))
                         if stop:
                             logger.info("early stopping at global step %d (best %s at step %s)",

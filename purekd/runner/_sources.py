@@ -11,7 +11,39 @@ import numpy as np
 
 from purekd.stages import Adapted
 
+from ._rng import rng_state, set_rng_state
+
 Postprocessor = Callable[[Any], Any]
+
+
+class PassLog:
+    """The random state at the start of each pass over a loader, for exact resume.
+
+    A new pass draws from the global generators (a shuffling sampler, worker seeds, the cache
+    shuffle), and by then the model has drawn too (dropout). On resume the runner replays the
+    data order without running the model, so it restores, before each pass that is still
+    running at the checkpoint, the state recorded when that pass began. ``latest`` maps each
+    loader key to ``(pass number, state)`` of its current pass; it goes into state files.
+    """
+
+    def __init__(self, replay: Mapping[str, tuple[int, dict[str, Any]]] | None = None):
+        self.count = 0
+        self.latest: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._replay = dict(replay or {})
+
+    def begin(self, key: str) -> None:
+        """Call right before a new pass over the loader ``key`` starts drawing."""
+        number = self.count
+        self.count += 1
+        wanted = self._replay.get(key)
+        if wanted is not None and wanted[0] == number:
+            set_rng_state(wanted[1])
+        self.latest[key] = (number, rng_state())
+
+    def passes(self, loader: Iterable[Any], key: str = "") -> Iterator[Any]:
+        """``iter(loader)`` with :meth:`begin` called first."""
+        self.begin(key)
+        return iter(loader)
 
 
 class Micro(NamedTuple):
@@ -37,30 +69,36 @@ def _set_epoch(loader: Any, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
-def epochs(loader: Iterable[Any], num_epochs: int, distributed: bool = False) -> Iterator[Micro]:
+def epochs(loader: Iterable[Any], num_epochs: int, distributed: bool = False,
+           log: PassLog | None = None) -> Iterator[Micro]:
     """Every batch of ``loader``, ``num_epochs`` times."""
+    log = log or PassLog()
     for epoch in range(num_epochs):
         if distributed:
             _set_epoch(loader, epoch)
-        for index, batch in enumerate(loader):
+        for index, batch in enumerate(log.passes(loader)):
             yield Micro(batch, epoch, index, first_in_epoch=index == 0)
 
 
-def cached_epochs(cache: list[tuple[Any, Adapted]], num_epochs: int) -> Iterator[Micro]:
+def cached_epochs(cache: list[tuple[Any, Adapted]], num_epochs: int,
+                  log: PassLog | None = None) -> Iterator[Micro]:
     """Cached ``(batch, teacher logits)`` pairs, reshuffled (Python's ``random``) every epoch."""
+    log = log or PassLog()
     for epoch in range(num_epochs):
+        log.begin("")
         random.shuffle(cache)
         for index, (batch, teacher) in enumerate(cache):
             yield Micro(batch, epoch, index, first_in_epoch=index == 0, teacher_outputs=teacher,
                         postprocessed=True)
 
 
-def cycled(loader: Iterable[Any]) -> Iterator[Micro]:
+def cycled(loader: Iterable[Any], log: PassLog | None = None) -> Iterator[Micro]:
     """``loader`` over and over; ``epoch`` counts passes."""
+    log = log or PassLog()
     index, epoch = 0, 0
     while True:
         empty = True
-        for batch in loader:
+        for batch in log.passes(loader):
             empty = False
             yield Micro(batch, epoch, index)
             index += 1
@@ -69,9 +107,9 @@ def cycled(loader: Iterable[Any]) -> Iterator[Micro]:
         epoch += 1
 
 
-def _cycle(loader: Iterable[Any]) -> Iterator[Any]:
+def _cycle(loader: Iterable[Any], log: PassLog, key: str) -> Iterator[Any]:
     while True:
-        yield from loader
+        yield from log.passes(loader, key)
 
 
 def task_sampling_weights(loaders: Mapping[str, Any], tau: float) -> tuple[list[str], list[float] | None]:
@@ -85,11 +123,13 @@ def task_sampling_weights(loaders: Mapping[str, Any], tau: float) -> tuple[list[
     return names, None
 
 
-def sampled_tasks(loaders: Mapping[str, Iterable[Any]], tau: float) -> Iterator[Micro]:
+def sampled_tasks(loaders: Mapping[str, Iterable[Any]], tau: float,
+                  log: PassLog | None = None) -> Iterator[Micro]:
     """Micro-batches from tasks drawn with NumPy's global generator, in proportion to
     ``size ** tau``; each task's loader is cycled."""
+    log = log or PassLog()
     names, weights = task_sampling_weights(loaders, tau)
-    iterators = {k: _cycle(v) for k, v in loaders.items()}
+    iterators = {k: _cycle(v, log, k) for k, v in loaders.items()}
     index = 0
     while True:
         task = str(np.random.choice(names, p=weights))
@@ -97,4 +137,4 @@ def sampled_tasks(loaders: Mapping[str, Iterable[Any]], tau: float) -> Iterator[
         index += 1
 
 
-__all__ = ["Micro", "cached_epochs", "cycled", "epochs", "sampled_tasks", "task_sampling_weights"]
+__all__ = ["Micro", "PassLog", "cached_epochs", "cycled", "epochs", "sampled_tasks", "task_sampling_weights"]

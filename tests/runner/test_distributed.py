@@ -139,10 +139,6 @@ def test_two_processes_equal_one_process_on_the_combined_batch(ddp_run, tmp_path
         torch.testing.assert_close(value, expected[f"student.{key}"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "purekd bug: Runner.run computes is_main = rank() == 0 before _model() initialises the "
-    "process group, so under torchrun every rank believes it is rank 0 for metrics.jsonl / "
-    "TensorBoard, the full-state files and early stopping"))
 def test_only_rank_0_writes_state_files_and_metrics(ddp_run) -> None:
     out, ranks = ddp_run
     assert ranks[1]["saves"] == [] and ranks[1]["loggers"] == [False]
