@@ -437,3 +437,19 @@ def test_attention_losses_on_3d_attention(loss, masked):
     match = {"layer_T": 2, "layer_S": 1, "feature": "attention", "loss": loss, "weight": 0.5}
     assert_matches_textbrewer({"intermediate_matches": [match]}, teacher, student, adaptor,
                               adaptor, toy_batch())
+
+
+@pytest.mark.parametrize("scheduler", ["none", ["flsw", 1, 2]], ids=str)
+def test_each_side_selects_rows_with_its_own_logits_mask(scheduler):
+    """Different teacher and student masks with the same number of kept rows: TextBrewer pairs
+    the k-th kept teacher row with the k-th kept student row."""
+    torch.manual_seed(0)
+    teacher = ToyEncoder(WIDTH_T, layers=3, token_level=True)
+    student = ToyEncoder(WIDTH_S, token_level=True)
+    batch_S = toy_batch(seed=1, token_level=True)
+    x_T = toy_batch(seed=2, token_level=True)[0]
+    mask_T = batch_S[1].flip(0)  # other rows padded, same count of kept rows
+    adaptor = toy_adaptor(logits_mask=True, hidden=False, attention=False)
+    config = {"temperature_scheduler": scheduler, "hard_label_weight": 0.5}
+    assert_matches_textbrewer(config, teacher, student, adaptor, adaptor,
+                              {"teacher": (x_T, mask_T), "student": batch_S})
