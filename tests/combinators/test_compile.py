@@ -57,11 +57,15 @@ def grads_of(step, loss):
 SMALL = ({}, {}, {**SEQUENCE[2], "intermediate_matches": [MATCHES[0], MATCHES[5]]})
 
 
-def test_compiled_make_step_equals_eager(monkeypatch):
+def test_compiled_make_step_equals_eager():
     """The one test that pays for a real inductor compilation (forward and backward), so it
     uses a smaller configuration: logits KD (flsw, probability shift, weight schedules), a
     projected hidden match and a masked attention match."""
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # 2 shared CPU cores
+    with torch._inductor.config.patch(compile_threads=1):  # 2 shared CPU cores
+        _compiled_equals_eager()
+
+
+def _compiled_equals_eager() -> None:
     eager, batch = build(SMALL, compile=False)
     fast, _ = build(SMALL, compile=True)
     assert fast.loss.is_compiled

@@ -1,0 +1,89 @@
+"""Shared helpers for the benchmarks: timing, peak memory, result records."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 9, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (seconds)."""
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int = 9,
+                        warmup: int = 1) -> dict[str, float]:
+    """Median times of several functions measured in alternation (fair under drifting load)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, in MiB (Linux: ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_isolated(module: str, *args: str) -> dict[str, Any]:
+    """Run ``python -m module args`` in a fresh process and parse the JSON it prints last."""
+    output = subprocess.run([sys.executable, "-m", module, *args], check=True,
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    return dict(json.loads(output.stdout.strip().splitlines()[-1]))
+
+
+def machine() -> dict[str, Any]:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "device": str(device()), "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine()}
+
+
+def write(name: str, record: dict[str, Any], out: str | None = None) -> Path:
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": name, "machine": machine(), **record}, indent=2))
+    return path

@@ -1,0 +1,84 @@
+"""Run every benchmark and print one ratio table; writes ``results/all.json``.
+
+    python -m benchmarks.run_all [--quick] [--out FILE]
+
+Each benchmark also runs on its own (``python -m benchmarks.<name> --help``). On a machine with
+a GPU they run there (CUDA when available). Figures are only meaningful on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import RESULTS, machine
+
+
+def _rows(results: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    rows = []
+    step = results.get("step_loss_heavy")
+    if step:
+        ratios = {name: r["ratio"] for name, r in step["results"].items()}
+        rows.append(("loss-heavy step vs TextBrewer", ratios["step"], "<= 0.50",
+                     ratios["step"] <= 0.5))
+        rows.append(("loss path alone vs TextBrewer", ratios["loss_path"], "<= 0.30",
+                     ratios["loss_path"] <= 0.3))
+    bert = results.get("bert_end_to_end")
+    if bert:
+        rows.append(("BERT end-to-end: runner vs hand-written loop", bert["runner_vs_hand"],
+                     "<= 1.02", bert["runner_vs_hand"] <= 1.02))
+        rows.append(("BERT end-to-end: runner vs TextBrewer", bert["runner_vs_textbrewer"],
+                     "<= 1.00", bert["runner_vs_textbrewer"] <= 1.00))
+    token = results.get("token_kd")
+    if token:
+        rows.append(("token KD 4096x32000: time vs TextBrewer", token["time_ratio"], "<= 0.40",
+                     token["time_ratio"] <= 0.4))
+        rows.append(("token KD 4096x32000: extra peak memory vs TextBrewer",
+                     token["memory_ratio"], "<= 0.30", token["memory_ratio"] <= 0.3))
+    cached = results.get("cached_teacher")
+    if cached:
+        rows.append(("cached-teacher epoch vs student-only epoch", cached["ratio"], "<= 1.05",
+                     cached["ratio"] <= 1.05))
+    return rows
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = _rows(results)
+    width = max(len(r[0]) for r in rows) if rows else 10
+    lines = [f"{'benchmark':<{width}}  {'ratio':>7}  {'target':>8}  met",
+             "-" * (width + 25)]
+    lines += [f"{name:<{width}}  {ratio:>6.3f}x  {target:>8}  {'yes' if ok else 'NO'}"
+              for name, ratio, target, ok in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    parser.add_argument("--out", default=str(RESULTS / "all.json"))
+    args = parser.parse_args()
+    from benchmarks import bert_end_to_end, cached_teacher, step_loss_heavy, token_kd
+
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+    step_args = ["--small", "--runs", "9", "--warmup", "1"] if args.quick else ["--runs", "9"]
+    results["step_loss_heavy"] = step_loss_heavy.main(
+        [*step_args, "--out", str(RESULTS / "step_loss_heavy.json")])
+    results["bert_end_to_end"] = (bert_end_to_end.run(2, 2) if args.quick
+                                  else bert_end_to_end.run(8, 5))
+    results["token_kd"] = token_kd.run(512, 4096, 2) if args.quick else token_kd.run()
+    results["cached_teacher"] = (cached_teacher.run(2, 1, 1) if args.quick
+                                 else cached_teacher.run())
+    print()
+    print(table(results))
+    record = {"machine": machine(), "seconds": time.perf_counter() - started, **results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2, default=str))
+    print(f"\nwritten: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
