@@ -50,8 +50,10 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int = 9,
             fn()
     synchronize()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns.items())
     for _ in range(repeats):
-        for name, fn in fns.items():
+        order = order[1:] + order[:1]  # rotate: nobody always runs first
+        for name, fn in order:
             start = time.perf_counter()
             fn()
             synchronize()

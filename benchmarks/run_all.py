@@ -68,7 +68,7 @@ def main() -> None:
     results["step_loss_heavy"] = step_loss_heavy.main(
         [*step_args, "--out", str(RESULTS / "step_loss_heavy.json")])
     results["bert_end_to_end"] = (bert_end_to_end.run(2, 2) if args.quick
-                                  else bert_end_to_end.run(8, 5))
+                                  else bert_end_to_end.run(8, 9))
     results["token_kd"] = token_kd.run(512, 4096, 2) if args.quick else token_kd.run()
     results["cached_teacher"] = (cached_teacher.run(2, 1, 1) if args.quick
                                  else cached_teacher.run())

@@ -27,10 +27,15 @@ def _loss_block(s: Tensor, t: Tensor, inv_tau: Tensor,
     the per-row log-sum-exps of both sides (kept for the backward pass)."""
     scaled_s = s * inv_tau
     scaled_t = t * inv_tau
-    lse_s = torch.logsumexp(scaled_s, dim=-1, keepdim=True)
-    lse_t = torch.logsumexp(scaled_t, dim=-1, keepdim=True)
-    expected_s = (torch.exp(scaled_t - lse_t) * scaled_s).sum(dim=-1, keepdim=True)
-    per_row = (lse_s - expected_s).float().squeeze(-1)
+    max_s = scaled_s.amax(dim=-1, keepdim=True)
+    lse_s = max_s + torch.log(torch.exp(scaled_s - max_s).sum(dim=-1, keepdim=True))
+    # one exponential of the teacher's logits serves both its normaliser and the expectation
+    max_t = scaled_t.amax(dim=-1, keepdim=True)
+    unnormalised_t = torch.exp(scaled_t - max_t)
+    normaliser_t = unnormalised_t.sum(dim=-1, keepdim=True)
+    expected_s = (unnormalised_t * scaled_s).sum(dim=-1, keepdim=True) / normaliser_t
+    lse_t = max_t + torch.log(normaliser_t)
+    per_row = (lse_s - expected_s).to(weights.dtype).squeeze(-1)
     return (torch.where(weights != 0, per_row, 0.0) * weights).sum(), lse_s, lse_t
 
 
@@ -69,7 +74,7 @@ class _ChunkedSoftCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, logits_S: Tensor, logits_T: Tensor, inv_tau: Tensor, weights: Tensor,
                 chunk_rows: int, fast: bool) -> Tensor:
         loss_block = _kernels(fast)[0]
-        total = logits_S.new_zeros((), dtype=torch.float32)
+        total = weights.new_zeros(())
         lse_S, lse_T = [], []
         for start in range(0, logits_S.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -88,7 +93,7 @@ class _ChunkedSoftCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         logits_S, logits_T, inv_tau, weights, denominator, lse_S, lse_T = ctx.saved_tensors
         _, student_block, teacher_block = _kernels(ctx.fast)
-        scale = safe_divide(grad_output.float(), denominator)
+        scale = safe_divide(grad_output.to(denominator.dtype), denominator)
         grad_S = torch.empty_like(logits_S) if ctx.needs_input_grad[0] else None
         grad_T = torch.empty_like(logits_T) if ctx.needs_input_grad[1] else None
         for start in range(0, logits_S.size(0), ctx.chunk_rows):
@@ -137,8 +142,10 @@ def kd_ce_chunked(
     rows = flat_S.size(0)
     tau = torch.as_tensor(temperature, dtype=logits_S.dtype, device=logits_S.device).detach()
     inv_tau = (1.0 / tau).expand(logits_S.shape[:-1]).reshape(rows, 1)
-    weights = (torch.ones(rows, dtype=torch.float32, device=logits_S.device) if mask is None
-               else mask.detach().reshape(rows).to(device=logits_S.device, dtype=torch.float32))
+    # reduce in float32 at least (float64 for float64 logits), whatever the logits' precision
+    accumulate = torch.promote_types(logits_S.dtype, torch.float32)
+    weights = (torch.ones(rows, dtype=accumulate, device=logits_S.device) if mask is None
+               else mask.detach().reshape(rows).to(device=logits_S.device, dtype=accumulate))
     result: Tensor = _ChunkedSoftCrossEntropy.apply(flat_S, flat_T, inv_tau, weights, chunk_rows,
                                                            compile_blocks)
     return result
