@@ -71,10 +71,11 @@ def rss_mib() -> float:
         return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_isolated(module: str, *args: str) -> dict[str, Any]:
+def run_isolated(module: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``python -m module args`` in a fresh process and parse the JSON it prints last."""
     output = subprocess.run([sys.executable, "-m", module, *args], check=True,
-                            capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+                            capture_output=True, text=True, env={**os.environ, **(env or {})},
+                            cwd=Path(__file__).resolve().parent.parent)
     return dict(json.loads(output.stdout.strip().splitlines()[-1]))
 
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import purekd
 from purekd.presets import ADAPTOR_KEYS
+from tests.runner._helpers import Tiny, adaptor
 
 
 @pytest.fixture(autouse=True)
@@ -23,38 +23,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class Tiny(nn.Module):
-    """``forward(x, labels=None) -> {'logits', 'hidden', ['loss']}``; ``x`` ``(B, 5, 4)``;
-    ``hidden`` has ``layers + 1`` entries."""
-
-    def __init__(self, width: int = 6, layers: int = 2, classes: int = 3):
-        super().__init__()
-        self.embed = nn.Linear(4, width)
-        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
-        self.out = nn.Linear(width, classes)
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
-        h = self.embed(x)
-        hidden = [h]
-        for block in self.blocks:
-            h = torch.tanh(block(h))
-            hidden.append(h)
-        logits = self.out(h[:, 0])
-        result: dict[str, Any] = {"logits": logits, "hidden": hidden}
-        if labels is not None:
-            result["loss"] = F.cross_entropy(logits, labels)
-        return result
-
-
-def adaptor(batch: Any, outputs: dict[str, Any]) -> dict[str, Any]:
-    result = {"logits": outputs["logits"], "hidden": outputs["hidden"]}
-    if len(batch) > 1:
-        result["labels"] = batch[1]
-    if "loss" in outputs:
-        result["losses"] = outputs["loss"]
-    return result
 
 
 def _loader(with_labels: bool = True) -> DataLoader:

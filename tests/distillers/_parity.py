@@ -32,6 +32,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import purekd
+from tests._toys import BrokenTeacher  # noqa: F401  (re-exported to the parity tests)
+from tests._toys import _fields as fields
 
 ATOL = 1e-5
 PROJECTION_SEED = 1  # torch.manual_seed right before each distiller is constructed
@@ -101,23 +103,6 @@ class KeywordEncoder(Encoder):
     def forward(self, *, x: torch.Tensor, mask: torch.Tensor,  # type: ignore[override]
                 labels: torch.Tensor | None = None, scale: float = 1.0) -> dict[str, Any]:
         return super().forward(x, mask, labels, scale)
-
-
-class BrokenTeacher(nn.Module):
-    """A teacher that must never run (its outputs come from the batch's ``teacher_cache``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(1))
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the teacher ran although its outputs were in the batch")
-
-
-def fields(batch: Any) -> dict[str, Any]:
-    if isinstance(batch, Mapping):
-        return dict(batch)
-    return dict(zip(("x", "mask", "labels"), batch, strict=False))
 
 
 def make_adaptor(*, head: int | None = None, logits_mask: bool = False, labels: bool = True,
