@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import RESULTS, machine
+from benchmarks._common import RESULTS, device, machine
 
 
 def _rows(results: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
@@ -65,6 +65,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     started = time.perf_counter()
     step_args = ["--small", "--runs", "9", "--warmup", "1"] if args.quick else ["--runs", "9"]
+    step_args += ["--device", str(device())]
     results["step_loss_heavy"] = step_loss_heavy.main(
         [*step_args, "--out", str(RESULTS / "step_loss_heavy.json")])
     results["bert_end_to_end"] = (bert_end_to_end.run(2, 2) if args.quick
