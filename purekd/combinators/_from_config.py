@@ -159,8 +159,11 @@ def make_step(
     for custom in customs:
         if isinstance(custom.proj_func, nn.Module):
             custom.proj_func.to(device)
-    trainable = nn.ModuleList([p for p in projs if p is not None]
-                              + [c.proj_func for c in customs if isinstance(c.proj_func, nn.Module)])
+    matched = [(p, dict(m.proj[3]) if m.proj else {})
+               for p, m in zip(projs, config.intermediate_matches, strict=True) if p is not None]
+    matched += [(c.proj_func, dict(c.proj_group)) for c in customs
+                if isinstance(c.proj_func, nn.Module)]
+    trainable = nn.ModuleList([module for module, _ in matched])
     loss = compiled(cast(Callable[..., Any], objective(*_terms(config, projs, customs))),
                     enabled=compile)
 
@@ -177,7 +180,7 @@ def make_step(
                     teachers={"teacher": teacher_model})
         step.projection_options = [m.proj[3] if m.proj else None
                                    for m in config.intermediate_matches]
-        step.custom_match_options = [c.proj_group for c in customs]
+        step.projection_groups = [options for _, options in matched]
         return step
 
     if isinstance(model_T, Mapping):

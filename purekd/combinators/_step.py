@@ -34,8 +34,9 @@ class Step(nn.Module):
 
     projection_options: list[dict[str, Any] | None]
     """Optimizer options per intermediate match (``proj[3]``), ``None`` where there is no projection."""
-    custom_match_options: list[dict[str, Any]]
-    """Optimizer options per custom match (``proj_group``)."""
+    projection_groups: list[dict[str, Any]]
+    """Optimizer options for each module in ``projections``, in the same order (``proj[3]`` of
+    an intermediate match, ``proj_group`` of a custom match)."""
 
     def __init__(
         self,
@@ -53,7 +54,7 @@ class Step(nn.Module):
         self.loss = loss
         self._teachers = dict(teachers or {})  # a plain dict: not registered, not trained
         self.projection_options = []
-        self.custom_match_options = []
+        self.projection_groups = [{} for _ in self.projections]
 
     @property
     def teachers(self) -> dict[str, Any]:

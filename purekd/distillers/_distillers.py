@@ -15,12 +15,17 @@ from purekd.combinators import (
     TaskRouter,
     TeacherStage,
     build_projections,
+    compiled,
     make_step,
     mean_of_teachers,
+    models_stage,
+    objective,
     single_teacher,
 )
 from purekd.configs import DistillationConfig, TrainingConfig
-from purekd.runner import EarlyStopping, Runner, StepPlan, sampled_tasks
+from purekd.runner import EarlyStopping, StepPlan, sampled_tasks
+from purekd.stages import Adapted, Split
+from purekd.terms import Term, hard_label
 
 from ._base import Distiller
 
@@ -75,13 +80,9 @@ class GeneralDistiller(Distiller):
                               projections=self.projs)
 
     def _extra_param_groups(self) -> list[tuple[nn.Module, dict[str, Any]]]:
-        groups = [(p, dict(g or {})) for p, g in zip(self.projs, self.projs_group, strict=True)
-                  if p is not None]
         step: Step = (self.step if isinstance(self.step, Step)
                       else next(iter(self.step.steps.values())))  # type: ignore[assignment]
-        customs = [m for m in step.projections if all(m is not p for p in self.projs)]
-        groups += [(m, dict(g)) for m, g in zip(customs, step.custom_match_options, strict=False)]
-        return groups
+        return list(zip(step.projections, step.projection_groups, strict=True))
 
 
 class MultiTeacherDistiller(BasicDistiller):
@@ -175,15 +176,8 @@ class BasicTrainer(Distiller):
         self.model, self.adaptor = model, adaptor
         self.step = _trainer_step(model, adaptor, compile)
 
-    def _runner(self, progress_bar: bool | None = None) -> Runner:
-        return Runner(self.step, self.t_config, student=self.model, progress_bar=progress_bar)
-
 
 def _trainer_step(model: nn.Module, adaptor: Adaptor, compile: bool) -> Step:
-    from purekd.combinators import compiled, models_stage, objective
-    from purekd.stages import Adapted, Split
-    from purekd.terms import Term, hard_label
-
     def no_teacher(split: Split, args: Mapping[str, Any]) -> Adapted:
         del split, args
         return Adapted()

@@ -110,7 +110,6 @@ class Runner:
             if self.config.data_parallel and torch.cuda.device_count() > 1:
                 return nn.DataParallel(self.step)
             return self.step
-        distributed.ensure_process_group(self.config.device)
         return distributed.wrap(self.step, self.config.device, self.local_rank)
 
     def _progress_bar(self, total: int) -> Any:
@@ -168,7 +167,6 @@ class Runner:
         resume_from: str | os.PathLike[str] | None = None,
         save_state: bool = False,
         early_stopping: EarlyStopping | None = None,
-        zero_grad_at_epoch_start: bool = True,
     ) -> Counters:
         """Train to the end of ``plan``; returns the final :class:`Counters`.
 
@@ -233,7 +231,7 @@ class Runner:
                 for micro in source:
                     counters.consumed += 1
                     counters.epoch = micro.epoch
-                    if micro.first_in_epoch and zero_grad_at_epoch_start:
+                    if micro.first_in_epoch:  # TextBrewer drops unfinished accumulation here
                         optimizer.zero_grad()
                     batch = micro.batch
                     if batch_postprocessor is not None and not micro.postprocessed:
