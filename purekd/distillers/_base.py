@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -134,6 +134,16 @@ class Distiller(ModeContext):
     def _runner(self, progress_bar: bool | None = None) -> Runner:
         return Runner(self.step, self.t_config, student=self.model_S, progress_bar=progress_bar)
 
+    def _launch(self, optimizer: torch.optim.Optimizer, plan: EpochPlan | StepPlan,
+                make_source: Callable[[PassLog], Iterator[Micro]], *, scheduler_class: Any,
+                scheduler_args: Mapping[str, Any] | None, scheduler: Any,
+                progress_bar: bool | None, **run_options: Any) -> None:
+        """Add the projections to the optimizer, build the LR scheduler, run the runner."""
+        self._prepare_optimizer(optimizer)
+        lr_scheduler = self._scheduler(optimizer, scheduler_class, scheduler_args, scheduler)
+        self.runner = self._runner(progress_bar)
+        self.runner.run(optimizer, plan, make_source, scheduler=lr_scheduler, **run_options)
+
     def train(
         self,
         optimizer: torch.optim.Optimizer,
@@ -174,9 +184,7 @@ class Distiller(ModeContext):
         plan: EpochPlan | StepPlan
         make_source: Callable[[PassLog], Iterator[Micro]]
         if num_steps is not None:
-            if isinstance(num_steps, bool) or int(num_steps) < 1:
-                raise ValueError(f"num_steps={num_steps!r}: must be an int >= 1")
-            plan = StepPlan(int(num_steps), self.t_config.ckpt_steps)
+            plan = StepPlan(positive_count("num_steps", num_steps), self.t_config.ckpt_steps)
 
             def make_source(log: PassLog) -> Iterator[Micro]:
                 return cycled(dataloader, log)
@@ -184,12 +192,10 @@ class Distiller(ModeContext):
             assert num_epochs is not None
             if not hasattr(dataloader, "__len__"):
                 raise ValueError("num_epochs needs a dataloader with a length; use num_steps")
-            if int(num_epochs) < 1:
-                raise ValueError(f"num_epochs={num_epochs!r}: must be an int >= 1")
+            epochs_ = positive_count("num_epochs", num_epochs)
             plan = EpochPlan(len(dataloader) // self.t_config.gradient_accumulation_steps,  # type: ignore[arg-type]
-                             int(num_epochs), self.t_config.ckpt_frequency,
+                             epochs_, self.t_config.ckpt_frequency,
                              self.t_config.ckpt_epoch_frequency)
-            epochs_ = int(num_epochs)
             distributed = local_rank_from(self.t_config.local_rank) != -1
 
             def make_source(log: PassLog) -> Iterator[Micro]:
@@ -197,18 +203,20 @@ class Distiller(ModeContext):
                     return cached_epochs(self._cache(dataloader, batch_postprocessor, args),
                                          epochs_, log)
                 return epochs(dataloader, epochs_, distributed, log)
-        self._prepare_optimizer(optimizer)
-        lr_scheduler = self._scheduler(optimizer, scheduler_class, scheduler_args, scheduler)
-        self.runner = self._runner(progress_bar)
-        self.runner.run(optimizer, plan, make_source, scheduler=lr_scheduler,
-                        max_grad_norm=max_grad_norm, callback=callback,
-                        batch_postprocessor=batch_postprocessor, model_args=args,
-                        resume_from=resume_from, save_state=save_state,
-                        early_stopping=early_stopping)
+        self._launch(optimizer, plan, make_source, scheduler_class=scheduler_class,
+                     scheduler_args=scheduler_args, scheduler=scheduler,
+                     progress_bar=progress_bar, max_grad_norm=max_grad_norm, callback=callback,
+                     batch_postprocessor=batch_postprocessor, model_args=args,
+                     resume_from=resume_from, save_state=save_state,
+                     early_stopping=early_stopping)
 
 
-def as_list(value: Any) -> Sequence[Any]:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+def positive_count(name: str, value: Any) -> int:
+    """``int(value)`` (TextBrewer's conversion), or a ``ValueError`` naming ``name`` when that
+    is below 1 or ``value`` is a bool."""
+    if isinstance(value, bool) or int(value) < 1:
+        raise ValueError(f"{name}={value!r}: must be an int >= 1")
+    return int(value)
 
 
-__all__ = ["Distiller", "ModeContext", "as_list"]
+__all__ = ["Distiller", "ModeContext", "positive_count"]

@@ -27,7 +27,7 @@ from purekd.runner import EarlyStopping, StepPlan, sampled_tasks
 from purekd.stages import Adapted, Split
 from purekd.terms import Term, hard_label
 
-from ._base import Distiller
+from ._base import Distiller, positive_count
 
 Adaptor = Callable[[Any, Any], Any]
 
@@ -147,18 +147,15 @@ class MultiTaskDistiller(GeneralDistiller):
         if batch_postprocessors is not None and set(batch_postprocessors) - set(self.step.tasks):
             raise ValueError(f"batch_postprocessors has unknown tasks "
                              f"{sorted(set(batch_postprocessors) - set(self.step.tasks))}")
-        if isinstance(num_steps, bool) or int(num_steps) < 1:
-            raise ValueError(f"num_steps={num_steps!r}: must be an int >= 1")
+        plan = StepPlan(positive_count("num_steps", num_steps), self.t_config.ckpt_steps)
         posts = dict(batch_postprocessors or {})
-        self._prepare_optimizer(optimizer)
-        lr_scheduler = self._scheduler(optimizer, scheduler_class, scheduler_args, scheduler)
-        self.runner = self._runner(progress_bar)
-        self.runner.run(optimizer, StepPlan(int(num_steps), self.t_config.ckpt_steps),
-                        lambda log: sampled_tasks(dataloaders, tau, log), scheduler=lr_scheduler,
-                        max_grad_norm=max_grad_norm, callback=callback,
-                        batch_postprocessor={t: posts.get(t, _identity) for t in self.step.tasks},
-                        model_args=args, resume_from=resume_from, save_state=save_state,
-                        early_stopping=early_stopping)
+        self._launch(optimizer, plan, lambda log: sampled_tasks(dataloaders, tau, log),
+                     scheduler_class=scheduler_class, scheduler_args=scheduler_args,
+                     scheduler=scheduler, progress_bar=progress_bar, max_grad_norm=max_grad_norm,
+                     callback=callback,
+                     batch_postprocessor={t: posts.get(t, _identity) for t in self.step.tasks},
+                     model_args=args, resume_from=resume_from, save_state=save_state,
+                     early_stopping=early_stopping)
 
 
 def _identity(batch: Any) -> Any:
