@@ -348,7 +348,9 @@ class _FusedLinear(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor, _grad_kd: Tensor,
                  _grad_ce: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
-        grads = [None if g is None else (g * grad_loss.to(g.dtype)).to(dtype)
+        # the usual case, loss.backward(): the gradients computed in the forward as they are
+        unit = not torch.compiler.is_compiling() and bool(grad_loss == 1)
+        grads = [None if g is None else (g if unit else g * grad_loss.to(g.dtype)).to(dtype)
                  for g, dtype in zip(saved, ctx.dtypes, strict=True)]
         return (None, *grads, None, None, None)
 

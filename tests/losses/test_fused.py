@@ -301,3 +301,13 @@ def test_bad_input_raises_naming_the_argument():
         fused_linear_distill(h, w, (teacher.hidden, teacher.weight))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="chunk_rows=0"):
         fused_linear_kd(h, w, teacher.hidden, teacher.weight, chunk_rows=0)
+
+
+def test_an_outer_factor_scales_every_gradient():
+    student, teacher, mask, labels, _, _ = _inputs(11)
+    fn = lambda **s: fused_linear_distill(  # noqa: E731
+        s["hidden_S"], s["weight_S"], teacher, loss="reverse_kl", bias_S=s["bias_S"],
+        mask=mask, labels=labels, chunk_rows=6).loss
+    once = _grads(fn, student, bias=True)
+    scaled = _grads(lambda **s: -2.5 * fn(**s), student, bias=True)
+    _assert_close(scaled, [-2.5 * g for g in once])
