@@ -135,14 +135,21 @@ class Distiller(ModeContext):
         return Runner(self.step, self.t_config, student=self.model_S, progress_bar=progress_bar)
 
     def _launch(self, optimizer: torch.optim.Optimizer, plan: EpochPlan | StepPlan,
-                make_source: Callable[[PassLog], Iterator[Micro]], *, scheduler_class: Any,
-                scheduler_args: Mapping[str, Any] | None, scheduler: Any,
-                progress_bar: bool | None, **run_options: Any) -> None:
-        """Add the projections to the optimizer, build the LR scheduler, run the runner."""
+                make_source: Callable[[PassLog], Iterator[Micro]], *, data: Any,
+                scheduler_class: Any, scheduler_args: Mapping[str, Any] | None, scheduler: Any,
+                progress_bar: bool | None, describe: Mapping[str, Any] | None = None,
+                **run_options: Any) -> None:
+        """Add the projections to the optimizer, build the LR scheduler, run the runner.
+
+        The run's fingerprint (checked on resume) gets the distillation config and ``data``'s
+        description (:func:`describe_data`) besides what the runner adds itself."""
         self._prepare_optimizer(optimizer)
         lr_scheduler = self._scheduler(optimizer, scheduler_class, scheduler_args, scheduler)
         self.runner = self._runner(progress_bar)
-        self.runner.run(optimizer, plan, make_source, scheduler=lr_scheduler, **run_options)
+        parts = {"distillation": self.d_config.to_dict(), "data": describe_data(data),
+                 **dict(describe or {})}
+        self.runner.run(optimizer, plan, make_source, scheduler=lr_scheduler, describe=parts,
+                        **run_options)
 
     def train(
         self,
@@ -161,6 +168,8 @@ class Distiller(ModeContext):
         save_state: bool = False,
         early_stopping: EarlyStopping | None = None,
         progress_bar: bool | None = None,
+        keep_last_states: int | None = None,
+        overwrite_output_dir: bool | None = None,
         **args: Any,
     ) -> None:
         """Train the student, TextBrewer's way.
@@ -173,7 +182,10 @@ class Distiller(ModeContext):
         Beyond TextBrewer: ``save_state=True`` writes the full training state beside each
         checkpoint, ``resume_from`` (a state file or the output directory) continues such a run
         exactly; ``early_stopping`` tracks a metric at checkpoints; ``progress_bar`` forces the
-        tqdm bar on or off (default: on when stderr is a terminal, on rank 0).
+        tqdm bar on or off (default: on when stderr is a terminal, on rank 0);
+        ``keep_last_states=N`` keeps only the run's last N state files; ``overwrite_output_dir``
+        decides what a fresh run does in a directory holding an earlier run's files (``None``:
+        warn and set its ``metrics.jsonl`` aside; ``False``: refuse; ``True``: delete them).
         """
         if num_epochs is None and num_steps is None:
             raise ValueError("train() needs num_epochs or num_steps")
@@ -203,12 +215,31 @@ class Distiller(ModeContext):
                     return cached_epochs(self._cache(dataloader, batch_postprocessor, args),
                                          epochs_, log)
                 return epochs(dataloader, epochs_, distributed, log)
-        self._launch(optimizer, plan, make_source, scheduler_class=scheduler_class,
-                     scheduler_args=scheduler_args, scheduler=scheduler,
-                     progress_bar=progress_bar, max_grad_norm=max_grad_norm, callback=callback,
-                     batch_postprocessor=batch_postprocessor, model_args=args,
+        self._launch(optimizer, plan, make_source, data=dataloader,
+                     scheduler_class=scheduler_class, scheduler_args=scheduler_args,
+                     scheduler=scheduler, progress_bar=progress_bar, max_grad_norm=max_grad_norm,
+                     callback=callback, batch_postprocessor=batch_postprocessor, model_args=args,
                      resume_from=resume_from, save_state=save_state,
-                     early_stopping=early_stopping)
+                     early_stopping=early_stopping, keep_last_states=keep_last_states,
+                     overwrite_output_dir=overwrite_output_dir)
+
+
+def describe_data(data: Any) -> Any:
+    """What identifies a loader in a run's fingerprint: its kind, length, batch size, sampler
+    kind and dataset length (a dict of those by task for a dict of loaders)."""
+    if isinstance(data, Mapping):
+        return {str(k): describe_data(v) for k, v in data.items()}
+    info: dict[str, Any] = {"kind": type(data).__qualname__}
+    for name in ("batch_size", "drop_last"):
+        if hasattr(data, name):
+            info[name] = getattr(data, name)
+    for name, obj in (("length", data), ("dataset_length", getattr(data, "dataset", None))):
+        if hasattr(obj, "__len__"):
+            info[name] = len(obj)  # type: ignore[arg-type]
+    sampler = getattr(data, "sampler", None)
+    if sampler is not None:
+        info["sampler"] = type(sampler).__qualname__
+    return info
 
 
 def positive_count(name: str, value: Any) -> int:
@@ -219,4 +250,4 @@ def positive_count(name: str, value: Any) -> int:
     return int(value)
 
 
-__all__ = ["Distiller", "ModeContext", "positive_count"]
+__all__ = ["Distiller", "ModeContext", "describe_data", "positive_count"]

@@ -137,9 +137,12 @@ class MultiTaskDistiller(GeneralDistiller):
         save_state: bool = False,
         early_stopping: EarlyStopping | None = None,
         progress_bar: bool | None = None,
+        keep_last_states: int | None = None,
+        overwrite_output_dir: bool | None = None,
         **args: Any,
     ) -> None:
-        """Train for ``num_steps`` optimizer steps over tasks sampled from ``dataloaders``."""
+        """Train for ``num_steps`` optimizer steps over tasks sampled from ``dataloaders``
+        (the options after ``*`` as in :meth:`Distiller.train`)."""
         assert isinstance(self.step, TaskRouter)
         if not isinstance(dataloaders, Mapping) or set(dataloaders) != set(self.step.tasks):
             raise ValueError(f"dataloaders must be a dict with the tasks {sorted(self.step.tasks)}, "
@@ -150,12 +153,14 @@ class MultiTaskDistiller(GeneralDistiller):
         plan = StepPlan(positive_count("num_steps", num_steps), self.t_config.ckpt_steps)
         posts = dict(batch_postprocessors or {})
         self._launch(optimizer, plan, lambda log: sampled_tasks(dataloaders, tau, log),
+                     data=dataloaders, describe={"tau": tau},
                      scheduler_class=scheduler_class, scheduler_args=scheduler_args,
                      scheduler=scheduler, progress_bar=progress_bar, max_grad_norm=max_grad_norm,
                      callback=callback,
                      batch_postprocessor={t: posts.get(t, _identity) for t in self.step.tasks},
                      model_args=args, resume_from=resume_from, save_state=save_state,
-                     early_stopping=early_stopping)
+                     early_stopping=early_stopping, keep_last_states=keep_last_states,
+                     overwrite_output_dir=overwrite_output_dir)
 
 
 def _identity(batch: Any) -> Any:
