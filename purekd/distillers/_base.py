@@ -80,6 +80,7 @@ class Distiller(ModeContext):
         self.d_config: DistillationConfig = (
             DistillationConfig() if distill_config is None
             else _check_config(distill_config, DistillationConfig, "distill_config"))
+        preflight.check_device_exists(self.t_config)
         if not isinstance(model_S, nn.Module):
             raise TypeError(f"model_S must be a torch.nn.Module, got {type(model_S).__name__}")
         self.model_T = model_T

@@ -149,8 +149,8 @@ def install_output_checks(steps: Iterable[Any], config: DistillationConfig,
 # -- before training ---------------------------------------------------------------------------
 
 
-def check_device(config: TrainingConfig, student: nn.Module, teachers: list[nn.Module]) -> None:
-    """The config's device exists, and every model's weights are on it."""
+def check_device_exists(config: TrainingConfig) -> None:
+    """The config's device exists on this machine."""
     device = torch.device(config.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -160,6 +160,12 @@ def check_device(config: TrainingConfig, student: nn.Module, teachers: list[nn.M
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"TrainingConfig.device={config.device!r} but this machine has "
                              f"{torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_device(config: TrainingConfig, student: nn.Module, teachers: list[nn.Module]) -> None:
+    """The config's device exists, and every model's weights are on it."""
+    check_device_exists(config)
+    device = torch.device(config.device)
     models = [("the student (model_S)", student)]
     models += [(f"teacher {i} (model_T)" if len(teachers) > 1 else "the teacher (model_T)", t)
                for i, t in enumerate(teachers)]
@@ -182,8 +188,9 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, student: nn.Module) -> None:
-    """Something trains: the optimizer holds parameters that require gradients, the student's
-    among them, with a learning rate not everywhere 0."""
+    """Something trains: the optimizer holds parameters that require gradients, the student has
+    some (it may leave some frozen), the student's are among the optimizer's (else a warning),
+    and the learning rate is not 0 everywhere (else a warning)."""
     held = [p for group in optimizer.param_groups for p in group["params"]]
     trainable = [p for p in held if p.requires_grad]
     if not trainable:
@@ -192,6 +199,11 @@ def check_optimizer(optimizer: torch.optim.Optimizer, student: nn.Module) -> Non
             "held): nothing would train. Unfreeze the student's parameters "
             "(p.requires_grad_(True)) or build the optimizer over trainable ones")
     own = {id(p) for p in student.parameters() if p.requires_grad}
+    if not own and any(True for _ in student.parameters()):
+        raise ValueError(
+            "every parameter of the student (model_S) is frozen (requires_grad=False): the "
+            "student would not learn. Unfreeze the parameters to train "
+            "(p.requires_grad_(True))")
     if own and not any(id(p) in own for p in trainable):
         warnings.warn("the optimizer holds none of the student's trainable parameters (was it "
                       "built over another model?): only the projections will train",
@@ -293,6 +305,6 @@ def check_modes(teachers: list[nn.Module], student: nn.Module) -> None:
                       stacklevel=4)
 
 
-__all__ = ["CheckedOutputs", "check_device", "check_modes", "check_optimizer",
+__all__ = ["CheckedOutputs", "check_device", "check_device_exists", "check_modes", "check_optimizer",
            "check_options", "check_outputs", "check_schedule", "check_weights",
            "install_output_checks"]

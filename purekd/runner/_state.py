@@ -47,8 +47,9 @@ RUN_FILE = "run.json"
 
 # Scheduler state that moves as training goes; the rest are its settings.
 _SCHEDULER_PROGRESS = {"last_epoch", "verbose"}
-# Optimizer group options a scheduler changes as training goes.
-_GROUP_PROGRESS = {"params", "lr", "initial_lr"}
+# Optimizer group entries that are not options. (The learning rates are compared: the
+# fingerprint is always taken from the freshly built optimizer and scheduler at the start.)
+_GROUP_PROGRESS = {"params"}
 
 
 class StateError(ValueError):
@@ -69,8 +70,8 @@ def fingerprint(*, step: nn.Module, optimizer: torch.optim.Optimizer, scheduler:
                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What makes a state belong to a run, by part: ``training`` (the training options that
     change the result), ``plan`` (kind and length), ``parameters`` (name → dtype and shape of
-    the step's weights and buffers), ``optimizer`` (kind, each group's parameter shapes and
-    options but the learning rate), ``scheduler`` (kind and settings) and whatever ``extra``
+    the step's weights and buffers), ``optimizer`` (kind, each group's parameters and options,
+    learning rate included), ``scheduler`` (kind and settings) and whatever ``extra``
     adds (the distillation config, the data)."""
     names = {id(p): n for n, p in step.named_parameters()}
     groups = [{"params": [names.get(id(p), "?") + str(list(p.shape)) for p in group["params"]],
