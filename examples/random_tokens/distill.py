@@ -9,7 +9,7 @@ teacher and a 3-layer student, width 128, which run on a CPU in seconds; TextBre
 
     python examples/random_tokens/distill.py [--backend purekd|textbrewer] [--compile auto]
 
-``main()`` returns the trained student's weights and the time of the whole run (models, data,
+``main()`` returns the student's weights before and after training and the time of the whole run (models, data,
 distillation), so ``tests/integrations/test_random_tokens.py`` can compare purekd with
 TextBrewer and ``benchmarks/random_tokens.py`` can time them.
 """
@@ -39,7 +39,11 @@ def main(backend: str = "purekd", compile: Any = None, layers_T: int = 12, layer
         from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
     else:
         raise ValueError(f"backend={backend!r}: 'purekd' or 'textbrewer'")
-    from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        get_linear_schedule_with_warmup,
+    )
 
     torch.manual_seed(seed)
     output_dir = tempfile.mkdtemp(prefix=f"random-tokens-{backend}-")
@@ -58,6 +62,7 @@ def main(backend: str = "purekd", compile: Any = None, layers_T: int = 12, layer
     student_model = BertForSequenceClassification(bert_config(layers_S))
     teacher_model.to(device=device)
     student_model.to(device=device)
+    initial = {k: v.detach().clone() for k, v in student_model.state_dict().items()}
 
     class DictDataset(Dataset):
         def __init__(self, all_input_ids: Any, all_attention_mask: Any, all_labels: Any):
@@ -155,6 +160,7 @@ def main(backend: str = "purekd", compile: Any = None, layers_T: int = 12, layer
     loss = getattr(step, "loss", None)
     return {"seconds": time.perf_counter() - start,
             "student": {k: v.detach().clone() for k, v in student_model.state_dict().items()},
+            "initial_student": initial,
             "accuracies": accuracies, "printed": out.getvalue(),
             "decision": getattr(loss, "decision", None),
             "compiled": bool(getattr(loss, "is_compiled", False))}
