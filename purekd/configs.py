@@ -117,7 +117,7 @@ class _ConfigIO:
     def replace(self: C, **changes: Any) -> C:
         """A copy with ``changes`` applied and validated (:func:`attrs.evolve`); configs are
         immutable, so this is how one is changed: ``config.replace(temperature=8)``."""
-        known = {a.name for a in attrs.fields(type(self))}  # type: ignore[arg-type, misc]
+        known = {a.name for a in attrs.fields(type(self))}  # type: ignore[arg-type]
         unknown = sorted(set(changes) - known)
         if unknown:
             raise ValueError(f"{type(self).__name__}.replace: unknown field(s) {unknown}; "
@@ -318,8 +318,8 @@ class TrainingConfig(_ConfigIO):
 
 
 for _cls in (IntermediateMatch, DistillationConfig, TrainingConfig):
-    _cls.__setattr__ = _refuse_setattr  # type: ignore[method-assign, assignment]
-    _cls.__delattr__ = _refuse_delattr  # type: ignore[method-assign, assignment]
+    _cls.__setattr__ = _refuse_setattr  # type: ignore[method-assign]
+    _cls.__delattr__ = _refuse_delattr  # type: ignore[method-assign]
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
 _converter.register_structure_hook(

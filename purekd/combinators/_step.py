@@ -208,7 +208,7 @@ class Step(nn.Module):
         result: StepOutput = self.loss(outputs.student, outputs.teacher, ctx)
         if measuring:
             end = _clock(device)
-            self.loss.observe(end - middle, end - start)  # type: ignore[union-attr]
+            self.loss.observe(end - middle, end - start)  # type: ignore[attr-defined]
         return result
 
 

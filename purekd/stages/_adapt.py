@@ -18,17 +18,8 @@ class AdaptorError(ValueError, TypeError):
 
 
 class _AdaptedFields(NamedTuple):
-    """A model's outputs in the adaptor format, normalised.
+    """The fields of :class:`Adapted`."""
 
-    Every list-valued key is a tuple (empty when the adaptor did not return it); a single tensor
-    became a 1-tuple (also when built by hand: ``Adapted(logits=tensor)`` holds ``(tensor,)``). ``inputs_mask`` is a tensor or ``None``. ``captured`` holds the outputs of
-    custom-match modules, captured during the forward pass, in match order.
-
-    Shapes: ``logits[i]`` ``(B, C)`` or ``(B, L, C)``; ``logits_mask[i]`` ``(B, L)``;
-    ``labels[i]`` ``(B,)`` or ``(B, L)``; ``losses[i]`` any (reduced with ``.mean()``);
-    ``hidden[k]`` ``(B, L, D)``; ``attention[k]`` ``(B, H, L, L)`` or ``(B, L, L)``;
-    ``inputs_mask`` ``(B, L)``.
-    """
 
     logits: Tensors = ()
     logits_mask: Tensors = ()
@@ -55,7 +46,19 @@ def _tupled(field: str, value: Any) -> Any:
 
 
 class Adapted(_AdaptedFields):
-    __doc__ = _AdaptedFields.__doc__
+    """A model's outputs in the adaptor format, normalised.
+
+    Every list-valued key is a tuple (empty when the adaptor did not return it); a single tensor
+    became a 1-tuple (also when built by hand: ``Adapted(logits=tensor)`` holds ``(tensor,)``).
+    ``inputs_mask`` is a tensor or ``None``. ``captured`` holds the outputs of custom-match
+    modules, captured during the forward pass, in match order.
+
+    Shapes: ``logits[i]`` ``(B, C)`` or ``(B, L, C)``; ``logits_mask[i]`` ``(B, L)``;
+    ``labels[i]`` ``(B,)`` or ``(B, L)``; ``losses[i]`` any (reduced with ``.mean()``);
+    ``hidden[k]`` ``(B, L, D)``; ``attention[k]`` ``(B, H, L, L)`` or ``(B, L, L)``;
+    ``inputs_mask`` ``(B, L)``.
+    """
+
     __slots__ = ()
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Adapted:
