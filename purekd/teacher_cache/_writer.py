@@ -172,9 +172,9 @@ class _RankWriter:
         prefix = f"rank{self.rank:05d}"
         for path in self.out.iterdir():
             name = path.name
-            if name.startswith(f".{prefix}") and name.endswith(".tmp"):
-                path.unlink(missing_ok=True)
-            elif name.startswith(f"{prefix}-shard") and name.split(".")[0] not in listed:
+            temporary = name.startswith(f".{prefix}") and name.endswith(".tmp")
+            unlisted = name.startswith(f"{prefix}-shard") and name.split(".")[0] not in listed
+            if temporary or unlisted:
                 path.unlink(missing_ok=True)
 
     def wants(self, sample_id: int) -> bool:
