@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from purekd.teacher_cache import (
-    CacheError,
     CachedTeacherDataset,
+    CacheError,
     MissingSamplesError,
     TeacherCache,
     fingerprint_model,
@@ -44,7 +44,7 @@ def cache_copy(written, tmp_path) -> Path:
 def test_another_vocabulary_size(written) -> None:
     with pytest.raises(CacheError, match=r"vocab_size=128 .* vocabulary of 96"):
         TeacherCache(written, vocab_size=128)
-    with pytest.raises(CacheError, match="k=4 but .* top 8"):
+    with pytest.raises(CacheError, match=r"k=4 but .* top 8"):
         TeacherCache(written, k=4)
 
 
@@ -79,7 +79,7 @@ def test_lengths_and_tokens_that_disagree(written) -> None:
     changed.items[2][1] = (changed.items[2][1] + 1) % VOCAB
     with pytest.raises(ValueError, match=r"item 2 \(sample id 2\): token 1 is"):
         CachedTeacherDataset(changed, cache)
-    with pytest.raises(ValueError, match="item 3 .* has"):  # ids that point at other samples
+    with pytest.raises(ValueError, match=r"item 3 .* has"):  # ids that point at other samples
         CachedTeacherDataset(Tokens(10), cache, sample_ids=[0, 1, 2, 4, 3, 5, 6, 7, 8, 9])
 
 
