@@ -4,7 +4,7 @@ collate functions and adaptors the teacher-cache tests share."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,6 +23,28 @@ def llama(seed: int, hidden: int = 32, layers: int = 2, vocab: int = VOCAB) -> t
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=64, attn_implementation="eager")
     return LlamaForCausalLM(config).eval()
+
+
+class CausalOutput(NamedTuple):
+    logits: Tensor
+
+
+class TinyLM(torch.nn.Module):
+    """A causal LM without transformers (for subprocess tests, which should start fast):
+    position ``t``'s logits depend on tokens ``0..t`` through a running mean of embeddings."""
+
+    def __init__(self, seed: int = 0, vocab: int = VOCAB, width: int = 16):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.mix = torch.nn.Linear(width, width)
+        self.out = torch.nn.Linear(width, vocab)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> CausalOutput:
+        del attention_mask  # causal: padding on the right never reaches earlier positions
+        h = self.embed(input_ids).cumsum(1)
+        h = h / torch.arange(1, input_ids.shape[1] + 1, dtype=h.dtype)[None, :, None]
+        return CausalOutput(self.out(torch.tanh(self.mix(h))) * 3)
 
 
 class Tokens(Dataset):

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from purekd.teacher_cache import TeacherCache
 
-from ._helpers import Tokens, exact_topk, llama
+from ._helpers import TinyLM, Tokens, exact_topk
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES, K = 15, 6
@@ -27,14 +27,14 @@ SCRIPT = textwrap.dedent(f'''
     import torch.distributed as dist
     from torch.utils.data import DataLoader, DistributedSampler
     from purekd.teacher_cache import WithSampleIds, write_teacher_cache
-    from tests.teacher_cache._helpers import Tokens, live_adaptor, llama, with_ids_collate
+    from tests.teacher_cache._helpers import TinyLM, Tokens, live_adaptor, with_ids_collate
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     data = WithSampleIds(Tokens({SAMPLES}))
     sampler = DistributedSampler(data, shuffle=True, seed=4)
     loader = DataLoader(data, batch_size=3, sampler=sampler, collate_fn=with_ids_collate)
-    summary = write_teacher_cache(llama(seed=0), live_adaptor, loader, sys.argv[1], k={K},
+    summary = write_teacher_cache(TinyLM(seed=0), live_adaptor, loader, sys.argv[1], k={K},
                                   values="float32", shard_samples=4, progress_bar=False)
     assert summary.finished, summary
     dist.destroy_process_group()
@@ -62,7 +62,7 @@ def test_two_ranks_write_one_cache(tmp_path: Path) -> None:
     assert {shard["rank"] for shard in cache.manifest["shards"]} == {0, 1}
     assert sum(shard["samples"] for shard in cache.manifest["shards"]) == SAMPLES + 1  # one repeat
     assert cache.sample_ids.tolist() == list(range(SAMPLES))
-    teacher, data = llama(seed=0), Tokens(SAMPLES)
+    teacher, data = TinyLM(seed=0), Tokens(SAMPLES)
     for sample_id, item in enumerate(data):
         ids, values = exact_topk(teacher, item["input_ids"], K)
         got = cache[sample_id]

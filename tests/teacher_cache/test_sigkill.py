@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent('''
     import numpy as np
     import torch
     import purekd.teacher_cache._format as fmt
-    from tests.teacher_cache._helpers import Tokens, llama, write
+    from tests.teacher_cache._helpers import TinyLM, Tokens, write
 
     out, death = sys.argv[1:3]
     how, _, when = death.partition(":")
@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent('''
         return real_json(path, value)
 
     fmt.np.save, fmt.save_json = dying_save, dying_json
-    write(llama(seed=0), Tokens(21, seed=2), out, k=5, values="q8", shard_samples=3,
+    write(TinyLM(seed=0), Tokens(21, seed=2), out, k=5, values="q8", shard_samples=3,
           batch_size=2, tokenizer=["a", "b"])
 ''')
 
