@@ -113,6 +113,7 @@ class _Run:
     save_state: bool
     early_stopping: EarlyStopping | None
     bar: Any = None
+    gradient_seen: bool = False
 
     def learning_rates(self) -> list[float]:
         return [float(group["lr"]) for group in self.optimizer.param_groups]
@@ -195,7 +196,7 @@ class Runner:
             + (f", its metrics.jsonl was moved to {aside.name}" if aside is not None else "")
             + ", and resuming from this directory uses only this run's states. Pass "
             "overwrite_output_dir=True to delete the earlier files first, or False to refuse.",
-            UserWarning, stacklevel=4)
+            UserWarning, stacklevel=5)
 
     def _resume_position(self, source: Iterator[Micro], saved: dict[str, Any] | None,
                          pass_log: PassLog, output_dir: Path, is_main: bool) -> Counters:
@@ -256,6 +257,16 @@ class Runner:
     def _optimizer_step(self, run: _Run) -> None:
         """Clip, step the optimizer and the scheduler, zero the gradients, count the step."""
         counters, optimizer = self.counters, run.optimizer
+        if not run.gradient_seen:  # once per run: one synchronisation
+            run.gradient_seen = True
+            grads = [p.grad for p in run.student_params if p.grad is not None]
+            if run.student_params and (not grads or not bool(
+                    torch.stack([g.detach().abs().sum() for g in grads]).sum().ne(0))):
+                raise ValueError(
+                    "no gradient reached the student's parameters in the first optimizer step "
+                    "(all absent or exactly 0): "
+                    "the loss does not depend on the student (its outputs detached or computed "
+                    "under torch.no_grad(), or only frozen modules used). Nothing was updated")
         if self.check_finite_every_step:
             if not run.precision.scaler.is_enabled():  # fp16's scaler skips inf steps itself
                 run.guard.observe_gradients(counters.global_step + 1, run.named_params)

@@ -132,6 +132,20 @@ RAISES: dict[str, tuple[dict[str, Any], Any, type[Exception], str]] = {
                                        "intermediate_matches": []}}, {}, ValueError,
                           "every term's weight is 0"),
     "callback_not_callable": ({}, {"callback": "print"}, TypeError, "callback='print'"),
+    "detached_student_logits": ({"adaptor_S": _changed("logits", lambda t: t.detach())}, {},
+                                ValueError, "logits[0] without a gradient"),
+    "detached_student_losses": ({"adaptor_S": _changed("losses", lambda t: t.detach())}, {},
+                                ValueError, "losses[0] without a gradient"),
+    "no_gradient_reaches_the_student": (
+        {"distill": {"kd_loss_weight": 0, "hard_label_weight": 0},
+         "adaptor_S": _changed("hidden", lambda h: [x.detach() for x in h])}, {}, ValueError,
+        "no gradient reached the student's parameters"),
+    "logits_mask_of_the_wrong_shape": (
+        {"adaptor_S": lambda b, o: {**adaptor(b, o), "logits": o["logits"][:, None].expand(-1, 5, -1),
+                                    "logits_mask": torch.ones(2, 4), "labels": b[1][:, None].expand(-1, 5)},
+         "adaptor_T": lambda b, o: {**adaptor(b, o), "logits": o["logits"][:, None].expand(-1, 5, -1),
+                                    "labels": b[1][:, None].expand(-1, 5)}},
+        {}, ValueError, "logits_mask[0] of shape (2, 4) for logits[0] of shape (2, 5, 3)"),
     "resume_and_overwrite": ({}, {"resume_from": "x", "overwrite_output_dir": True}, ValueError,
                              "resume_from with overwrite_output_dir=True"),
 }
@@ -201,6 +215,9 @@ WARNS: dict[str, tuple[dict[str, Any], Any, str]] = {
     "scheduler_and_scheduler_class": ({}, lambda s: {
         "scheduler_class": torch.optim.lr_scheduler.StepLR, "scheduler_args": {"step_size": 1},
         "scheduler": object()}, "the scheduler object is ignored"),
+    "logits_mask_with_2d_logits": ({"adaptor_S": lambda b, o: {**adaptor(b, o),
+                                                              "logits_mask": torch.ones(2, 5)}},
+                                   {}, "it is ignored"),
     "optimizer_over_another_model": ({}, lambda s: {"optimizer": torch.optim.SGD(
         Tiny(6, 2).parameters(), lr=0.1)}, "holds none of the student's trainable parameters"),
 }
