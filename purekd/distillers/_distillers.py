@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import attrs
 import torch
@@ -26,7 +26,7 @@ from purekd.combinators import (
 from purekd.configs import DistillationConfig, TrainingConfig
 from purekd.runner import EarlyStopping, StepPlan, sampled_tasks
 from purekd.stages import Adapted, Split
-from purekd.terms import Term, hard_label
+from purekd.terms import hard_label
 
 from . import _preflight as preflight
 from ._base import Distiller, positive_count
@@ -38,7 +38,7 @@ class BasicDistiller(Distiller):
     """Single teacher, single task: logits KD plus the hard-label losses (no intermediate
     matches — use :class:`GeneralDistiller` for those). Supports ``is_caching_logits``.
 
-    ``compile`` puts the loss path under ``torch.compile`` (eager fallback on failure).
+    ``compile`` puts the loss path under ``torch.compile`` (eager fallback on failure): ``True``, ``False`` or ``"auto"`` (default: compile only a loss path that dominates the step, decided by measuring the first steps).
     """
 
     caches_logits = True
@@ -46,7 +46,7 @@ class BasicDistiller(Distiller):
     def __init__(self, train_config: TrainingConfig | Mapping[str, Any],
                  distill_config: DistillationConfig | Mapping[str, Any] | None,
                  model_T: nn.Module, model_S: nn.Module, adaptor_T: Adaptor, adaptor_S: Adaptor,
-                 *, compile: bool = True):
+                 *, compile: bool | Literal["auto"] = "auto"):
         super().__init__(train_config, distill_config, model_T, model_S)
         self.adaptor_T, self.adaptor_S = adaptor_T, adaptor_S
         config = attrs.evolve(self.d_config, intermediate_matches=())
@@ -68,7 +68,7 @@ class GeneralDistiller(Distiller):
     def __init__(self, train_config: TrainingConfig | Mapping[str, Any],
                  distill_config: DistillationConfig | Mapping[str, Any] | None,
                  model_T: Any, model_S: nn.Module, adaptor_T: Any, adaptor_S: Any,
-                 custom_matches: Sequence[Any] | None = None, *, compile: bool = True):
+                 custom_matches: Sequence[Any] | None = None, *, compile: bool | Literal["auto"] = "auto"):
         super().__init__(train_config, distill_config, model_T, model_S)
         if self.d_config.is_caching_logits:
             warnings.warn(f"{type(self).__name__} ignores is_caching_logits=True (as TextBrewer "
@@ -96,7 +96,7 @@ class MultiTeacherDistiller(BasicDistiller):
                  distill_config: DistillationConfig | Mapping[str, Any] | None,
                  model_T: Sequence[nn.Module], model_S: nn.Module,
                  adaptor_T: Adaptor | Sequence[Adaptor], adaptor_S: Adaptor,
-                 *, compile: bool = True):
+                 *, compile: bool | Literal["auto"] = "auto"):
         if not isinstance(model_T, (list, tuple)) or not model_T:
             raise TypeError("MultiTeacherDistiller needs model_T as a non-empty list of teachers")
         if isinstance(adaptor_T, (list, tuple)) and len(adaptor_T) != len(model_T):
@@ -117,7 +117,7 @@ class MultiTaskDistiller(GeneralDistiller):
                  distill_config: DistillationConfig | Mapping[str, Any] | None,
                  model_T: Mapping[str, nn.Module], model_S: nn.Module,
                  adaptor_T: Mapping[str, Adaptor], adaptor_S: Mapping[str, Adaptor],
-                 *, compile: bool = True):
+                 *, compile: bool | Literal["auto"] = "auto"):
         if not isinstance(model_T, Mapping) or not model_T:
             raise TypeError("MultiTaskDistiller needs model_T as a dict of teachers by task")
         super().__init__(train_config, distill_config, model_T, model_S, adaptor_T, adaptor_S,
@@ -201,7 +201,7 @@ def _trainer_step(model: nn.Module, adaptor: Adaptor, compile: bool) -> Step:
                              "returned none: add 'losses': [loss] to its dict")
 
     term = hard_label(name="loss")
-    loss = compiled(cast(Callable[..., Any], objective(Term(term.fn, 1.0, needs_losses))),
+    loss = compiled(cast(Callable[..., Any], objective(term._replace(check=needs_losses))),
                     enabled=compile)
     return Step(student=model, outputs=models_stage(no_teacher, model, adaptor), loss=loss)
 
