@@ -167,6 +167,22 @@ def test_misconfiguration_raises_before_any_weight_changes(name: str, tmp_path: 
     assert not list(tmp_path.glob("gs*"))
 
 
+def test_teacher_on_another_device(tmp_path: Path) -> None:
+    distiller, student = _setup(tmp_path)
+    distiller.model_T.to("meta")
+    with pytest.raises(ValueError, match=r"the teacher \(model_T\) is on meta but "
+                                         r"TrainingConfig.device='cpu'"):
+        _train(distiller, student)
+
+
+def test_batch_postprocessor_and_early_stopping_of_the_wrong_kind(tmp_path: Path) -> None:
+    distiller, student = _setup(tmp_path)
+    with pytest.raises(TypeError, match="batch_postprocessor=3"):
+        _train(distiller, student, batch_postprocessor=3)
+    with pytest.raises(TypeError, match="early_stopping must be a purekd.EarlyStopping"):
+        _train(distiller, student, early_stopping={"patience": 2})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"TrainingConfig.device='cuda' but CUDA is not available"):
