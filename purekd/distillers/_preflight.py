@@ -278,6 +278,11 @@ def check_options(*, max_grad_norm: Any, callback: Any, batch_postprocessor: Any
     if resume_from is not None and overwrite_output_dir is True:
         raise ValueError("resume_from with overwrite_output_dir=True: resuming continues the "
                          "run in the directory, overwriting would delete it; choose one")
+    if keep_last_states is not None and (isinstance(keep_last_states, bool)
+                                         or not isinstance(keep_last_states, int)
+                                         or keep_last_states < 1):
+        raise ValueError(f"keep_last_states={keep_last_states!r}: must be None (keep every "
+                         "state) or an int >= 1")
     if keep_last_states is not None and not save_state:
         warnings.warn(f"keep_last_states={keep_last_states!r} without save_state=True: no state "
                       "file is written, so there is nothing to keep", UserWarning, stacklevel=4)
