@@ -139,6 +139,24 @@ def test_the_trainer_ends_with_the_runners_weights(tmp_path):
     for key, value in ours.items():
         torch.testing.assert_close(weights(fresh)[key], value, msg=key)
 
+    # checkpoints written while training hold the same, and training resumes from one
+    again = build(teacher, copy.deepcopy(student0))
+    saving = DistillationTrainer(
+        again, arguments(tmp_path / "ckpt", steps, accumulation, save_strategy="steps",
+                         save_steps=2),
+        train_dataset=samples(), data_collator=collate,
+        optimizers=(torch.optim.SGD(again.parameters(), lr=lr), None))
+    saving.train()
+    checkpoint = tmp_path / "ckpt" / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / PROJECTIONS_FILE).is_file()
+    later = build(teacher, copy.deepcopy(student0))
+    DistillationTrainer(later, arguments(tmp_path / "ckpt", steps, accumulation),
+                        train_dataset=samples(), data_collator=collate,
+                        optimizers=(torch.optim.SGD(later.parameters(), lr=lr), None)
+                        ).train(resume_from_checkpoint=str(checkpoint))
+    for key, value in ours.items():
+        torch.testing.assert_close(weights(later)[key], value, atol=1e-6, rtol=0, msg=key)
+
 
 def student_state(step: purekd.Step) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in step.student.state_dict().items()}
