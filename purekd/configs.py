@@ -42,6 +42,22 @@ def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise _field_error(instance, attribute, value, "must be a number > 0")
 
 
+TEMPERATURE_RANGE = (1e-2, 1e3)
+
+
+def _temperature(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """A KD temperature that leaves a usable gradient: below ``1e-2`` the softened
+    distributions are one-hot and the loss (~1/T) overflows in half precision; above ``1e3`` the
+    gradient (~1/T^2, no T^2 factor as in TextBrewer) is below Adam's epsilon."""
+    _positive(instance, attribute, value)
+    low, high = TEMPERATURE_RANGE
+    if not low <= value <= high:
+        raise _field_error(instance, attribute, value,
+                           f"must be in [{low:g}, {high:g}]: below, softmax(z/T) is one-hot and "
+                           "the loss overflows in half precision; above, the gradient (~1/T^2) "
+                           "vanishes. Typical values are 1 to 20")
+
+
 def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _field_error(instance, attribute, value, "must be an int >= 1")
@@ -240,7 +256,7 @@ class DistillationConfig(_ConfigIO):
     schedule's value at the progress reached after that.
     """
 
-    temperature: float = attrs.field(default=4, validator=_positive)
+    temperature: float = attrs.field(default=4, validator=_temperature)
     temperature_scheduler: str | tuple[Any, ...] = attrs.field(
         default="none", converter=_tuple_if_list,
         validator=_in_map(presets.TEMPERATURE_SCHEDULER, allow_none=True))

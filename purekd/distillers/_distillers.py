@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, cast
@@ -27,6 +28,7 @@ from purekd.runner import EarlyStopping, StepPlan, sampled_tasks
 from purekd.stages import Adapted, Split
 from purekd.terms import hard_label
 
+from . import _preflight as preflight
 from ._base import Distiller, positive_count
 
 Adaptor = Callable[[Any, Any], Any]
@@ -75,6 +77,7 @@ class GeneralDistiller(Distiller):
         self.adaptor_T, self.adaptor_S = adaptor_T, adaptor_S
         self.projs: list[nn.Module | None] = build_projections(self.d_config, self.t_config.device)
         self.projs_group = [m.proj[3] if m.proj else None for m in self.d_config.intermediate_matches]
+        self.custom_matches = list(custom_matches or ())
         self.step = make_step(self.d_config, model_T, model_S, adaptor_T, adaptor_S,
                               custom_matches=custom_matches, compile=compile,
                               projections=self.projs)
@@ -137,9 +140,12 @@ class MultiTaskDistiller(GeneralDistiller):
         save_state: bool = False,
         early_stopping: EarlyStopping | None = None,
         progress_bar: bool | None = None,
+        keep_last_states: int | None = None,
+        overwrite_output_dir: bool | None = None,
         **args: Any,
     ) -> None:
-        """Train for ``num_steps`` optimizer steps over tasks sampled from ``dataloaders``."""
+        """Train for ``num_steps`` optimizer steps over tasks sampled from ``dataloaders``
+        (the options after ``*`` as in :meth:`Distiller.train`)."""
         assert isinstance(self.step, TaskRouter)
         if not isinstance(dataloaders, Mapping) or set(dataloaders) != set(self.step.tasks):
             raise ValueError(f"dataloaders must be a dict with the tasks {sorted(self.step.tasks)}, "
@@ -148,14 +154,24 @@ class MultiTaskDistiller(GeneralDistiller):
             raise ValueError(f"batch_postprocessors has unknown tasks "
                              f"{sorted(set(batch_postprocessors) - set(self.step.tasks))}")
         plan = StepPlan(positive_count("num_steps", num_steps), self.t_config.ckpt_steps)
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+            raise ValueError(f"tau={tau!r}: must be a finite number (tasks are sampled in "
+                             "proportion to len(dataloader) ** tau)")
+        empty = [t for t, d in dataloaders.items() if hasattr(d, "__len__") and len(d) == 0]  # type: ignore[arg-type]
+        if empty:
+            raise ValueError(f"the dataloader(s) of task(s) {empty} have no batch "
+                             "(len(dataloader) == 0); check the datasets and drop_last")
+        preflight.check_schedule(self.t_config, epochs_mode=False, loader_length=None)
         posts = dict(batch_postprocessors or {})
         self._launch(optimizer, plan, lambda log: sampled_tasks(dataloaders, tau, log),
+                     data=dataloaders, describe={"tau": tau},
                      scheduler_class=scheduler_class, scheduler_args=scheduler_args,
                      scheduler=scheduler, progress_bar=progress_bar, max_grad_norm=max_grad_norm,
                      callback=callback,
                      batch_postprocessor={t: posts.get(t, _identity) for t in self.step.tasks},
                      model_args=args, resume_from=resume_from, save_state=save_state,
-                     early_stopping=early_stopping)
+                     early_stopping=early_stopping, keep_last_states=keep_last_states,
+                     overwrite_output_dir=overwrite_output_dir)
 
 
 def _identity(batch: Any) -> Any:
