@@ -80,25 +80,49 @@ class Side:
         self.log_softmax = torch.log_softmax(logits.double(), -1)
 
 
+def dense_reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return dense_forward_kl(log_q, log_p, mask)
+
+
+def dense_jsd(log_p: torch.Tensor, log_q: torch.Tensor, mask: torch.Tensor,
+              beta: float = 0.5) -> torch.Tensor:
+    """Float64 ``beta KL(q || m) + (1 - beta) KL(p || m)``, ``m = beta q + (1 - beta) p``."""
+    q, p = log_q.exp(), log_p.exp()
+    log_m = (beta * q + (1 - beta) * p).log()
+    rows = (beta * q * (log_q - log_m) + (1 - beta) * p * (log_p - log_m)).nan_to_num().sum(-1)
+    w = mask.double()
+    return (rows * w).sum() / w.sum()
+
+
 def _modes(losses: Any) -> dict[str, tuple[Any, Any]]:
-    """mode name -> (top-k loss (S: Side, ids, logprobs, mask), dense loss (S, T: Side, mask))."""
+    """mode name -> (top-k loss (S: Side, ids, logprobs, mask), dense float64 loss (S, T, mask))."""
+    dense = {"topk_kl": dense_forward_kl, "topk_reverse_kl": dense_reverse_kl,
+             "topk_jsd": dense_jsd}
     modes: dict[str, tuple[Any, Any]] = {}
-    library = getattr(losses, "topk_kl", None)
-    forward = lambda s, t, m: dense_forward_kl(s.log_softmax, t.log_softmax, m)  # noqa: E731
-    if library is not None:
-        modes["topk_kl"] = (lambda s, i, lp, m: library(s.logits, i, lp, mask=m), forward)
-        modes["topk_kl tail"] = (lambda s, i, lp, m: library(s.logits, i, lp, tail=True, mask=m),
-                                 forward)
-    else:
+    if not hasattr(losses, "topk_kl"):
+        forward = lambda s, t, m: dense_forward_kl(s.log_softmax, t.log_softmax, m)  # noqa: E731
         modes["topk_kl (float64 reference)"] = (
             lambda s, i, lp, m: reference_topk_kl(s.log_softmax, i, lp, m, tail=False), forward)
         modes["topk_kl tail (float64 reference)"] = (
             lambda s, i, lp, m: reference_topk_kl(s.log_softmax, i, lp, m, tail=True), forward)
-    for name, dense in (("topk_reverse_kl", "reverse_kl"), ("topk_jsd", "jsd")):
-        top, full = getattr(losses, name, None), getattr(losses, dense, None)
-        if top is not None and full is not None:
-            modes[name] = (lambda s, i, lp, m, f=top: f(s.logits, i, lp, mask=m),
-                           lambda s, t, m, f=full: f(s.logits, t.logits, mask=m))
+        return modes
+    try:  # eager block kernels: the same values (tested), no compilation time here
+        from purekd.losses._topk import topk_loss
+    except ImportError:
+        topk_loss = None  # type: ignore[assignment]
+    for name, reference in dense.items():
+        public = getattr(losses, name, None)
+        if public is None:
+            continue
+        for tail in (False, True):
+            if topk_loss is not None:
+                def top(s: Side, i: torch.Tensor, lp: torch.Tensor, m: torch.Tensor,
+                        n: str = name, t: bool = tail) -> torch.Tensor:
+                    return topk_loss(n, s.logits, i, lp, tail=t, mask=m, compile_blocks=False)
+            else:
+                top = lambda s, i, lp, m, f=public, t=tail: f(s.logits, i, lp, tail=t, mask=m)  # noqa: E731
+            modes[f"{name}{' tail' if tail else ''}"] = (
+                top, lambda s, t, m, f=reference: f(s.log_softmax, t.log_softmax, m))
     return modes
 
 
