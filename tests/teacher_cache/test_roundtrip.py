@@ -94,8 +94,14 @@ def test_rewriting_gives_the_same_bytes(teacher, data, tmp_path) -> None:
     write(teacher, data, tmp_path / "a", shard_samples=5, batch_size=3)
     write(teacher, data, tmp_path / "b", shard_samples=5, batch_size=3)
     assert files(tmp_path / "a") == files(tmp_path / "b")
-    # a second run over a finished cache stores nothing and leaves the bytes as they were
-    again = write(teacher, data, tmp_path / "a", shard_samples=5, batch_size=3)
+    # a second run over a finished cache runs no forward, stores nothing, leaves the bytes
+    calls = []
+    handle = teacher.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        again = write(teacher, data, tmp_path / "a", shard_samples=5, batch_size=3)
+    finally:
+        handle.remove()
+    assert calls == []
     assert again.samples == 0 and again.skipped_samples == len(data) and again.finished
     assert files(tmp_path / "a") == files(tmp_path / "b")
 
