@@ -158,3 +158,29 @@ def test_sample_ids_from_the_data_set(teacher, data, exact, tmp_path) -> None:
     dataset = CachedTeacherDataset(data, cache, sample_ids=ids)
     item = dataset[3]
     assert torch.equal(item["teacher_cache"].topk_ids, exact[3][0])
+
+
+def test_separate_jobs_with_rank_and_world_size(teacher, data, exact, tmp_path) -> None:
+    """Without a process group, jobs given rank= and world_size= write their own shards; the
+    last one to finish merges them into one cache."""
+    from torch.utils.data import Subset
+
+    halves = [Subset(data, list(range(0, 20, 2))), Subset(data, list(range(1, 20, 2)))]
+    from purekd.teacher_cache import WithSampleIds, write_teacher_cache
+
+    from ._helpers import live_adaptor, with_ids_collate
+    summaries = []
+    for rank, half in enumerate(halves):
+        loader = DataLoader(WithSampleIds(half, half.indices), batch_size=3,
+                            collate_fn=with_ids_collate)
+        summaries.append(write_teacher_cache(teacher, live_adaptor, loader, tmp_path, k=K,
+                                             values="float32", rank=rank, world_size=2,
+                                             progress_bar=False))
+    assert [s.finished for s in summaries] == [False, True]
+    cache = TeacherCache(tmp_path)
+    assert cache.sample_ids.tolist() == list(range(20))
+    assert {shard["rank"] for shard in cache.manifest["shards"]} == {0, 1}
+    for sample_id in range(20):
+        assert torch.equal(cache[sample_id].topk_ids, exact[sample_id][0])
+    with pytest.raises(ValueError, match=r"rank=2 must be in 0\.\.world_size-1"):
+        write_teacher_cache(teacher, live_adaptor, [], tmp_path / "x", k=K, rank=2, world_size=2)
