@@ -186,18 +186,19 @@ def run(verses: int = 240, max_length: int = 64, batch_size: int = 8, ks: tuple[
                         totals[key]["dense"].append(reference * weight)
                         batches.setdefault(key, {"rel": []})["rel"].append(
                             abs(got - reference) / abs(reference))
-                first = next(iter(modes.values()))[0]
+                kl_modes = list(modes.items())[:2]  # topk_kl, renormalised and tail
                 for k in code_ks:
                     values, top_ids = lp_T.topk(k, -1)
-                    exact = float(first(side_S, top_ids, values, mask))
                     flat_ids, flat_values = top_ids.reshape(-1, k), values.reshape(-1, k)
                     for codec in codecs:
                         dtype = record_dtype(k, vocab, codec, False)
                         decoded = decode_logprobs(encode(flat_ids, flat_values, None, dtype, codec),
                                                   codec).reshape(values.shape)
-                        got = float(first(side_S, top_ids, decoded, mask))
-                        batches.setdefault(f"{student_name}|{codec}|{k}", {"rel": []})["rel"].append(
-                            abs(got - exact) / abs(exact))
+                        for mode, (top, _) in kl_modes:
+                            exact = float(top(side_S, top_ids, values, mask))
+                            got = float(top(side_S, top_ids, decoded, mask))
+                            batches.setdefault(f"{student_name}|{codec}|{k}|{mode}",
+                                               {"rel": []})["rel"].append(abs(got - exact) / abs(exact))
         print(f"  {min(start + batch_size, len(samples))}/{len(samples)} verses "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
 
@@ -211,7 +212,7 @@ def run(verses: int = 240, max_length: int = 64, batch_size: int = 8, ks: tuple[
                             "whole_set_relative_error": whole, "signed": signed,
                             "mean_batch_relative_error": statistics.mean(batches[key]["rel"])})
     codec_table = [{"student": key.split("|")[0], "codec": key.split("|")[1],
-                    "k": int(key.split("|")[2]),
+                    "k": int(key.split("|")[2]), "mode": key.split("|")[3],
                     "mean_batch_relative_error": statistics.mean(value["rel"]),
                     "max_batch_relative_error": max(value["rel"])}
                    for key, value in batches.items() if key.split("|")[1] in codecs]
