@@ -190,12 +190,14 @@ def run(verses: int = 240, max_length: int = 64, batch_size: int = 8, ks: tuple[
                 for k in code_ks:
                     values, top_ids = lp_T.topk(k, -1)
                     flat_ids, flat_values = top_ids.reshape(-1, k), values.reshape(-1, k)
+                    exact_values = {mode: float(top(side_S, top_ids, values, mask))
+                                    for mode, (top, _) in kl_modes}
                     for codec in codecs:
                         dtype = record_dtype(k, vocab, codec, False)
                         decoded = decode_logprobs(encode(flat_ids, flat_values, None, dtype, codec),
                                                   codec).reshape(values.shape)
                         for mode, (top, _) in kl_modes:
-                            exact = float(top(side_S, top_ids, values, mask))
+                            exact = exact_values[mode]
                             got = float(top(side_S, top_ids, decoded, mask))
                             batches.setdefault(f"{student_name}|{codec}|{k}|{mode}",
                                                {"rel": []})["rel"].append(abs(got - exact) / abs(exact))
