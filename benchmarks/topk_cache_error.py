@@ -157,7 +157,7 @@ def run(verses: int = 240, max_length: int = 64, batch_size: int = 8, ks: tuple[
     modes = _modes(losses)
     vocab = teacher.get_output_embeddings().weight.shape[0]
     codecs = ("float16", "bfloat16", "q8")
-    code_ks = (16, 64, 128)
+    code_ks = tuple(k for k in (16, 64, 128) if k <= vocab)
     totals: dict[str, dict[str, list[float]]] = {}
     batches: dict[str, dict[str, list[float]]] = {}
     tokens = 0
@@ -220,7 +220,7 @@ def run(verses: int = 240, max_length: int = 64, batch_size: int = 8, ks: tuple[
                    for key, value in batches.items() if key.split("|")[1] in codecs]
 
     sizes = []
-    for k in (16, 64):
+    for k in (k for k in (16, 64) if k <= vocab):
         with tempfile.TemporaryDirectory() as out:
             summary = cache_causal_lm(teacher, tokenizer, samples, out, k=k, values="float16",
                                       batch_size=batch_size, progress_bar=False)
@@ -237,6 +237,47 @@ def run(verses: int = 240, max_length: int = 64, batch_size: int = 8, ks: tuple[
             "sizes": sizes, "seconds": time.perf_counter() - started}
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of docs/teacher-cache.md from a result."""
+    lines = []
+    students = sorted({row["student"] for row in result["errors"]})
+    ks = sorted({row["k"] for row in result["errors"]})
+    for student in students:
+        rows = [r for r in result["errors"] if r["student"] == student]
+        dense = {r["mode"].split(" ")[0]: r["dense_loss"] for r in rows}
+        lines.append(f"**{student}** student (dense losses per token: "
+                     + ", ".join(f"{name.removeprefix('topk_')} {value:.3f}"
+                                 for name, value in dense.items()) + ")\n")
+        lines.append("| mode | " + " | ".join(f"k={k}" for k in ks) + " |")
+        lines.append("| --- | " + " | ".join("---" for _ in ks) + " |")
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            cells = []
+            for k in ks:
+                (row,) = [r for r in rows if r["mode"] == mode and r["k"] == k]
+                cells.append(f"{100 * row['mean_batch_relative_error']:.1f}% "
+                             f"({100 * row['signed']:+.1f}%)")
+            lines.append(f"| `{mode}` | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("| student | codec | mode | " + " | ".join(
+        f"k={k}" for k in sorted({r["k"] for r in result["codecs"]})) + " |")
+    lines.append("| --- | --- | --- | " + " | ".join(
+        "---" for _ in sorted({r["k"] for r in result["codecs"]})) + " |")
+    keys = dict.fromkeys((r["student"], r["codec"], r["mode"]) for r in result["codecs"])
+    for student, codec, mode in keys:
+        cells = [f"{100 * r['mean_batch_relative_error']:.3f}% (max {100 * r['max_batch_relative_error']:.3f}%)"
+                 for r in sorted(result["codecs"], key=lambda r: r["k"])
+                 if (r["student"], r["codec"], r["mode"]) == (student, codec, mode)]
+        lines.append(f"| {student} | `{codec}` | `{mode}` | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("| k | tokens | float16 record | on disk (float16) | bfloat16 record | q8 record |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for size in result["sizes"]:
+        lines.append(f"| {size['k']} | {size['tokens']} | {size['record_bytes']:.0f} B | "
+                     f"{size['bytes_per_token_on_disk']:.1f} B | {size['bfloat16_record_bytes']} B | "
+                     f"{size['q8_record_bytes']} B |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--verses", type=int, default=240)
@@ -250,6 +291,7 @@ def main() -> None:
     result = run(args.verses, args.max_length, args.batch_size, tuple(args.ks), args.noise)
     print(json.dumps(result, indent=2))
     write("topk_cache_error", result, args.out)
+    print(markdown(result))
 
 
 if __name__ == "__main__":
