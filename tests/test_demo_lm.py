@@ -163,3 +163,56 @@ def test_the_command_line_rejects_non_positive_counts(argument, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "lm", argument, "0"])
     assert argument in capsys.readouterr().err
+
+
+# -- the quick demo, end to end --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    pytest.importorskip("purekd.teacher_cache")
+    try:
+        lm.bundled_teacher()
+    except ValueError as error:
+        pytest.skip(str(error))
+    out = tmp_path_factory.mktemp("demo-lm")
+    results = lm.run(out, settings=lm.QUICK, progress_bar=False)
+    return out, results
+
+
+def test_the_quick_demo_writes_its_table_results_and_plot(quick_run, capsys):
+    out, results = quick_run
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert set(saved["perplexity"]) == {"teacher", "student_initial", "text_only", "distilled"}
+    assert all(math.isfinite(v) and v > 1 for v in saved["perplexity"].values())
+    assert saved["seconds"] > 0
+    assert saved["parameters"]["teacher"] > 100_000_000  # the real SmolLM2-135M
+    assert saved["parameters"]["student"] < saved["parameters"]["teacher"] / 2
+    assert saved["student_layers"] == [0, 29]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for folder in ("text_only", "distilled"):
+        assert (out / folder / "metrics.jsonl").stat().st_size > 0
+    assert (out / "teacher_cache" / "manifest.json").is_file()
+
+
+def test_the_quick_demo_trains_both_students(quick_run):
+    _, results = quick_run
+    ppl = results["perplexity"]
+    assert ppl["teacher"] < 100  # SmolLM2 on King James text
+    assert ppl["distilled"] < ppl["student_initial"]
+    assert ppl["text_only"] < ppl["student_initial"]
+    assert results["ratio"] == pytest.approx(ppl["distilled"] / ppl["text_only"])
+
+
+def test_a_cache_written_with_another_tokenizer_is_refused_before_training(quick_run):
+    from transformers import AutoTokenizer
+
+    out, _ = quick_run
+    gguf = lm.bundled_teacher()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer.add_tokens(["<a token the cache never saw>"])
+    teacher = _tiny_llama(vocab=49152, layers=1)  # SmolLM2's vocabulary size
+    rows = torch.zeros(lm.QUICK.train_rows, lm.QUICK.length, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"tokenizer fingerprint mismatch.*delete it"):
+        lm.teacher_cache(teacher, tokenizer, rows, out / "teacher_cache", lm.QUICK, False)

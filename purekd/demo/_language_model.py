@@ -72,20 +72,29 @@ def _check_teacher_path(path: Path) -> dict[str, Any]:
     return {"pretrained_model_name_or_path": str(path)}
 
 
-def load_teacher(teacher: str | os.PathLike[str] | None = None) -> tuple[nn.Module, Any, Path]:
+def load_teacher(teacher: str | os.PathLike[str] | None = None, *,
+                 progress_bar: bool = True) -> tuple[nn.Module, Any, Path]:
     """``(model, tokenizer, path)``: a causal LM in eval mode (float32, no gradients) and its
     tokenizer, from a ``.gguf`` file (dequantised by ``transformers``), a model folder, or the
-    bundled SmolLM2-135M-Instruct when ``teacher`` is None."""
+    bundled SmolLM2-135M-Instruct when ``teacher`` is None. ``progress_bar=False`` silences
+    ``transformers``' loading bars."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = bundled_teacher() if teacher is None else Path(teacher)
     options = _check_teacher_path(path)
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress_bar:
+        hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(**options)
         model = AutoModelForCausalLM.from_pretrained(**options, dtype=torch.float32)
     except Exception as error:  # transformers raises many kinds; say which file failed
         raise ValueError(f"teacher={str(path)!r} could not be loaded as a causal language model "
                          f"({type(error).__name__}: {error})") from error
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval().requires_grad_(False)
     return model, tokenizer, path
 
@@ -112,7 +121,7 @@ def spread_layers(total: int, keep: int) -> list[int]:
     return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
 
 
-def compress(teacher: nn.Module, layers: Sequence[int]) -> nn.Module:
+def compress(teacher: Any, layers: Sequence[int]) -> Any:
     """A student of the teacher's architecture with only the decoder ``layers`` (teacher
     indices, ascending), initialised with the teacher's weights: embeddings, final norm, output
     layer and the kept layers copied (DistilBERT's initialisation). A new module, trainable;
@@ -142,7 +151,7 @@ def compress(teacher: nn.Module, layers: Sequence[int]) -> nn.Module:
     return student
 
 
-def vocabulary_size(model: nn.Module) -> int:
+def vocabulary_size(model: Any) -> int:
     """Rows of the model's output layer."""
     head = model.get_output_embeddings()
     if head is None:
@@ -150,7 +159,7 @@ def vocabulary_size(model: nn.Module) -> int:
     return int(head.weight.shape[0])
 
 
-def check_same_vocabulary(teacher: nn.Module, student: nn.Module, tokenizer: Any) -> int:
+def check_same_vocabulary(teacher: Any, student: Any, tokenizer: Any) -> int:
     """The shared vocabulary size; a ``ValueError`` when the teacher's and the student's output
     layers score different vocabularies, or the tokenizer has ids beyond them."""
     size_T, size_S = vocabulary_size(teacher), vocabulary_size(student)

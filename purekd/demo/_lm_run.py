@@ -220,7 +220,7 @@ def _optimizer(student: nn.Module, settings: Settings) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
 
 
-def _prepare(student: nn.Module, settings: Settings) -> nn.Module:
+def _prepare(student: Any, settings: Settings) -> Any:
     if settings.freeze_embeddings:  # tied: the input embeddings are the output layer
         student.get_input_embeddings().weight.requires_grad_(False)
         student.get_output_embeddings().weight.requires_grad_(False)
@@ -258,7 +258,7 @@ def _cached_teacher_adaptor(batch: Mapping[str, Tensor], cache: Mapping[str, Ten
             "topk_mask": cache["topk_mask"]}
 
 
-def _fused_student_adaptor(student: nn.Module) -> Callable[[Any, Any], dict[str, Any]]:
+def _fused_student_adaptor(student: Any) -> Callable[[Any, Any], dict[str, Any]]:
     """The student's last hidden states and output layer (``logits_to_keep=1``: the forward
     forms one position's logits, the KD term the rest block by block)."""
 
@@ -311,7 +311,7 @@ def run(output_dir: str | Path = "purekd-demo-lm", *, teacher: str | Path | None
 
     print("1/5 teacher: loading and dequantising the GGUF file")
     with measured() as load:
-        model_T, tokenizer, path = lm.load_teacher(teacher)
+        model_T, tokenizer, path = lm.load_teacher(teacher, progress_bar=progress_bar is not False)
     total_layers = len(lm.decoder_layers(model_T))
     print(f"    {path.name}: {total_layers} layers, {lm.parameter_count(model_T):,} parameters "
           f"({load.seconds:.0f} s)")
@@ -407,13 +407,18 @@ def _number(value: float | None, spec: str) -> str:
     return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
 
+def _perplexity_text(value: float) -> str:
+    """``123.4``, or ``3.81e+28`` for an untrained student's astronomical perplexity."""
+    return _number(value, ".3g" if math.isfinite(value) and value >= 1e5 else ",.1f")
+
+
 def table(runs: list[Run]) -> str:
     """The demo's table: one row per model (the teacher's tokens/s and memory: caching)."""
     header = (f"{'model':<26} {'parameters':>12} {'held-out ppl':>13} {'tokens/s':>9} "
               f"{'peak MB':>8}")
     lines = [header, "-" * len(header)]
     for r in runs:
-        lines.append(f"{r.name:<26} {r.parameters:>12,} {_number(r.perplexity, ',.1f'):>13} "
+        lines.append(f"{r.name:<26} {r.parameters:>12,} {_perplexity_text(r.perplexity):>13} "
                      f"{_number(r.tokens_per_second, ',.0f'):>9} "
                      f"{_number(r.peak_memory_mb, ',.0f'):>8}")
     return "\n".join(lines)
@@ -444,11 +449,12 @@ def plot_curves(out: Path, path: Path) -> Path:
 
     results = json.loads((out / "results.json").read_text())
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for folder, label in (("text_only", "text only: cross-entropy"),
-                          ("distilled", "distilled")):
-        for key, (steps, values) in _series(out / folder / "metrics.jsonl").items():
-            name = label if key == "loss" else f"{label}: {key}"
-            left.plot(steps, values, label=name)
+    text_steps, text_values = _series(out / "text_only" / "metrics.jsonl").get("loss", ([], []))
+    left.plot(text_steps, text_values, label="text only: cross-entropy")
+    distilled = _series(out / "distilled" / "metrics.jsonl")
+    for key, (steps, values) in distilled.items():
+        if key != "loss" or len(distilled) > 2:  # with one term the total is that term
+            left.plot(steps, values, label=f"distilled: {'total' if key == 'loss' else key}")
     left.set_xlabel("optimizer step")
     left.set_ylabel("training loss (nats / token)")
     left.set_yscale("log")
@@ -459,7 +465,7 @@ def plot_curves(out: Path, path: Path) -> Path:
     bars = right.bar(["teacher", "student\nbefore", "text\nonly", "distilled"], values,
                      color=["#555555", "#bbbbbb", "#4c72b0", "#dd8452"])
     right.set_yscale("log")
-    right.bar_label(bars, labels=[f"{v:,.1f}" for v in values], fontsize="small")
+    right.bar_label(bars, labels=[_perplexity_text(v) for v in values], fontsize="small")
     right.set_title("held-out perplexity (lower is better)")
     figure.suptitle(f"purekd demo lm: {results['parameters']['teacher']:,}-parameter teacher, "
                     f"{results['parameters']['student']:,}-parameter student")
