@@ -1,6 +1,6 @@
-"""Command line: ``purekd demo [--epochs N] [--labels N] [--output-dir DIR]`` (digits) and
+"""Command line: ``purekd demo [--epochs N] [--labels N] [--output-dir DIR]`` (digits),
 ``purekd demo lm [--quick] [--teacher FILE_OR_DIR] [--steps N] [--output-dir DIR]`` (language
-model)."""
+model) and ``purekd cache-teacher [MODEL_DIR | --gguf FILE] --data FILE --k K --out DIR``."""
 
 from __future__ import annotations
 
@@ -94,11 +94,58 @@ def _run_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    cache = commands.add_parser(
+        "cache-teacher",
+        help="cache a Hugging Face causal LM's top-k next-token log-probabilities on disk")
+    cache.add_argument("model", nargs="?", help="model directory (config.json + weights)")
+    cache.add_argument("--gguf", help="a GGUF model file instead of a model directory")
+    cache.add_argument("--data", required=True,
+                       help="a text file (one sample a line) or JSON lines ('text' or "
+                            "'input_ids' a line, optional integer 'id')")
+    cache.add_argument("--out", required=True, help="the cache folder (resumed if partial)")
+    cache.add_argument("--k", type=int, default=16, help="entries kept per token (default 16)")
+    cache.add_argument("--max-length", type=int, default=None, help="tokens kept per sample")
+    cache.add_argument("--values", default="float16",
+                       choices=["float32", "float16", "bfloat16", "q8"],
+                       help="how log-probabilities are stored (default float16)")
+    cache.add_argument("--text-key", default="text", help="the JSON field holding the text")
+    cache.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    cache.add_argument("--batch-size", type=int, default=8)
+    cache.add_argument("--shard-samples", type=int, default=1024, help="samples per shard")
+    cache.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    cache.add_argument("--quiet", action="store_true", help="no progress bar")
+    return cache
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="purekd", description="purekd command line")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = _demo_parser(commands)
+    _cache_parser(commands)
     args = parser.parse_args(argv)
+
+    if args.command == "cache-teacher":
+        if (args.model is None) == (args.gguf is None):
+            parser.error("give either a model directory or --gguf FILE (not both)")
+        for name in ("k", "batch_size", "shard_samples", "max_length", "limit"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        from purekd.teacher_cache._huggingface import run_cache_teacher
+
+        return run_cache_teacher(args)
+
+    if args.command == "cache-teacher":
+        if (args.model is None) == (args.gguf is None):
+            parser.error("give either a model directory or --gguf FILE (not both)")
+        for name in ("k", "batch_size", "shard_samples", "max_length", "limit"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        from purekd.teacher_cache._huggingface import run_cache_teacher
+
+        return run_cache_teacher(args)
 
     if args.command == "demo":
         wrong = DIGITS_OPTIONS if args.which == "lm" else LM_OPTIONS

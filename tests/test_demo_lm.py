@@ -206,13 +206,29 @@ def test_the_quick_demo_trains_both_students(quick_run):
 
 
 def test_a_cache_written_with_another_tokenizer_is_refused_before_training(quick_run):
-    from transformers import AutoTokenizer
-
     out, _ = quick_run
-    gguf = lm.bundled_teacher()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer.add_tokens(["<a token the cache never saw>"])
+    other_tokenizer = [f"token{i}" for i in range(49152)]  # a vocabulary: another fingerprint
     teacher = _tiny_llama(vocab=49152, layers=1)  # SmolLM2's vocabulary size
     rows = torch.zeros(lm.QUICK.train_rows, lm.QUICK.length, dtype=torch.long)
     with pytest.raises(ValueError, match=r"tokenizer fingerprint mismatch.*delete it"):
-        lm.teacher_cache(teacher, tokenizer, rows, out / "teacher_cache", lm.QUICK, False)
+        lm.teacher_cache(teacher, other_tokenizer, rows, out / "teacher_cache", lm.QUICK, False)
+
+
+def test_a_cache_written_by_another_teacher_is_refused_before_training(quick_run):
+    from purekd.teacher_cache import TeacherCache
+
+    out, _ = quick_run
+    tokenizer_fingerprint = TeacherCache(out / "teacher_cache").manifest["tokenizer_fingerprint"]
+    teacher = _tiny_llama(vocab=49152, layers=1)
+    rows = torch.zeros(lm.QUICK.train_rows, lm.QUICK.length, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"teacher fingerprint mismatch.*delete it"):
+        lm.teacher_cache(teacher, tokenizer_fingerprint, rows, out / "teacher_cache", lm.QUICK,
+                         False)
+
+
+def test_a_cache_for_another_vocabulary_is_refused_before_training(quick_run):
+    out, _ = quick_run
+    teacher = _tiny_llama(vocab=50000, layers=1)
+    rows = torch.zeros(lm.QUICK.train_rows, lm.QUICK.length, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"vocab_size=50000.*vocabulary of 49152"):
+        lm.teacher_cache(teacher, None, rows, out / "teacher_cache", lm.QUICK, False)
