@@ -1,10 +1,16 @@
-"""The runner: the only stateful layer. It drives a step through training.
+"""The runner: the only stateful layer. It drives a step through training, in three phases.
 
-Per micro-batch: post-process, move to the device, run the step under autocast, record the
-losses (on the device), back-propagate ``loss / accumulation``. Every ``accumulation``-th
-micro-batch: clip the student's gradients, step the optimizer and the LR scheduler, zero the
-gradients, and — at TextBrewer's checkpoint steps — save ``gs{step}.pkl`` atomically (plus the
-full training state when asked) and call the callback.
+* :meth:`Runner._micro_step` — one micro-batch: post-process, move to the device, run the step
+  under autocast, record the losses (on the device), back-propagate the loss scaled for
+  accumulation.
+* :meth:`Runner._optimizer_step` — every ``accumulation``-th micro-batch: clip the student's
+  gradients, step the optimizer and the LR scheduler, zero the gradients.
+* :meth:`Runner._checkpoint` — at TextBrewer's checkpoint steps: save ``gs{step}.pkl``
+  atomically, call the callback, track early stopping, write the full state when asked.
+
+The full training state (its layout, the run's fingerprint, writing, reading, verification,
+validation and fallback) lives in :mod:`._state`; the output directory's files in
+:mod:`._checkpoint`.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,18 +31,26 @@ from torch import nn
 from purekd.configs import TrainingConfig
 
 from . import _distributed as distributed
-from ._checkpoint import atomic_save, latest_state, state_path, weights_path
+from . import _state as state
+from ._checkpoint import (
+    atomic_save,
+    remove_temporary_files,
+    run_files,
+    state_files,
+    weights_path,
+)
 from ._early_stopping import EarlyStopping, EarlyStoppingState, evaluate
 from ._guard import NonFiniteGuard
-from ._metrics import MetricsLogger
+from ._metrics import MetricsLogger, set_aside_metrics, truncate_metrics
 from ._plan import EpochPlan, StepPlan, progress
 from ._precision import Precision
 from ._rng import rng_state, set_rng_state
 from ._sources import Micro, PassLog
+from ._state import RunIdentity
 
 logger = logging.getLogger("purekd")
 
-STATE_VERSION = 1
+STATE_VERSION = state.STATE_VERSION
 
 
 def move_to_device(batch: Any, device: torch.device | str) -> Any:
@@ -50,17 +65,7 @@ def move_to_device(batch: Any, device: torch.device | str) -> Any:
     return batch
 
 
-def _truncate_metrics(path: Path, writer_step: int) -> None:
-    """Drop the log lines of micro-batches a resumed run will redo (``step >= writer_step``)."""
-    if not path.exists():
-        return
-    import json
-
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line and json.loads(line).get("step", 0) < writer_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+_truncate_metrics = truncate_metrics
 
 
 def _reduce_replicas(loss: torch.Tensor,
@@ -79,6 +84,39 @@ class Counters:
     writer_step: int = 0
     consumed: int = 0
     epoch: int = 0
+
+
+@attrs.define(kw_only=True)
+class _Run:
+    """What one call of :meth:`Runner.run` works with: its arguments and its helpers."""
+
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    plan: EpochPlan | StepPlan
+    precision: Precision
+    metrics: MetricsLogger
+    guard: NonFiniteGuard
+    stopping: EarlyStoppingState
+    pass_log: PassLog
+    start_rng: dict[str, Any]
+    student_params: list[nn.Parameter]
+    named_params: list[tuple[str, nn.Parameter]]
+    identity: RunIdentity
+    keep_last_states: int | None
+    output_dir: Path
+    is_main: bool
+    max_grad_norm: float
+    callback: Callable[..., Any] | None
+    batch_postprocessor: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None
+    model_args: dict[str, Any]
+    save_state: bool
+    early_stopping: EarlyStopping | None
+    bar: Any = None
+    gradient_seen: bool = False
+
+    def learning_rates(self) -> list[float]:
+        return [float(group["lr"]) for group in self.optimizer.param_groups]
 
 
 class Runner:
@@ -105,7 +143,8 @@ class Runner:
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def _model(self) -> Any:
+    def _wrap_model(self) -> Any:
+        """The step as the loop calls it: wrapped for data parallelism (DataParallel, DDP)."""
         if self.local_rank == -1:
             if self.config.data_parallel and torch.cuda.device_count() > 1:
                 return nn.DataParallel(self.step)
@@ -122,23 +161,152 @@ class Runner:
 
         return tqdm(total=total, desc="training", unit="step", dynamic_ncols=True)
 
-    # -- checkpoints -------------------------------------------------------------------------
+    def _fingerprint(self, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     plan: EpochPlan | StepPlan, describe: Mapping[str, Any] | None) -> dict[str, Any]:
+        """This run's fingerprint (:func:`._state.fingerprint`)."""
+        config = self.config
+        training = {name: getattr(config, name) for name in (
+            "gradient_accumulation_steps", "ckpt_frequency", "ckpt_epoch_frequency", "ckpt_steps",
+            "fp16", "bf16")}
+        return state.fingerprint(step=self.step, optimizer=optimizer, scheduler=scheduler,
+                                 plan=plan, training=training, extra=describe)
 
-    def _full_state(self, optimizer: torch.optim.Optimizer, scheduler: Any, precision: Precision,
-                    start_rng: dict[str, Any], stopping: EarlyStoppingState,
-                    pass_log: PassLog) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION,
-            "step": self.step.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": precision.state_dict(),
-            "rng": rng_state(),
-            "start_rng": start_rng,
-            "counters": attrs.asdict(self.counters),
-            "passes": dict(pass_log.latest),
-            "early_stopping": attrs.asdict(stopping),
-        }
+    @staticmethod
+    def _claim_output_dir(output_dir: Path, overwrite: bool | None) -> None:
+        """A fresh run in a directory holding an earlier run's files: clear them
+        (``overwrite=True``), refuse (``False``) or warn and set the old ``metrics.jsonl``
+        aside (``None``)."""
+        earlier = run_files(output_dir)
+        if not earlier:
+            return
+        names = ", ".join(p.name for p in earlier[:6]) + (" ..." if len(earlier) > 6 else "")
+        if overwrite:
+            for path in earlier:
+                path.unlink(missing_ok=True)
+            return
+        if overwrite is False:
+            raise ValueError(
+                f"output_dir={str(output_dir)!r} already holds an earlier run's files ({names}); "
+                "pass resume_from to continue that run, another output_dir, or "
+                "overwrite_output_dir=True to delete them first")
+        aside = set_aside_metrics(output_dir / "metrics.jsonl")
+        warnings.warn(
+            f"output_dir={str(output_dir)!r} already holds an earlier run's files ({names}). "
+            "This run overwrites the checkpoints of the steps it reaches"
+            + (f", its metrics.jsonl was moved to {aside.name}" if aside is not None else "")
+            + ", and resuming from this directory uses only this run's states. Pass "
+            "overwrite_output_dir=True to delete the earlier files first, or False to refuse.",
+            UserWarning, stacklevel=5)
+
+    def _open_run(self, optimizer: torch.optim.Optimizer, scheduler: Any,
+                  plan: EpochPlan | StepPlan, describe: Mapping[str, Any] | None,
+                  resume_from: str | os.PathLike[str] | None, save_state: bool,
+                  overwrite_output_dir: bool | None, output_dir: Path,
+                  is_main: bool) -> tuple[dict[str, Any] | None, RunIdentity]:
+        """The state to resume from (read, verified, checked against this run's fingerprint and
+        validated against its objects — all before anything is loaded), or ``None`` for a fresh
+        run (which claims the output directory); and the run's identity, recorded in
+        ``run.json``."""
+        current = self._fingerprint(optimizer, scheduler, plan, describe)
+        saved: dict[str, Any] | None = None
+        if resume_from is not None:
+            saved, path = state.read(resume_from, current)
+            state.validate(saved, path, self.step, optimizer, scheduler)
+        elif is_main:
+            self._claim_output_dir(output_dir, overwrite_output_dir)
+        run_info = saved.get("run") if saved is not None else None
+        identity = (RunIdentity(run_info["id"], run_info["started"], current)
+                    if isinstance(run_info, dict) else RunIdentity.new(current))
+        if is_main and (save_state or state_files(output_dir)):
+            state.write_run_file(output_dir, identity)
+        return saved, identity
+
+    def _resume_position(self, source: Iterator[Micro], saved: dict[str, Any] | None,
+                         pass_log: PassLog, output_dir: Path, is_main: bool) -> Counters:
+        """The counters to start from: zero for a fresh run; for a resumed one, the saved ones,
+        after passing over the data to the saved position (no compute; index-level skipping
+        where the loader allows, :class:`PassLog`) and restoring the random generators as they
+        were at the checkpoint."""
+        if saved is None:
+            return Counters()
+        pass_log.replaying = True
+        try:
+            for _ in range(saved["counters"]["consumed"]):
+                next(source)
+        finally:
+            pass_log.replaying = False
+        counters = Counters(**saved["counters"])
+        set_rng_state(saved["rng"])
+        if is_main:
+            truncate_metrics(output_dir / "metrics.jsonl", counters.writer_step)
+        return counters
+
+    # -- the phases --------------------------------------------------------------------------
+
+    def _scale_for_accumulation(self, loss: torch.Tensor, micro: Micro) -> torch.Tensor:
+        """The micro-batch's share of the optimizer step's loss: ``loss / accumulation``."""
+        del micro
+        return loss / self.config.gradient_accumulation_steps
+
+    def _micro_step(self, run: _Run, micro: Micro) -> None:
+        """Forward and backward on one micro-batch; the gradients accumulate."""
+        counters, device = self.counters, self.config.device
+        counters.consumed += 1
+        counters.epoch = micro.epoch
+        if micro.first_in_epoch:  # TextBrewer drops unfinished accumulation here
+            run.optimizer.zero_grad()
+        batch = micro.batch
+        post = run.batch_postprocessor
+        if post is not None and not micro.postprocessed:
+            batch = (post[str(micro.task)] if isinstance(post, Mapping) else post)(batch)
+        batch = move_to_device(batch, device)
+        teacher = micro.teacher_outputs
+        if teacher is not None:
+            teacher = teacher._replace(logits=tuple(t.to(device) for t in teacher.logits))
+        fraction = progress(counters.global_step, run.plan.total_steps)
+        with run.precision.autocast():
+            if micro.task is not None:
+                out = run.model(batch, micro.task, progress=fraction, step=counters.global_step,
+                                **run.model_args)
+            else:
+                out = run.model(batch, progress=fraction, step=counters.global_step,
+                                teacher_outputs=teacher, **run.model_args)
+        loss, terms = _reduce_replicas(out.loss, out.terms)
+        run.guard.observe(counters.global_step + 1, loss, terms)
+        run.metrics.record(counters.writer_step, counters.global_step, loss, terms)
+        counters.writer_step += 1
+        run.precision.backward(self._scale_for_accumulation(loss, micro))
+
+    def _optimizer_step(self, run: _Run) -> None:
+        """Clip, step the optimizer and the scheduler, zero the gradients, count the step."""
+        counters, optimizer = self.counters, run.optimizer
+        if not run.gradient_seen:  # once per run: one synchronisation
+            run.gradient_seen = True
+            grads = [p.grad for p in run.student_params if p.grad is not None]
+            if run.student_params and (not grads or not bool(
+                    torch.stack([g.detach().abs().sum() for g in grads]).sum().ne(0))):
+                raise ValueError(
+                    "no gradient reached the student's parameters in the first optimizer step "
+                    "(all absent or exactly 0): "
+                    "the loss does not depend on the student (its outputs detached or computed "
+                    "under torch.no_grad(), or only frozen modules used). Nothing was updated")
+        if self.check_finite_every_step:
+            if not run.precision.scaler.is_enabled():  # fp16's scaler skips inf steps itself
+                run.guard.observe_gradients(counters.global_step + 1, run.named_params)
+            run.guard.raise_if_tripped()
+        run.precision.unscale(optimizer)
+        if run.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(run.student_params, run.max_grad_norm)
+        run.precision.step(optimizer)
+        if run.scheduler is not None:
+            run.scheduler.step()
+        optimizer.zero_grad()
+        counters.global_step += 1
+        if run.bar is not None:
+            run.bar.update(1)
+        if counters.global_step % self.log_every == 0:
+            run.guard.raise_if_tripped()
+            run.metrics.flush(run.learning_rates())
 
     def _save_weights(self) -> Path | None:
         step = self.counters.global_step
@@ -150,6 +318,35 @@ class Runner:
         if self.local_rank != -1:
             distributed.barrier()
         return path
+
+    def _checkpoint(self, run: _Run) -> bool:
+        """Save the weights, call the callback, track early stopping, save the full state;
+        returns whether early stopping ends training."""
+        counters = self.counters
+        run.guard.raise_if_tripped()
+        run.guard.check_weights(counters.global_step, self.step)  # never save non-finite weights
+        run.metrics.flush(run.learning_rates())
+        path = self._save_weights()
+        value = None
+        if run.callback is not None:
+            value = run.callback(model=self.student, step=counters.global_step)
+            self.student.train()
+        stop = False
+        if run.early_stopping is not None and run.is_main:
+            metric = evaluate(run.early_stopping, self.student, counters.global_step, value)
+            stop = run.stopping.update(run.early_stopping, metric, counters.global_step, path,
+                                       run.output_dir)
+        if run.save_state and run.is_main:  # after the callback: resume continues from here
+            state.write(state.capture(self.step, run.optimizer, run.scheduler, run.precision,
+                                      run.start_rng, counters, run.pass_log, run.stopping,
+                                      run.identity),
+                        run.output_dir)
+            if run.keep_last_states is not None:
+                state.prune(run.output_dir, run.identity.id, run.keep_last_states)
+        if stop:
+            logger.info("early stopping at global step %d (best %s at step %s)",
+                        counters.global_step, run.stopping.best, run.stopping.best_step)
+        return stop
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -167,139 +364,82 @@ class Runner:
         resume_from: str | os.PathLike[str] | None = None,
         save_state: bool = False,
         early_stopping: EarlyStopping | None = None,
+        describe: Mapping[str, Any] | None = None,
+        keep_last_states: int | None = None,
+        overwrite_output_dir: bool | None = None,
     ) -> Counters:
         """Train to the end of ``plan``; returns the final :class:`Counters`.
 
         ``make_source(pass_log)`` builds the micro-batch source; it must call
         ``pass_log.begin`` / ``pass_log.passes`` at the start of every pass over a loader.
+        ``describe``: more parts of the run's fingerprint (the configs, the data), checked on
+        resume. ``keep_last_states``: delete this run's older state files but the last N.
+        ``overwrite_output_dir``: what a fresh run does in a directory holding an earlier run's
+        files (``None`` warns, ``False`` refuses, ``True`` deletes them first).
         """
         config = self.config
         if self.local_rank != -1:  # before anything asks for the rank
             distributed.ensure_process_group(config.device)
-        accumulation = config.gradient_accumulation_steps
-        args = dict(model_args or {})
         precision = Precision(config.device, fp16=config.fp16, bf16=config.bf16)
-        stopping = EarlyStoppingState()
         output_dir = Path(config.output_dir)
         is_main = distributed.rank() == 0
+        if keep_last_states is not None and (isinstance(keep_last_states, bool)
+                                             or not isinstance(keep_last_states, int)
+                                             or keep_last_states < 1):
+            raise ValueError(f"keep_last_states={keep_last_states!r}: must be None (keep every "
+                             "state) or an int >= 1")
         if is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
+            remove_temporary_files(output_dir)  # left by a write killed half-way
 
-        saved: dict[str, Any] | None = None
-        if resume_from is not None:
-            saved = torch.load(latest_state(resume_from), map_location="cpu", weights_only=True)
-            if saved.get("version") != STATE_VERSION:
-                raise ValueError(f"resume_from={str(resume_from)!r}: not a purekd state file")
-            self.step.load_state_dict(saved["step"])
-            optimizer.load_state_dict(saved["optimizer"])
-            if scheduler is not None and saved["scheduler"] is not None:
-                scheduler.load_state_dict(saved["scheduler"])
-            precision.load_state_dict(saved["scaler"])
-            stopping = EarlyStoppingState(**saved["early_stopping"])
+        saved, identity = self._open_run(optimizer, scheduler, plan, describe, resume_from,
+                                          save_state, overwrite_output_dir, output_dir, is_main)
+        stopping = EarlyStoppingState()
+        if saved is not None:
+            stopping = state.restore(saved, self.step, optimizer, scheduler, precision)
             set_rng_state(saved["start_rng"])
         start_rng = rng_state()
         pass_log = PassLog(saved["passes"] if saved is not None else None)
         source = make_source(pass_log)
-        if saved is not None:
-            for _ in range(saved["counters"]["consumed"]):  # replay the data order, no compute
-                next(source)
-            self.counters = Counters(**saved["counters"])
-            set_rng_state(saved["rng"])
-            if is_main:
-                _truncate_metrics(output_dir / "metrics.jsonl", self.counters.writer_step)
-        else:
-            self.counters = Counters()
+        self.counters = counters = self._resume_position(source, saved, pass_log, output_dir,
+                                                         is_main)
 
-        model = self._model()
-        metrics = MetricsLogger(output_dir, config.log_dir, enabled=is_main)
-        guard = NonFiniteGuard()
-        counters = self.counters
-        total = plan.total_steps
-        student_params = [p for p in self.student.parameters() if p.requires_grad]
+        run = _Run(model=self._wrap_model(), optimizer=optimizer, scheduler=scheduler, plan=plan,
+                   precision=precision,
+                   metrics=MetricsLogger(output_dir, config.log_dir, enabled=is_main),
+                   guard=NonFiniteGuard(), stopping=stopping, pass_log=pass_log,
+                   start_rng=start_rng,
+                   student_params=[p for p in self.student.parameters() if p.requires_grad],
+                   named_params=[(n, p) for n, p in self.step.named_parameters()
+                                 if p.requires_grad],
+                   identity=identity, keep_last_states=keep_last_states,
+                   output_dir=output_dir, is_main=is_main, max_grad_norm=max_grad_norm,
+                   callback=callback, batch_postprocessor=batch_postprocessor,
+                   model_args=dict(model_args or {}), save_state=save_state,
+                   early_stopping=early_stopping)
         if saved is None:
             optimizer.zero_grad()
-
-        def learning_rates() -> list[float]:
-            return [float(group["lr"]) for group in optimizer.param_groups]
-
+        accumulation = config.gradient_accumulation_steps
+        total = plan.total_steps
         try:
-            with self._progress_bar(total) as bar:
-                if bar is not None:
-                    bar.update(counters.global_step)
+            with self._progress_bar(total) as run.bar:
+                if run.bar is not None:
+                    run.bar.update(counters.global_step)
                 if isinstance(plan, StepPlan) and counters.global_step >= total:
                     return counters
                 for micro in source:
-                    counters.consumed += 1
-                    counters.epoch = micro.epoch
-                    if micro.first_in_epoch:  # TextBrewer drops unfinished accumulation here
-                        optimizer.zero_grad()
-                    batch = micro.batch
-                    if batch_postprocessor is not None and not micro.postprocessed:
-                        post = (batch_postprocessor[str(micro.task)] if isinstance(batch_postprocessor, Mapping)
-                                else batch_postprocessor)
-                        batch = post(batch)
-                    batch = move_to_device(batch, config.device)
-                    teacher = micro.teacher_outputs
-                    if teacher is not None:
-                        teacher = teacher._replace(logits=tuple(t.to(config.device) for t in teacher.logits))
-                    fraction = progress(counters.global_step, total)
-                    with precision.autocast():
-                        if micro.task is not None:
-                            out = model(batch, micro.task, progress=fraction,
-                                        step=counters.global_step, **args)
-                        else:
-                            out = model(batch, progress=fraction, step=counters.global_step,
-                                        teacher_outputs=teacher, **args)
-                    loss, terms = _reduce_replicas(out.loss, out.terms)
-                    guard.observe(counters.global_step + 1, loss, terms)
-                    metrics.record(counters.writer_step, counters.global_step, loss, terms)
-                    counters.writer_step += 1
-                    precision.backward(loss / accumulation)
-
+                    self._micro_step(run, micro)
                     if (micro.position + 1) % accumulation != 0:
                         continue
-                    if self.check_finite_every_step:
-                        guard.raise_if_tripped()
-                    precision.unscale(optimizer)
-                    if max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(student_params, max_grad_norm)
-                    precision.step(optimizer)
-                    if scheduler is not None:
-                        scheduler.step()
-                    optimizer.zero_grad()
-                    counters.global_step += 1
-                    if bar is not None:
-                        bar.update(1)
-                    if counters.global_step % self.log_every == 0:
-                        guard.raise_if_tripped()
-                        metrics.flush(learning_rates())
-                    if plan.is_checkpoint(counters.global_step, micro.epoch):
-                        guard.raise_if_tripped()
-                        metrics.flush(learning_rates())
-                        path = self._save_weights()
-                        value = None
-                        if callback is not None:
-                            value = callback(model=self.student, step=counters.global_step)
-                            self.student.train()
-                        stop = False
-                        if early_stopping is not None and is_main:
-                            metric = evaluate(early_stopping, self.student, counters.global_step, value)
-                            stop = stopping.update(early_stopping, metric, counters.global_step,
-                                                   path, output_dir)
-                        if save_state and is_main:  # after the callback: resume continues from here
-                            atomic_save(self._full_state(optimizer, scheduler, precision, start_rng,
-                                                         stopping, pass_log),
-                                        state_path(output_dir, counters.global_step))
-                        if stop:
-                            logger.info("early stopping at global step %d (best %s at step %s)",
-                                        counters.global_step, stopping.best, stopping.best_step)
-                            break
+                    self._optimizer_step(run)
+                    if plan.is_checkpoint(counters.global_step, micro.epoch) and self._checkpoint(run):
+                        break
                     if isinstance(plan, StepPlan) and counters.global_step >= total:
                         break
-            guard.raise_if_tripped()
-            metrics.flush(learning_rates())
+            run.guard.raise_if_tripped()
+            run.metrics.flush(run.learning_rates())
         finally:
-            metrics.close()
+            run.metrics.close()
         self.early_stopping_state = stopping
         return counters
 
