@@ -101,8 +101,19 @@ class BuilderMap(PresetMap):
 FEATURES: list[str] = ["hidden", "attention"]
 """Intermediate features an adaptor may return, each a list of per-layer tensors."""
 
-ADAPTOR_KEYS: list[str] = ["logits", "logits_mask", "losses", "inputs_mask", "labels", *FEATURES]
-"""Keys an adaptor's dict may contain."""
+LM_KEYS: list[str] = ["lm_hidden", "lm_weight", "lm_bias"]
+"""Adaptor keys of a fused output layer: the final hidden states ``lm_hidden`` ``(*rows, H)``,
+the output layer's ``lm_weight`` ``(V, H)`` and optional ``lm_bias`` ``(V,)``; given instead of
+``logits``, the KD loss is computed without materialising ``(rows, V)`` logits."""
+
+TOPK_KEYS: list[str] = ["topk_ids", "topk_logprobs", "topk_mask"]
+"""Adaptor keys of a teacher's top-k distribution (e.g. from a top-k cache): ``topk_ids``
+``(*rows, k)``, ``topk_logprobs`` ``(*rows, k)`` (log-softmax at temperature 1), optional
+``topk_mask`` ``rows`` 0/1; given instead of the teacher's ``logits``."""
+
+ADAPTOR_KEYS: list[str] = ["logits", "logits_mask", "losses", "inputs_mask", "labels", *FEATURES,
+                           *LM_KEYS, *TOPK_KEYS]
+"""Keys an adaptor's dict may contain (TextBrewer's, then the language-model ones)."""
 
 KD_LOSS_MAP = PresetMap("kd_loss_type", {"ce": losses.kd_ce, "mse": losses.kd_mse})
 """Logits KD losses: ``'ce'`` (soft cross-entropy), ``'mse'``."""
@@ -199,11 +210,13 @@ __all__ = [
     "ADAPTOR_KEYS",
     "FEATURES",
     "KD_LOSS_MAP",
+    "LM_KEYS",
     "MAPS",
     "MATCH_LOSS_MAP",
     "PAIR_LOSSES",
     "PROJ_MAP",
     "TEMPERATURE_SCHEDULER",
+    "TOPK_KEYS",
     "WEIGHT_SCHEDULER",
     "BuilderMap",
     "PresetMap",

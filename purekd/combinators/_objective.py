@@ -14,10 +14,19 @@ from purekd.terms import Context, Term, TermFn, Weight, as_term
 
 class StepOutput(NamedTuple):
     """What a step returns: ``loss`` (0-dim, differentiable) = ``sum_k w_k * terms[k]``, and the
-    *unweighted* named ``terms``."""
+    *unweighted* named ``terms``.
+
+    ``tokens`` is ``None`` for TextBrewer's per-batch normalisation. In a token-normalised step
+    it is the number of rows (tokens) the token-level loss averages over in this batch, a 0-dim
+    float tensor: over several micro-batches (gradient accumulation, data parallelism) the
+    optimizer step's loss is ``sum_m loss_m * tokens_m / sum_m tokens_m``
+    (:func:`~purekd.combinators.token_share`), which equals the loss of one batch holding every
+    token, instead of the mean of per-batch means.
+    """
 
     loss: Tensor
     terms: dict[str, Tensor]
+    tokens: Tensor | None = None
 
 
 LossFn = Callable[[Adapted, Adapted, Context], StepOutput]
@@ -72,11 +81,15 @@ class Objective(NamedTuple):
     """
 
     terms: tuple[Term, ...]
+    count_tokens: bool = False
 
     def __call__(self, adapted_S: Adapted, adapted_T: Adapted, ctx: Context) -> StepOutput:
         named: dict[str, Tensor] = {}
         total: Tensor | None = None
+        tokens: Tensor | None = None
         for term in self.terms:
+            if self.count_tokens and tokens is None and term.count is not None:
+                tokens = term.count(adapted_S, adapted_T)
             values = term(adapted_S, adapted_T, ctx)
             if not values:
                 continue
@@ -94,16 +107,20 @@ class Objective(NamedTuple):
                 "no loss term applies to these outputs: return 'logits' from both adaptors, "
                 "'losses' from the student's, or configure intermediate matches"
             )
-        return StepOutput(total, named)
+        return StepOutput(total, named, tokens)
 
     def check(self, adapted_S: Adapted, adapted_T: Adapted) -> None:
         for term in self.terms:
             term.check(adapted_S, adapted_T)
 
 
-def objective(*terms: Term | TermFn) -> Objective:
-    """Sum terms: ``loss = sum_k w_k(progress) * value_k``, ``terms = {name_k: value_k}``."""
-    return Objective(tuple(as_term(t) for t in terms))
+def objective(*terms: Term | TermFn, count_tokens: bool = False) -> Objective:
+    """Sum terms: ``loss = sum_k w_k(progress) * value_k``, ``terms = {name_k: value_k}``.
+
+    ``count_tokens``: the output's ``tokens`` is the row count of the first term that has one
+    (:attr:`Term.count`, e.g. the KD term's kept tokens), for token-correct normalisation.
+    """
+    return Objective(tuple(as_term(t) for t in terms), count_tokens)
 
 
 __all__ = ["LossFn", "Objective", "StepOutput", "evaluate_weight", "objective",

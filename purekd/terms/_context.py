@@ -43,6 +43,10 @@ Check = Callable[[Adapted, Adapted], None]
 Weight = float | Callable[[Any], Any]
 """A constant weight, or a schedule ``progress -> weight``."""
 
+Count = Callable[[Adapted, Adapted], "Tensor | None"]
+"""How many rows (tokens) a token-level term averages over: ``(adapted_S, adapted_T) -> 0-dim
+Tensor`` (``None`` when the term does not apply); runs in the loss path."""
+
 
 def _no_check(adapted_S: Adapted, adapted_T: Adapted) -> None:
     del adapted_S, adapted_T
@@ -54,12 +58,15 @@ class Term(NamedTuple):
     Calling it, ``term(adapted_S, adapted_T, ctx)``, returns the *unweighted* named losses.
     ``weight`` (a float or a schedule of progress) multiplies each of them in the total;
     ``check(adapted_S, adapted_T)`` validates shapes and indices eagerly, outside compiled code,
-    so bad outputs raise a clear ``ValueError`` before any backward pass.
+    so bad outputs raise a clear ``ValueError`` before any backward pass. ``count`` (or ``None``)
+    gives the number of rows the term's mean is over, for token-correct normalisation across
+    micro-batches (:func:`~purekd.combinators.token_share`).
     """
 
     fn: TermFn
     weight: Weight = 1.0
     check: Check = _no_check
+    count: Count | None = None
 
     def __call__(self, adapted_S: Adapted, adapted_T: Adapted, ctx: Context) -> dict[str, Tensor]:
         return self.fn(adapted_S, adapted_T, ctx)
@@ -70,4 +77,4 @@ def as_term(term: Term | TermFn) -> Term:
     return term if isinstance(term, Term) else Term(term)
 
 
-__all__ = ["Check", "Context", "Term", "TermFn", "Weight", "as_term", "make_context"]
+__all__ = ["Check", "Context", "Count", "Term", "TermFn", "Weight", "as_term", "make_context"]
