@@ -54,7 +54,11 @@ def test_training_config_defaults_equal_textbrewer() -> None:
 def test_distillation_config_defaults_equal_textbrewer() -> None:
     ours = DistillationConfig()
     expected = _textbrewer_defaults(textbrewer.DistillationConfig)
-    assert set(expected) == {a.name for a in attrs.fields(DistillationConfig)}
+    # beyond TextBrewer: the token-level options, whose defaults keep TextBrewer's behaviour
+    assert {a.name for a in attrs.fields(DistillationConfig)} - set(expected) == {
+        "shared_vocab", "loss_normalisation"}
+    assert set(expected) <= {a.name for a in attrs.fields(DistillationConfig)}
+    assert ours.shared_vocab is False and not ours.normalises_by_tokens
     for name, default in expected.items():
         if name == "intermediate_matches":  # None in TextBrewer means no matches
             assert default is None and ours.intermediate_matches == ()
