@@ -88,8 +88,8 @@ class Objective(NamedTuple):
         total: Tensor | None = None
         tokens: Tensor | None = None
         for term in self.terms:
-            if self.count_tokens and tokens is None and term.count is not None:
-                tokens = term.count(adapted_S, adapted_T)
+            if self.count_tokens and tokens is None and term.kept_rows is not None:
+                tokens = term.kept_rows(adapted_S, adapted_T)
             values = term(adapted_S, adapted_T, ctx)
             if not values:
                 continue
@@ -118,7 +118,7 @@ def objective(*terms: Term | TermFn, count_tokens: bool = False) -> Objective:
     """Sum terms: ``loss = sum_k w_k(progress) * value_k``, ``terms = {name_k: value_k}``.
 
     ``count_tokens``: the output's ``tokens`` is the row count of the first term that has one
-    (:attr:`Term.count`, e.g. the KD term's kept tokens), for token-correct normalisation.
+    (:attr:`Term.kept_rows`, e.g. the KD term's kept tokens), for token-correct normalisation.
     """
     return Objective(tuple(as_term(t) for t in terms), count_tokens)
 

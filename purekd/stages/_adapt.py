@@ -145,9 +145,9 @@ def _check_language_model_keys(adapted: Adapted) -> None:
     if adapted.topk_mask is not None and adapted.topk_ids is None:
         raise AdaptorError("the adaptor returned 'topk_mask' without 'topk_ids' and "
                            "'topk_logprobs'")
-    given = [key for key in ("lm_hidden", "topk_ids") if getattr(adapted, key) is not None]
-    if len(given) > 1 or (given and adapted.logits):
-        keys = (["logits"] if adapted.logits else []) + given
+    forms = [key for key in ("lm_hidden", "topk_ids") if getattr(adapted, key) is not None]
+    if len(forms) > 1 or (forms and adapted.logits):
+        keys = (["logits"] if adapted.logits else []) + forms
         raise AdaptorError(
             f"the adaptor returned {keys}: a model's distribution comes as one of 'logits', "
             "'lm_hidden' + 'lm_weight' (fused output layer) or 'topk_ids' + 'topk_logprobs' "

@@ -58,7 +58,7 @@ class Term(NamedTuple):
     Calling it, ``term(adapted_S, adapted_T, ctx)``, returns the *unweighted* named losses.
     ``weight`` (a float or a schedule of progress) multiplies each of them in the total;
     ``check(adapted_S, adapted_T)`` validates shapes and indices eagerly, outside compiled code,
-    so bad outputs raise a clear ``ValueError`` before any backward pass. ``count`` (or ``None``)
+    so bad outputs raise a clear ``ValueError`` before any backward pass. ``kept_rows`` (or ``None``)
     gives the number of rows the term's mean is over, for token-correct normalisation across
     micro-batches (:func:`~purekd.combinators.token_share`).
     """
@@ -66,7 +66,7 @@ class Term(NamedTuple):
     fn: TermFn
     weight: Weight = 1.0
     check: Check = _no_check
-    count: Count | None = None
+    kept_rows: Count | None = None
 
     def __call__(self, adapted_S: Adapted, adapted_T: Adapted, ctx: Context) -> dict[str, Tensor]:
         return self.fn(adapted_S, adapted_T, ctx)

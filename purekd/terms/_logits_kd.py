@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import inspect
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -252,7 +251,7 @@ def logits_kd(
       TextBrewer does, and with the mask as a 4th argument when it takes one
       (:func:`kd_loss_caller`).
 
-    The term's ``count`` is the number of rows ``logits[0]`` keeps (for token normalisation).
+    The term's ``kept_rows`` is the number of rows ``logits[0]`` keeps (for token normalisation).
     Returns ``{}`` when either side has no logits.
     """
     call = kd_loss_caller(kd_loss)

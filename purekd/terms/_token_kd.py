@@ -92,7 +92,7 @@ def token_kd(
     mismatch raises before the loss path, naming both sizes. ``shift_probability``: TextBrewer's
     probability shift of the teacher's logits (logits only).
 
-    The dispatch on the adaptors' keys is in the module docstring. The term's ``count`` is the
+    The dispatch on the adaptors' keys is in the module docstring. The term's ``kept_rows`` is the
     number of kept rows, for token-correct normalisation. Returns ``{}`` when either side has no
     distribution.
     """
@@ -118,7 +118,7 @@ def token_kd(
                 return None if t is None else align_teacher_rows(t, mask_T, mask)
             topk_mask = adapted_T.topk_mask
             teacher = adapted_T._replace(
-                logits=tuple(align(t) for t in adapted_T.logits),
+                logits=tuple(align_teacher_rows(t, mask_T, mask) for t in adapted_T.logits),
                 lm_hidden=align(adapted_T.lm_hidden), topk_ids=align(adapted_T.topk_ids),
                 topk_logprobs=align(adapted_T.topk_logprobs),
                 topk_mask=None if topk_mask is None else align(topk_mask.unsqueeze(-1)).squeeze(-1))  # type: ignore[union-attr]
@@ -211,11 +211,10 @@ def token_kd(
             raise ValueError(
                 f"the teacher's topk_mask has shape {tuple(adapted_T.topk_mask.shape)} but its "
                 f"topk_ids have rows {tuple(side_T.rows.shape[:-1])}")
-        if shift_probability:
-            if not adapted_S.labels:
-                raise ValueError(
-                    "probability_shift=True needs the ground truth: return 'labels' from the "
-                    "student's adaptor (one tensor per logits tensor)")
+        if shift_probability and not adapted_S.labels:
+            raise ValueError(
+                "probability_shift=True needs the ground truth: return 'labels' from the "
+                "student's adaptor (one tensor per logits tensor)")
 
     def count(adapted_S: Adapted, adapted_T: Adapted) -> Tensor | None:
         if _rows(adapted_S) is None or _rows(adapted_T) is None:
