@@ -17,31 +17,9 @@ class AdaptorError(ValueError, TypeError):
     """An adaptor returned something that is not a valid adaptor dict."""
 
 
-class Adapted(NamedTuple):
-    """A model's outputs in the adaptor format, normalised.
+class _AdaptedFields(NamedTuple):
+    """The fields of :class:`Adapted`."""
 
-    Every list-valued key is a tuple (empty when the adaptor did not return it); a single tensor
-    became a 1-tuple. ``inputs_mask`` is a tensor or ``None``. ``captured`` holds the outputs of
-    custom-match modules, captured during the forward pass, in match order.
-
-    Shapes: ``logits[i]`` ``(B, C)`` or ``(B, L, C)``; ``logits_mask[i]`` ``(B, L)``;
-    ``labels[i]`` ``(B,)`` or ``(B, L)``; ``losses[i]`` any (reduced with ``.mean()``);
-    ``hidden[k]`` ``(B, L, D)``; ``attention[k]`` ``(B, H, L, L)`` or ``(B, L, L)``;
-    ``inputs_mask`` ``(B, L)``.
-
-    Language-model outputs (single tensors or ``None``), for distillation without full logits:
-
-    * ``lm_hidden`` ``(*rows, H)``: the final hidden states, the output layer's input;
-      ``lm_weight`` ``(V, H)`` and ``lm_bias`` ``(V,)`` (or ``None``): the output layer, so that
-      ``logits = lm_hidden @ lm_weight.T + lm_bias``. The KD term then computes the loss with
-      :func:`~purekd.losses.fused_linear_kd`, never holding ``(rows, V)`` logits.
-    * ``topk_ids`` ``(*rows, k)`` int64 and ``topk_logprobs`` ``(*rows, k)``: a teacher's ``k``
-      most likely tokens per row and their log-probabilities (log-softmax at temperature 1), e.g.
-      from a top-k cache; ``topk_mask`` ``rows`` 0/1: the rows the teacher has (rows past a
-      sample's length are 0). Rows are the same positions as the student's rows.
-
-    ``logits_mask[0]`` and ``labels[0]`` refer to these rows when there are no ``logits``.
-    """
 
     logits: Tensors = ()
     logits_mask: Tensors = ()
@@ -65,6 +43,64 @@ class Adapted(NamedTuple):
         if self.logits:
             return len(self.logits)
         return int(self.lm_hidden is not None or self.topk_ids is not None)
+
+
+def _tupled(field: str, value: Any) -> Any:
+    """A tuple-valued field given as one tensor or a list, as a tuple."""
+    if isinstance(value, Tensor):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(value)
+    if value is None:
+        return ()
+    if not isinstance(value, tuple):
+        raise TypeError(f"Adapted({field}=...): expected a tensor or a tuple/list of tensors, "
+                        f"got {type(value).__name__}")
+    return value
+
+
+class Adapted(_AdaptedFields):
+    """A model's outputs in the adaptor format, normalised.
+
+    Every list-valued key is a tuple (empty when the adaptor did not return it); a single tensor
+    became a 1-tuple (also when built by hand: ``Adapted(logits=tensor)`` holds ``(tensor,)``).
+    ``inputs_mask`` is a tensor or ``None``. ``captured`` holds the outputs of custom-match
+    modules, captured during the forward pass, in match order.
+
+    Shapes: ``logits[i]`` ``(B, C)`` or ``(B, L, C)``; ``logits_mask[i]`` ``(B, L)``;
+    ``labels[i]`` ``(B,)`` or ``(B, L)``; ``losses[i]`` any (reduced with ``.mean()``);
+    ``hidden[k]`` ``(B, L, D)``; ``attention[k]`` ``(B, H, L, L)`` or ``(B, L, L)``;
+    ``inputs_mask`` ``(B, L)``.
+
+    Language-model outputs (single tensors or ``None``), for distillation without full logits:
+
+    * ``lm_hidden`` ``(*rows, H)``: the final hidden states, the output layer's input;
+      ``lm_weight`` ``(V, H)`` and ``lm_bias`` ``(V,)`` (or ``None``): the output layer, so that
+      ``logits = lm_hidden @ lm_weight.T + lm_bias``. The KD term then computes the loss with
+      :func:`~purekd.losses.fused_linear_kd`, never holding ``(rows, V)`` logits.
+    * ``topk_ids`` ``(*rows, k)`` int64 and ``topk_logprobs`` ``(*rows, k)``: a teacher's ``k``
+      most likely tokens per row and their log-probabilities (log-softmax at temperature 1), e.g.
+      from a top-k cache; ``topk_mask`` ``rows`` 0/1: the rows the teacher has (rows past a
+      sample's length are 0). Rows are the same positions as the student's rows.
+
+    ``logits_mask[0]`` and ``labels[0]`` refer to these rows when there are no ``logits``.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Adapted:
+        fields = _AdaptedFields.__new__(cls, *args, **kwargs)
+        defaults = cls._field_defaults
+        values = [_tupled(name, value) if defaults.get(name) == () else value
+                  for name, value in zip(cls._fields, fields, strict=True)]
+        return tuple.__new__(cls, values)
+
+    def _replace(self, **changes: Any) -> Adapted:
+        unknown = set(changes) - set(self._fields)
+        if unknown:
+            raise ValueError(f"Adapted has no field(s) {sorted(unknown)}; fields: {self._fields}")
+        return type(self)(*[changes.get(name, value)
+                            for name, value in zip(self._fields, self, strict=True)])
 
 
 _LIST_KEYS = ("logits", "logits_mask", "labels", "losses", "hidden", "attention")

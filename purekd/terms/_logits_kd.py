@@ -283,7 +283,7 @@ def logits_kd(
         l_S = adapted_S.logits[0]
         return _kept_rows(l_S, row_masks(adapted_S, adapted_T, 0, l_S, adapted_T.logits[0])[0])
 
-    return Term(term, weight, check, count)
+    return Term(term, weight, check, name, kept_rows=count)
 
 
 __all__ = ["align_teacher_rows", "check_logits", "fits", "kd_loss_caller", "logits_kd",

@@ -147,20 +147,26 @@ def token_kd(
             assert total is not None
             return {name: total}
         if side_T.form == "topk":
+            ids, logprobs = teacher.topk_ids, teacher.topk_logprobs
+            assert ids is not None and logprobs is not None
             if side_S.form == "logits":
                 topk_loss = getattr(losses, TOPK_FORMS[loss])
-                value = topk_loss(adapted_S.logits[0], teacher.topk_ids, teacher.topk_logprobs,
-                                  tail=tail, **common, **args)
+                value = topk_loss(adapted_S.logits[0], ids, logprobs, tail=tail, **common,
+                                  **args)
             else:
-                value = losses.fused_linear_topk_kl(  # type: ignore[attr-defined]
-                    adapted_S.lm_hidden, adapted_S.lm_weight, teacher.topk_ids,
-                    teacher.topk_logprobs, loss=TOPK_FORMS[loss], tail=tail,
+                hidden_S, weight_S = adapted_S.lm_hidden, adapted_S.lm_weight
+                assert hidden_S is not None and weight_S is not None
+                value = losses.fused_linear_topk_kl(
+                    hidden_S, weight_S, ids, logprobs, loss=TOPK_FORMS[loss], tail=tail,
                     bias_S=adapted_S.lm_bias, **common, **args)
             return {name: value}
-        value = losses.fused_linear_kd(  # type: ignore[attr-defined]
-            adapted_S.lm_hidden, adapted_S.lm_weight, teacher.lm_hidden, teacher.lm_weight,
-            loss=loss, bias_S=adapted_S.lm_bias, bias_T=teacher.lm_bias,
-            shared_vocab=shared_vocab, **common, **args)
+        hidden_S, weight_S = adapted_S.lm_hidden, adapted_S.lm_weight
+        hidden_T, weight_T = teacher.lm_hidden, teacher.lm_weight
+        assert hidden_S is not None and weight_S is not None
+        assert hidden_T is not None and weight_T is not None
+        value = losses.fused_linear_kd(
+            hidden_S, weight_S, hidden_T, weight_T, loss=loss, bias_S=adapted_S.lm_bias,
+            bias_T=teacher.lm_bias, shared_vocab=shared_vocab, **common, **args)
         return {name: value}
 
     def check(adapted_S: Adapted, adapted_T: Adapted) -> None:
@@ -226,7 +232,7 @@ def token_kd(
                               device=side_S.rows.device)
         return (mask != 0).sum().to(dtype)
 
-    return Term(term, weight, check, count)
+    return Term(term, weight, check, name, kept_rows=count)
 
 
 def _check_forms(side_S: Rows, side_T: Rows, loss: str, shift_probability: bool,

@@ -201,7 +201,7 @@ def test_top_k_teacher_cache_through_hf_adaptor(models):
     cache = {"topk_ids": top.indices, "topk_logprobs": top.values.float(),
              "topk_mask": batch["attention_mask"].clone()}
     adaptor = hf_adaptor(causal=True)
-    config = purekd.DistillationConfig(kd_loss_type="forward_kl")
+    config = purekd.DistillationConfig(kd_loss_type="forward_kl", temperature=1)
     step = purekd.make_step(config, teacher, student, adaptor, adaptor, compile=False)
     out = step({"teacher": batch, "student": batch, "teacher_cache": cache})
 
