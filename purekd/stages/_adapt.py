@@ -220,6 +220,13 @@ def mean_logits(teachers: list[Adapted]) -> Adapted:
     """
     if not teachers:
         raise ValueError("mean_logits needs at least one teacher's outputs")
+    for index, teacher in enumerate(teachers):
+        if teacher.lm_hidden is not None or teacher.topk_ids is not None:
+            form = "'lm_hidden'" if teacher.lm_hidden is not None else "'topk_ids'"
+            raise ValueError(
+                f"teacher {index}'s adaptor returned {form}: several teachers are averaged by "
+                "their logits, so each must return 'logits' (a fused output layer or a top-k "
+                "cache serves a single teacher)")
     counts = {len(t.logits) for t in teachers}
     if len(counts) != 1:
         raise ValueError(f"teachers returned different numbers of logits: {[len(t.logits) for t in teachers]}")

@@ -75,3 +75,10 @@ def test_language_model_adaptor_keys():
         normalise({"logits": torch.randn(2, 3, 5), "lm_hidden": h, "lm_weight": w})
     with pytest.raises(TypeError, match="expected one tensor"):
         normalise({"lm_hidden": [h], "lm_weight": w})
+
+
+def test_several_teachers_must_return_logits():
+    from purekd.stages import mean_logits
+    fused = normalise({"lm_hidden": torch.randn(2, 3, 4), "lm_weight": torch.randn(5, 4)})
+    with pytest.raises(ValueError, match="teacher 1's adaptor returned 'lm_hidden'"):
+        mean_logits([normalise({"logits": torch.randn(2, 3, 5)}), fused])
