@@ -211,6 +211,7 @@ class HFAdaptor:
         if self.loss:
             loss = _field(outputs, "loss")
             if loss is not None:
+                self._check_full_loss(outputs, adapted)
                 adapted["losses"] = loss
         mask = _from_batch(batch, self.mask_key, "mask_key")
         if mask is not None:
@@ -257,6 +258,17 @@ class HFAdaptor:
         if mask is not None:
             adapted["inputs_mask"] = mask
         return adapted
+
+    def _check_full_loss(self, outputs: Any, adapted: Mapping[str, Any]) -> None:
+        """With the fused path the model may have computed its loss on fewer positions
+        (``logits_to_keep``): that loss is not the sequence's cross-entropy."""
+        logits, hidden = _field(outputs, "logits"), adapted.get("lm_hidden")
+        if (isinstance(logits, Tensor) and isinstance(hidden, Tensor) and logits.dim() == 3
+                and logits.size(1) != hidden.size(1)):
+            raise ValueError(
+                f"hf_adaptor(lm_head=..., loss=True): the model computed its loss on "
+                f"{logits.size(1)} of {hidden.size(1)} positions (logits_to_keep), which is not "
+                "the sequence's cross-entropy; drop loss=True (or logits_to_keep)")
 
     def _output_layer(self, outputs: Any) -> dict[str, Any]:
         states = _field(outputs, "hidden_states")

@@ -174,6 +174,11 @@ def test_the_fused_adaptor_keys():
     torch.testing.assert_close(adapted["lm_hidden"] @ adapted["lm_weight"].T, outputs.logits)
     with pytest.raises(ValueError, match="output_hidden_states"):
         adaptor(batch, student(input_ids=batch["input_ids"]))
+    with_loss = hf_adaptor(causal=True, lm_head=student.get_output_embeddings(), loss=True)
+    short = {"loss": torch.tensor(1.0), "logits": outputs.logits[:, -1:],  # logits_to_keep=1
+             "hidden_states": outputs.hidden_states}
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        with_loss(batch, short)
 
 
 def test_next_token_mask_and_labels_from_hf_adaptor():
