@@ -106,22 +106,27 @@ def token_kd(
     tail = bool(args.pop("tail", False))
     dense = getattr(losses, loss)
 
-    def pieces(adapted_S: Adapted, adapted_T: Adapted) -> tuple[Adapted, Rows, Rows,
-                                                               Tensor | None]:
-        """The teacher with its rows aligned to the student's, both forms, and the mask."""
+    def pieces(adapted_S: Adapted, adapted_T: Adapted, *, rows_only: bool = False
+               ) -> tuple[Adapted, Rows, Rows, Tensor | None]:
+        """The teacher with its rows aligned to the student's (only its ``topk_mask`` when
+        ``rows_only``), both forms, and the mask of the kept rows."""
         side_S, side_T = _rows(adapted_S), _rows(adapted_T)
         assert side_S is not None and side_T is not None
         mask, mask_T = _masks(adapted_S, adapted_T, side_S.rows, side_T.rows)
         teacher = adapted_T
         if mask is not None and mask_T is not None:
-            def align(t: Tensor | None) -> Tensor | None:
-                return None if t is None else align_teacher_rows(t, mask_T, mask)
             topk_mask = adapted_T.topk_mask
-            teacher = adapted_T._replace(
-                logits=tuple(align_teacher_rows(t, mask_T, mask) for t in adapted_T.logits),
-                lm_hidden=align(adapted_T.lm_hidden), topk_ids=align(adapted_T.topk_ids),
-                topk_logprobs=align(adapted_T.topk_logprobs),
-                topk_mask=None if topk_mask is None else align(topk_mask.unsqueeze(-1)).squeeze(-1))  # type: ignore[union-attr]
+            if topk_mask is not None:
+                topk_mask = align_teacher_rows(topk_mask.unsqueeze(-1), mask_T, mask).squeeze(-1)
+            teacher = adapted_T._replace(topk_mask=topk_mask)
+            if not rows_only:
+                def align(t: Tensor | None) -> Tensor | None:
+                    return None if t is None else align_teacher_rows(t, mask_T, mask)
+                teacher = teacher._replace(
+                    logits=tuple(align_teacher_rows(t, mask_T, mask) for t in adapted_T.logits[:1])
+                    + adapted_T.logits[1:],
+                    lm_hidden=align(adapted_T.lm_hidden), topk_ids=align(adapted_T.topk_ids),
+                    topk_logprobs=align(adapted_T.topk_logprobs))
         return teacher, side_S, side_T, _with_topk_mask(mask, teacher.topk_mask)
 
     def term(adapted_S: Adapted, adapted_T: Adapted, ctx: Context) -> dict[str, Tensor]:
@@ -225,7 +230,7 @@ def token_kd(
     def count(adapted_S: Adapted, adapted_T: Adapted) -> Tensor | None:
         if _rows(adapted_S) is None or _rows(adapted_T) is None:
             return None
-        _, side_S, _, mask = pieces(adapted_S, adapted_T)
+        _, side_S, _, mask = pieces(adapted_S, adapted_T, rows_only=True)
         dtype = torch.float64 if side_S.rows.dtype == torch.float64 else torch.float32
         if mask is None:
             return torch.full((), side_S.rows[..., 0].numel(), dtype=dtype,
