@@ -31,7 +31,7 @@ def test_caching_a_fused_teacher_raises_before_training(tmp_path):
     distiller = purekd.BasicDistiller(train, config, teacher, student, fused(teacher),
                                       fused(student), compile=False)
     before = [p.clone() for p in student.parameters()]
-    with distiller, pytest.raises(ValueError, match="is_caching_logits=True.*top-k teacher cache"):
+    with distiller, pytest.raises(ValueError, match=r"is_caching_logits=True.*top-k teacher cache"):
         distiller.train(torch.optim.SGD(student.parameters(), lr=1.0),
                         [(torch.randn(2, 5, 3),)], num_epochs=1)
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
