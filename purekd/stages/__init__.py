@@ -5,7 +5,15 @@ the shape checks that run before the loss path; ``next_token`` aligns a causal l
 logits with the tokens they predict.
 """
 
-from ._adapt import Adapted, AdaptorError, adapt, detach, mean_logits, normalise
+from ._adapt import (
+    Adapted,
+    AdaptorError,
+    adapt,
+    detach,
+    mean_logits,
+    normalise,
+    share_equal_masks,
+)
 from ._forward import forward
 from ._next_token import IGNORE_INDEX, NextToken, next_token, shift_left
 from ._probability_shift import probability_shift
@@ -25,5 +33,6 @@ __all__ = [
     "next_token",
     "normalise",
     "probability_shift",
+    "share_equal_masks",
     "shift_left",
 ]

@@ -212,6 +212,34 @@ def detach(adapted: Adapted) -> Adapted:
     )
 
 
+def _same_rows(mask_S: Tensor, mask_T: Tensor) -> bool:
+    if mask_S is mask_T or mask_S.shape != mask_T.shape or mask_S.device != mask_T.device:
+        return mask_S is mask_T
+    try:
+        return torch.equal(mask_S != 0, mask_T != 0)
+    except RuntimeError:  # inside a vmap: no data-dependent answer; keep both masks
+        return False
+
+
+def share_equal_masks(adapted_S: Adapted, adapted_T: Adapted) -> Adapted:
+    """The teacher's outputs with each ``logits_mask`` that keeps the same rows as the
+    student's replaced by the student's own tensor.
+
+    Two distinct masks pair the k-th kept rows of each side (TextBrewer's rule), which copies the
+    teacher's rows; two masks that keep the same rows (e.g. the next-token masks both
+    ``hf_adaptor(causal=True)`` adaptors compute from one batch) pair each row with itself, so
+    one mask serves both and nothing is copied. The result is the same either way.
+    """
+    masks_S, masks_T = adapted_S.logits_mask, adapted_T.logits_mask
+    if not masks_S or len(masks_S) != len(masks_T):
+        return adapted_T
+    shared = tuple(m_S if _same_rows(m_S, m_T) else m_T
+                   for m_S, m_T in zip(masks_S, masks_T, strict=True))
+    if all(a is b for a, b in zip(shared, masks_T, strict=True)):
+        return adapted_T
+    return adapted_T._replace(logits_mask=shared)
+
+
 def mean_logits(teachers: list[Adapted]) -> Adapted:
     """One teacher whose logits are the element-wise mean of several teachers' logits.
 
@@ -244,4 +272,5 @@ def mean_logits(teachers: list[Adapted]) -> Adapted:
     return teachers[0]._replace(logits=averaged)
 
 
-__all__ = ["Adapted", "AdaptorError", "adapt", "detach", "mean_logits", "normalise"]
+__all__ = ["Adapted", "AdaptorError", "adapt", "detach", "mean_logits", "normalise",
+           "share_equal_masks"]

@@ -82,3 +82,13 @@ def test_several_teachers_must_return_logits():
     fused = normalise({"lm_hidden": torch.randn(2, 3, 4), "lm_weight": torch.randn(5, 4)})
     with pytest.raises(ValueError, match="teacher 1's adaptor returned 'lm_hidden'"):
         mean_logits([normalise({"logits": torch.randn(2, 3, 5)}), fused])
+
+
+def test_masks_that_keep_the_same_rows_are_shared():
+    from purekd.stages import share_equal_masks
+    m_S = torch.tensor([[1, 1, 0]])
+    s = normalise({"logits": torch.randn(1, 3, 4), "logits_mask": m_S})
+    same = normalise({"logits": torch.randn(1, 3, 4), "logits_mask": torch.tensor([[1.0, 1.0, 0.0]])})
+    other = normalise({"logits": torch.randn(1, 3, 4), "logits_mask": torch.tensor([[0, 1, 1]])})
+    assert share_equal_masks(s, same).logits_mask[0] is m_S  # one mask: no pairing, no copy
+    assert share_equal_masks(s, other) is other  # different rows: each side keeps its own
