@@ -32,14 +32,22 @@ _FLOAT_KEYS = ("logits", "losses", "hidden", "attention")
 # -- the adaptors' outputs -------------------------------------------------------------------
 
 
+def _has_distribution(adapted: Adapted) -> bool:
+    """Whether the adaptor returned a next-token distribution the KD term reads: ``logits``,
+    a fused output layer (``lm_hidden`` + ``lm_weight``) or a top-k (``topk_ids``)."""
+    return (bool(adapted.logits) or adapted.topk_ids is not None
+            or (adapted.lm_hidden is not None and adapted.lm_weight is not None))
+
+
 def check_outputs(config: DistillationConfig, student: Adapted, teacher: Adapted, *,
                   with_values: bool, warned: set[str]) -> None:
     """Check one batch's adapted outputs against ``config`` (see the module's docstring)."""
     for side, adapted in (("student", student), ("teacher", teacher)):
         _check_kinds(side, adapted)
     kd_weight = config.kd_loss_weight
-    if kd_weight != 0 and bool(student.logits) != bool(teacher.logits):
-        missing = "teacher" if not teacher.logits else "student"
+    has_S, has_T = _has_distribution(student), _has_distribution(teacher)
+    if kd_weight != 0 and has_S != has_T:
+        missing = "teacher" if not has_T else "student"
         raise ValueError(
             f"kd_loss_weight={kd_weight} but the {missing}'s adaptor returned no 'logits' (the "
             f"other adaptor did): the KD term would be 0 at every step. Return 'logits' from the "
@@ -51,7 +59,7 @@ def check_outputs(config: DistillationConfig, student: Adapted, teacher: Adapted
             "the hard-label term would be 0 at every step. Return 'losses': [loss] from the "
             "student's adaptor (e.g. the model's loss when given labels), or set "
             "hard_label_weight=0")
-    if kd_weight != 0 and not student.logits and not teacher.logits:
+    if kd_weight != 0 and not has_S and not has_T:
         others = config.intermediate_matches or student.captured or (hard_weight and student.losses)
         if not others:
             raise ValueError(
