@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: sets up .venv (scripts/setup-env.sh) and runs `purekd demo`.
-# Arguments go to the demo, e.g. scripts/demo.sh --labels 100 --output-dir /tmp/demo
+# Arguments go to the demo, e.g. scripts/demo.sh --labels 100 --output-dir /tmp/demo, or
+# scripts/demo.sh lm (the language-model demo, `purekd demo lm`; add --quick for a short check)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-env.sh demo
