@@ -100,14 +100,14 @@ def _mixture_rows(beta: float, scale_T: float, scale_S: float) -> RowFunction:
              grad_T: bool = False) -> RowResult:
         p_S, p_T = log_p_S.exp(), log_p_T.exp()
         log_m = torch.log(beta * p_T + (1 - beta) * p_S)
-        kl_S = _xlog_ratio(p_S, log_p_S, log_m)
-        kl_T = _xlog_ratio(p_T, log_p_T, log_m)
-        value = (scale_T * kl_T + scale_S * kl_S).sum(-1)
+        kl_S = scale_S * _xlog_ratio(p_S, log_p_S, log_m)
+        kl_T = scale_T * _xlog_ratio(p_T, log_p_T, log_m)
+        value = (kl_T + kl_S).sum(-1)
         # d/dlog p_S of [cT KL(T||m) + cS KL(S||m)] = cS p_S (log p_S - log m + 1)
         #   - (cT p_T + cS p_S) (1-beta) p_S / m, and (cT p_T + cS p_S) (1-beta) = cS m, so the
         #   last term is cS p_S, cancelling the +1: a_S = cS p_S (log p_S - log m)
-        a_S = scale_S * kl_S if grad_S else None
-        a_T = scale_T * kl_T if grad_T else None
+        a_S = kl_S if grad_S else None
+        a_T = kl_T if grad_T else None
         return value, a_S, a_T
 
     return rows
