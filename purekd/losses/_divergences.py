@@ -151,10 +151,10 @@ def tvd_rows(log_p_S: Tensor, log_p_T: Tensor, grad_S: bool = False,
     return value, a_S, a_T
 
 
-def through_log_softmax(a: Tensor, log_p: Tensor) -> Tensor:
+def through_log_softmax(a: Tensor, log_p: Tensor, total: float | None = None) -> Tensor:
     """The gradient for logits ``z`` from ``a = dD/dlog p``, ``log p = log_softmax(z)``:
-    ``a - p sum(a)``."""
-    return a - log_p.exp() * a.sum(-1, keepdim=True)
+    ``a - p sum(a)``; ``total``: ``sum(a)`` when it is known (saves a reduction)."""
+    return a - log_p.exp() * (a.sum(-1, keepdim=True) if total is None else total)
 
 
 class Divergence(NamedTuple):
@@ -163,6 +163,7 @@ class Divergence(NamedTuple):
     name: str
     rows: RowFunction
     key: tuple[object, ...]  # hashable identity (name and parameter values): one kernel each
+    student_total: float | None = None  # sum_v a^S_v when it is a constant (-1 for the KLs)
 
 
 def check_beta(beta: float, where: str) -> float:
@@ -204,7 +205,9 @@ def divergence(name: str, where: str, **params: float) -> Divergence:
         return Divergence(name, skew(alpha), (name, alpha))
     plain = {"forward_kl": forward_kl_rows, "reverse_kl": reverse_kl_rows, "tvd": tvd_rows,
              "soft_cross_entropy": soft_cross_entropy_rows}
-    return Divergence(name, plain[name], (name,))
+    # a^S = -p^T for forward KL and the soft cross-entropy: it sums to -1
+    total = -1.0 if name in ("forward_kl", "soft_cross_entropy") else None
+    return Divergence(name, plain[name], (name,), total)
 
 
 DIVERGENCES: dict[str, dict[str, float]] = {
