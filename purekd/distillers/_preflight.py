@@ -38,12 +38,15 @@ def check_outputs(config: DistillationConfig, student: Adapted, teacher: Adapted
     for side, adapted in (("student", student), ("teacher", teacher)):
         _check_kinds(side, adapted)
     kd_weight = config.kd_loss_weight
-    if kd_weight != 0 and bool(student.logits) != bool(teacher.logits):
-        missing = "teacher" if not teacher.logits else "student"
+    has_S, has_T = _distribution(student), _distribution(teacher)
+    if kd_weight != 0 and has_S != has_T:
+        missing = "teacher" if not has_T else "student"
         raise ValueError(
-            f"kd_loss_weight={kd_weight} but the {missing}'s adaptor returned no 'logits' (the "
-            f"other adaptor did): the KD term would be 0 at every step. Return 'logits' from the "
-            f"{missing}'s adaptor, or set kd_loss_weight=0")
+            f"kd_loss_weight={kd_weight} but the {missing}'s adaptor returned no 'logits' (nor "
+            "another form of the distribution: 'lm_hidden' + 'lm_weight', or a teacher's "
+            "'topk_ids' + 'topk_logprobs') while the other adaptor did: the KD term would be 0 "
+            f"at every step. Return 'logits' from the {missing}'s adaptor, or set "
+            "kd_loss_weight=0")
     hard_weight = config.hard_label_weight
     if hard_weight != 0 and not student.losses:
         raise ValueError(
@@ -51,7 +54,7 @@ def check_outputs(config: DistillationConfig, student: Adapted, teacher: Adapted
             "the hard-label term would be 0 at every step. Return 'losses': [loss] from the "
             "student's adaptor (e.g. the model's loss when given labels), or set "
             "hard_label_weight=0")
-    if kd_weight != 0 and not student.logits and not teacher.logits:
+    if kd_weight != 0 and not has_S and not has_T:
         others = config.intermediate_matches or student.captured or (hard_weight and student.losses)
         if not others:
             raise ValueError(
@@ -104,6 +107,13 @@ def _check_logits_masks(side: str, adapted: Adapted, warned: set[str]) -> None:
                 f"the {side}'s adaptor returned a logits_mask with 2-d logits[{index}] "
                 f"{tuple(logits.shape)}: masks select rows of 3-d logits (B, L, C) only, so it "
                 "is ignored (as in TextBrewer)", UserWarning, stacklevel=5)
+
+
+def _distribution(adapted: Adapted) -> bool:
+    """Whether an adaptor returned a distribution for the KD term, in any form."""
+    fused = (getattr(adapted, "lm_hidden", None) is not None
+             and getattr(adapted, "lm_weight", None) is not None)
+    return bool(adapted.logits) or fused or getattr(adapted, "topk_ids", None) is not None
 
 
 def _check_kinds(side: str, adapted: Adapted) -> None:
