@@ -38,8 +38,9 @@ def check_outputs(config: DistillationConfig, student: Adapted, teacher: Adapted
     for side, adapted in (("student", student), ("teacher", teacher)):
         _check_kinds(side, adapted)
     kd_weight = config.kd_loss_weight
-    if kd_weight != 0 and bool(student.logits) != bool(teacher.logits):
-        missing = "teacher" if not teacher.logits else "student"
+    has_S, has_T = _has_distribution(student), _has_distribution(teacher)
+    if kd_weight != 0 and has_S != has_T:
+        missing = "teacher" if not has_T else "student"
         raise ValueError(
             f"kd_loss_weight={kd_weight} but the {missing}'s adaptor returned no 'logits' (the "
             f"other adaptor did): the KD term would be 0 at every step. Return 'logits' from the "
@@ -51,7 +52,7 @@ def check_outputs(config: DistillationConfig, student: Adapted, teacher: Adapted
             "the hard-label term would be 0 at every step. Return 'losses': [loss] from the "
             "student's adaptor (e.g. the model's loss when given labels), or set "
             "hard_label_weight=0")
-    if kd_weight != 0 and not student.logits and not teacher.logits:
+    if kd_weight != 0 and not has_S and not has_T:
         others = config.intermediate_matches or student.captured or (hard_weight and student.losses)
         if not others:
             raise ValueError(
@@ -70,6 +71,12 @@ def check_outputs(config: DistillationConfig, student: Adapted, teacher: Adapted
         _check_trainable(config, student)
     for side, adapted in (("student", student), ("teacher", teacher)):
         _check_logits_masks(side, adapted, warned)
+
+
+def _has_distribution(adapted: Adapted) -> bool:
+    """Whether the outputs carry a distribution for the KD term: ``logits``, a fused output
+    layer (``lm_hidden`` + ``lm_weight``) or a top-k teacher (``topk_ids`` + ``topk_logprobs``)."""
+    return bool(adapted.logits) or adapted.lm_hidden is not None or adapted.topk_ids is not None
 
 
 def _check_trainable(config: DistillationConfig, student: Adapted) -> None:
@@ -98,12 +105,14 @@ def _check_logits_masks(side: str, adapted: Adapted, warned: set[str]) -> None:
                 f"the {side}'s adaptor returned logits_mask[{index if len(masks) > 1 else 0}] of "
                 f"shape {tuple(mask.shape)} for logits[{index}] of shape {tuple(logits.shape)}: "
                 f"the mask must be {tuple(logits.shape[:-1])}, one entry per row")
-        if logits.dim() == 2 and "mask2d" not in warned:
+        fits = tuple(mask.shape) == tuple(logits.shape[:-1])  # flat (N, C) token logits: kept
+        if logits.dim() == 2 and not fits and "mask2d" not in warned:
             warned.add("mask2d")
             warnings.warn(
-                f"the {side}'s adaptor returned a logits_mask with 2-d logits[{index}] "
-                f"{tuple(logits.shape)}: masks select rows of 3-d logits (B, L, C) only, so it "
-                "is ignored (as in TextBrewer)", UserWarning, stacklevel=5)
+                f"the {side}'s adaptor returned a logits_mask of shape {tuple(mask.shape)} with "
+                f"2-d logits[{index}] {tuple(logits.shape)}: it does not fit their rows, so it "
+                f"is ignored (as in TextBrewer); a mask of shape {tuple(logits.shape[:-1])} "
+                "would select rows", UserWarning, stacklevel=5)
 
 
 def _check_kinds(side: str, adapted: Adapted) -> None:
