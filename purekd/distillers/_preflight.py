@@ -38,7 +38,7 @@ def check_outputs(config: DistillationConfig, student: Adapted, teacher: Adapted
     for side, adapted in (("student", student), ("teacher", teacher)):
         _check_kinds(side, adapted)
     kd_weight = config.kd_loss_weight
-    has_S, has_T = _distribution(student), _distribution(teacher)
+    has_S, has_T = _has_distribution(student), _has_distribution(teacher)
     if kd_weight != 0 and has_S != has_T:
         missing = "teacher" if not has_T else "student"
         raise ValueError(
@@ -75,6 +75,12 @@ def check_outputs(config: DistillationConfig, student: Adapted, teacher: Adapted
         _check_logits_masks(side, adapted, warned)
 
 
+def _has_distribution(adapted: Adapted) -> bool:
+    """Whether the outputs carry a distribution for the KD term: ``logits``, a fused output
+    layer (``lm_hidden`` + ``lm_weight``) or a top-k teacher (``topk_ids`` + ``topk_logprobs``)."""
+    return bool(adapted.logits) or adapted.lm_hidden is not None or adapted.topk_ids is not None
+
+
 def _check_trainable(config: DistillationConfig, student: Adapted) -> None:
     """The student's logits and losses that a weighted term uses carry a gradient."""
     used = [("logits", config.kd_loss_weight), ("losses", config.hard_label_weight)]
@@ -101,19 +107,14 @@ def _check_logits_masks(side: str, adapted: Adapted, warned: set[str]) -> None:
                 f"the {side}'s adaptor returned logits_mask[{index if len(masks) > 1 else 0}] of "
                 f"shape {tuple(mask.shape)} for logits[{index}] of shape {tuple(logits.shape)}: "
                 f"the mask must be {tuple(logits.shape[:-1])}, one entry per row")
-        if logits.dim() == 2 and "mask2d" not in warned:
+        fits = tuple(mask.shape) == tuple(logits.shape[:-1])  # flat (N, C) token logits: kept
+        if logits.dim() == 2 and not fits and "mask2d" not in warned:
             warned.add("mask2d")
             warnings.warn(
-                f"the {side}'s adaptor returned a logits_mask with 2-d logits[{index}] "
-                f"{tuple(logits.shape)}: masks select rows of 3-d logits (B, L, C) only, so it "
-                "is ignored (as in TextBrewer)", UserWarning, stacklevel=5)
-
-
-def _distribution(adapted: Adapted) -> bool:
-    """Whether an adaptor returned a distribution for the KD term, in any form."""
-    fused = (getattr(adapted, "lm_hidden", None) is not None
-             and getattr(adapted, "lm_weight", None) is not None)
-    return bool(adapted.logits) or fused or getattr(adapted, "topk_ids", None) is not None
+                f"the {side}'s adaptor returned a logits_mask of shape {tuple(mask.shape)} with "
+                f"2-d logits[{index}] {tuple(logits.shape)}: it does not fit their rows, so it "
+                f"is ignored (as in TextBrewer); a mask of shape {tuple(logits.shape[:-1])} "
+                "would select rows", UserWarning, stacklevel=5)
 
 
 def _check_kinds(side: str, adapted: Adapted) -> None:
