@@ -37,9 +37,22 @@ def wrap(module: nn.Module, device: str | torch.device, local_rank: int) -> Any:
     return nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over every process (itself when not distributed); a new tensor."""
+    total = value.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
-__all__ = ["barrier", "ensure_process_group", "local_rank_from", "rank", "wrap"]
+__all__ = ["all_reduce_sum", "barrier", "ensure_process_group", "local_rank_from", "rank",
+           "world_size", "wrap"]

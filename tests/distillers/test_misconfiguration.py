@@ -179,7 +179,7 @@ def test_batch_postprocessor_and_early_stopping_of_the_wrong_kind(tmp_path: Path
     distiller, student = _setup(tmp_path)
     with pytest.raises(TypeError, match="batch_postprocessor=3"):
         _train(distiller, student, batch_postprocessor=3)
-    with pytest.raises(TypeError, match="early_stopping must be a purekd.EarlyStopping"):
+    with pytest.raises(TypeError, match=r"early_stopping must be a purekd\.EarlyStopping"):
         _train(distiller, student, early_stopping={"patience": 2})
 
 
