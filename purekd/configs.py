@@ -299,8 +299,8 @@ class DistillationConfig(_ConfigIO):
     intermediate_matches: tuple[IntermediateMatch, ...] = attrs.field(
         factory=tuple, converter=_matches)
     is_caching_logits: bool = attrs.field(default=False, validator=_boolean)
-    shared_vocab: bool = attrs.field(default=False, validator=_boolean)
-    loss_normalisation: str = attrs.field(default="auto")
+    shared_vocab: bool = attrs.field(default=False, validator=_boolean, kw_only=True)
+    loss_normalisation: str = attrs.field(default="auto", kw_only=True)
 
     @loss_normalisation.validator
     def _check_normalisation(self, attribute: attrs.Attribute, value: Any) -> None:
