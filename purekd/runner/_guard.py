@@ -48,4 +48,41 @@ class NonFiniteGuard:
         self._first.clear()
 
 
-__all__ = ["NonFiniteGuard", "NonFiniteLossError"]
+_NONE = 2**62  # "no non-finite step" in the all-reduced minimum
+
+
+class AllRanksNonFiniteGuard(NonFiniteGuard):
+    """:class:`NonFiniteGuard` for a run over several processes: every rank raises at the same
+    check, whichever rank saw the non-finite loss — a rank raising alone would leave the others
+    waiting in the next collective (a gradient reduction, a clip) until the process group times
+    out. :meth:`raise_if_tripped` is a collective (one all-reduce): every rank must call it at
+    the same points, as the runner does."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.device = torch.device(device)
+
+    def raise_if_tripped(self) -> None:
+        import torch.distributed as dist
+
+        local = _NONE
+        if self._first:
+            flags = torch.stack([ok for _, ok, _, _ in self._first]).cpu().tolist()
+            local = next((step for ok, (step, *_rest) in zip(flags, self._first, strict=True)
+                          if not ok), _NONE)
+        first = torch.tensor([local], dtype=torch.int64, device=self.device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        step = int(first.item())
+        if step == _NONE:
+            self._first.clear()
+            return
+        if local == step:
+            super().raise_if_tripped()  # this rank has the values: its message names them
+        self._first.clear()
+        raise NonFiniteLossError(
+            f"the loss is not finite at global step {step} on another rank (that rank's error "
+            "names the term). Training stopped; checkpoints already written are intact. Lower "
+            "the learning rate, clip gradients (max_grad_norm) or check the inputs.")
+
+
+__all__ = ["AllRanksNonFiniteGuard", "NonFiniteGuard", "NonFiniteLossError"]
