@@ -93,12 +93,18 @@ def mixed_precision(bf16: bool, *, cast_forward_inputs: bool = True) -> MixedPre
                                 cast_forward_inputs=cast_forward_inputs)
 
 
+def _shard(module: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy,
+           reshard: bool | None) -> None:
+    if not is_sharded(module):  # a second train() finds the models sharded by the first
+        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+
+
 def _shard_blocks_and_root(model: nn.Module, blocks: BlockPolicy, mesh: DeviceMesh,
                            policy: MixedPrecisionPolicy, reshard: bool | None) -> int:
     found = block_modules(model, blocks)
     for block in found:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        _shard(block, mesh, policy, reshard)
+    _shard(model, mesh, policy, reshard)
     return len(found)
 
 
@@ -150,21 +156,17 @@ def shard_models(step: nn.Module, student: nn.Module, options: FSDPConfig, *,
     """Shard the student, the step (student and projections) and the teachers in place.
 
     Needs the default process group (torchrun). The student must be inside ``step``; the
-    teachers are found by :func:`teacher_modules`.
+    teachers are found by :func:`teacher_modules`. Modules sharded already (by an earlier
+    ``train()``) are kept as they are.
     """
     if not any(module is student for module in step.modules()):
         raise ValueError("FSDP: the student is not a submodule of the step; the step must hold "
                          "the student (and the projections) for them to be sharded together")
     mesh = device_mesh(device)
-    blocks_policy = mixed_precision(bf16)
-    student_reshard = options.reshard_after_forward
-    student_blocks = block_modules(student, options.blocks)
-    for block in student_blocks:
-        fully_shard(block, mesh=mesh, mp_policy=blocks_policy,
-                    reshard_after_forward=student_reshard)
-    fully_shard(student, mesh=mesh, mp_policy=blocks_policy, reshard_after_forward=student_reshard)
+    student_blocks = _shard_blocks_and_root(student, options.blocks, mesh, mixed_precision(bf16),
+                                            options.reshard_after_forward)
     # the root: the projections; its inputs (batches, cached teacher outputs) keep their dtype
-    fully_shard(step, mesh=mesh, mp_policy=mixed_precision(bf16, cast_forward_inputs=False))
+    _shard(step, mesh, mixed_precision(bf16, cast_forward_inputs=False), None)
     teacher_blocks: list[int] = []
     hooks: list[RemovableHandle] = []
     for teacher in teacher_modules(step):
@@ -173,7 +175,7 @@ def shard_models(step: nn.Module, student: nn.Module, options: FSDPConfig, *,
                                                          mixed_precision(bf16), reshard=True))
         elif options.teacher == "none":
             hooks.append(teacher.register_forward_pre_hook(_refuse_call, with_kwargs=True))
-    return ShardedModels(mesh, len(student_blocks), tuple(teacher_blocks), tuple(hooks))
+    return ShardedModels(mesh, student_blocks, tuple(teacher_blocks), tuple(hooks))
 
 
 def rebind_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str],

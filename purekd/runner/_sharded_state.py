@@ -98,8 +98,11 @@ def save_sharded_state(path: Path, module: nn.Module, optimizer: torch.optim.Opt
         tmp.mkdir(parents=True)
     _barrier()
     model_state, optimizer_state = get_state_dict(module, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state, "shared": _to_bytes(shared),
-              f"rank{rank}": _to_bytes(own)}, checkpoint_id=tmp)
+    state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state,
+                             f"rank{rank}": _to_bytes(own)}
+    if rank == 0:  # given by one rank only: DCP would keep the copy of whichever rank it chose
+        state["shared"] = _to_bytes(shared)
+    dcp.save(state, checkpoint_id=tmp)
     _barrier()
     if rank == 0:
         marker = tmp / MARKER

@@ -158,13 +158,19 @@ def main(work: Path) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 
+    if attempt > 0:  # torchrun's store still holds the dead attempt's gloo addresses: a fresh one
+        dist.init_process_group("gloo", init_method=f"file://{work}/store{attempt}", rank=rank,
+                                world_size=world)
+        (work / "after_kill.txt").write_text(  # what the killed attempt left
+            "\n".join(sorted(p.name for p in (work / "killed").iterdir())))
     runs = ["full", "killed"] if attempt == 0 else ["resumed"]
     for name in runs:
         saves.clear()
         callback.__init__()  # type: ignore[misc]
         out = work / ("killed" if name == "resumed" else name)
         config = purekd.TrainingConfig(device="cpu", output_dir=str(out), fsdp=True,
-                                       gradient_accumulation_steps=ACCUMULATION)
+                                       gradient_accumulation_steps=ACCUMULATION,
+                                       ckpt_frequency=STEPS_PER_EPOCH)
         distiller_, student = distiller(config)
         data = dataset()
         sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True,
