@@ -5,11 +5,23 @@ weighting, so every loss compiles with ``torch.compile(fullgraph=True)`` without
 and no input is modified. Values equal TextBrewer 0.2.1's for the same inputs.
 
 Logits: :func:`kd_ce`, :func:`kd_mse` ``(logits_S, logits_T, temperature=1, mask=None)``.
+Token-level divergences (language models): :func:`forward_kl`, :func:`reverse_kl`,
+:func:`jsd`, :func:`scaled_jsd`, :func:`skew_forward_kl`, :func:`skew_reverse_kl`, :func:`tvd`
+``(logits_S, logits_T, *, temperature=1.0, mask=None, reduction="mean", ...)``.
 Features: each ``(feature_S, feature_T, mask=None) -> 0-dim Tensor``.
 """
 
 from ._attention import attention_ce, attention_ce_mean, attention_mse, attention_mse_sum
 from ._chunked import kd_ce_chunked
+from ._family import (
+    forward_kl,
+    jsd,
+    reverse_kl,
+    scaled_jsd,
+    skew_forward_kl,
+    skew_reverse_kl,
+    tvd,
+)
 from ._hidden import cos, hidden_mse, pkd
 from ._logits import kd_ce, kd_mse
 from ._similarity import fsp, gram, mmd, nst
@@ -20,13 +32,20 @@ __all__ = [
     "attention_mse",
     "attention_mse_sum",
     "cos",
+    "forward_kl",
     "fsp",
     "gram",
     "hidden_mse",
+    "jsd",
     "kd_ce",
     "kd_ce_chunked",
     "kd_mse",
     "mmd",
     "nst",
     "pkd",
+    "reverse_kl",
+    "scaled_jsd",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "tvd",
 ]

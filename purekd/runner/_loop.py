@@ -1,10 +1,14 @@
-"""The runner: the only stateful layer. It drives a step through training.
+"""The runner: the only stateful layer. It drives a step through training, in three phases.
 
-Per micro-batch: post-process, move to the device, run the step under autocast, record the
-losses (on the device), back-propagate ``loss / accumulation``. Every ``accumulation``-th
-micro-batch: clip the student's gradients, step the optimizer and the LR scheduler, zero the
-gradients, and — at TextBrewer's checkpoint steps — save ``gs{step}.pkl`` atomically (plus the
-full training state when asked) and call the callback.
+* :meth:`Runner._micro_step` — one micro-batch: post-process, move to the device, run the step
+  under autocast, record the losses (on the device), back-propagate the loss scaled for
+  accumulation.
+* :meth:`Runner._optimizer_step` — every ``accumulation``-th micro-batch: clip the student's
+  gradients, step the optimizer and the LR scheduler, zero the gradients.
+* :meth:`Runner._checkpoint` — at TextBrewer's checkpoint steps: save ``gs{step}.pkl``
+  atomically, call the callback, track early stopping, write the full state when asked.
+
+The full training state (its layout, writing, reading and restoring) lives in :mod:`._state`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from torch import nn
 from purekd.configs import TrainingConfig
 
 from . import _distributed as distributed
-from ._checkpoint import atomic_save, latest_state, state_path, weights_path
+from . import _state as state
+from ._checkpoint import atomic_save, weights_path
 from ._early_stopping import EarlyStopping, EarlyStoppingState, evaluate
 from ._guard import NonFiniteGuard
 from ._metrics import MetricsLogger
@@ -35,7 +40,7 @@ from ._sources import Micro, PassLog
 
 logger = logging.getLogger("purekd")
 
-STATE_VERSION = 1
+STATE_VERSION = state.STATE_VERSION
 
 
 def move_to_device(batch: Any, device: torch.device | str) -> Any:
@@ -81,6 +86,35 @@ class Counters:
     epoch: int = 0
 
 
+@attrs.define(kw_only=True)
+class _Run:
+    """What one call of :meth:`Runner.run` works with: its arguments and its helpers."""
+
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    plan: EpochPlan | StepPlan
+    precision: Precision
+    metrics: MetricsLogger
+    guard: NonFiniteGuard
+    stopping: EarlyStoppingState
+    pass_log: PassLog
+    start_rng: dict[str, Any]
+    student_params: list[nn.Parameter]
+    output_dir: Path
+    is_main: bool
+    max_grad_norm: float
+    callback: Callable[..., Any] | None
+    batch_postprocessor: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None
+    model_args: dict[str, Any]
+    save_state: bool
+    early_stopping: EarlyStopping | None
+    bar: Any = None
+
+    def learning_rates(self) -> list[float]:
+        return [float(group["lr"]) for group in self.optimizer.param_groups]
+
+
 class Runner:
     """Trains ``step``'s parameters by TextBrewer's loop, with the additions of purekd.
 
@@ -105,7 +139,8 @@ class Runner:
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def _model(self) -> Any:
+    def _wrap_model(self) -> Any:
+        """The step as the loop calls it: wrapped for data parallelism (DataParallel, DDP)."""
         if self.local_rank == -1:
             if self.config.data_parallel and torch.cuda.device_count() > 1:
                 return nn.DataParallel(self.step)
@@ -122,23 +157,75 @@ class Runner:
 
         return tqdm(total=total, desc="training", unit="step", dynamic_ncols=True)
 
-    # -- checkpoints -------------------------------------------------------------------------
+    def _resume_position(self, source: Iterator[Micro], saved: dict[str, Any] | None,
+                         output_dir: Path, is_main: bool) -> Counters:
+        """The counters to start from: zero for a fresh run; for a resumed one, the saved ones,
+        after replaying the data order to the saved position (no compute) and restoring the
+        random generators as they were at the checkpoint."""
+        if saved is None:
+            return Counters()
+        for _ in range(saved["counters"]["consumed"]):
+            next(source)
+        counters = Counters(**saved["counters"])
+        set_rng_state(saved["rng"])
+        if is_main:
+            _truncate_metrics(output_dir / "metrics.jsonl", counters.writer_step)
+        return counters
 
-    def _full_state(self, optimizer: torch.optim.Optimizer, scheduler: Any, precision: Precision,
-                    start_rng: dict[str, Any], stopping: EarlyStoppingState,
-                    pass_log: PassLog) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION,
-            "step": self.step.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": precision.state_dict(),
-            "rng": rng_state(),
-            "start_rng": start_rng,
-            "counters": attrs.asdict(self.counters),
-            "passes": dict(pass_log.latest),
-            "early_stopping": attrs.asdict(stopping),
-        }
+    # -- the phases --------------------------------------------------------------------------
+
+    def _scale_for_accumulation(self, loss: torch.Tensor, micro: Micro) -> torch.Tensor:
+        """The micro-batch's share of the optimizer step's loss: ``loss / accumulation``."""
+        del micro
+        return loss / self.config.gradient_accumulation_steps
+
+    def _micro_step(self, run: _Run, micro: Micro) -> None:
+        """Forward and backward on one micro-batch; the gradients accumulate."""
+        counters, device = self.counters, self.config.device
+        counters.consumed += 1
+        counters.epoch = micro.epoch
+        if micro.first_in_epoch:  # TextBrewer drops unfinished accumulation here
+            run.optimizer.zero_grad()
+        batch = micro.batch
+        post = run.batch_postprocessor
+        if post is not None and not micro.postprocessed:
+            batch = (post[str(micro.task)] if isinstance(post, Mapping) else post)(batch)
+        batch = move_to_device(batch, device)
+        teacher = micro.teacher_outputs
+        if teacher is not None:
+            teacher = teacher._replace(logits=tuple(t.to(device) for t in teacher.logits))
+        fraction = progress(counters.global_step, run.plan.total_steps)
+        with run.precision.autocast():
+            if micro.task is not None:
+                out = run.model(batch, micro.task, progress=fraction, step=counters.global_step,
+                                **run.model_args)
+            else:
+                out = run.model(batch, progress=fraction, step=counters.global_step,
+                                teacher_outputs=teacher, **run.model_args)
+        loss, terms = _reduce_replicas(out.loss, out.terms)
+        run.guard.observe(counters.global_step + 1, loss, terms)
+        run.metrics.record(counters.writer_step, counters.global_step, loss, terms)
+        counters.writer_step += 1
+        run.precision.backward(self._scale_for_accumulation(loss, micro))
+
+    def _optimizer_step(self, run: _Run) -> None:
+        """Clip, step the optimizer and the scheduler, zero the gradients, count the step."""
+        counters, optimizer = self.counters, run.optimizer
+        if self.check_finite_every_step:
+            run.guard.raise_if_tripped()
+        run.precision.unscale(optimizer)
+        if run.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(run.student_params, run.max_grad_norm)
+        run.precision.step(optimizer)
+        if run.scheduler is not None:
+            run.scheduler.step()
+        optimizer.zero_grad()
+        counters.global_step += 1
+        if run.bar is not None:
+            run.bar.update(1)
+        if counters.global_step % self.log_every == 0:
+            run.guard.raise_if_tripped()
+            run.metrics.flush(run.learning_rates())
 
     def _save_weights(self) -> Path | None:
         step = self.counters.global_step
@@ -150,6 +237,31 @@ class Runner:
         if self.local_rank != -1:
             distributed.barrier()
         return path
+
+    def _checkpoint(self, run: _Run) -> bool:
+        """Save the weights, call the callback, track early stopping, save the full state;
+        returns whether early stopping ends training."""
+        counters = self.counters
+        run.guard.raise_if_tripped()
+        run.metrics.flush(run.learning_rates())
+        path = self._save_weights()
+        value = None
+        if run.callback is not None:
+            value = run.callback(model=self.student, step=counters.global_step)
+            self.student.train()
+        stop = False
+        if run.early_stopping is not None and run.is_main:
+            metric = evaluate(run.early_stopping, self.student, counters.global_step, value)
+            stop = run.stopping.update(run.early_stopping, metric, counters.global_step, path,
+                                       run.output_dir)
+        if run.save_state and run.is_main:  # after the callback: resume continues from here
+            state.write(state.capture(self.step, run.optimizer, run.scheduler, run.precision,
+                                      run.start_rng, counters, run.pass_log, run.stopping),
+                        run.output_dir)
+        if stop:
+            logger.info("early stopping at global step %d (best %s at step %s)",
+                        counters.global_step, run.stopping.best, run.stopping.best_step)
+        return stop
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -176,130 +288,55 @@ class Runner:
         config = self.config
         if self.local_rank != -1:  # before anything asks for the rank
             distributed.ensure_process_group(config.device)
-        accumulation = config.gradient_accumulation_steps
-        args = dict(model_args or {})
         precision = Precision(config.device, fp16=config.fp16, bf16=config.bf16)
-        stopping = EarlyStoppingState()
         output_dir = Path(config.output_dir)
         is_main = distributed.rank() == 0
         if is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
 
-        saved: dict[str, Any] | None = None
-        if resume_from is not None:
-            saved = torch.load(latest_state(resume_from), map_location="cpu", weights_only=True)
-            if saved.get("version") != STATE_VERSION:
-                raise ValueError(f"resume_from={str(resume_from)!r}: not a purekd state file")
-            self.step.load_state_dict(saved["step"])
-            optimizer.load_state_dict(saved["optimizer"])
-            if scheduler is not None and saved["scheduler"] is not None:
-                scheduler.load_state_dict(saved["scheduler"])
-            precision.load_state_dict(saved["scaler"])
-            stopping = EarlyStoppingState(**saved["early_stopping"])
+        saved = state.read(resume_from) if resume_from is not None else None
+        stopping = EarlyStoppingState()
+        if saved is not None:
+            stopping = state.restore(saved, self.step, optimizer, scheduler, precision)
             set_rng_state(saved["start_rng"])
         start_rng = rng_state()
         pass_log = PassLog(saved["passes"] if saved is not None else None)
         source = make_source(pass_log)
-        if saved is not None:
-            for _ in range(saved["counters"]["consumed"]):  # replay the data order, no compute
-                next(source)
-            self.counters = Counters(**saved["counters"])
-            set_rng_state(saved["rng"])
-            if is_main:
-                _truncate_metrics(output_dir / "metrics.jsonl", self.counters.writer_step)
-        else:
-            self.counters = Counters()
+        self.counters = counters = self._resume_position(source, saved, output_dir, is_main)
 
-        model = self._model()
-        metrics = MetricsLogger(output_dir, config.log_dir, enabled=is_main)
-        guard = NonFiniteGuard()
-        counters = self.counters
-        total = plan.total_steps
-        student_params = [p for p in self.student.parameters() if p.requires_grad]
+        run = _Run(model=self._wrap_model(), optimizer=optimizer, scheduler=scheduler, plan=plan,
+                   precision=precision,
+                   metrics=MetricsLogger(output_dir, config.log_dir, enabled=is_main),
+                   guard=NonFiniteGuard(), stopping=stopping, pass_log=pass_log,
+                   start_rng=start_rng,
+                   student_params=[p for p in self.student.parameters() if p.requires_grad],
+                   output_dir=output_dir, is_main=is_main, max_grad_norm=max_grad_norm,
+                   callback=callback, batch_postprocessor=batch_postprocessor,
+                   model_args=dict(model_args or {}), save_state=save_state,
+                   early_stopping=early_stopping)
         if saved is None:
             optimizer.zero_grad()
-
-        def learning_rates() -> list[float]:
-            return [float(group["lr"]) for group in optimizer.param_groups]
-
+        accumulation = config.gradient_accumulation_steps
+        total = plan.total_steps
         try:
-            with self._progress_bar(total) as bar:
-                if bar is not None:
-                    bar.update(counters.global_step)
+            with self._progress_bar(total) as run.bar:
+                if run.bar is not None:
+                    run.bar.update(counters.global_step)
                 if isinstance(plan, StepPlan) and counters.global_step >= total:
                     return counters
                 for micro in source:
-                    counters.consumed += 1
-                    counters.epoch = micro.epoch
-                    if micro.first_in_epoch:  # TextBrewer drops unfinished accumulation here
-                        optimizer.zero_grad()
-                    batch = micro.batch
-                    if batch_postprocessor is not None and not micro.postprocessed:
-                        post = (batch_postprocessor[str(micro.task)] if isinstance(batch_postprocessor, Mapping)
-                                else batch_postprocessor)
-                        batch = post(batch)
-                    batch = move_to_device(batch, config.device)
-                    teacher = micro.teacher_outputs
-                    if teacher is not None:
-                        teacher = teacher._replace(logits=tuple(t.to(config.device) for t in teacher.logits))
-                    fraction = progress(counters.global_step, total)
-                    with precision.autocast():
-                        if micro.task is not None:
-                            out = model(batch, micro.task, progress=fraction,
-                                        step=counters.global_step, **args)
-                        else:
-                            out = model(batch, progress=fraction, step=counters.global_step,
-                                        teacher_outputs=teacher, **args)
-                    loss, terms = _reduce_replicas(out.loss, out.terms)
-                    guard.observe(counters.global_step + 1, loss, terms)
-                    metrics.record(counters.writer_step, counters.global_step, loss, terms)
-                    counters.writer_step += 1
-                    precision.backward(loss / accumulation)
-
+                    self._micro_step(run, micro)
                     if (micro.position + 1) % accumulation != 0:
                         continue
-                    if self.check_finite_every_step:
-                        guard.raise_if_tripped()
-                    precision.unscale(optimizer)
-                    if max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(student_params, max_grad_norm)
-                    precision.step(optimizer)
-                    if scheduler is not None:
-                        scheduler.step()
-                    optimizer.zero_grad()
-                    counters.global_step += 1
-                    if bar is not None:
-                        bar.update(1)
-                    if counters.global_step % self.log_every == 0:
-                        guard.raise_if_tripped()
-                        metrics.flush(learning_rates())
-                    if plan.is_checkpoint(counters.global_step, micro.epoch):
-                        guard.raise_if_tripped()
-                        metrics.flush(learning_rates())
-                        path = self._save_weights()
-                        value = None
-                        if callback is not None:
-                            value = callback(model=self.student, step=counters.global_step)
-                            self.student.train()
-                        stop = False
-                        if early_stopping is not None and is_main:
-                            metric = evaluate(early_stopping, self.student, counters.global_step, value)
-                            stop = stopping.update(early_stopping, metric, counters.global_step,
-                                                   path, output_dir)
-                        if save_state and is_main:  # after the callback: resume continues from here
-                            atomic_save(self._full_state(optimizer, scheduler, precision, start_rng,
-                                                         stopping, pass_log),
-                                        state_path(output_dir, counters.global_step))
-                        if stop:
-                            logger.info("early stopping at global step %d (best %s at step %s)",
-                                        counters.global_step, stopping.best, stopping.best_step)
-                            break
+                    self._optimizer_step(run)
+                    if plan.is_checkpoint(counters.global_step, micro.epoch) and self._checkpoint(run):
+                        break
                     if isinstance(plan, StepPlan) and counters.global_step >= total:
                         break
-            guard.raise_if_tripped()
-            metrics.flush(learning_rates())
+            run.guard.raise_if_tripped()
+            run.metrics.flush(run.learning_rates())
         finally:
-            metrics.close()
+            run.metrics.close()
         self.early_stopping_state = stopping
         return counters
 
