@@ -1,11 +1,12 @@
 """Layer 6 — the runner, the only stateful layer: epochs or step counts, accumulation,
 clipping, LR scheduler, mixed precision, atomic checkpoints and exact resume, callbacks,
-logging, progress bars, teacher-logit caching, DistributedDataParallel."""
+logging, progress bars, teacher-logit caching, DistributedDataParallel and FSDP2 sharding."""
 
 from ._checkpoint import atomic_save, latest_state, state_path, weights_path
 from ._distributed import local_rank_from
 from ._early_stopping import EarlyStopping, EarlyStoppingState
-from ._guard import NonFiniteGuard, NonFiniteLossError
+from ._fsdp import block_modules, full_state_dict, local_numel
+from ._guard import AllRanksNonFiniteGuard, NonFiniteGuard, NonFiniteLossError
 from ._loop import Counters, Runner, move_to_device
 from ._metrics import MetricsLogger
 from ._plan import EpochPlan, StepPlan, progress
@@ -22,6 +23,7 @@ from ._sources import (
 )
 
 __all__ = [
+    "AllRanksNonFiniteGuard",
     "Counters",
     "EarlyStopping",
     "EarlyStoppingState",
@@ -35,10 +37,13 @@ __all__ = [
     "Runner",
     "StepPlan",
     "atomic_save",
+    "block_modules",
     "cached_epochs",
     "cycled",
     "epochs",
+    "full_state_dict",
     "latest_state",
+    "local_numel",
     "local_rank_from",
     "move_to_device",
     "progress",

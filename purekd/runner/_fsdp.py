@@ -23,19 +23,20 @@ parameter, so an optimizer built on the unsharded model would update tensors nob
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
-from torch.utils.hooks import RemovableHandle
 
 from purekd.configs import FSDPConfig
+
+if TYPE_CHECKING:  # torch.distributed's FSDP, DTensor and DCP take seconds to import: on use
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.utils.hooks import RemovableHandle
 
 BlockPolicy = tuple[str, ...] | Callable[[nn.Module], bool] | None
 
@@ -78,6 +79,9 @@ def block_modules(model: nn.Module, blocks: BlockPolicy = None) -> list[nn.Modul
 def device_mesh(device: torch.device) -> DeviceMesh:
     """A one-dimensional mesh over every process of the default group (on CUDA, this rank's
     device becomes the current one first)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
     if device.type == "cuda":
         torch.cuda.set_device(device.index if device.index is not None
                               else int(os.environ.get("LOCAL_RANK", "0")))
@@ -87,6 +91,8 @@ def device_mesh(device: torch.device) -> DeviceMesh:
 def mixed_precision(bf16: bool, *, cast_forward_inputs: bool = True) -> MixedPrecisionPolicy:
     """bfloat16 parameters and float32 gradient reductions with ``bf16``; full precision
     otherwise."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     if not bf16:
         return MixedPrecisionPolicy(cast_forward_inputs=cast_forward_inputs)
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
@@ -95,6 +101,8 @@ def mixed_precision(bf16: bool, *, cast_forward_inputs: bool = True) -> MixedPre
 
 def _shard(module: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy,
            reshard: bool | None) -> None:
+    from torch.distributed.fsdp import fully_shard
+
     if not is_sharded(module):  # a second train() finds the models sharded by the first
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
 
@@ -125,7 +133,7 @@ def teacher_modules(step: nn.Module) -> list[nn.Module]:
     for module in step.modules():
         teachers = getattr(type(module), "teachers", None)
         if isinstance(teachers, property):
-            collect(module.teachers)  # type: ignore[attr-defined]
+            collect(module.teachers)
     return list(found.values())
 
 
@@ -163,6 +171,12 @@ def shard_models(step: nn.Module, student: nn.Module, options: FSDPConfig, *,
         raise ValueError("FSDP: the student is not a submodule of the step; the step must hold "
                          "the student (and the projections) for them to be sharded together")
     mesh = device_mesh(device)
+    if not block_modules(student, options.blocks) and not is_sharded(student):
+        warnings.warn(
+            f"FSDP: no block of the student ({type(student).__name__}) matches "
+            f"FSDPConfig.blocks={options.blocks!r}; it is sharded as one unit, so all of it is "
+            "gathered at once in the forward. Name its repeated layers: "
+            "FSDPConfig(blocks=('MyLayer',))", stacklevel=3)
     student_blocks = _shard_blocks_and_root(student, options.blocks, mesh, mixed_precision(bf16),
                                             options.reshard_after_forward)
     # the root: the projections; its inputs (batches, cached teacher outputs) keep their dtype
@@ -212,6 +226,8 @@ def parameter_names(module: nn.Module) -> dict[int, str]:
 def local_numel(parameters: Iterable[torch.Tensor]) -> int:
     """How many elements this rank holds: a sharded parameter's local shard, a plain one
     whole."""
+    from torch.distributed.tensor import DTensor
+
     return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in parameters)
 
 
@@ -222,14 +238,15 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(module: nn.Module) -> dict[str, Any]:
     """``module``'s state dict with every sharded tensor gathered whole, on the CPU, on rank 0
     (an empty dict on the other ranks); the names are those of the unsharded module. Every rank
     must call it (it all-gathers)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
-                                                                 cpu_offload=True))
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
+                                                                  cpu_offload=True))
+    return dict(state)  # tensors, or a module's extra state
 
 
 __all__ = [

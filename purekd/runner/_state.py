@@ -8,7 +8,11 @@ each running pass over a loader and early stopping's memory. It loads with
 
 This module is the one place that knows the state's layout: :func:`capture` builds it,
 :func:`write` / :func:`read` move it to and from disk, :func:`restore` loads it into the
-run's objects.
+run's objects. Under FSDP the same state is a directory ``gs{step}.state/`` written through
+``torch.distributed.checkpoint`` (:mod:`._sharded_state`): :func:`write_sharded` splits it into
+the sharded part (step and optimizer), what every rank shares and what is each rank's own (its
+random generators); :func:`read_sharded` loads the sharded part in place and returns the rest
+in :func:`capture`'s layout, for :func:`restore`.
 """
 
 from __future__ import annotations
@@ -32,12 +36,14 @@ STATE_VERSION = 1
 
 def capture(step: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
             precision: Precision, start_rng: dict[str, Any], counters: Any,
-            pass_log: PassLog, stopping: EarlyStoppingState) -> dict[str, Any]:
-    """The full state of a run, as tensors and plain Python values."""
+            pass_log: PassLog, stopping: EarlyStoppingState, *,
+            sharded: bool = False) -> dict[str, Any]:
+    """The full state of a run, as tensors and plain Python values (with ``sharded``, without
+    the step and the optimizer: :func:`write_sharded` takes those from the modules)."""
+    weights = {} if sharded else {"step": step.state_dict(), "optimizer": optimizer.state_dict()}
     return {
         "version": STATE_VERSION,
-        "step": step.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        **weights,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": precision.state_dict(),
         "rng": rng_state(),
@@ -64,17 +70,54 @@ def read(resume_from: str | os.PathLike[str]) -> dict[str, Any]:
     return saved
 
 
+_OWN = ("rng", "start_rng")  # what differs between the ranks of one run
+_SHARDED = ("step", "optimizer")  # what torch.distributed.checkpoint saves shard by shard
+
+
+def write_sharded(state: dict[str, Any], step: nn.Module, optimizer: torch.optim.Optimizer,
+                  output_dir: str | os.PathLike[str]) -> Path:
+    """Save a :func:`capture` (``sharded=True``) of an FSDP run as ``output_dir/gs{global_step}.state/``: the
+    sharded ``step`` and ``optimizer`` as they are on each rank, the rest split into what
+    every rank shares and each rank's own. Every rank must call it."""
+    from . import _sharded_state as sharded  # torch.distributed.checkpoint: seconds to import
+
+    own = {key: state[key] for key in _OWN}
+    shared = {key: value for key, value in state.items() if key not in (*_OWN, *_SHARDED)}
+    path = sharded.sharded_state_path(output_dir, state["counters"]["global_step"])
+    return sharded.save_sharded_state(path, step, optimizer, shared, own)
+
+
+def read_sharded(resume_from: str | os.PathLike[str], step: nn.Module,
+                 optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load the sharded state at ``resume_from`` (a ``gs{step}.state`` directory, or the
+    latest complete one in a directory) into the sharded ``step`` and ``optimizer``; returns
+    the rest in :func:`capture`'s layout, without ``step`` and ``optimizer``."""
+    from . import _sharded_state as sharded
+
+    shared, own = sharded.load_sharded_state(sharded.latest_sharded_state(resume_from), step,
+                                             optimizer)
+    saved = {**shared, **own}
+    if saved.get("version") != STATE_VERSION:
+        raise ValueError(f"resume_from={str(resume_from)!r}: not a purekd state of version "
+                         f"{STATE_VERSION}")
+    return saved
+
+
 def restore(saved: dict[str, Any], step: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: Any, precision: Precision) -> EarlyStoppingState:
     """Load ``saved`` into the step, the optimizer, the scheduler and the scaler; returns early
     stopping's memory. The random generators and the counters are restored by the runner, at
-    the points of the data replay where they belong."""
-    step.load_state_dict(saved["step"])
-    optimizer.load_state_dict(saved["optimizer"])
+    the points of the data replay where they belong. A :func:`read_sharded` state has no
+    ``step`` and ``optimizer``: they are already in place."""
+    if "step" in saved:
+        step.load_state_dict(saved["step"])
+    if "optimizer" in saved:
+        optimizer.load_state_dict(saved["optimizer"])
     if scheduler is not None and saved["scheduler"] is not None:
         scheduler.load_state_dict(saved["scheduler"])
     precision.load_state_dict(saved["scaler"])
     return EarlyStoppingState(**saved["early_stopping"])
 
 
-__all__ = ["STATE_VERSION", "capture", "read", "restore", "write"]
+__all__ = ["STATE_VERSION", "capture", "read", "read_sharded", "restore", "write",
+           "write_sharded"]

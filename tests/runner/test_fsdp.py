@@ -73,7 +73,7 @@ def _one_process(out: Path) -> tuple[dict[str, torch.Tensor], worker.Recorder]:
 
 
 def test_two_sharded_processes_equal_one_process_on_the_combined_batch(launch, tmp_path) -> None:
-    work, reports = launch
+    _, reports = launch
     full = reports["full"]
     expected, callback = _one_process(tmp_path / "one")
     got = full[0]["weights"]
@@ -90,7 +90,7 @@ def test_two_sharded_processes_equal_one_process_on_the_combined_batch(launch, t
         torch.testing.assert_close(rank["logits"], callback.logits, atol=LOGITS_ATOL, rtol=0)
 
 
-def test_only_rank_0_writes_the_gathered_student(launch, tmp_path) -> None:
+def test_only_rank_0_writes_the_gathered_student(launch) -> None:
     work, reports = launch
     full = reports["full"]
     names = [f"gs{s}.pkl" for s in worker.CKPT_STEPS]

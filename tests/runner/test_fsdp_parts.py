@@ -197,8 +197,8 @@ def test_the_all_ranks_guard_raises_naming_the_step_and_the_term() -> None:
 
 
 def test_a_state_of_another_world_size_is_refused_naming_both(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="saved by 2 processes and this run has 4.*"
-                                         "--nproc-per-node 2"):
+    with pytest.raises(ValueError, match=r"saved by 2 processes and this run has 4.*"
+                                         r"--nproc-per-node 2"):
         _sharded_state.check_world_size(tmp_path, 2, 4)
 
 
@@ -208,7 +208,7 @@ def test_latest_sharded_state_skips_unfinished_directories(tmp_path: Path) -> No
     (tmp_path / "gs2.state" / _sharded_state.MARKER).write_text("{}")
     (tmp_path / ".gs6.state.tmp").mkdir()
     assert _sharded_state.latest_sharded_state(tmp_path) == tmp_path / "gs2.state"
-    with pytest.raises(FileNotFoundError, match="no gs<step>.state/ directory"):
+    with pytest.raises(FileNotFoundError, match=r"no gs<step>\.state/ directory"):
         _sharded_state.latest_sharded_state(tmp_path / "gs4.state")
 
 
@@ -231,3 +231,89 @@ def test_the_fsdp_option_round_trips_and_bad_values_name_the_field() -> None:
     for fields, error, message in bad:
         with pytest.raises(error, match=message):
             purekd.TrainingConfig(**fields)
+
+
+# -- the runner, sharded, in one process ----------------------------------------------------------
+
+
+def _causal_adaptor(batch, outputs):
+    return {"logits": outputs.logits.flatten(0, 1), "losses": outputs.loss}
+
+
+def _distiller(out: Path, adaptor_S=_causal_adaptor,
+               **fields) -> tuple[purekd.BasicDistiller, nn.Module]:
+    student, teacher = _llama(2), _llama(2, hidden=24)
+    config = purekd.TrainingConfig(device="cpu", output_dir=str(out), fsdp=True, **fields)
+    distiller = purekd.BasicDistiller(config, {"temperature": 2, "hard_label_weight": 0.5},
+                                      teacher, student, _causal_adaptor, adaptor_S,
+                                      compile=False)
+    return distiller, student
+
+
+def _batches(n: int = 4) -> list[dict[str, torch.Tensor]]:
+    ids = torch.randint(32, (n, 2, 6), generator=torch.Generator().manual_seed(0))
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_the_sharded_runner_evaluates_stops_early_and_trains_again(tmp_path: Path) -> None:
+    distiller, student = _distiller(tmp_path / "out", ckpt_frequency=4)  # every step
+    probe = torch.randint(32, (1, 6))
+    seen = []
+
+    def metric(model: nn.Module, step: int) -> float:  # a forward of the sharded model
+        model.eval()
+        with torch.no_grad():
+            value = -float(model(input_ids=probe, labels=probe).loss)
+        seen.append((step, type(model).__name__))
+        return value if step == 1 else value - 100  # the best at step 1, then stale
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    with distiller:
+        distiller.train(optimizer, _batches(), num_epochs=3, save_state=True,
+                        early_stopping=purekd.EarlyStopping(metric=metric, patience=1))
+    assert seen == [(1, "FSDPLlamaForCausalLM"), (2, "FSDPLlamaForCausalLM")]
+    assert distiller.runner.counters.global_step == 2  # stopped after one stale checkpoint
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["best.pkl", "gs1.pkl", "gs1.state", "gs2.pkl", "gs2.state", "metrics.jsonl"]
+    best = torch.load(tmp_path / "out" / "best.pkl", weights_only=True)
+    _llama(2).load_state_dict(best)  # whole, under the unsharded names
+
+    # a second train() on the sharded models, with a fresh optimizer
+    with distiller:
+        distiller.train(torch.optim.SGD(student.parameters(), lr=1e-2), _batches(), num_epochs=1)
+    assert distiller.runner.counters.global_step == 4
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_a_state_saved_by_another_world_size_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    distiller, student = _distiller(tmp_path / "out")
+    with distiller:
+        distiller.train(torch.optim.AdamW(student.parameters()), _batches(), num_epochs=1,
+                        save_state=True)
+    marker = tmp_path / "out" / "gs4.state" / _sharded_state.MARKER
+    marker.write_text(marker.read_text().replace('"world_size": 1', '"world_size": 2'))
+    other, student = _distiller(tmp_path / "out")
+    optimizer = torch.optim.AdamW(student.parameters())
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with other, pytest.raises(ValueError, match=r"saved by 2 processes and this run has 1"):
+        other.train(optimizer, _batches(), num_epochs=2, resume_from=str(tmp_path / "out"))
+    after = _fsdp.full_state_dict(student)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not optimizer.state
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_a_non_finite_loss_stops_the_sharded_run_naming_the_step(tmp_path: Path) -> None:
+    calls = []
+
+    def poisoned(batch, outputs):  # the student's logits become NaN at the third batch
+        calls.append(1)
+        adapted = _causal_adaptor(batch, outputs)
+        if len(calls) == 3:
+            adapted["logits"] = adapted["logits"] * float("nan")
+        return adapted
+
+    distiller, student = _distiller(tmp_path / "out", adaptor_S=poisoned)
+    with distiller, pytest.raises(purekd.NonFiniteLossError, match=r"global step 3 \(term 'kd_loss'"):
+        distiller.train(torch.optim.SGD(student.parameters(), lr=0.1), _batches(), num_epochs=1)
