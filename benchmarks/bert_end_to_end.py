@@ -4,7 +4,9 @@ Teacher: BERT 6 layers x 256 (4 heads); student: BERT 2 layers x 128 (2 heads); 
 tokens; logits KD + a hidden-state match through a projection + an attention match. Each
 contender runs ``--steps`` SGD steps on the same pre-made batches:
 
-* ``runner``: purekd's ``GeneralDistiller.train(num_steps=...)`` (loss path compiled);
+* ``runner``: purekd's ``GeneralDistiller.train(num_steps=...)`` with the defaults
+  (``compile="auto"``: here the models dominate, so the loss path stays eager);
+* ``runner_compiled``: the same with ``compile=True`` (the loss path always compiled);
 * ``hand``: a hand-written eager PyTorch loop of the same math (no checks, logging, checkpoints);
 * ``textbrewer``: TextBrewer 0.2.1's ``GeneralDistiller.train(num_steps=...)``.
 
@@ -114,32 +116,27 @@ def run(steps: int = 8, repeats: int = 9) -> dict[str, Any]:
     lr = 1e-3
     out_dir = tempfile.mkdtemp()
 
-    def purekd_run() -> None:
-        student = copy.deepcopy(student0)
-        distiller = purekd.GeneralDistiller(
-            purekd.TrainingConfig(device=str(device()), output_dir=out_dir, ckpt_steps=steps),
-            purekd.DistillationConfig(temperature=TEMPERATURE, hard_label_weight=1,
-                                      intermediate_matches=MATCHES),
-            teacher, student, adaptor, adaptor, compile=True)
-        with distiller:
-            distiller.train(torch.optim.SGD(student.parameters(), lr=lr), data, num_steps=steps)
-
     purekd_step_cache: dict[str, Any] = {}
 
-    def runner() -> None:
-        # one distiller for all repeats: its compiled loss path stays warm, as in a long run
-        if "distiller" not in purekd_step_cache:
-            student = copy.deepcopy(student0)
-            purekd_step_cache["student"] = student
-            purekd_step_cache["distiller"] = purekd.GeneralDistiller(
-                purekd.TrainingConfig(device=str(device()), output_dir=out_dir, ckpt_steps=steps),
-                purekd.DistillationConfig(temperature=TEMPERATURE, hard_label_weight=1,
-                                          intermediate_matches=MATCHES),
-                teacher, student, adaptor, adaptor, compile=True)
-        distiller = purekd_step_cache["distiller"]
-        student = purekd_step_cache["student"]
-        with distiller:
-            distiller.train(torch.optim.SGD(student.parameters(), lr=lr), data, num_steps=steps)
+    def runner_with(compile: Any) -> Any:
+        options = {} if compile is None else {"compile": compile}
+
+        def runner() -> None:
+            # one distiller for all repeats: its loss path stays warm, as in a long run
+            if compile not in purekd_step_cache:
+                student = copy.deepcopy(student0)
+                purekd_step_cache[compile] = (student, purekd.GeneralDistiller(
+                    purekd.TrainingConfig(device=str(device()), output_dir=out_dir,
+                                          ckpt_steps=steps),
+                    purekd.DistillationConfig(temperature=TEMPERATURE, hard_label_weight=1,
+                                              intermediate_matches=MATCHES),
+                    teacher, student, adaptor, adaptor, **options))
+            student, distiller = purekd_step_cache[compile]
+            with distiller:
+                distiller.train(torch.optim.SGD(student.parameters(), lr=lr), data,
+                                num_steps=steps)
+
+        return runner
 
     def hand() -> None:
         student = copy.deepcopy(student0).train()
@@ -156,13 +153,17 @@ def run(steps: int = 8, repeats: int = 9) -> dict[str, Any]:
         with distiller:
             distiller.train(torch.optim.SGD(student.parameters(), lr=lr), data, num_steps=steps)
 
-    del purekd_run
-    times = interleaved_medians({"runner": runner, "hand": hand, "textbrewer": textbrewer_run},
+    times = interleaved_medians({"runner": runner_with(None), "hand": hand,
+                                 "textbrewer": textbrewer_run,
+                                 "runner_compiled": runner_with(True)},
                                 repeats=repeats, warmup=1)
+    default_loss = purekd_step_cache[None][1].step.loss
     return {
         "steps": steps, **{f"{k}_s": v for k, v in times.items()},
         "runner_vs_hand": times["runner"] / times["hand"],
         "runner_vs_textbrewer": times["runner"] / times["textbrewer"],
+        "runner_compiled_vs_textbrewer": times["runner_compiled"] / times["textbrewer"],
+        "default_compile_decision": default_loss.decision,
         "targets": TARGETS,
     }
 

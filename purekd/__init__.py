@@ -4,7 +4,7 @@ A core of pure functions (losses, schedules, stages, terms) composed by a small 
 library into a step, a thin stateful runner on top, and a TextBrewer-compatible surface.
 """
 
-from purekd import combinators, losses, presets, schedules, stages, terms
+from purekd import combinators, losses, presets, schedules, stages, terms, utils
 from purekd.combinators import CustomMatch, Step, StepOutput, make_step
 from purekd.configs import DistillationConfig, FSDPConfig, IntermediateMatch, TrainingConfig
 from purekd.distillers import (
@@ -69,4 +69,5 @@ __all__ = [
     "schedules",
     "stages",
     "terms",
+    "utils",
 ]

@@ -4,9 +4,10 @@ Shared by the losses (the chunked KD kernels) and the combinators (the step's lo
 
 from __future__ import annotations
 
+import statistics
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -16,10 +17,30 @@ def _inside_functorch_transform() -> bool:
     return peek is not None and peek() is not None
 
 
+AUTO = "auto"
+
+AUTO_WARMUP_CALLS = 1
+"""Calls run eagerly and not measured before ``"auto"`` starts measuring (first-call costs)."""
+AUTO_SAMPLES = 3
+"""Measured eager calls ``"auto"`` decides from (the median)."""
+AUTO_MIN_SHARE = 0.5
+"""``"auto"`` compiles only when the loss path takes at least this share of the step's forward
+time: where the models dominate, compiling the loss path saves little and its guards, copies and
+compilation cost more (see docs/benchmarks.md)."""
+AUTO_MIN_SECONDS = 0.005
+"""... and only when the loss path's eager forward takes at least this long per call: a tiny loss
+path gains nothing from fusion that could pay back the compilation."""
+
+
 class Compiled:
     """A function compiled with ``torch.compile`` on first use, with a clean eager fallback.
 
-    * ``enabled=False`` runs eagerly (same results, no compilation);
+    * ``enabled=True`` compiles on the first call; ``enabled=False`` runs eagerly (same
+      results, no compilation);
+    * ``enabled="auto"`` runs eagerly while the caller (a :class:`~purekd.Step`) measures a few
+      calls with :meth:`observe`, then compiles only if the loss path is heavy: at least
+      :data:`AUTO_MIN_SHARE` of the step's forward time and :data:`AUTO_MIN_SECONDS` per call.
+      ``decision`` says what it chose and why;
     * if compilation fails (no C compiler, an unsupported construct in a user's loss), the call
       is retried eagerly; if that succeeds the function stays eager from then on and a single
       ``RuntimeWarning`` says why; if eager fails too, eager's exception is raised;
@@ -27,12 +48,49 @@ class Compiled:
     * attributes of the wrapped function (e.g. ``check``) stay reachable.
     """
 
-    def __init__(self, fn: Callable[..., Any], *, enabled: bool = True, **options: Any):
+    def __init__(self, fn: Callable[..., Any], *, enabled: bool | Literal["auto"] = True,
+                 **options: Any):
+        if enabled not in (True, False, AUTO):
+            raise ValueError(f"compile={enabled!r}: use True, False or 'auto'")
         self.eager = fn
-        self.enabled = enabled
+        self.enabled: bool | str = enabled
         self.options = options
         self._compiled: Callable[..., Any] | None = None
         self.fallback_reason: str | None = None
+        self.decision: str | None = None
+        self._configured = enabled
+        self._samples: list[tuple[float, float]] = []
+        self._skipped = 0
+
+    @property
+    def deciding(self) -> bool:
+        """Whether ``"auto"`` still measures (the calls run eagerly meanwhile)."""
+        return self.enabled == AUTO
+
+    def observe(self, loss_seconds: float, step_seconds: float) -> None:
+        """Record one eager call of ``"auto"``: the loss path's forward time and the whole step's
+        forward time (models + loss path); after :data:`AUTO_SAMPLES` calls, decide."""
+        if not self.deciding:
+            return
+        if self._skipped < AUTO_WARMUP_CALLS:
+            self._skipped += 1
+            return
+        self._samples.append((loss_seconds, step_seconds))
+        if len(self._samples) < AUTO_SAMPLES:
+            return
+        loss = statistics.median(s for s, _ in self._samples)
+        share = statistics.median(s / t if t > 0 else 1.0 for s, t in self._samples)
+        heavy = share >= AUTO_MIN_SHARE and loss >= AUTO_MIN_SECONDS
+        self.enabled = heavy
+        self.decision = (
+            f"compile='auto': the loss path took {share:.0%} of the step's forward time "
+            f"({loss * 1e3:.1f} ms per call); "
+            + ("compiled" if heavy else "eager")
+            + f" (compiles at >= {AUTO_MIN_SHARE:.0%} and >= {AUTO_MIN_SECONDS * 1e3:g} ms)")
+
+    def like(self, fn: Callable[..., Any]) -> Compiled:
+        """``fn`` wrapped the way this one was first configured (same ``enabled``, options)."""
+        return Compiled(fn, enabled=self._configured, **self.options)
 
     def __getattr__(self, name: str) -> Any:
         if name == "eager":  # not yet set during unpickling
@@ -41,7 +99,7 @@ class Compiled:
 
     @property
     def is_compiled(self) -> bool:
-        return self.enabled and self.fallback_reason is None
+        return self.enabled is True and self.fallback_reason is None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.is_compiled or _inside_functorch_transform():
@@ -63,9 +121,11 @@ class Compiled:
             return result
 
 
-def compiled(fn: Callable[..., Any], *, enabled: bool = True, **options: Any) -> Compiled:
-    """Wrap ``fn`` in :class:`Compiled`; ``options`` go to ``torch.compile``."""
+def compiled(fn: Callable[..., Any], *, enabled: bool | Literal["auto"] = True,
+             **options: Any) -> Compiled:
+    """Wrap ``fn`` in :class:`Compiled`; ``options`` go to ``torch.compile``; ``enabled`` is
+    ``True``, ``False`` or ``"auto"`` (compile only a heavy loss path, decided by measuring)."""
     return Compiled(fn, enabled=enabled, **options)
 
 
-__all__ = ["Compiled", "compiled"]
+__all__ = ["AUTO", "Compiled", "compiled"]

@@ -4,13 +4,17 @@ Argument names and defaults are TextBrewer 0.2.1's. Differences, all deliberate:
 
 * every value is checked when the config is built; a bad one raises ``ValueError`` (or
   ``TypeError``) naming the field, the value and what is valid;
-* configs are immutable (change one with :func:`attrs.evolve`); training never writes into
-  them — TextBrewer overwrote ``kd_loss_weight`` as it trained, here weights are schedules;
+* configs are immutable (change one with ``config.replace(temperature=8)`` or
+  :func:`attrs.evolve`; assigning a field raises :class:`ImmutableConfigError` saying so);
+  training never writes into them — TextBrewer overwrote ``kd_loss_weight`` as it trained, here weights are schedules;
 * ``device`` defaults to CUDA when available, else CPU; ``fp16`` means ``torch.autocast`` with a
   gradient scaler (no Apex), and ``bf16`` is offered too; the output directory is created when
   training starts, not when the config is built.
 
 ``from_dict`` / ``from_json_file`` reject unknown keys; ``to_dict`` / ``to_json`` round-trip.
+``TrainingConfig`` and ``DistillationConfig`` take positional arguments in TextBrewer's order
+(``DistillationConfig(8)`` is ``temperature=8``); fields TextBrewer does not have (``bf16``) are
+keyword-only.
 """
 
 from __future__ import annotations
@@ -36,6 +40,22 @@ def _field_error(instance: Any, attribute: attrs.Attribute, value: Any, problem:
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise _field_error(instance, attribute, value, "must be a number > 0")
+
+
+TEMPERATURE_RANGE = (1e-2, 1e3)
+
+
+def _temperature(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """A KD temperature that leaves a usable gradient: below ``1e-2`` the softened
+    distributions are one-hot and the loss (~1/T) overflows in half precision; above ``1e3`` the
+    gradient (~1/T^2, no T^2 factor as in TextBrewer) is below Adam's epsilon."""
+    _positive(instance, attribute, value)
+    low, high = TEMPERATURE_RANGE
+    if not low <= value <= high:
+        raise _field_error(instance, attribute, value,
+                           f"must be in [{low:g}, {high:g}]: below, softmax(z/T) is one-hot and "
+                           "the loss overflows in half precision; above, the gradient (~1/T^2) "
+                           "vanishes. Typical values are 1 to 20")
 
 
 def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -109,6 +129,40 @@ class _ConfigIO:
     def to_json(self, **json_kwargs: Any) -> str:
         """``to_dict`` as JSON text."""
         return json.dumps(self.to_dict(), **json_kwargs)
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with ``changes`` applied and validated (:func:`attrs.evolve`); configs are
+        immutable, so this is how one is changed: ``config.replace(temperature=8)``."""
+        known = {a.name for a in attrs.fields(type(self))}  # type: ignore[arg-type]
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"{type(self).__name__}.replace: unknown field(s) {unknown}; "
+                             f"valid fields: {sorted(known)}")
+        return attrs.evolve(self, **changes)  # type: ignore[misc]
+
+
+class ImmutableConfigError(attrs.exceptions.FrozenInstanceError):
+    """Assigning to (or deleting) a field of a config: configs are immutable."""
+
+    def __init__(self, message: str):
+        super().__init__()
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _refuse_setattr(self: Any, name: str, value: Any) -> None:
+    raise ImmutableConfigError(
+        f"configs are immutable: use attrs.evolve(config, {name}={value!r}) or "
+        f"config.replace({name}={value!r}), which return a new, validated "
+        f"{type(self).__name__}")
+
+
+def _refuse_delattr(self: Any, name: str) -> None:
+    raise ImmutableConfigError(
+        f"configs are immutable: {type(self).__name__}.{name} cannot be deleted; build a new "
+        f"config with config.replace({name}=...)")
 
 
 def _check_projection(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -189,7 +243,7 @@ def _matches(value: Any) -> tuple[IntermediateMatch, ...]:
     return tuple(matches)
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen
 class DistillationConfig(_ConfigIO):
     r"""What to distil and how; defines the total loss
 
@@ -202,7 +256,7 @@ class DistillationConfig(_ConfigIO):
     schedule's value at the progress reached after that.
     """
 
-    temperature: float = attrs.field(default=4, validator=_positive)
+    temperature: float = attrs.field(default=4, validator=_temperature)
     temperature_scheduler: str | tuple[Any, ...] = attrs.field(
         default="none", converter=_tuple_if_list,
         validator=_in_map(presets.TEMPERATURE_SCHEDULER, allow_none=True))
@@ -292,7 +346,7 @@ def _check_fsdp(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
                         "FSDPConfig fields or a purekd.FSDPConfig")
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen
 class TrainingConfig(_ConfigIO):
     """How to train: accumulation, checkpoints, logging, device, precision, parallelism.
 
@@ -318,8 +372,9 @@ class TrainingConfig(_ConfigIO):
     fp16_opt_level: str = attrs.field(default="O1")
     data_parallel: bool = attrs.field(default=False, validator=_boolean)
     local_rank: int = attrs.field(default=-1)
-    bf16: bool = attrs.field(default=False, validator=_boolean)
-    fsdp: FSDPConfig | None = attrs.field(default=None, converter=_fsdp, validator=_check_fsdp)
+    bf16: bool = attrs.field(default=False, validator=_boolean, kw_only=True)
+    fsdp: FSDPConfig | None = attrs.field(default=None, converter=_fsdp, validator=_check_fsdp,
+                                          kw_only=True)
 
     @device.validator
     def _check_device(self, attribute: attrs.Attribute, value: str) -> None:
@@ -360,6 +415,10 @@ class TrainingConfig(_ConfigIO):
                 raise TypeError(f"TrainingConfig.{name}={value!r}: must be a path string")
 
 
+for _cls in (IntermediateMatch, DistillationConfig, TrainingConfig, FSDPConfig):
+    _cls.__setattr__ = _refuse_setattr  # type: ignore[method-assign]
+    _cls.__delattr__ = _refuse_delattr  # type: ignore[method-assign]
+
 _converter = cattrs.Converter(forbid_extra_keys=True)
 _converter.register_structure_hook(
     IntermediateMatch, lambda data, _: IntermediateMatch(**data)
@@ -369,5 +428,5 @@ for _cls in (DistillationConfig, TrainingConfig, FSDPConfig):
 _converter.register_unstructure_hook(
     tuple, lambda value: [_converter.unstructure(v) for v in value])
 
-__all__ = ["TEACHER_PLACEMENTS", "DistillationConfig", "FSDPConfig", "IntermediateMatch",
-           "TrainingConfig"]
+__all__ = ["TEACHER_PLACEMENTS", "DistillationConfig", "FSDPConfig", "ImmutableConfigError",
+           "IntermediateMatch", "TrainingConfig"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import attrs
 import torch
@@ -126,7 +126,7 @@ def make_step(
     adaptor_S: Adaptor | Mapping[str, Adaptor],
     *,
     custom_matches: Sequence[Any] | None = None,
-    compile: bool = True,
+    compile: bool | Literal["auto"] = "auto",
     projections: Sequence[nn.Module | None] | None = None,
 ) -> Step | TaskRouter:
     """The distillation step a :class:`~purekd.DistillationConfig` describes.
@@ -143,7 +143,9 @@ def make_step(
       or a dict of modules by task, with ``adaptor_T`` / ``adaptor_S`` dicts by task too — then
       the result routes ``step(batch, task, ...)`` (MultiTaskDistiller).
     * ``custom_matches``: TextBrewer custom matches (``CustomMatch`` or dicts) on submodules.
-    * ``compile``: run the loss path under ``torch.compile`` (eager fallback on failure).
+    * ``compile``: run the loss path under ``torch.compile`` (eager fallback on failure):
+      ``True``, ``False``, or ``"auto"`` (the default) — measure the first few steps eagerly and
+      compile only if the loss path dominates the step (see :class:`~purekd.combinators.Compiled`).
     * ``projections``: reuse existing projection modules, one entry per match (``None`` for none).
 
     ``step.projections`` holds the projection modules: add their parameters to the optimizer

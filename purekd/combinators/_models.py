@@ -88,6 +88,44 @@ def mean_of_teachers(models_T: Sequence[Callable[..., Any]],
     return teachers
 
 
+class ModelsStage:
+    """``stage(batch, *, teacher_outputs=None, **args) -> Outputs``: split, run, adapt.
+
+    Built by :func:`models_stage`. It owns the student (``stage.student``), so a
+    :class:`~purekd.Step` built on it takes the student from here: ``Step(outputs=stage, loss=...)``.
+    """
+
+    def __init__(self, teacher: TeacherStage, model_S: Callable[..., Any], adaptor_S: Adaptor,
+                 split: Callable[[Any], Split] = batch_split,
+                 capture_S: Sequence[nn.Module] = ()):
+        if not callable(teacher):
+            raise TypeError(f"models_stage(teacher=...): a teacher stage must be callable "
+                            f"(single_teacher(model, adaptor)), got {type(teacher).__name__}")
+        if not callable(model_S):
+            raise TypeError(f"models_stage(model_S=...): the student must be callable (an "
+                            f"nn.Module), got {type(model_S).__name__}")
+        if not callable(adaptor_S):
+            raise TypeError(f"models_stage(adaptor_S=...): an adaptor must be callable "
+                            f"(batch, outputs) -> dict, got {type(adaptor_S).__name__}")
+        self.teacher = teacher
+        self.student = model_S
+        self.adaptor_S = adaptor_S
+        self.split = split
+        self.capture_S = list(capture_S)
+
+    def __call__(self, batch: Any, *, teacher_outputs: Adapted | None = None,
+                 **args: Any) -> Outputs:
+        parts = self.split(batch)
+        adapted_T = self.teacher(parts, args) if teacher_outputs is None else teacher_outputs
+        with capture_outputs(self.capture_S) as captured:
+            outputs_S = forward(self.student, parts.student, **args)
+        adapted_S = adapt(self.adaptor_S, parts.student, outputs_S)._replace(
+            captured=tuple(captured))
+        if teacher_outputs is not None and adapted_S.logits_mask and not adapted_T.logits_mask:
+            adapted_T = adapted_T._replace(logits_mask=adapted_S.logits_mask)
+        return Outputs(adapted_S, adapted_T)
+
+
 def models_stage(
     teacher: TeacherStage,
     model_S: Callable[..., Any],
@@ -95,25 +133,16 @@ def models_stage(
     *,
     split: Callable[[Any], Split] = batch_split,
     capture_S: Sequence[nn.Module] = (),
-) -> Callable[..., Outputs]:
+) -> ModelsStage:
     """``(batch, *, teacher_outputs=None, **args) -> Outputs``: split, run, adapt.
 
     ``teacher_outputs`` (an :class:`Adapted`) replaces the teacher stage, e.g. with logits cached
-    from an earlier epoch; like TextBrewer, it then takes the student's ``logits_mask``.
+    from an earlier epoch; like TextBrewer, it then takes the student's ``logits_mask``. The
+    result owns the student (``.student``): give it to ``Step(outputs=...)`` without repeating
+    the student.
     """
-
-    def run(batch: Any, *, teacher_outputs: Adapted | None = None, **args: Any) -> Outputs:
-        parts = split(batch)
-        adapted_T = teacher(parts, args) if teacher_outputs is None else teacher_outputs
-        with capture_outputs(capture_S) as captured:
-            outputs_S = forward(model_S, parts.student, **args)
-        adapted_S = adapt(adaptor_S, parts.student, outputs_S)._replace(captured=tuple(captured))
-        if teacher_outputs is not None and adapted_S.logits_mask and not adapted_T.logits_mask:
-            adapted_T = adapted_T._replace(logits_mask=adapted_S.logits_mask)
-        return Outputs(adapted_S, adapted_T)
-
-    return run
+    return ModelsStage(teacher, model_S, adaptor_S, split, capture_S)
 
 
-__all__ = ["Adaptor", "Outputs", "TeacherStage", "capture_outputs", "mean_of_teachers",
+__all__ = ["Adaptor", "ModelsStage", "Outputs", "TeacherStage", "capture_outputs", "mean_of_teachers",
            "models_stage", "single_teacher"]

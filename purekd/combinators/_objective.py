@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from purekd.stages import Adapted
 from purekd.terms import Context, Term, TermFn, Weight, as_term
@@ -64,31 +64,169 @@ def scheduled_after_start(base: float, schedule: Callable[[Any], Any]) -> Callab
     return weight
 
 
-class Objective(NamedTuple):
-    """The weighted sum of named terms; duplicate names are an error.
+def _check_value(term: Term, values: Any) -> None:
+    """A term's output must be ``{}`` or ``{term.name: 0-dim floating tensor}``.
 
-    ``objective(S, T, ctx)`` returns :class:`StepOutput`; ``objective.check(S, T)`` runs every
-    term's precondition (eagerly, before the loss path).
+    The conditions are on types and static shapes only, so under ``torch.compile`` they are
+    decided while tracing (no graph break) and an error surfaces eagerly, naming the term.
+    """
+    if not isinstance(values, dict):
+        raise TypeError(
+            f"term {term.name!r} returned a {type(values).__name__}; a term returns a dict "
+            f"{{{term.name!r}: loss}} with a 0-dim loss (or {{}} when it does not apply): "
+            f"write `return {{{term.name!r}: value}}`"
+        )
+    for name, value in values.items():
+        if name != term.name:
+            raise ValueError(
+                f"term {term.name!r} returned the name {name!r}; a term returns its value under "
+                f"its own name (the name in StepOutput.terms and in the metrics): return "
+                f"{{{term.name!r}: value}}, or name the term Term(fn, name={name!r})"
+            )
+        if not isinstance(value, Tensor):
+            raise TypeError(f"term {term.name!r} returned a {type(value).__name__} for "
+                            f"{name!r}; a term's value is a 0-dim tensor")
+        if value.dim() != 0:
+            raise ValueError(
+                f"term {term.name!r} returned a tensor of shape {tuple(value.shape)}; a term's "
+                "value must be a 0-dim loss: reduce it (e.g. .mean() over the batch) inside the "
+                "term"
+            )
+        if not value.is_floating_point():
+            raise TypeError(f"term {term.name!r} returned a {value.dtype} tensor; a loss must "
+                            "be a floating-point tensor")
+
+
+def _unique_names(terms: tuple[Term, ...]) -> None:
+    seen: set[str] = set()
+    for term in terms:
+        if term.name in seen:
+            raise ValueError(
+                f"two terms are both named {term.name!r}; give each term a distinct name "
+                f"(logits_kd(name=...), hard_label(name=...), Term(fn, name=...), or "
+                "as_term(fn, name=...))"
+            )
+        seen.add(term.name)
+
+
+class Objective:
+    """The weighted sum of named terms: ``loss = sum_k w_k(progress) * value_k``.
+
+    ``objective(S, T, ctx)`` returns :class:`StepOutput` with ``terms = {name_k: value_k}``;
+    ``objective.check(S, T)`` runs every term's precondition (eagerly, before the loss path).
+    Every term's output is checked too (a dict ``{name: 0-dim tensor}``), with an error naming
+    the term.
+
+    Terms are addressed by name, as in optax's ``named_chain`` (duplicate names are an error)::
+
+        objective.names                        # ('kd_loss', ..., 'hard_label_loss')
+        objective["kd_loss"]                   # the Term
+        objective.reweight("kd_loss", 0.5)     # a new Objective; the term's weight is now 0.5
+        objective.scale("kd_loss", 2.0)        # ... multiplied by 2 (constants or schedules)
+        objective.replace("kd_loss", term)     # ... that term in its place (named as given)
+        objective.drop("hard_label_loss")      # ... without it
+        objective.add(term, ...)               # ... with more terms at the end
+
+    An Objective is immutable: each edit returns a new one.
     """
 
+    __slots__ = ("terms",)
     terms: tuple[Term, ...]
+
+    def __init__(self, terms: Any):
+        built = tuple(as_term(t) for t in terms)
+        _unique_names(built)
+        object.__setattr__(self, "terms", built)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("an Objective is immutable: reweight/replace/drop/add return a new one")
+
+    def __repr__(self) -> str:
+        return f"Objective({list(self.names)})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Objective) and self.terms == other.terms
+
+    def __hash__(self) -> int:
+        return hash(self.terms)
+
+    def __reduce__(self) -> Any:
+        return (Objective, (self.terms,))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The terms' names, in order."""
+        return tuple(term.name for term in self.terms)
+
+    @property
+    def modules(self) -> tuple[nn.Module, ...]:
+        """Every term's trainable modules (each once, in term order)."""
+        found: dict[int, nn.Module] = {}
+        for term in self.terms:
+            for module in term.modules:
+                found.setdefault(id(module), module)
+        return tuple(found.values())
+
+    def _index(self, name: str) -> int:
+        for index, term in enumerate(self.terms):
+            if term.name == name:
+                return index
+        raise KeyError(f"no term named {name!r}; the terms are {list(self.names)}")
+
+    def __getitem__(self, name: str) -> Term:
+        if not isinstance(name, str):
+            raise TypeError(f"look a term up by its name (a str), got {type(name).__name__}; "
+                            "the terms are in .terms")
+        return self.terms[self._index(name)]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def _with(self, index: int, term: Term | None) -> Objective:
+        terms = list(self.terms)
+        if term is None:
+            del terms[index]
+        else:
+            terms[index] = term
+        return Objective(terms)
+
+    def replace(self, name: str, term: Term | TermFn) -> Objective:
+        """The objective with ``term`` in place of the term named ``name``."""
+        return self._with(self._index(name), as_term(term))
+
+    def reweight(self, name: str, weight: Weight) -> Objective:
+        """The objective with the term named ``name`` weighted by ``weight`` instead."""
+        index = self._index(name)
+        return self._with(index, self.terms[index]._replace(weight=weight))
+
+    def scale(self, name: str, weight: Weight) -> Objective:
+        """The objective with the term named ``name``'s weight multiplied by ``weight``."""
+        index = self._index(name)
+        return self._with(index, weighted(self.terms[index], weight))
+
+    def drop(self, *names: str) -> Objective:
+        """The objective without the terms named ``names``."""
+        for name in names:
+            self._index(name)
+        return Objective(t for t in self.terms if t.name not in names)
+
+    def add(self, *terms: Term | TermFn) -> Objective:
+        """The objective with ``terms`` appended."""
+        return Objective((*self.terms, *terms))
 
     def __call__(self, adapted_S: Adapted, adapted_T: Adapted, ctx: Context) -> StepOutput:
         named: dict[str, Tensor] = {}
         total: Tensor | None = None
         for term in self.terms:
             values = term(adapted_S, adapted_T, ctx)
+            _check_value(term, values)
             if not values:
                 continue
             weight = evaluate_weight(term.weight, ctx.progress)
-            for name, value in values.items():
-                if name in named:
-                    raise ValueError(
-                        f"two terms are both named {name!r}; give each term a distinct name"
-                    )
-                named[name] = value
-                contribution = value * weight
-                total = contribution if total is None else total + contribution
+            value = values[term.name]
+            named[term.name] = value
+            contribution = value * weight
+            total = contribution if total is None else total + contribution
         if total is None:
             raise ValueError(
                 "no loss term applies to these outputs: return 'logits' from both adaptors, "
@@ -102,8 +240,12 @@ class Objective(NamedTuple):
 
 
 def objective(*terms: Term | TermFn) -> Objective:
-    """Sum terms: ``loss = sum_k w_k(progress) * value_k``, ``terms = {name_k: value_k}``."""
-    return Objective(tuple(as_term(t) for t in terms))
+    """Sum terms: ``loss = sum_k w_k(progress) * value_k``, ``terms = {name_k: value_k}``.
+
+    Plain functions become terms named by their ``__name__``; duplicate names raise
+    ``ValueError``.
+    """
+    return Objective(terms)
 
 
 __all__ = ["LossFn", "Objective", "StepOutput", "evaluate_weight", "objective",

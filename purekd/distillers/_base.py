@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -26,6 +27,8 @@ from purekd.runner import (
     move_to_device,
 )
 from purekd.stages import Adapted, batch_split
+
+from . import _preflight as preflight
 
 
 def _check_config(value: Any, cls: type, name: str) -> Any:
@@ -77,6 +80,7 @@ class Distiller(ModeContext):
         self.d_config: DistillationConfig = (
             DistillationConfig() if distill_config is None
             else _check_config(distill_config, DistillationConfig, "distill_config"))
+        preflight.check_device_exists(self.t_config)
         if not isinstance(model_S, nn.Module):
             raise TypeError(f"model_S must be a torch.nn.Module, got {type(model_S).__name__}")
         self.model_T = model_T
@@ -103,8 +107,32 @@ class Distiller(ModeContext):
     @staticmethod
     def _scheduler(optimizer: torch.optim.Optimizer, scheduler_class: Any,
                    scheduler_args: Mapping[str, Any] | None, scheduler: Any) -> Any:
+        if scheduler_args is not None and not isinstance(scheduler_args, Mapping):
+            raise TypeError(f"scheduler_args must be a dict of the scheduler's arguments, got "
+                            f"{type(scheduler_args).__name__}")
+        if scheduler_class is None and scheduler_args:
+            raise ValueError(f"scheduler_args={dict(scheduler_args)!r} without scheduler_class: "
+                             "no scheduler would be built and the learning rate stays constant; "
+                             "pass scheduler_class too (e.g. torch.optim.lr_scheduler.StepLR)")
         if scheduler_class is not None:
-            return scheduler_class(optimizer=optimizer, **dict(scheduler_args or {}))
+            if scheduler is not None:
+                warnings.warn("train() got both scheduler_class and scheduler: the scheduler "
+                              "object is ignored (as in TextBrewer)", UserWarning, stacklevel=3)
+            if not callable(scheduler_class):
+                raise TypeError(f"scheduler_class={scheduler_class!r}: must be a scheduler class "
+                                "(e.g. torch.optim.lr_scheduler.StepLR)")
+            name = getattr(scheduler_class, "__name__", repr(scheduler_class))
+            try:
+                return scheduler_class(optimizer=optimizer, **dict(scheduler_args or {}))
+            except TypeError as error:
+                raise TypeError(f"scheduler_class={name} could not be built from "
+                                f"scheduler_args={dict(scheduler_args or {})!r}: {error}. Give "
+                                "its required arguments in scheduler_args (the optimizer is "
+                                "passed for you)") from None
+        if scheduler is not None and getattr(scheduler, "optimizer", optimizer) is not optimizer:
+            raise ValueError("scheduler was built over another optimizer than the one given to "
+                             "train(): it would change that optimizer's learning rate, not this "
+                             "one's; build it over this optimizer, or pass scheduler_class")
         if scheduler is not None:
             warnings.warn("train(scheduler=...) is deprecated: pass scheduler_class and "
                           "scheduler_args instead", DeprecationWarning, stacklevel=3)
@@ -135,14 +163,32 @@ class Distiller(ModeContext):
         return Runner(self.step, self.t_config, student=self.model_S, progress_bar=progress_bar)
 
     def _launch(self, optimizer: torch.optim.Optimizer, plan: EpochPlan | StepPlan,
-                make_source: Callable[[PassLog], Iterator[Micro]], *, scheduler_class: Any,
-                scheduler_args: Mapping[str, Any] | None, scheduler: Any,
-                progress_bar: bool | None, **run_options: Any) -> None:
-        """Add the projections to the optimizer, build the LR scheduler, run the runner."""
+                make_source: Callable[[PassLog], Iterator[Micro]], *, data: Any,
+                scheduler_class: Any, scheduler_args: Mapping[str, Any] | None, scheduler: Any,
+                progress_bar: bool | None, describe: Mapping[str, Any] | None = None,
+                **run_options: Any) -> None:
+        """Add the projections to the optimizer, build the LR scheduler, run the runner.
+
+        The run's fingerprint (checked on resume) gets the distillation config and ``data``'s
+        description (:func:`describe_data`) besides what the runner adds itself."""
         self._prepare_optimizer(optimizer)
+        preflight.check_optimizer(optimizer, self.student)
+        preflight.check_options(**{k: run_options.get(k) for k in (
+            "max_grad_norm", "callback", "batch_postprocessor", "early_stopping", "resume_from",
+            "overwrite_output_dir", "keep_last_states")}, save_state=run_options.get("save_state", False))
+        preflight.check_weights(self.d_config, len(getattr(self, "custom_matches", None) or ()))
+        preflight.check_device(self.t_config, self.student, self.teacher_modules)
+        preflight.check_modes(self.teacher_modules, self.student)
+        steps = self.step.steps.values() if isinstance(self.step, TaskRouter) else [self.step]
+        preflight.install_output_checks(steps, self.d_config, self.t_config.device)
         lr_scheduler = self._scheduler(optimizer, scheduler_class, scheduler_args, scheduler)
         self.runner = self._runner(progress_bar)
-        self.runner.run(optimizer, plan, make_source, scheduler=lr_scheduler, **run_options)
+        teachers = {str(i): {k: list(v.shape) for k, v in t.state_dict().items()}
+                    for i, t in enumerate(self.teacher_modules)}
+        parts = {"distillation": self.d_config.to_dict(), "data": describe_data(data),
+                 "teachers": teachers, **dict(describe or {})}
+        self.runner.run(optimizer, plan, make_source, scheduler=lr_scheduler, describe=parts,
+                        **run_options)
 
     def train(
         self,
@@ -161,6 +207,8 @@ class Distiller(ModeContext):
         save_state: bool = False,
         early_stopping: EarlyStopping | None = None,
         progress_bar: bool | None = None,
+        keep_last_states: int | None = None,
+        overwrite_output_dir: bool | None = None,
         **args: Any,
     ) -> None:
         """Train the student, TextBrewer's way.
@@ -173,7 +221,10 @@ class Distiller(ModeContext):
         Beyond TextBrewer: ``save_state=True`` writes the full training state beside each
         checkpoint, ``resume_from`` (a state file or the output directory) continues such a run
         exactly; ``early_stopping`` tracks a metric at checkpoints; ``progress_bar`` forces the
-        tqdm bar on or off (default: on when stderr is a terminal, on rank 0).
+        tqdm bar on or off (default: on when stderr is a terminal, on rank 0);
+        ``keep_last_states=N`` keeps only the run's last N state files; ``overwrite_output_dir``
+        decides what a fresh run does in a directory holding an earlier run's files (``None``:
+        warn and set its ``metrics.jsonl`` aside; ``False``: refuse; ``True``: delete them).
         """
         if num_epochs is None and num_steps is None:
             raise ValueError("train() needs num_epochs or num_steps")
@@ -183,8 +234,10 @@ class Distiller(ModeContext):
                              "and num_steps=None (or set is_caching_logits=False)")
         plan: EpochPlan | StepPlan
         make_source: Callable[[PassLog], Iterator[Micro]]
+        length = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore[arg-type]
         if num_steps is not None:
             plan = StepPlan(positive_count("num_steps", num_steps), self.t_config.ckpt_steps)
+            preflight.check_schedule(self.t_config, epochs_mode=False, loader_length=length)
 
             def make_source(log: PassLog) -> Iterator[Micro]:
                 return cycled(dataloader, log)
@@ -193,6 +246,7 @@ class Distiller(ModeContext):
             if not hasattr(dataloader, "__len__"):
                 raise ValueError("num_epochs needs a dataloader with a length; use num_steps")
             epochs_ = positive_count("num_epochs", num_epochs)
+            preflight.check_schedule(self.t_config, epochs_mode=True, loader_length=length)
             plan = EpochPlan(len(dataloader) // self.t_config.gradient_accumulation_steps,  # type: ignore[arg-type]
                              epochs_, self.t_config.ckpt_frequency,
                              self.t_config.ckpt_epoch_frequency)
@@ -204,20 +258,43 @@ class Distiller(ModeContext):
                     return cached_epochs(self._cache(dataloader, batch_postprocessor, args),
                                          epochs_, log)
                 return epochs(dataloader, epochs_, distributed, log)
-        self._launch(optimizer, plan, make_source, scheduler_class=scheduler_class,
-                     scheduler_args=scheduler_args, scheduler=scheduler,
-                     progress_bar=progress_bar, max_grad_norm=max_grad_norm, callback=callback,
-                     batch_postprocessor=batch_postprocessor, model_args=args,
+        self._launch(optimizer, plan, make_source, data=dataloader,
+                     scheduler_class=scheduler_class, scheduler_args=scheduler_args,
+                     scheduler=scheduler, progress_bar=progress_bar, max_grad_norm=max_grad_norm,
+                     callback=callback, batch_postprocessor=batch_postprocessor, model_args=args,
                      resume_from=resume_from, save_state=save_state,
-                     early_stopping=early_stopping)
+                     early_stopping=early_stopping, keep_last_states=keep_last_states,
+                     overwrite_output_dir=overwrite_output_dir)
+
+
+def describe_data(data: Any) -> Any:
+    """What identifies a loader in a run's fingerprint: its kind, length, batch size, sampler
+    kind and dataset length (a dict of those by task for a dict of loaders)."""
+    if isinstance(data, Mapping):
+        return {str(k): describe_data(v) for k, v in data.items()}
+    info: dict[str, Any] = {"kind": type(data).__qualname__}
+    for name in ("batch_size", "drop_last"):
+        if hasattr(data, name):
+            info[name] = getattr(data, name)
+    for name, obj in (("length", data), ("dataset_length", getattr(data, "dataset", None))):
+        if hasattr(obj, "__len__"):
+            info[name] = len(obj)  # type: ignore[arg-type]
+    sampler = getattr(data, "sampler", None)
+    if sampler is not None:
+        info["sampler"] = type(sampler).__qualname__
+    return info
 
 
 def positive_count(name: str, value: Any) -> int:
     """``int(value)`` (TextBrewer's conversion), or a ``ValueError`` naming ``name`` when that
     is below 1 or ``value`` is a bool."""
-    if isinstance(value, bool) or int(value) < 1:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or int(value) < 1):
         raise ValueError(f"{name}={value!r}: must be an int >= 1")
+    if int(value) != value:
+        raise ValueError(f"{name}={value!r}: must be a whole number (it would be truncated to "
+                         f"{int(value)}); pass an int")
     return int(value)
 
 
-__all__ = ["Distiller", "ModeContext", "positive_count"]
+__all__ = ["Distiller", "ModeContext", "describe_data", "positive_count"]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import attrs
 import torch
@@ -25,8 +26,9 @@ from purekd.combinators import (
 from purekd.configs import DistillationConfig, TrainingConfig
 from purekd.runner import EarlyStopping, StepPlan, sampled_tasks
 from purekd.stages import Adapted, Split
-from purekd.terms import Term, hard_label
+from purekd.terms import hard_label
 
+from . import _preflight as preflight
 from ._base import Distiller, positive_count
 
 Adaptor = Callable[[Any, Any], Any]
@@ -36,7 +38,7 @@ class BasicDistiller(Distiller):
     """Single teacher, single task: logits KD plus the hard-label losses (no intermediate
     matches — use :class:`GeneralDistiller` for those). Supports ``is_caching_logits``.
 
-    ``compile`` puts the loss path under ``torch.compile`` (eager fallback on failure).
+    ``compile`` puts the loss path under ``torch.compile`` (eager fallback on failure): ``True``, ``False`` or ``"auto"`` (default: compile only a loss path that dominates the step, decided by measuring the first steps).
     """
 
     caches_logits = True
@@ -44,7 +46,7 @@ class BasicDistiller(Distiller):
     def __init__(self, train_config: TrainingConfig | Mapping[str, Any],
                  distill_config: DistillationConfig | Mapping[str, Any] | None,
                  model_T: nn.Module, model_S: nn.Module, adaptor_T: Adaptor, adaptor_S: Adaptor,
-                 *, compile: bool = True):
+                 *, compile: bool | Literal["auto"] = "auto"):
         super().__init__(train_config, distill_config, model_T, model_S)
         self.adaptor_T, self.adaptor_S = adaptor_T, adaptor_S
         config = attrs.evolve(self.d_config, intermediate_matches=())
@@ -66,7 +68,7 @@ class GeneralDistiller(Distiller):
     def __init__(self, train_config: TrainingConfig | Mapping[str, Any],
                  distill_config: DistillationConfig | Mapping[str, Any] | None,
                  model_T: Any, model_S: nn.Module, adaptor_T: Any, adaptor_S: Any,
-                 custom_matches: Sequence[Any] | None = None, *, compile: bool = True):
+                 custom_matches: Sequence[Any] | None = None, *, compile: bool | Literal["auto"] = "auto"):
         super().__init__(train_config, distill_config, model_T, model_S)
         if self.d_config.is_caching_logits:
             warnings.warn(f"{type(self).__name__} ignores is_caching_logits=True (as TextBrewer "
@@ -75,6 +77,7 @@ class GeneralDistiller(Distiller):
         self.adaptor_T, self.adaptor_S = adaptor_T, adaptor_S
         self.projs: list[nn.Module | None] = build_projections(self.d_config, self.t_config.device)
         self.projs_group = [m.proj[3] if m.proj else None for m in self.d_config.intermediate_matches]
+        self.custom_matches = list(custom_matches or ())
         self.step = make_step(self.d_config, model_T, model_S, adaptor_T, adaptor_S,
                               custom_matches=custom_matches, compile=compile,
                               projections=self.projs)
@@ -93,7 +96,7 @@ class MultiTeacherDistiller(BasicDistiller):
                  distill_config: DistillationConfig | Mapping[str, Any] | None,
                  model_T: Sequence[nn.Module], model_S: nn.Module,
                  adaptor_T: Adaptor | Sequence[Adaptor], adaptor_S: Adaptor,
-                 *, compile: bool = True):
+                 *, compile: bool | Literal["auto"] = "auto"):
         if not isinstance(model_T, (list, tuple)) or not model_T:
             raise TypeError("MultiTeacherDistiller needs model_T as a non-empty list of teachers")
         if isinstance(adaptor_T, (list, tuple)) and len(adaptor_T) != len(model_T):
@@ -114,7 +117,7 @@ class MultiTaskDistiller(GeneralDistiller):
                  distill_config: DistillationConfig | Mapping[str, Any] | None,
                  model_T: Mapping[str, nn.Module], model_S: nn.Module,
                  adaptor_T: Mapping[str, Adaptor], adaptor_S: Mapping[str, Adaptor],
-                 *, compile: bool = True):
+                 *, compile: bool | Literal["auto"] = "auto"):
         if not isinstance(model_T, Mapping) or not model_T:
             raise TypeError("MultiTaskDistiller needs model_T as a dict of teachers by task")
         super().__init__(train_config, distill_config, model_T, model_S, adaptor_T, adaptor_S,
@@ -137,9 +140,12 @@ class MultiTaskDistiller(GeneralDistiller):
         save_state: bool = False,
         early_stopping: EarlyStopping | None = None,
         progress_bar: bool | None = None,
+        keep_last_states: int | None = None,
+        overwrite_output_dir: bool | None = None,
         **args: Any,
     ) -> None:
-        """Train for ``num_steps`` optimizer steps over tasks sampled from ``dataloaders``."""
+        """Train for ``num_steps`` optimizer steps over tasks sampled from ``dataloaders``
+        (the options after ``*`` as in :meth:`Distiller.train`)."""
         assert isinstance(self.step, TaskRouter)
         if not isinstance(dataloaders, Mapping) or set(dataloaders) != set(self.step.tasks):
             raise ValueError(f"dataloaders must be a dict with the tasks {sorted(self.step.tasks)}, "
@@ -148,14 +154,24 @@ class MultiTaskDistiller(GeneralDistiller):
             raise ValueError(f"batch_postprocessors has unknown tasks "
                              f"{sorted(set(batch_postprocessors) - set(self.step.tasks))}")
         plan = StepPlan(positive_count("num_steps", num_steps), self.t_config.ckpt_steps)
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+            raise ValueError(f"tau={tau!r}: must be a finite number (tasks are sampled in "
+                             "proportion to len(dataloader) ** tau)")
+        empty = [t for t, d in dataloaders.items() if hasattr(d, "__len__") and len(d) == 0]  # type: ignore[arg-type]
+        if empty:
+            raise ValueError(f"the dataloader(s) of task(s) {empty} have no batch "
+                             "(len(dataloader) == 0); check the datasets and drop_last")
+        preflight.check_schedule(self.t_config, epochs_mode=False, loader_length=None)
         posts = dict(batch_postprocessors or {})
         self._launch(optimizer, plan, lambda log: sampled_tasks(dataloaders, tau, log),
+                     data=dataloaders, describe={"tau": tau},
                      scheduler_class=scheduler_class, scheduler_args=scheduler_args,
                      scheduler=scheduler, progress_bar=progress_bar, max_grad_norm=max_grad_norm,
                      callback=callback,
                      batch_postprocessor={t: posts.get(t, _identity) for t in self.step.tasks},
                      model_args=args, resume_from=resume_from, save_state=save_state,
-                     early_stopping=early_stopping)
+                     early_stopping=early_stopping, keep_last_states=keep_last_states,
+                     overwrite_output_dir=overwrite_output_dir)
 
 
 def _identity(batch: Any) -> Any:
@@ -185,7 +201,7 @@ def _trainer_step(model: nn.Module, adaptor: Adaptor, compile: bool) -> Step:
                              "returned none: add 'losses': [loss] to its dict")
 
     term = hard_label(name="loss")
-    loss = compiled(cast(Callable[..., Any], objective(Term(term.fn, 1.0, needs_losses))),
+    loss = compiled(cast(Callable[..., Any], objective(term._replace(check=needs_losses))),
                     enabled=compile)
     return Step(student=model, outputs=models_stage(no_teacher, model, adaptor), loss=loss)
 

@@ -3,12 +3,26 @@
 * :mod:`purekd.integrations.huggingface` — :func:`hf_adaptor`, an adaptor built from a
   ``transformers`` ``ModelOutput`` (logits, hidden states, attentions, loss, padding mask).
 
-Embedding a step in a foreign training loop (plain PyTorch, Hugging Face ``Trainer``, Lightning,
-Accelerate) needs no glue beyond the step itself: see ``examples/foreign_loops/``.
+* :mod:`purekd.integrations.hf_trainer` — :class:`DistillationTrainer`, the Hugging Face
+  ``Trainer`` with a step as its model (imports ``transformers``; loaded on first use).
 
-Nothing here imports the third-party library it integrates with.
+Embedding a step in another foreign training loop (plain PyTorch, Lightning, Accelerate) needs
+no glue beyond the step itself: see ``examples/foreign_loops/``.
+
+Importing this package imports no third-party library; ``DistillationTrainer`` imports
+``transformers`` when it is first accessed.
 """
+
+from typing import Any
 
 from .huggingface import HFAdaptor, hf_adaptor
 
-__all__ = ["HFAdaptor", "hf_adaptor"]
+__all__ = ["DistillationTrainer", "HFAdaptor", "hf_adaptor"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DistillationTrainer":
+        from .hf_trainer import DistillationTrainer
+
+        return DistillationTrainer
+    raise AttributeError(f"module 'purekd.integrations' has no attribute {name!r}")

@@ -8,6 +8,10 @@ Logits: :func:`kd_ce`, :func:`kd_mse` ``(logits_S, logits_T, temperature=1, mask
 Token-level divergences (language models): :func:`forward_kl`, :func:`reverse_kl`,
 :func:`jsd`, :func:`scaled_jsd`, :func:`skew_forward_kl`, :func:`skew_reverse_kl`, :func:`tvd`
 ``(logits_S, logits_T, *, temperature=1.0, mask=None, reduction="mean", ...)``.
+Top-k teacher: :func:`topk_kl`, :func:`topk_reverse_kl`, :func:`topk_jsd`
+``(logits_S, ids_T, logprobs_T, *, tail=False, ...)``. From hidden states and output-layer
+weights, never holding the logits: :func:`fused_linear_kd`, :func:`fused_linear_topk_kl`,
+:func:`fused_linear_distill` (with the student's hard-label cross-entropy).
 Features: each ``(feature_S, feature_T, mask=None) -> 0-dim Tensor``.
 """
 
@@ -22,11 +26,23 @@ from ._family import (
     skew_reverse_kl,
     tvd,
 )
+from ._fused import (
+    DenseTeacher,
+    FusedLoss,
+    TopkTeacher,
+    fused_linear_distill,
+    fused_linear_kd,
+    fused_linear_topk_kl,
+)
 from ._hidden import cos, hidden_mse, pkd
 from ._logits import kd_ce, kd_mse
 from ._similarity import fsp, gram, mmd, nst
+from ._topk import topk_jsd, topk_kl, topk_reverse_kl
 
 __all__ = [
+    "DenseTeacher",
+    "FusedLoss",
+    "TopkTeacher",
     "attention_ce",
     "attention_ce_mean",
     "attention_mse",
@@ -34,6 +50,9 @@ __all__ = [
     "cos",
     "forward_kl",
     "fsp",
+    "fused_linear_distill",
+    "fused_linear_kd",
+    "fused_linear_topk_kl",
     "gram",
     "hidden_mse",
     "jsd",
@@ -47,5 +66,8 @@ __all__ = [
     "scaled_jsd",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "topk_jsd",
+    "topk_kl",
+    "topk_reverse_kl",
     "tvd",
 ]

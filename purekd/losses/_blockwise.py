@@ -178,7 +178,7 @@ def block_kernel(target: Target, *, grad_S: bool, grad_T: bool = False,
         return eager
     key = (target.key, grad_S, grad_T, ignore_index, grad_dtype)
     if key not in _KERNELS:
-        _KERNELS[key] = compiled(eager, dynamic=False)
+        _KERNELS[key] = compiled(eager, dynamic=True)
     return _KERNELS[key]
 
 

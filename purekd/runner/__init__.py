@@ -1,6 +1,7 @@
 """Layer 6 — the runner, the only stateful layer: epochs or step counts, accumulation,
 clipping, LR scheduler, mixed precision, atomic checkpoints and exact resume, callbacks,
-logging, progress bars, teacher-logit caching, DistributedDataParallel and FSDP2 sharding."""
+logging, progress bars, teacher-logit caching, DistributedDataParallel and FSDP2 sharding;
+states that name their run and are verified, validated and fallen back from on resume."""
 
 from ._checkpoint import atomic_save, latest_state, state_path, weights_path
 from ._distributed import local_rank_from
@@ -21,6 +22,7 @@ from ._sources import (
     sampled_tasks,
     task_sampling_weights,
 )
+from ._state import StateError
 
 __all__ = [
     "AllRanksNonFiniteGuard",
@@ -35,6 +37,7 @@ __all__ = [
     "PassLog",
     "Precision",
     "Runner",
+    "StateError",
     "StepPlan",
     "atomic_save",
     "block_modules",

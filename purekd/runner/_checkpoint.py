@@ -1,5 +1,7 @@
 """Checkpoint files, written atomically: a temporary file in the same folder, then
-``os.replace`` — a crash leaves either the old file or the new one, never a truncated one."""
+``os.replace`` — a crash leaves either the old file or the new one, never a truncated one.
+Also what an output directory holds: state files by step, the temporary files a killed write
+left, and the files of an earlier run."""
 
 from __future__ import annotations
 
@@ -12,6 +14,12 @@ from typing import Any
 import torch
 
 STATE_SUFFIX = ".state.pt"
+_STATE = re.compile(r"gs(\d+)" + re.escape(STATE_SUFFIX) + "$")
+# What atomic_save (".{name}.XXXX.tmp") and the other writers leave when killed mid-write.
+_TEMPORARY = re.compile(r"^\.(gs\d+\.pkl|gs\d+\.state\.pt|best\.pkl|run\.json|metrics\.jsonl)(\..*)?\.tmp$"
+                        r"|^metrics\.jsonl\.tmp$")
+_RUN_FILES = re.compile(r"^(gs\d+\.pkl|gs\d+\.state\.pt|gs\d+\.state|best\.pkl|metrics\.jsonl"
+                        r"|run\.json)$")  # gs<step>.state: an FSDP run's sharded state directory
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
@@ -41,6 +49,14 @@ def state_path(output_dir: str | os.PathLike[str], global_step: int) -> Path:
     return Path(output_dir) / f"gs{global_step}{STATE_SUFFIX}"
 
 
+def state_files(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``gs<step>.state.pt`` in ``directory``, by step."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STATE.match(p.name)))
+
+
 def latest_state(path: str | os.PathLike[str]) -> Path:
     """``path`` itself if it is a state file, else the state file with the highest step in it."""
     candidate = Path(path)
@@ -48,14 +64,34 @@ def latest_state(path: str | os.PathLike[str]) -> Path:
         return candidate
     if not candidate.is_dir():
         raise FileNotFoundError(f"resume_from={str(path)!r}: no such file or directory")
-    pattern = re.compile(r"gs(\d+)" + re.escape(STATE_SUFFIX) + "$")
-    found = [(int(m.group(1)), p) for p in candidate.iterdir() if (m := pattern.match(p.name))]
+    found = state_files(candidate)
     if not found:
         raise FileNotFoundError(
             f"resume_from={str(path)!r}: no gs<step>{STATE_SUFFIX} file in this directory; "
             "full-state checkpoints are written when training with save_state=True"
         )
-    return max(found)[1]
+    return found[-1][1]
 
 
-__all__ = ["STATE_SUFFIX", "atomic_save", "latest_state", "state_path", "weights_path"]
+def remove_temporary_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files a write killed half-way left in ``directory``; returns them."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if _TEMPORARY.match(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def run_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """The files a training run writes (``gs*.pkl``, states — files, or directories under
+    FSDP — ``best.pkl``, ``metrics.jsonl``, ``run.json``) found in ``directory``, by name."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if _RUN_FILES.match(p.name)), key=lambda p: p.name)
+
+
+__all__ = ["STATE_SUFFIX", "atomic_save", "latest_state", "remove_temporary_files", "run_files",
+           "state_files", "state_path", "weights_path"]

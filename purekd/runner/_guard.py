@@ -1,13 +1,17 @@
-"""Detect a non-finite loss without a host synchronisation on every step."""
+"""Detect a non-finite loss or gradient without a host synchronisation on every step, and
+never let non-finite weights reach a checkpoint."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class NonFiniteLossError(FloatingPointError, ValueError):
-    """The loss became NaN or infinite; the message names the global step and the term."""
+    """The loss, a gradient or the weights became NaN or infinite; the message names the global
+    step and the term or the parameter."""
 
 
 class NonFiniteGuard:
@@ -22,6 +26,33 @@ class NonFiniteGuard:
 
     def __init__(self) -> None:
         self._first: list[tuple[int, Tensor, tuple[str, ...], Tensor]] = []
+        self._gradients: list[tuple[int, tuple[str, ...], Tensor]] = []
+
+    def observe_gradients(self, global_step: int, named: Sequence[tuple[str, Tensor]]) -> None:
+        """Queue a check that every gradient in ``named`` (``(name, parameter)`` pairs) is
+        finite, before the optimizer step of ``global_step`` (no synchronisation)."""
+        present = [(name, p.grad) for name, p in named if p.grad is not None]
+        if present:
+            flags = torch.stack([torch.isfinite(g).all() for _, g in present])
+            self._gradients.append((global_step, tuple(n for n, _ in present), flags))
+
+    @staticmethod
+    def check_weights(global_step: int, module: nn.Module) -> None:
+        """Raise :class:`NonFiniteLossError` naming the first non-finite floating-point weight
+        or buffer of ``module`` (one synchronisation); called before a checkpoint is written."""
+        named = [(k, v) for k, v in module.state_dict().items() if v.is_floating_point()]
+        if not named:
+            return
+        flags = torch.stack([torch.isfinite(v).all() for _, v in named]).cpu().tolist()
+        bad = [name for (name, _), ok in zip(named, flags, strict=True) if not ok]
+        if bad:
+            raise NonFiniteLossError(
+                f"the weights are not finite after global step {global_step} (first: {bad[0]!r}"
+                f"{f', and {len(bad) - 1} more' if len(bad) > 1 else ''}). Training stopped "
+                f"before writing the checkpoint of step {global_step}; every checkpoint written "
+                "before was checked finite. Lower the learning rate, clip gradients "
+                "(max_grad_norm) or check the inputs."
+            )
 
     def observe(self, global_step: int, loss: Tensor, terms: dict[str, Tensor]) -> None:
         names = ("total loss", *terms)
@@ -30,6 +61,26 @@ class NonFiniteGuard:
         self._first.append((global_step, torch.isfinite(values).all(), names, values))
 
     def raise_if_tripped(self) -> None:
+        self._raise_for_loss()
+        self._raise_for_gradients()
+
+    def _raise_for_gradients(self) -> None:
+        if not self._gradients:
+            return
+        records, self._gradients = self._gradients, []
+        verdicts = torch.stack([flags.all() for *_, flags in records]).cpu().tolist()
+        for ok, (step, names, flags) in zip(verdicts, records, strict=True):
+            if not ok:
+                bad = [n for n, f in zip(names, flags.cpu().tolist(), strict=True) if not f]
+                raise NonFiniteLossError(
+                    f"the gradient is not finite at global step {step} (parameter {bad[0]!r}"
+                    f"{f', and {len(bad) - 1} more' if len(bad) > 1 else ''}) although the loss "
+                    "is finite. Training stopped before that optimizer step: the weights and "
+                    "every checkpoint written are those of earlier steps, all finite. Check the "
+                    "model's backward (e.g. sqrt or log at 0, a division by 0) or clip the inputs."
+                )
+
+    def _raise_for_loss(self) -> None:
         if not self._first:
             return
         flags = torch.stack([ok for _, ok, _, _ in self._first]).cpu().tolist()
@@ -42,8 +93,9 @@ class NonFiniteGuard:
                 raise NonFiniteLossError(
                     f"the loss is not finite at global step {step} (term {culprit!r}; values "
                     + ", ".join(f"{n}={v}" for n, v in zip(names, values_host, strict=True))
-                    + "). Training stopped; checkpoints already written are intact. Lower the "
-                    "learning rate, clip gradients (max_grad_norm) or check the inputs."
+                    + "). Training stopped; no checkpoint was written from this step on, and "
+                    "every checkpoint written before was checked finite. Lower the learning "
+                    "rate, clip gradients (max_grad_norm) or check the inputs."
                 )
         self._first.clear()
 
@@ -51,38 +103,85 @@ class NonFiniteGuard:
 _NONE = 2**62  # "no non-finite step" in the all-reduced minimum
 
 
+def _local(tensor: Tensor) -> Tensor:
+    """A sharded tensor's local shard (no communication); any other tensor as it is."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
 class AllRanksNonFiniteGuard(NonFiniteGuard):
-    """:class:`NonFiniteGuard` for a run over several processes: every rank raises at the same
-    check, whichever rank saw the non-finite loss — a rank raising alone would leave the others
-    waiting in the next collective (a gradient reduction, a clip) until the process group times
-    out. :meth:`raise_if_tripped` is a collective (one all-reduce): every rank must call it at
-    the same points, as the runner does."""
+    """:class:`NonFiniteGuard` for a run over several processes, with sharded (FSDP) weights:
+    every rank raises at the same check, whichever rank saw the non-finite loss, gradient shard
+    or weight shard — a rank raising alone would leave the others waiting in their next
+    collective until the process group times out. Each rank checks its own shards;
+    :meth:`raise_if_tripped` and :meth:`check_weights` are collectives (one all-reduce): every
+    rank calls them at the same points, as the runner does. The rank that saw the problem
+    names the term or parameter; the others name the step and say it was another rank."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.device = torch.device(device)
 
-    def raise_if_tripped(self) -> None:
+    def _first_everywhere(self, values: list[int]) -> list[int]:
         import torch.distributed as dist
 
-        local = _NONE
+        first = torch.tensor(values, dtype=torch.int64, device=self.device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        return [int(v) for v in first.cpu().tolist()]
+
+    def observe_gradients(self, global_step: int, named: Sequence[tuple[str, Tensor]]) -> None:
+        present = [(name, _local(p.grad)) for name, p in named if p.grad is not None]
+        if present:
+            flags = torch.stack([torch.isfinite(g).all() for _, g in present])
+            self._gradients.append((global_step, tuple(n for n, _ in present), flags))
+
+    def check_weights(self, global_step: int, module: nn.Module) -> None:  # type: ignore[override]
+        named = [(k, _local(v)) for k, v in module.state_dict().items() if v.is_floating_point()]
+        flags = (torch.stack([torch.isfinite(v).all() for _, v in named]).cpu().tolist()
+                 if named else [])
+        bad = [name for (name, _), ok in zip(named, flags, strict=True) if not ok]
+        (anywhere,) = self._first_everywhere([global_step if bad else _NONE])
+        if anywhere == _NONE:
+            return
+        where = f"first: {bad[0]!r}" if bad else "on another rank"
+        raise NonFiniteLossError(
+            f"the weights are not finite after global step {global_step} ({where}). Training "
+            f"stopped before writing the checkpoint of step {global_step}; every checkpoint "
+            "written before was checked finite. Lower the learning rate, clip gradients "
+            "(max_grad_norm) or check the inputs.")
+
+    def raise_if_tripped(self) -> None:
+        loss = _NONE
         if self._first:
             flags = torch.stack([ok for _, ok, _, _ in self._first]).cpu().tolist()
-            local = next((step for ok, (step, *_rest) in zip(flags, self._first, strict=True)
-                          if not ok), _NONE)
-        first = torch.tensor([local], dtype=torch.int64, device=self.device)
-        dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        step = int(first.item())
-        if step == _NONE:
+            loss = next((step for ok, (step, *_rest) in zip(flags, self._first, strict=True)
+                         if not ok), _NONE)
+        gradient = _NONE
+        if self._gradients:
+            verdicts = torch.stack([flags.all() for *_, flags in self._gradients]).cpu().tolist()
+            gradient = next((step for ok, (step, *_rest) in
+                             zip(verdicts, self._gradients, strict=True) if not ok), _NONE)
+        first_loss, first_gradient = self._first_everywhere([loss, gradient])
+        if first_loss != _NONE:
+            if loss == first_loss:
+                self._raise_for_loss()  # this rank has the values: its message names them
             self._first.clear()
-            return
-        if local == step:
-            super().raise_if_tripped()  # this rank has the values: its message names them
+            self._gradients.clear()
+            raise NonFiniteLossError(
+                f"the loss is not finite at global step {first_loss} on another rank (that "
+                "rank's error names the term). Training stopped; no checkpoint was written from "
+                "this step on. Lower the learning rate, clip gradients (max_grad_norm) or check "
+                "the inputs.")
         self._first.clear()
-        raise NonFiniteLossError(
-            f"the loss is not finite at global step {step} on another rank (that rank's error "
-            "names the term). Training stopped; checkpoints already written are intact. Lower "
-            "the learning rate, clip gradients (max_grad_norm) or check the inputs.")
+        if first_gradient != _NONE:
+            if gradient == first_gradient:
+                self._raise_for_gradients()
+            self._gradients.clear()
+            raise NonFiniteLossError(
+                f"the gradient is not finite at global step {first_gradient} on another rank "
+                "(that rank's error names the parameter) although the loss is finite. Training "
+                "stopped before that optimizer step.")
+        self._gradients.clear()
 
 
 __all__ = ["AllRanksNonFiniteGuard", "NonFiniteGuard", "NonFiniteLossError"]

@@ -8,7 +8,9 @@
 * :meth:`Runner._checkpoint` — at TextBrewer's checkpoint steps: save ``gs{step}.pkl``
   atomically, call the callback, track early stopping, write the full state when asked.
 
-The full training state (its layout, writing, reading and restoring) lives in :mod:`._state`.
+The full training state (its layout, the run's fingerprint, writing, reading, verification,
+validation and fallback) lives in :mod:`._state`; the output directory's files in
+:mod:`._checkpoint`.
 
 With ``TrainingConfig.fsdp`` the step is sharded by FSDP2 before anything else (:mod:`._fsdp`):
 the weights ``gs{step}.pkl`` are gathered to rank 0, the full state is a sharded
@@ -21,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,14 +39,21 @@ from purekd.configs import TrainingConfig
 from . import _distributed as distributed
 from . import _fsdp as fsdp
 from . import _state as state
-from ._checkpoint import atomic_save, weights_path
+from ._checkpoint import (
+    atomic_save,
+    remove_temporary_files,
+    run_files,
+    state_files,
+    weights_path,
+)
 from ._early_stopping import EarlyStopping, EarlyStoppingState, evaluate
 from ._guard import AllRanksNonFiniteGuard, NonFiniteGuard
-from ._metrics import MetricsLogger
+from ._metrics import MetricsLogger, set_aside_metrics, truncate_metrics
 from ._plan import EpochPlan, StepPlan, progress
 from ._precision import Precision
 from ._rng import rng_state, set_rng_state
 from ._sources import Micro, PassLog
+from ._state import RunIdentity
 
 logger = logging.getLogger("purekd")
 
@@ -61,17 +72,7 @@ def move_to_device(batch: Any, device: torch.device | str) -> Any:
     return batch
 
 
-def _truncate_metrics(path: Path, writer_step: int) -> None:
-    """Drop the log lines of micro-batches a resumed run will redo (``step >= writer_step``)."""
-    if not path.exists():
-        return
-    import json
-
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line and json.loads(line).get("step", 0) < writer_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+_truncate_metrics = truncate_metrics
 
 
 def _reduce_replicas(loss: torch.Tensor,
@@ -107,6 +108,9 @@ class _Run:
     pass_log: PassLog
     start_rng: dict[str, Any]
     student_params: list[nn.Parameter]
+    named_params: list[tuple[str, nn.Parameter]]
+    identity: RunIdentity
+    keep_last_states: int | None
     output_dir: Path
     is_main: bool
     max_grad_norm: float
@@ -190,19 +194,66 @@ class Runner:
 
         return tqdm(total=total, desc="training", unit="step", dynamic_ncols=True)
 
+    def _fingerprint(self, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     plan: EpochPlan | StepPlan, describe: Mapping[str, Any] | None) -> dict[str, Any]:
+        """This run's fingerprint (:func:`._state.fingerprint`)."""
+        config = self.config
+        training = {name: getattr(config, name) for name in (
+            "gradient_accumulation_steps", "ckpt_frequency", "ckpt_epoch_frequency", "ckpt_steps",
+            "fp16", "bf16")}
+        if config.fsdp is not None:  # only then: the fingerprints of unsharded runs stay as they were
+            training["fsdp"] = config.fsdp.to_dict()
+        return state.fingerprint(step=self.step, optimizer=optimizer, scheduler=scheduler,
+                                 plan=plan, training=training, extra=describe)
+
+    @staticmethod
+    def _claim_output_dir(output_dir: Path, overwrite: bool | None) -> None:
+        """A fresh run in a directory holding an earlier run's files: clear them
+        (``overwrite=True``), refuse (``False``) or warn and set the old ``metrics.jsonl``
+        aside (``None``)."""
+        earlier = run_files(output_dir)
+        if not earlier:
+            return
+        names = ", ".join(p.name for p in earlier[:6]) + (" ..." if len(earlier) > 6 else "")
+        if overwrite:
+            for path in earlier:
+                if path.is_dir():  # an FSDP run's sharded state
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            return
+        if overwrite is False:
+            raise ValueError(
+                f"output_dir={str(output_dir)!r} already holds an earlier run's files ({names}); "
+                "pass resume_from to continue that run, another output_dir, or "
+                "overwrite_output_dir=True to delete them first")
+        aside = set_aside_metrics(output_dir / "metrics.jsonl")
+        warnings.warn(
+            f"output_dir={str(output_dir)!r} already holds an earlier run's files ({names}). "
+            "This run overwrites the checkpoints of the steps it reaches"
+            + (f", its metrics.jsonl was moved to {aside.name}" if aside is not None else "")
+            + ", and resuming from this directory uses only this run's states. Pass "
+            "overwrite_output_dir=True to delete the earlier files first, or False to refuse.",
+            UserWarning, stacklevel=4)
+
     def _resume_position(self, source: Iterator[Micro], saved: dict[str, Any] | None,
-                         output_dir: Path, is_main: bool) -> Counters:
+                         pass_log: PassLog, output_dir: Path, is_main: bool) -> Counters:
         """The counters to start from: zero for a fresh run; for a resumed one, the saved ones,
-        after replaying the data order to the saved position (no compute) and restoring the
-        random generators as they were at the checkpoint."""
+        after passing over the data to the saved position (no compute; index-level skipping
+        where the loader allows, :class:`PassLog`) and restoring the random generators as they
+        were at the checkpoint."""
         if saved is None:
             return Counters()
-        for _ in range(saved["counters"]["consumed"]):
-            next(source)
+        pass_log.replaying = True
+        try:
+            for _ in range(saved["counters"]["consumed"]):
+                next(source)
+        finally:
+            pass_log.replaying = False
         counters = Counters(**saved["counters"])
         set_rng_state(saved["rng"])
         if is_main:
-            _truncate_metrics(output_dir / "metrics.jsonl", counters.writer_step)
+            truncate_metrics(output_dir / "metrics.jsonl", counters.writer_step)
         return counters
 
     # -- the phases --------------------------------------------------------------------------
@@ -245,6 +296,8 @@ class Runner:
         """Clip, step the optimizer and the scheduler, zero the gradients, count the step."""
         counters, optimizer = self.counters, run.optimizer
         if self.check_finite_every_step:
+            if not run.precision.scaler.is_enabled():  # fp16's scaler skips inf steps itself
+                run.guard.observe_gradients(counters.global_step + 1, run.named_params)
             run.guard.raise_if_tripped()
         run.precision.unscale(optimizer)
         if run.max_grad_norm > 0:
@@ -284,6 +337,7 @@ class Runner:
         returns whether early stopping ends training."""
         counters = self.counters
         run.guard.raise_if_tripped()
+        run.guard.check_weights(counters.global_step, self.step)  # never save non-finite weights
         run.metrics.flush(run.learning_rates())
         path = self._save_weights()
         value = None
@@ -303,12 +357,20 @@ class Runner:
         if run.save_state and self.sharded:  # every rank writes its shards
             state.write_sharded(state.capture(self.step, run.optimizer, run.scheduler,
                                               run.precision, run.start_rng, counters,
-                                              run.pass_log, run.stopping, sharded=True),
+                                              run.pass_log, run.stopping, run.identity,
+                                              sharded=True),
                                 self.step, run.optimizer, run.output_dir)
+            if run.keep_last_states is not None and run.is_main:
+                from ._sharded_state import prune_sharded
+
+                prune_sharded(run.output_dir, run.identity.id, run.keep_last_states)
         elif run.save_state and run.is_main:  # after the callback: resume continues from here
             state.write(state.capture(self.step, run.optimizer, run.scheduler, run.precision,
-                                      run.start_rng, counters, run.pass_log, run.stopping),
+                                      run.start_rng, counters, run.pass_log, run.stopping,
+                                      run.identity),
                         run.output_dir)
+            if run.keep_last_states is not None:
+                state.prune(run.output_dir, run.identity.id, run.keep_last_states)
         if stop:
             logger.info("early stopping at global step %d (best %s at step %s)",
                         counters.global_step, run.stopping.best, run.stopping.best_step)
@@ -330,11 +392,18 @@ class Runner:
         resume_from: str | os.PathLike[str] | None = None,
         save_state: bool = False,
         early_stopping: EarlyStopping | None = None,
+        describe: Mapping[str, Any] | None = None,
+        keep_last_states: int | None = None,
+        overwrite_output_dir: bool | None = None,
     ) -> Counters:
         """Train to the end of ``plan``; returns the final :class:`Counters`.
 
         ``make_source(pass_log)`` builds the micro-batch source; it must call
         ``pass_log.begin`` / ``pass_log.passes`` at the start of every pass over a loader.
+        ``describe``: more parts of the run's fingerprint (the configs, the data), checked on
+        resume. ``keep_last_states``: delete this run's older state files but the last N.
+        ``overwrite_output_dir``: what a fresh run does in a directory holding an earlier run's
+        files (``None`` warns, ``False`` refuses, ``True`` deletes them first).
         """
         config = self.config
         if self.local_rank != -1 or self.sharded:  # before anything asks for the rank
@@ -342,15 +411,35 @@ class Runner:
         precision = Precision(config.device, fp16=config.fp16, bf16=config.bf16)
         output_dir = Path(config.output_dir)
         is_main = distributed.rank() == 0
+        if keep_last_states is not None and (isinstance(keep_last_states, bool)
+                                             or not isinstance(keep_last_states, int)
+                                             or keep_last_states < 1):
+            raise ValueError(f"keep_last_states={keep_last_states!r}: must be None (keep every "
+                             "state) or an int >= 1")
         if is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
+            remove_temporary_files(output_dir)  # left by a write killed half-way
+        if self.sharded:
+            if is_main:
+                from ._sharded_state import remove_temporary_directories
 
-        if self.sharded:  # before any state is loaded: it is loaded into the shards
-            self._shard(optimizer)
-        saved = None
-        if resume_from is not None:
-            saved = (state.read_sharded(resume_from, self.step, optimizer) if self.sharded
-                     else state.read(resume_from))
+                remove_temporary_directories(output_dir)
+            self._shard(optimizer)  # before the fingerprint and any state: loaded into shards
+
+        current = self._fingerprint(optimizer, scheduler, plan, describe)
+        saved: dict[str, Any] | None = None
+        if resume_from is not None and self.sharded:  # checks, then loads the shards in place
+            saved, _ = state.read_sharded(resume_from, current, self.step, optimizer, scheduler)
+        elif resume_from is not None:  # read, verify, check the run, validate: all before loading
+            saved, path = state.read(resume_from, current)
+            state.validate(saved, path, self.step, optimizer, scheduler)
+        elif is_main:
+            self._claim_output_dir(output_dir, overwrite_output_dir)
+        run_info = saved.get("run") if saved is not None else None
+        identity = (RunIdentity(run_info["id"], run_info["started"], current)
+                    if isinstance(run_info, dict) else RunIdentity.new(current))
+        if is_main and (save_state or state_files(output_dir)):
+            state.write_run_file(output_dir, identity)
         stopping = EarlyStoppingState()
         if saved is not None:
             stopping = state.restore(saved, self.step, optimizer, scheduler, precision)
@@ -358,7 +447,8 @@ class Runner:
         start_rng = rng_state()
         pass_log = PassLog(saved["passes"] if saved is not None else None)
         source = make_source(pass_log)
-        self.counters = counters = self._resume_position(source, saved, output_dir, is_main)
+        self.counters = counters = self._resume_position(source, saved, pass_log, output_dir,
+                                                         is_main)
 
         run = _Run(model=self._wrap_model(), optimizer=optimizer, scheduler=scheduler, plan=plan,
                    precision=precision,
@@ -368,6 +458,9 @@ class Runner:
                    stopping=stopping, pass_log=pass_log,
                    start_rng=start_rng,
                    student_params=[p for p in self.student.parameters() if p.requires_grad],
+                   named_params=[(n, p) for n, p in self.step.named_parameters()
+                                 if p.requires_grad],
+                   identity=identity, keep_last_states=keep_last_states,
                    output_dir=output_dir, is_main=is_main, max_grad_norm=max_grad_norm,
                    callback=callback, batch_postprocessor=batch_postprocessor,
                    model_args=dict(model_args or {}), save_state=save_state,

@@ -7,9 +7,11 @@ stopping). Saving is atomic: everything goes to a temporary directory that rank 
 place once every rank has written and ``purekd.json`` (format, world size, step) is on disk —
 a crash leaves either the previous states or the new one, never half of one.
 
-Resuming restores every shard where it was, so it continues bit for bit, but only at the world
-size the state was saved with: the data each rank draws and its generators belong to that
-layout. Another size raises a ``ValueError`` naming both before anything is loaded.
+Resuming reads the small parts first (the world size from ``purekd.json``, then what the ranks
+share and each rank's own), so the runner can check the run's fingerprint before any weight is
+loaded; then every shard goes back where it was, and the run continues bit for bit — but only at
+the world size the state was saved with: the data each rank draws and its generators belong to
+that layout. Another size raises a ``ValueError`` naming both before anything is loaded.
 """
 
 from __future__ import annotations
@@ -40,23 +42,77 @@ def sharded_state_path(output_dir: str | os.PathLike[str], global_step: int) -> 
     return Path(output_dir) / f"gs{global_step}{SHARDED_SUFFIX}"
 
 
-def latest_sharded_state(path: str | os.PathLike[str]) -> Path:
-    """``path`` itself if it is a sharded state, else the one with the highest step in it."""
+_PATTERN = re.compile(r"gs(\d+)" + re.escape(SHARDED_SUFFIX) + "$")
+_TEMPORARY = re.compile(r"^\.gs\d+" + re.escape(SHARDED_SUFFIX) + r"\.(tmp|old)$")
+
+
+def sharded_states(directory: str | os.PathLike[str],
+                   run_id: str | None = None) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every complete sharded state in ``directory`` (of the run
+    ``run_id`` when given), by step."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _PATTERN.match(path.name)
+        if match is None or not (path / MARKER).is_file():
+            continue
+        if run_id is not None and _marker_or_none(path).get("run_id") != run_id:
+            continue
+        found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _marker_or_none(path: Path) -> dict[str, Any]:
+    try:
+        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def remove_temporary_directories(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary state directories a save killed half-way left; returns them."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if _TEMPORARY.match(p.name) and p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def prune_sharded(directory: Path, run_id: str, keep: int) -> list[Path]:
+    """Delete this run's sharded states but the ``keep`` latest; returns what was deleted."""
+    mine = sharded_states(directory, run_id)
+    doomed = [path for _, path in mine[:-keep]] if len(mine) > keep else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def latest_sharded_state(path: str | os.PathLike[str], run_id: str | None = None) -> Path:
+    """``path`` itself if it is a sharded state, else the latest complete one in it (of the
+    run ``run_id`` when given)."""
     candidate = Path(path)
     if (candidate / MARKER).is_file():
         return candidate
     if not candidate.is_dir():
         raise FileNotFoundError(f"resume_from={str(path)!r}: no such directory")
-    pattern = re.compile(r"gs(\d+)" + re.escape(SHARDED_SUFFIX) + "$")
-    found = [(int(m.group(1)), p) for p in candidate.iterdir()
-             if (m := pattern.match(p.name)) and (p / MARKER).is_file()]
+    found = sharded_states(candidate, run_id)
+    if not found and run_id is not None and sharded_states(candidate):
+        raise FileNotFoundError(
+            f"resume_from={str(path)!r}: its sharded states belong to another run than the one "
+            f"in run.json (id {run_id}); name a gs<step>{SHARDED_SUFFIX} directory explicitly, "
+            "or start afresh (resume_from=None)")
     if not found:
         single = " (it holds single-process gs<step>.state.pt files: resume those without fsdp)"
         raise FileNotFoundError(
             f"resume_from={str(path)!r}: no gs<step>{SHARDED_SUFFIX}/ directory with a {MARKER} "
             "in it; sharded states are written when training with fsdp and save_state=True"
             + (single if any(candidate.glob("gs*.state.pt")) else ""))
-    return max(found)[1]
+    return found[-1][1]
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -88,7 +144,7 @@ def _barrier() -> None:
 
 
 def save_sharded_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer,
-                       shared: dict[str, Any], own: dict[str, Any]) -> Path:
+                       shared: dict[str, Any], own: dict[str, Any], run_id: str) -> Path:
     """Write the state of ``module`` (the sharded step) and ``optimizer``, ``shared`` (rank
     0's copy is kept) and ``own`` (each rank's) to ``path``. Every rank must call it."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -108,7 +164,8 @@ def save_sharded_state(path: Path, module: nn.Module, optimizer: torch.optim.Opt
         marker = tmp / MARKER
         with open(marker, "w", encoding="utf-8") as file:
             json.dump({"format": FORMAT, "version": VERSION, "world_size": world,
-                       "global_step": shared.get("counters", {}).get("global_step")}, file)
+                       "global_step": shared.get("counters", {}).get("global_step"),
+                       "run_id": run_id}, file)
             file.flush()
             os.fsync(file.fileno())
         old = path.with_name(f".{path.name}.old")
@@ -144,21 +201,28 @@ def check_world_size(path: Path, saved: int, current: int) -> None:
             "from the gathered weights gs<step>.pkl")
 
 
-def load_sharded_state(path: Path, module: nn.Module,
-                       optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load what :func:`save_sharded_state` wrote into ``module`` and ``optimizer``; returns
-    ``(shared, own)``. The world size is checked before anything is read."""
+def load_sharded_extras(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(shared, own)`` of the sharded state at ``path``, for this rank; the world size is
+    checked first. No weights are read."""
     marker = read_marker(path)
     rank = dist.get_rank()
     check_world_size(path, int(marker["world_size"]), dist.get_world_size())
-    model_state, optimizer_state = get_state_dict(module, optimizer)
-    state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state,
-                             "shared": b"", f"rank{rank}": b""}
+    state: dict[str, Any] = {"shared": b"", f"rank{rank}": b""}
     dcp.load(state, checkpoint_id=path, planner=_WeightsOnlyLoadPlanner())
-    set_state_dict(module, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
     return _from_bytes(state["shared"]), _from_bytes(state[f"rank{rank}"])
 
 
+def load_sharded_weights(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load this rank's shards of ``module`` (the sharded step) and ``optimizer`` from
+    ``path``, in place."""
+    model_state, optimizer_state = get_state_dict(module, optimizer)
+    state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path, planner=_WeightsOnlyLoadPlanner())
+    set_state_dict(module, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+
+
 __all__ = ["MARKER", "SHARDED_SUFFIX", "check_world_size", "latest_sharded_state",
-           "load_sharded_state", "read_marker", "save_sharded_state", "sharded_state_path"]
+           "load_sharded_extras", "load_sharded_weights", "prune_sharded", "read_marker",
+           "remove_temporary_directories", "save_sharded_state", "sharded_state_path",
+           "sharded_states"]

@@ -24,12 +24,19 @@ class PassLog:
     data order without running the model, so it restores, before each pass that is still
     running at the checkpoint, the state recorded when that pass began. ``latest`` maps each
     loader key to ``(pass number, state)`` of its current pass; it goes into state files.
+
+    While :attr:`replaying` is set, a pass over a map-style ``DataLoader`` without workers
+    draws its sampler's indices but does not fetch or collate the data: it yields
+    :data:`SKIPPED` (index-level skipping; the order, the sampler's random draws and hence the
+    rest of the run are unchanged). Other loaders are replayed batch by batch.
     """
 
     def __init__(self, replay: Mapping[str, tuple[int, dict[str, Any]]] | None = None):
         self.count = 0
         self.latest: dict[str, tuple[int, dict[str, Any]]] = {}
         self._replay = dict(replay or {})
+        self.replaying = False
+        self.skipped = 0  # batches passed over without loading them
 
     def begin(self, key: str) -> None:
         """Call right before a new pass over the loader ``key`` starts drawing."""
@@ -43,7 +50,34 @@ class PassLog:
     def passes(self, loader: Iterable[Any], key: str = "") -> Iterator[Any]:
         """``iter(loader)`` with :meth:`begin` called first."""
         self.begin(key)
-        return iter(loader)
+        iterator = iter(loader)
+        if self.replaying and _skippable(iterator):
+            return self._skipping(iterator)
+        return iterator
+
+    def _skipping(self, iterator: Any) -> Iterator[Any]:
+        while self.replaying:
+            try:
+                iterator._next_index()  # the sampler's next batch of indices; nothing fetched
+            except StopIteration:
+                return
+            iterator._num_yielded += 1
+            self.skipped += 1
+            yield SKIPPED
+        yield from iterator
+
+
+SKIPPED = object()
+"""What a skipping pass yields in place of a batch while a resumed run replays its data order."""
+
+
+def _skippable(iterator: Any) -> bool:
+    """A single-process iterator over a map-style dataset: its indices can be drawn alone."""
+    from torch.utils.data import dataloader
+
+    return (type(iterator) is dataloader._SingleProcessDataLoaderIter
+            and iterator._dataset_kind == dataloader._DatasetKind.Map
+            and hasattr(iterator, "_next_index") and hasattr(iterator, "_num_yielded"))
 
 
 class Micro(NamedTuple):
@@ -137,4 +171,4 @@ def sampled_tasks(loaders: Mapping[str, Iterable[Any]], tau: float,
         index += 1
 
 
-__all__ = ["Micro", "PassLog", "cached_epochs", "cycled", "epochs", "sampled_tasks", "task_sampling_weights"]
+__all__ = ["SKIPPED", "Micro", "PassLog", "cached_epochs", "cycled", "epochs", "sampled_tasks", "task_sampling_weights"]

@@ -1,23 +1,41 @@
-"""The full training state: what it holds, how it is written and read, and how it is put back.
+"""The full training state: what it holds, which run it belongs to, how it is written, read,
+verified, validated against the run, fallen back from, and put back.
 
 A state file ``gs{step}.state.pt`` holds everything a run needs to continue bit for bit: the
 step's weights (student and projections), the optimizer, the LR scheduler, the gradient scaler,
 every random generator (now and at the start of training), the counters, the random state of
-each running pass over a loader and early stopping's memory. It loads with
-``torch.load(weights_only=True)``: no code in a state file is ever executed.
+each running pass over a loader, early stopping's memory, and the run it belongs to (its id and
+its *fingerprint*: the configs, the parameters' shapes, the data, the optimizer's kind and
+groups, the scheduler). It loads with ``torch.load(weights_only=True)``: no code in a state
+file is ever executed.
+
+``output_dir/run.json`` names the run that last started in the directory (written when a run
+saves states). Resuming from a directory takes the latest state *of that run* that passes its
+zip CRC checks, falling back (with a warning) past damaged ones; a state whose fingerprint
+differs from the resuming run's is refused with the differences named, before anything is
+loaded.
 
 This module is the one place that knows the state's layout: :func:`capture` builds it,
-:func:`write` / :func:`read` move it to and from disk, :func:`restore` loads it into the
-run's objects. Under FSDP the same state is a directory ``gs{step}.state/`` written through
+:func:`write` / :func:`read` move it to and from disk, :func:`validate` checks it against the
+run, :func:`restore` loads it into the run's objects.
+
+Under FSDP the same state is a directory ``gs{step}.state/`` written through
 ``torch.distributed.checkpoint`` (:mod:`._sharded_state`): :func:`write_sharded` splits it into
-the sharded part (step and optimizer), what every rank shares and what is each rank's own (its
-random generators); :func:`read_sharded` loads the sharded part in place and returns the rest
-in :func:`capture`'s layout, for :func:`restore`.
+the sharded part (the step and the optimizer, each rank its shards), what every rank shares and
+each rank's own (its random generators). :func:`read_sharded` checks the world size, then the
+run's fingerprint and the optimizer and scheduler, and only then loads the shards in place; it
+returns the rest in :func:`capture`'s layout for :func:`restore`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
+import uuid
+import warnings
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +43,133 @@ import attrs
 import torch
 from torch import nn
 
-from ._checkpoint import atomic_save, latest_state, state_path
+from ._checkpoint import STATE_SUFFIX, atomic_save, state_files, state_path
 from ._early_stopping import EarlyStoppingState
 from ._precision import Precision
 from ._rng import rng_state
 from ._sources import PassLog
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+RUN_FILE = "run.json"
+
+# Scheduler state that moves as training goes; the rest are its settings.
+_SCHEDULER_PROGRESS = {"last_epoch", "verbose"}
+# Optimizer group entries that are not options. (The learning rates are compared: the
+# fingerprint is always taken from the freshly built optimizer and scheduler at the start.)
+_GROUP_PROGRESS = {"params"}
+
+
+class StateError(ValueError):
+    """A state file cannot be used to resume this run; the message names the file and why."""
+
+
+# -- the run's identity ------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON values (what is not JSON by its ``repr``), so fingerprints compare
+    equal after a round trip through a state file or ``run.json``."""
+    return json.loads(json.dumps(value, sort_keys=True, default=repr))
+
+
+def fingerprint(*, step: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                plan: Any, training: Mapping[str, Any],
+                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What makes a state belong to a run, by part: ``training`` (the training options that
+    change the result), ``plan`` (kind and length), ``parameters`` (name → dtype and shape of
+    the step's weights and buffers), ``optimizer`` (kind, each group's parameters and options,
+    learning rate included), ``scheduler`` (kind and settings) and whatever ``extra``
+    adds (the distillation config, the data)."""
+    names = {id(p): n for n, p in step.named_parameters()}
+    groups = [{"params": [names.get(id(p), "?") + str(list(p.shape)) for p in group["params"]],
+               **{k: v for k, v in group.items() if k not in _GROUP_PROGRESS}}
+              for group in optimizer.param_groups]
+    sched = None
+    if scheduler is not None:
+        settings = {k: v for k, v in scheduler.state_dict().items()
+                    if not k.startswith("_") and k not in _SCHEDULER_PROGRESS}
+        sched = {"kind": type(scheduler).__qualname__, "settings": settings}
+    parts = {
+        "training": dict(training),
+        "plan": {"kind": type(plan).__name__, **plan._asdict()},
+        "parameters": {k: f"{v.dtype} {list(v.shape)}" for k, v in step.state_dict().items()},
+        "optimizer": {"kind": type(optimizer).__qualname__, "groups": groups},
+        "scheduler": sched,
+        **dict(extra or {}),
+    }
+    return {k: _plain(v) for k, v in parts.items()}
+
+
+def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """One line per fingerprint part that differs: the part, the saved and the current value."""
+    lines = []
+    for part in sorted(set(saved) | set(current)):
+        old, new = saved.get(part), current.get(part)
+        if old != new:
+            lines.append(f"{part}: {_describe(old, new)}")
+    return lines
+
+
+def _describe(old: Any, new: Any) -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        shown = ", ".join(f"{k}: {_short(old.get(k, '<absent>'))} -> {_short(new.get(k, '<absent>'))}"
+                          for k in keys[:4])
+        return shown + (f" (and {len(keys) - 4} more)" if len(keys) > 4 else "")
+    return f"{_short(old)} -> {_short(new)}"
+
+
+def _short(value: Any, width: int = 120) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+@attrs.frozen
+class RunIdentity:
+    """A run: a random id drawn when it starts fresh, its start time and its fingerprint."""
+
+    id: str
+    started: float
+    fingerprint: dict[str, Any]
+
+    @classmethod
+    def new(cls, fingerprint_: dict[str, Any]) -> RunIdentity:
+        return cls(uuid.uuid4().hex, time.time(), fingerprint_)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "started": self.started, "fingerprint": self.fingerprint}
+
+
+def write_run_file(output_dir: Path, run: RunIdentity) -> None:
+    """``output_dir/run.json``: the run that owns this directory's states from now on."""
+    tmp = output_dir / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(run.as_dict(), sort_keys=True), encoding="utf-8")
+    os.replace(tmp, output_dir / RUN_FILE)
+
+
+def read_run_file(output_dir: Path) -> dict[str, Any] | None:
+    """What ``run.json`` says, or ``None`` when it is absent or unreadable."""
+    try:
+        data = json.loads((output_dir / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("id"), str) else None
+
+
+# -- capture and write -------------------------------------------------------------------------
 
 
 def capture(step: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
             precision: Precision, start_rng: dict[str, Any], counters: Any,
-            pass_log: PassLog, stopping: EarlyStoppingState, *,
+            pass_log: PassLog, stopping: EarlyStoppingState, run: RunIdentity, *,
             sharded: bool = False) -> dict[str, Any]:
     """The full state of a run, as tensors and plain Python values (with ``sharded``, without
     the step and the optimizer: :func:`write_sharded` takes those from the modules)."""
     weights = {} if sharded else {"step": step.state_dict(), "optimizer": optimizer.state_dict()}
     return {
         "version": STATE_VERSION,
+        "run": run.as_dict(),
+        "optimizer_kind": type(optimizer).__qualname__,
         **weights,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": precision.state_dict(),
@@ -57,17 +184,11 @@ def capture(step: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
 def write(state: dict[str, Any], output_dir: str | os.PathLike[str]) -> Path:
     """Save ``state`` atomically as ``output_dir/gs{global_step}.state.pt``; returns the path.
 
-    The one place a full state reaches the disk (a sharded, distributed writer goes here)."""
+    The one place a full state reaches the disk (a sharded, distributed writer goes here).
+    ``torch.save`` writes a zip archive with a CRC-32 of every record, which :func:`load_verified`
+    checks."""
     step = state["counters"]["global_step"]
     return atomic_save(state, state_path(output_dir, step))
-
-
-def read(resume_from: str | os.PathLike[str]) -> dict[str, Any]:
-    """The state at ``resume_from`` (a state file, or the latest one in a directory)."""
-    saved = torch.load(latest_state(resume_from), map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or saved.get("version") != STATE_VERSION:
-        raise ValueError(f"resume_from={str(resume_from)!r}: not a purekd state file")
-    return saved
 
 
 _OWN = ("rng", "start_rng")  # what differs between the ranks of one run
@@ -76,39 +197,206 @@ _SHARDED = ("step", "optimizer")  # what torch.distributed.checkpoint saves shar
 
 def write_sharded(state: dict[str, Any], step: nn.Module, optimizer: torch.optim.Optimizer,
                   output_dir: str | os.PathLike[str]) -> Path:
-    """Save a :func:`capture` (``sharded=True``) of an FSDP run as ``output_dir/gs{global_step}.state/``: the
-    sharded ``step`` and ``optimizer`` as they are on each rank, the rest split into what
-    every rank shares and each rank's own. Every rank must call it."""
+    """Save a :func:`capture` (``sharded=True``) of an FSDP run as
+    ``output_dir/gs{global_step}.state/``: the sharded ``step`` and ``optimizer`` as they are
+    on each rank, the rest split into what every rank shares and each rank's own. Every rank
+    must call it."""
     from . import _sharded_state as sharded  # torch.distributed.checkpoint: seconds to import
 
     own = {key: state[key] for key in _OWN}
     shared = {key: value for key, value in state.items() if key not in (*_OWN, *_SHARDED)}
     path = sharded.sharded_state_path(output_dir, state["counters"]["global_step"])
-    return sharded.save_sharded_state(path, step, optimizer, shared, own)
+    return sharded.save_sharded_state(path, step, optimizer, shared, own, state["run"]["id"])
 
 
-def read_sharded(resume_from: str | os.PathLike[str], step: nn.Module,
-                 optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load the sharded state at ``resume_from`` (a ``gs{step}.state`` directory, or the
-    latest complete one in a directory) into the sharded ``step`` and ``optimizer``; returns
-    the rest in :func:`capture`'s layout, without ``step`` and ``optimizer``."""
+def read_sharded(resume_from: str | os.PathLike[str], current: Mapping[str, Any],
+                 step: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any) -> tuple[dict[str, Any], Path]:
+    """Resume an FSDP run: the sharded state at ``resume_from`` (a ``gs{step}.state``
+    directory, or the latest complete one of the run in ``run.json``) is checked — world size,
+    fingerprint against ``current``, optimizer and scheduler — and then its shards are loaded
+    into ``step`` and ``optimizer`` in place. Returns the rest in :func:`capture`'s layout
+    (without ``step`` and ``optimizer``) and the path. Every rank must call it."""
     from . import _sharded_state as sharded
 
-    shared, own = sharded.load_sharded_state(sharded.latest_sharded_state(resume_from), step,
-                                             optimizer)
+    root = Path(resume_from)
+    owner = read_run_file(root) if root.is_dir() else None
+    path = sharded.latest_sharded_state(root, owner["id"] if owner is not None else None)
+    shared, own = sharded.load_sharded_extras(path)
     saved = {**shared, **own}
     if saved.get("version") != STATE_VERSION:
-        raise ValueError(f"resume_from={str(resume_from)!r}: not a purekd state of version "
-                         f"{STATE_VERSION}")
+        raise StateError(f"{path}: not a purekd state of version {STATE_VERSION}")
+    check_fingerprint(saved, current, path)
+    validate(saved, path, step, optimizer, scheduler)
+    sharded.load_sharded_weights(path, step, optimizer)
+    return saved, path
+
+
+def prune(output_dir: Path, run_id: str, keep: int) -> list[Path]:
+    """Delete this run's state files but the ``keep`` latest; returns what was deleted. States
+    of other runs and unreadable files are left alone."""
+    mine = [(step, path) for step, path in state_files(output_dir) if _run_id_of(path) == run_id]
+    doomed = [path for _, path in sorted(mine)[:-keep]] if len(mine) > keep else []
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
+def _run_id_of(path: Path) -> str | None:
+    """The run id in a state file, read without loading its tensors (``mmap``)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        run = saved.get("run") if isinstance(saved, dict) else None
+    except Exception:  # unreadable: not ours to delete
+        return None
+    return run.get("id") if isinstance(run, dict) else None
+
+
+# -- read, verify, choose ----------------------------------------------------------------------
+
+
+def load_verified(path: Path) -> dict[str, Any]:
+    """The state in ``path`` after checking every zip record's CRC-32; a :class:`StateError`
+    naming the file when it is empty, truncated, damaged or not a purekd state."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise StateError(f"{path}: the state file is empty (0 bytes)")
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            raise StateError(f"{path}: the state file is damaged (the CRC-32 of record {bad!r} "
+                             "does not match its data)")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except StateError:
+        raise
+    except (zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError,
+            _pickle_error()) as error:
+        raise StateError(f"{path}: the state file is truncated or damaged "
+                         f"({type(error).__name__}: {error})") from None
+    if not isinstance(saved, dict) or saved.get("version") not in (1, STATE_VERSION):
+        raise StateError(f"{path}: not a purekd state file (version "
+                         f"{saved.get('version') if isinstance(saved, dict) else None!r})")
     return saved
+
+
+def _pickle_error() -> type[Exception]:
+    import pickle
+
+    return pickle.UnpicklingError
+
+
+def read(resume_from: str | os.PathLike[str], current: Mapping[str, Any]) -> tuple[dict[str, Any], Path]:
+    """The state to resume from, and its path.
+
+    ``resume_from`` a file: that state, verified (a damaged one raises). A directory: the
+    latest state of the run named in its ``run.json`` (any run when there is none) that passes
+    verification; damaged ones are skipped with a warning naming them. Either way the state's
+    fingerprint must equal ``current`` (the resuming run's), else :class:`StateError` lists
+    what differs."""
+    root = Path(resume_from)
+    if root.is_file():
+        saved = load_verified(root)
+        check_fingerprint(saved, current, root)
+        return saved, root
+    if not root.is_dir():
+        raise FileNotFoundError(f"resume_from={str(resume_from)!r}: no such file or directory")
+    found = state_files(root)
+    if not found:
+        raise FileNotFoundError(
+            f"resume_from={str(resume_from)!r}: no gs<step>{STATE_SUFFIX} file in this directory; "
+            "full-state checkpoints are written when training with save_state=True"
+        )
+    owner = read_run_file(root)
+    damaged: list[str] = []
+    others: list[str] = []
+    for _, path in sorted(found, reverse=True):
+        try:
+            saved = load_verified(path)
+        except StateError as error:
+            damaged.append(str(error))
+            continue
+        run = saved.get("run")
+        if owner is not None and (run.get("id") if isinstance(run, dict) else None) != owner["id"]:
+            others.append(path.name)
+            continue
+        if damaged:
+            warnings.warn(f"resume_from={str(resume_from)!r}: skipped damaged state file(s): "
+                          + "; ".join(damaged) + f". Resuming from the previous good state, "
+                          f"{path.name}.", RuntimeWarning, stacklevel=4)
+        check_fingerprint(saved, current, path)
+        return saved, path
+    problems = []
+    if damaged:
+        problems.append("damaged: " + "; ".join(damaged))
+    if others:
+        problems.append(f"of another run than the one in {RUN_FILE} (id {owner and owner['id']}): "
+                        + ", ".join(sorted(others)))
+    raise StateError(f"resume_from={str(resume_from)!r}: no usable state of this run; "
+                     + "; ".join(problems)
+                     + ". Start afresh (resume_from=None), or name a state file explicitly.")
+
+
+def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> None:
+    """Raise :class:`StateError` listing each part where the state's run differs from this one."""
+    run = saved.get("run")
+    if not isinstance(run, dict):  # a version-1 state: no fingerprint; validate() still checks
+        warnings.warn(f"{path}: a state file without a run fingerprint (written by an older "
+                      "purekd); only its shapes and optimizer are checked", RuntimeWarning,
+                      stacklevel=4)
+        return
+    diff = differences(run.get("fingerprint", {}), current)
+    if diff:
+        raise StateError(
+            f"{path}: the state belongs to a different run; what differs (saved -> now):\n  "
+            + "\n  ".join(diff)
+            + "\nResume with the same configs, models, data, optimizer, scheduler and length, "
+            "or start afresh (resume_from=None)."
+        )
+
+
+# -- validate and restore ----------------------------------------------------------------------
+
+
+def validate(saved: Mapping[str, Any], path: Path, step: nn.Module,
+             optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """Check, before loading anything, that ``saved`` fits the run's objects: the step's keys
+    and shapes, the optimizer's kind, its groups and their sizes, the scheduler's presence."""
+    problems = []
+    # a sharded state holds no "step" or "optimizer" here: the fingerprint has their shapes and
+    # groups, and torch.distributed.checkpoint checks every shard it loads
+    weights = saved.get("step", {})
+    own = step.state_dict() if "step" in saved else {}
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    if missing or unexpected:
+        problems.append(f"weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key in sorted(set(own) & set(weights)):
+        if tuple(own[key].shape) != tuple(weights[key].shape):
+            problems.append(f"weight {key!r}: saved shape {list(weights[key].shape)}, "
+                            f"the model has {list(own[key].shape)}")
+    kind = saved.get("optimizer_kind")
+    if kind is not None and kind != type(optimizer).__qualname__:
+        problems.append(f"optimizer: saved {kind}, the run has {type(optimizer).__qualname__}")
+    saved_groups = saved.get("optimizer", {}).get("param_groups", [])
+    sizes = [len(g["params"]) for g in saved_groups]
+    own_sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if "optimizer" in saved and sizes != own_sizes:
+        problems.append(f"optimizer parameter groups: saved sizes {sizes}, the run has {own_sizes}")
+    if (saved.get("scheduler") is None) != (scheduler is None):
+        problems.append("scheduler: " + ("saved none, the run has "
+                                         f"{type(scheduler).__qualname__}" if scheduler is not None
+                                         else "saved one, the run has none"))
+    if problems:
+        raise StateError(f"{path}: the state does not fit this run (nothing was loaded):\n  "
+                         + "\n  ".join(problems))
 
 
 def restore(saved: dict[str, Any], step: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: Any, precision: Precision) -> EarlyStoppingState:
     """Load ``saved`` into the step, the optimizer, the scheduler and the scaler; returns early
     stopping's memory. The random generators and the counters are restored by the runner, at
-    the points of the data replay where they belong. A :func:`read_sharded` state has no
-    ``step`` and ``optimizer``: they are already in place."""
+    the points of the data replay where they belong. Call :func:`validate` first. A
+    :func:`read_sharded` state has no ``step`` and ``optimizer``: they are already in place."""
     if "step" in saved:
         step.load_state_dict(saved["step"])
     if "optimizer" in saved:
@@ -119,5 +407,6 @@ def restore(saved: dict[str, Any], step: nn.Module, optimizer: torch.optim.Optim
     return EarlyStoppingState(**saved["early_stopping"])
 
 
-__all__ = ["STATE_VERSION", "capture", "read", "read_sharded", "restore", "write",
-           "write_sharded"]
+__all__ = ["RUN_FILE", "STATE_VERSION", "RunIdentity", "StateError", "capture", "check_fingerprint",
+           "differences", "fingerprint", "load_verified", "prune", "read", "read_run_file",
+           "read_sharded", "restore", "validate", "write", "write_run_file", "write_sharded"]

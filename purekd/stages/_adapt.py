@@ -17,18 +17,9 @@ class AdaptorError(ValueError, TypeError):
     """An adaptor returned something that is not a valid adaptor dict."""
 
 
-class Adapted(NamedTuple):
-    """A model's outputs in the adaptor format, normalised.
+class _AdaptedFields(NamedTuple):
+    """The fields of :class:`Adapted`."""
 
-    Every list-valued key is a tuple (empty when the adaptor did not return it); a single tensor
-    became a 1-tuple. ``inputs_mask`` is a tensor or ``None``. ``captured`` holds the outputs of
-    custom-match modules, captured during the forward pass, in match order.
-
-    Shapes: ``logits[i]`` ``(B, C)`` or ``(B, L, C)``; ``logits_mask[i]`` ``(B, L)``;
-    ``labels[i]`` ``(B,)`` or ``(B, L)``; ``losses[i]`` any (reduced with ``.mean()``);
-    ``hidden[k]`` ``(B, L, D)``; ``attention[k]`` ``(B, H, L, L)`` or ``(B, L, L)``;
-    ``inputs_mask`` ``(B, L)``.
-    """
 
     logits: Tensors = ()
     logits_mask: Tensors = ()
@@ -38,6 +29,51 @@ class Adapted(NamedTuple):
     attention: Tensors = ()
     inputs_mask: Tensor | None = None
     captured: tuple[Any, ...] = ()
+
+
+def _tupled(field: str, value: Any) -> Any:
+    """A tuple-valued field given as one tensor or a list, as a tuple."""
+    if isinstance(value, Tensor):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(value)
+    if value is None:
+        return ()
+    if not isinstance(value, tuple):
+        raise TypeError(f"Adapted({field}=...): expected a tensor or a tuple/list of tensors, "
+                        f"got {type(value).__name__}")
+    return value
+
+
+class Adapted(_AdaptedFields):
+    """A model's outputs in the adaptor format, normalised.
+
+    Every list-valued key is a tuple (empty when the adaptor did not return it); a single tensor
+    became a 1-tuple (also when built by hand: ``Adapted(logits=tensor)`` holds ``(tensor,)``).
+    ``inputs_mask`` is a tensor or ``None``. ``captured`` holds the outputs of custom-match
+    modules, captured during the forward pass, in match order.
+
+    Shapes: ``logits[i]`` ``(B, C)`` or ``(B, L, C)``; ``logits_mask[i]`` ``(B, L)``;
+    ``labels[i]`` ``(B,)`` or ``(B, L)``; ``losses[i]`` any (reduced with ``.mean()``);
+    ``hidden[k]`` ``(B, L, D)``; ``attention[k]`` ``(B, H, L, L)`` or ``(B, L, L)``;
+    ``inputs_mask`` ``(B, L)``.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Adapted:
+        fields = _AdaptedFields.__new__(cls, *args, **kwargs)
+        defaults = cls._field_defaults
+        values = [_tupled(name, value) if defaults.get(name) == () else value
+                  for name, value in zip(cls._fields, fields, strict=True)]
+        return tuple.__new__(cls, values)
+
+    def _replace(self, **changes: Any) -> Adapted:
+        unknown = set(changes) - set(self._fields)
+        if unknown:
+            raise ValueError(f"Adapted has no field(s) {sorted(unknown)}; fields: {self._fields}")
+        return type(self)(*[changes.get(name, value)
+                            for name, value in zip(self._fields, self, strict=True)])
 
 
 _LIST_KEYS = ("logits", "logits_mask", "labels", "losses", "hidden", "attention")

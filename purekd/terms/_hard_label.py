@@ -25,7 +25,7 @@ def hard_label(weight: Weight = 1.0, name: str = "hard_label_loss") -> Term:
             total = total + loss.mean()
         return {name: total}
 
-    return Term(term, weight)
+    return Term(term, weight, name=name)
 
 
 __all__ = ["hard_label"]

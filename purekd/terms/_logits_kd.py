@@ -155,7 +155,7 @@ def logits_kd(
     def check(adapted_S: Adapted, adapted_T: Adapted) -> None:
         check_logits(adapted_S, adapted_T, shift_probability)
 
-    return Term(term, weight, check)
+    return Term(term, weight, check, name)
 
 
 __all__ = ["align_teacher_rows", "check_logits", "logits_kd", "logits_mask_for", "separate_masks"]

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from purekd import presets
 from purekd.stages import Adapted
 
 from ._context import Context, Term, Weight
@@ -17,6 +18,15 @@ MatchLoss = Callable[..., Tensor]
 
 WIDTH_FREE_LOSSES = frozenset({"mmd", "nst"})
 """Match losses that compare position-by-position Gram matrices, so widths may differ."""
+
+
+def known_match_loss(loss: Any) -> str | None:
+    """The preset name of one of purekd's match losses (``'hidden_mse'``, ...), recognised by the
+    function object, or ``None`` for any other function."""
+    for name, function in presets.MATCH_LOSS_MAP.items():
+        if function is loss:
+            return name
+    return None
 
 
 def _fmt(layer: Layer) -> str:
@@ -36,6 +46,19 @@ def select_layers(adapted: Adapted, feature: str, layer: Layer) -> Any:
     return features[layer]
 
 
+_EMPTY_HINT = {
+    "attention": (
+        ". If it does and the list is empty, the model computed no attention weights: "
+        "Hugging Face models with the default 'sdpa' (or flash) attention return an empty "
+        "'attentions' tuple even with output_attentions=True; load the model with "
+        "attn_implementation=\"eager\" (or call model.set_attn_implementation(\"eager\")) and "
+        "pass output_attentions=True"),
+    "hidden": (
+        ". If it does and the list is empty, the model returned no hidden states: Hugging "
+        "Face models return them only with output_hidden_states=True"),
+}
+
+
 def _check_indices(label: str, side: str, adapted: Adapted, feature: str, layer: Layer) -> None:
     available = len(getattr(adapted, feature))
     for index in layer if isinstance(layer, Sequence) else [layer]:
@@ -44,7 +67,7 @@ def _check_indices(label: str, side: str, adapted: Adapted, feature: str, layer:
                 f"{label}: layer_{side}={index} but the {'student' if side == 'S' else 'teacher'}'s "
                 f"adaptor returned {available} {feature!r} layer(s)"
                 + (f" (valid indices 0..{available - 1})" if available else
-                   f": return {feature!r} from the adaptor")
+                   f": return {feature!r} from the adaptor" + _EMPTY_HINT.get(feature, ""))
             )
 
 
@@ -83,10 +106,19 @@ def intermediate_match(
     both student layers. ``loss_name`` (default: ``loss.__name__``) names the loss in messages and
     in the default ``name`` (:func:`match_name`).
 
-    Its check: both layer indices exist, and, for a known loss other than ``mmd``/``nst`` with no
-    projection, the student and teacher features have the same width.
+    Its check: both layer indices exist, and, for one of purekd's match losses other than
+    ``mmd``/``nst`` (recognised by the function itself, or by ``loss_name``) with no projection,
+    the student and teacher features have the same width; a projection must take the student's
+    width. A projection that is an ``nn.Module`` is the term's trainable module
+    (``term.modules``), so a :class:`~purekd.Step` trains it.
     """
-    loss_label: str = loss_name or str(getattr(loss, "__name__", "loss"))
+    known = known_match_loss(loss)
+    loss_label: str = loss_name or known or str(getattr(loss, "__name__", "loss"))
+    # purekd's match losses compare entry by entry unless they are width-free; a user's loss
+    # function may compare features of different widths, so it is checked only when named.
+    compares_widths = ((known is not None or loss_name is not None)
+                       and loss_label not in WIDTH_FREE_LOSSES
+                       and (known or loss_label) not in WIDTH_FREE_LOSSES)
     term_name = name or match_name(feature, loss_label, layer_S, layer_T)
     label = (f"intermediate match {term_name!r} (feature {feature!r}, loss {loss_label!r}, "
              f"layer_S={layer_S!r}, layer_T={layer_T!r})")
@@ -112,7 +144,7 @@ def intermediate_match(
             _check_projection(label, projection, width_S, width_T,
                               loss_label not in WIDTH_FREE_LOSSES)
             return
-        if loss_name is None or loss_label in WIDTH_FREE_LOSSES:
+        if not compares_widths:
             return
         if width_S != width_T:
             raise ValueError(
@@ -122,7 +154,8 @@ def intermediate_match(
                 f"'proj': ['linear', {width_S}, {width_T}]"
             )
 
-    return Term(term, weight, check)
+    modules = (projection,) if isinstance(projection, nn.Module) else ()
+    return Term(term, weight, check, term_name, modules)
 
 
 def custom_match(
@@ -154,7 +187,8 @@ def custom_match(
                     "during the forward pass, so it has no output to match"
                 )
 
-    return Term(term, weight, check)
+    modules = (projection,) if isinstance(projection, nn.Module) else ()
+    return Term(term, weight, check, term_name, modules)
 
 
 __all__ = ["WIDTH_FREE_LOSSES", "custom_match", "intermediate_match", "match_name",

@@ -86,9 +86,8 @@ def test_objective_accepts_plain_term_functions_and_skips_empty_terms():
 
 def test_objective_rejects_duplicate_names():
     student, teacher = adapted_pair()
-    twice = objective(hard_label(), hard_label(weight=2.0))
     with pytest.raises(ValueError, match=r"both named 'hard_label_loss'.*distinct name"):
-        twice(student, teacher, make_context())
+        objective(hard_label(), hard_label(weight=2.0))  # at construction, as optax named_chain
     renamed = objective(hard_label(), hard_label(weight=2.0, name="again"))
     out = renamed(student, teacher, make_context())
     torch.testing.assert_close(out.loss, 3 * student.losses[0].mean())
@@ -104,7 +103,7 @@ def test_objective_check_runs_every_terms_check():
     student, teacher = adapted_pair()
     calls = []
     checked = Term(lambda s, t, ctx: {}, 1.0, lambda s, t: calls.append((s, t)))
-    obj = objective(hard_label(), checked, checked)
+    obj = objective(hard_label(), checked, checked._replace(name="again"))
     assert isinstance(obj, Objective)
     obj.check(student, teacher)
     assert len(calls) == 2

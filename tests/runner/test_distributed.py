@@ -132,7 +132,8 @@ def test_two_processes_equal_one_process_on_the_combined_batch(ddp_run, tmp_path
     assert [n for n in ranks[0]["saves"] if n.endswith(".pkl")] == [f"gs{s}.pkl" for s in CKPT_STEPS]
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([*(f"gs{s}.pkl" for s in CKPT_STEPS),
-                            *(f"gs{s}.state.pt" for s in CKPT_STEPS), "metrics.jsonl"])
+                            *(f"gs{s}.state.pt" for s in CKPT_STEPS), "metrics.jsonl",
+                            "run.json"])
     assert checkpoints(out) == sorted(f"gs{s}.pkl" for s in CKPT_STEPS)
     final = torch.load(out / f"gs{CKPT_STEPS[-1]}.pkl", weights_only=True)
     for key, value in final.items():

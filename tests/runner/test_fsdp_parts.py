@@ -281,7 +281,8 @@ def test_the_sharded_runner_evaluates_stops_early_and_trains_again(tmp_path: Pat
 
     # a second train() on the sharded models, with a fresh optimizer
     with distiller:
-        distiller.train(torch.optim.SGD(student.parameters(), lr=1e-2), _batches(), num_epochs=1)
+        distiller.train(torch.optim.SGD(student.parameters(), lr=1e-2), _batches(), num_epochs=1,
+                        overwrite_output_dir=True)
     assert distiller.runner.counters.global_step == 4
 
 

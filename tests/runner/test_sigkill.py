@@ -118,6 +118,7 @@ def test_sigkilled_run_resumes_bit_identically(tmp_path: Path) -> None:
 
     done = _run(script, out, result, "resume", "never")  # from gs8.state.pt, ignoring the .tmp
     assert done.returncode == 0, done.stderr[-2000:]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # removed at start
     assert_state_equal(torch.load(result, weights_only=True), expected)
     assert_state_equal(torch.load(out / "gs12.pkl", weights_only=True),
                        torch.load(tmp_path / "full" / "gs12.pkl", weights_only=True))

@@ -1,0 +1,219 @@
+"""``DistillationTrainer``: the Hugging Face ``Trainer`` with a purekd step as its model.
+
+::
+
+    from purekd.integrations.hf_trainer import DistillationTrainer
+
+    step = purekd.make_step(config, teacher, student, adaptor_T, adaptor_S)
+    trainer = DistillationTrainer(step, args, train_dataset=..., eval_dataset=...)
+    trainer.train()
+    trainer.evaluate()              # eval_loss: the distillation loss on the eval set
+    trainer.save_model("student")   # the student, as student.save_pretrained("student") writes it
+
+What it does beyond a plain ``Trainer(model=step)``:
+
+* the Trainer's model is the step: ``model.parameters()`` are the student's and the projections',
+  so the default optimizer, device placement, DDP/FSDP wrapping and ``model.train()`` cover
+  exactly what is trained; the teacher(s), held but not registered by the step, are moved to
+  ``args.device`` and put in eval mode here;
+* ``progress = global_step / max_steps`` goes to the step, so scheduled weights follow training;
+* the loss's normalisation under gradient accumulation: by default the step's loss is a mean
+  per micro-batch, and the Trainer divides it by the accumulation steps (what purekd's runner
+  and TextBrewer do). With ``token_level=True`` the loss is instead normalised by the number of
+  counted tokens in the *whole* optimizer step (``num_items_in_batch``, summed over
+  micro-batches and, with ``average_tokens_across_devices``, over processes): each micro-batch's
+  loss, a mean over its own ``count_tokens(batch)`` tokens, is rescaled by
+  ``count_tokens(batch) / num_items_in_batch``, which makes the accumulated gradient that of one
+  batch holding every token. ``model_accepts_loss_kwargs`` is set after ``super().__init__()``,
+  which would otherwise overwrite it;
+* ``evaluate()`` works without ``label_names``: the evaluation loss is the step's loss (with
+  ``prediction_loss_only`` semantics: no logits are gathered);
+* the data collator keeps the columns the *student's* forward takes (the step's own signature,
+  ``batch, progress, ...``, would make ``remove_unused_columns`` drop everything);
+* ``save_model`` writes the student with its ``save_pretrained`` (or its ``state_dict`` as
+  ``model.safetensors`` for a plain module) and the projections beside it in
+  ``purekd_projections.safetensors``; checkpoints hold the same, and resuming from one loads both.
+
+``token_level`` needs the step's loss to be a mean over the tokens ``count_tokens`` counts
+(default: ``labels != -100``, over ``labels[..., 1:]`` with ``shift_labels=True`` as for causal
+LMs), for every term of the objective.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+from transformers import Trainer
+
+from purekd.combinators import Step
+
+PROJECTIONS_FILE = "purekd_projections.safetensors"
+_SPLIT_KEYS = ["teacher", "student", "teacher_cache"]
+
+__all__ = ["PROJECTIONS_FILE", "DistillationTrainer", "count_label_tokens"]
+
+
+def count_label_tokens(batch: Mapping[str, Any], shift_labels: bool = True) -> torch.Tensor:
+    """The tokens a token-level loss averages over: ``labels != -100`` (``labels[..., 1:]`` when
+    ``shift_labels``, as a causal LM predicts token ``t + 1`` at position ``t``)."""
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if isinstance(batch, Mapping) and "student" in batch and labels is None:
+        labels = batch["student"].get("labels") if isinstance(batch["student"], Mapping) else None
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(
+            "DistillationTrainer(token_level=True) counts the tokens of each batch from its "
+            "'labels' (-100 = not counted), but the batch has none: add 'labels' to the batch, "
+            "or pass count_tokens=fn(batch) -> number of tokens the step's loss averages over")
+    kept = labels[..., 1:] if shift_labels else labels
+    return (kept != -100).sum()
+
+
+class DistillationTrainer(Trainer):
+    """A ``transformers.Trainer`` whose model is a purekd :class:`~purekd.Step`.
+
+    ``DistillationTrainer(step, args, *, token_level=False, count_tokens=None, **trainer_kwargs)``;
+    ``trainer_kwargs`` are the Trainer's (``train_dataset``, ``eval_dataset``,
+    ``data_collator``, ``optimizers``, ``callbacks``, ``processing_class``, ...), except
+    ``model`` (the step is the model) and ``compute_loss_func`` (the step computes the loss).
+    ``self.train_losses`` holds each training micro-batch's loss (as computed, before any
+    scaling) and ``self.last_terms`` the unweighted terms of the last one.
+    """
+
+    def __init__(self, step: Step, args: Any = None, *, token_level: bool = False,
+                 count_tokens: Callable[[Any], Any] | None = None, shift_labels: bool = True,
+                 **kwargs: Any):
+        if not isinstance(step, Step):
+            raise TypeError(f"DistillationTrainer(step=...): expected a purekd Step (from "
+                            f"purekd.make_step or Step(...)), got {type(step).__name__}")
+        for argument in ("model", "compute_loss_func", "model_init"):
+            if argument in kwargs:
+                raise TypeError(f"DistillationTrainer: do not pass {argument}=; the step is the "
+                                "model and computes the loss")
+        if not isinstance(token_level, bool):
+            raise TypeError(f"DistillationTrainer(token_level={token_level!r}): True or False")
+        super().__init__(model=step, args=args, **kwargs)
+        self.step = step
+        self.token_level = token_level
+        self.count_tokens = count_tokens or (lambda b: count_label_tokens(b, shift_labels))
+        # Trainer.__init__ sets these from the model's forward signature (the step's **kwargs
+        # would read as "normalises by num_items_in_batch itself"): decide them here, after it.
+        self.model_accepts_loss_kwargs = token_level
+        self.loss_is_scaled_for_ga = token_level
+        self.train_losses: list[float] = []
+        self.last_terms: dict[str, float] = {}
+        for teacher in step.teachers.values():
+            if isinstance(teacher, nn.Module):
+                teacher.to(self.args.device)
+                teacher.eval()
+
+    # ---- data: the student's columns --------------------------------------------------------
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            forward = getattr(self.step.student, "forward", self.step.student)
+            names = list(inspect.signature(forward).parameters)
+            columns: list[str] = [*names, *_SPLIT_KEYS,
+                                  *set(["label", "label_ids", "labels", *self.label_names])]
+            self._signature_columns = columns  # type: ignore[assignment]
+
+    # ---- the loss ---------------------------------------------------------------------------
+
+    def _progress(self) -> float:
+        total = self.state.max_steps
+        if not total or total <= 0:
+            return 0.0
+        return min(max(self.state.global_step / total, 0.0), 1.0)
+
+    def compute_loss(self, model: nn.Module, inputs: Any, return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        out = model(inputs, progress=self._progress(), step=self.state.global_step)
+        loss = out.loss
+        if model.training:
+            self.train_losses.append(float(loss.detach()))
+            self.last_terms = {k: float(v.detach()) for k, v in out.terms.items()}
+        if self.token_level and model.training:
+            if num_items_in_batch is None:
+                raise ValueError(
+                    "DistillationTrainer(token_level=True) got no num_items_in_batch from the "
+                    "Trainer: the batches need 'labels' (the Trainer counts labels != -100)")
+            tokens = torch.as_tensor(self.count_tokens(inputs), device=loss.device,
+                                     dtype=loss.dtype)
+            loss = loss * tokens / torch.as_tensor(num_items_in_batch, device=loss.device,
+                                                   dtype=loss.dtype)
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                # DDP averages gradients over processes; num_items_in_batch is the global count
+                loss = loss * self.accelerator.num_processes
+        return (loss, out) if return_outputs else loss
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
+        if not self.token_level:
+            return None
+        counts = [torch.as_tensor(self.count_tokens(batch)) for batch in batch_samples]
+        if not counts:
+            return None
+        total = torch.stack([c.to(device) for c in counts]).sum()
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total).sum()
+        return total
+
+    def prediction_step(self, model: nn.Module, inputs: Any, prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> Any:
+        """The step's loss on ``inputs`` (no logits or labels are returned)."""
+        del prediction_loss_only, ignore_keys
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ---- saving and resuming ----------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        del state_dict  # the step's; the student and the projections are saved separately
+        output_dir = str(output_dir if output_dir is not None else self.args.output_dir)
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        student: Any = self.step.student
+        if hasattr(student, "save_pretrained"):
+            student.save_pretrained(output_dir)
+        else:
+            safetensors.torch.save_file(
+                {k: v.detach().contiguous() for k, v in student.state_dict().items()},
+                os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
+        projections = {k: v.detach().contiguous()
+                       for k, v in self.step.projections.state_dict().items()}
+        if projections:
+            safetensors.torch.save_file(projections, os.path.join(output_dir, PROJECTIONS_FILE),
+                                        metadata={"format": "pt"})
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None
+                              ) -> None:
+        del model
+        weights = os.path.join(resume_from_checkpoint, "model.safetensors")
+        if not os.path.isfile(weights):
+            raise ValueError(f"{resume_from_checkpoint!r} holds no model.safetensors: not a "
+                             "checkpoint written by DistillationTrainer")
+        result = self.step.student.load_state_dict(safetensors.torch.load_file(weights),
+                                                   strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{weights}: keys {result.unexpected_keys[:5]} are not the "
+                             "student's: a checkpoint of another model")
+        tied = set(getattr(self.step.student, "_tied_weights_keys", None) or ())
+        missing = [k for k in result.missing_keys if k not in tied]
+        if missing:
+            raise ValueError(f"{weights}: the student's {missing[:5]} are missing")
+        projections = os.path.join(resume_from_checkpoint, PROJECTIONS_FILE)
+        if os.path.isfile(projections):
+            self.step.projections.load_state_dict(safetensors.torch.load_file(projections))
+        elif len(self.step.projections.state_dict()):
+            raise ValueError(f"{resume_from_checkpoint!r} holds no {PROJECTIONS_FILE}, but the "
+                             "step has projections to restore")

@@ -1,0 +1,190 @@
+"""The on-disk format of a top-k teacher cache: record layout, value codecs, checksums, atomic
+files and the manifest.
+
+A cache is a folder::
+
+    manifest.json                  k, vocabulary size, value dtype, fingerprints, shard list
+    index.npy                      (samples, 4) int64 rows [sample id, shard, first row, length],
+                                   sorted by sample id
+    rank00000-shard00000.rows.npy  one record per kept token (structured NumPy array)
+    rank00000-shard00000.index.npy (samples, 2) int64 rows [sample id, length] in write order
+    rank00000.progress.json        what rank 0 has finished (a resumed writer starts from it)
+
+Every ``.npy`` file is a plain NumPy array file, opened memory-mapped; every file is written to a
+temporary name, flushed to disk and renamed with ``os.replace``, so a crash leaves whole files.
+A token's record holds the teacher's ``k`` most likely next-token ids (descending probability)
+and their log-probabilities at temperature 1 in one of the codecs of :data:`VALUE_DTYPES`, and
+the input token itself when the writer knew it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FORMAT = "purekd-teacher-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+INDEX = "index.npy"
+
+VALUE_DTYPES = ("float32", "float16", "bfloat16", "q8")
+"""Codecs for the log-probabilities: ``float32`` (exact), ``float16`` and ``bfloat16`` (2 bytes
+a value), ``q8`` (1 byte a value plus 4 bytes a token: each token's top value and step in
+float16, values ``top - code * step`` with ``code`` in 0..255 spread over the row's range)."""
+
+LOGPROB_FLOOR = -1.0e4
+"""Log-probabilities below this (``-inf`` from masked logits included) are stored as this."""
+
+Q8_RANGE = 30.0
+"""``q8`` covers at most this many nats below each token's top value; lower values (probability
+below ``e^-30 ~ 1e-13`` of the top one) are stored at the bottom of the range."""
+
+
+class CacheError(ValueError):
+    """A teacher cache that cannot be used as asked (the message says why and what to do)."""
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned integer type holding ids ``0 .. vocab_size - 1``."""
+    if vocab_size <= 2**8:
+        return np.dtype("<u1")
+    if vocab_size <= 2**16:
+        return np.dtype("<u2")
+    if vocab_size <= 2**32:
+        return np.dtype("<u4")
+    return np.dtype("<i8")
+
+
+def record_dtype(k: int, vocab_size: int, values: str, with_tokens: bool) -> np.dtype:
+    """One token's record: ``ids`` ``(k,)``, the encoded log-probabilities, the input token."""
+    ids = id_dtype(vocab_size)
+    fields: list[tuple[Any, ...]] = [("ids", ids, (k,))]
+    if values == "float32":
+        fields.append(("logprobs", "<f4", (k,)))
+    elif values in ("float16",):
+        fields.append(("logprobs", "<f2", (k,)))
+    elif values == "bfloat16":
+        fields.append(("logprobs", "<u2", (k,)))  # the bfloat16 bit patterns
+    elif values == "q8":
+        fields += [("codes", "<u1", (k,)), ("top", "<f2"), ("step", "<f2")]
+    else:
+        raise ValueError(f"values={values!r}: expected one of {VALUE_DTYPES}")
+    if with_tokens:
+        fields.append(("token", ids))
+    return np.dtype(fields)
+
+
+def encode(ids: Tensor, logprobs: Tensor, tokens: Tensor | None, dtype: np.dtype,
+           values: str) -> np.ndarray:
+    """Records for ``N`` tokens from ``ids`` ``(N, k)``, ``logprobs`` ``(N, k)`` (descending,
+    float32) and ``tokens`` ``(N,)`` (or ``None``)."""
+    records = np.zeros(ids.shape[0], dtype=dtype)
+    records["ids"] = ids.cpu().numpy().astype(dtype["ids"].base, copy=False)
+    lp = logprobs.detach().float().cpu().clamp_min(LOGPROB_FLOOR)
+    if values == "float32":
+        records["logprobs"] = lp.numpy()
+    elif values == "float16":
+        records["logprobs"] = lp.half().numpy()
+    elif values == "bfloat16":
+        records["logprobs"] = lp.bfloat16().view(torch.int16).numpy().view(np.uint16)
+    else:  # q8
+        top = lp[:, 0].half().float()  # the row maximum (values are sorted descending)
+        bottom = torch.maximum(lp[:, -1], top - Q8_RANGE)
+        # rounded up to float16 so that 255 steps reach the bottom of the row
+        step = ((top - bottom) / 255 * (1 + 2.0**-10)).half().float()
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        codes = ((top[:, None] - lp) / safe[:, None]).round().clamp(0, 255)
+        records["codes"] = codes.to(torch.uint8).numpy()
+        records["top"] = top.half().numpy()
+        records["step"] = step.half().numpy()
+    if tokens is not None:
+        records["token"] = tokens.cpu().numpy().astype(dtype["token"], copy=False)
+    return records
+
+
+def decode_logprobs(records: np.ndarray, values: str) -> Tensor:
+    """The float32 log-probabilities ``(N, k)`` of ``N`` records."""
+    if values == "q8":
+        codes = torch.from_numpy(np.ascontiguousarray(records["codes"])).float()
+        top = torch.from_numpy(np.ascontiguousarray(records["top"])).float()
+        step = torch.from_numpy(np.ascontiguousarray(records["step"])).float()
+        return top[:, None] - codes * step[:, None]
+    raw = np.ascontiguousarray(records["logprobs"])
+    if values == "bfloat16":
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(raw).float()
+
+
+def decode_ids(records: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(records["ids"]).astype(np.int64, copy=False))
+
+
+def bytes_per_token(k: int, vocab_size: int, values: str, with_tokens: bool) -> int:
+    """Bytes on disk per kept token (the per-sample index adds 48 bytes a sample)."""
+    return record_dtype(k, vocab_size, values, with_tokens).itemsize
+
+
+# -- files --------------------------------------------------------------------------------------
+
+def sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, rename it."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def save_array(path: str | os.PathLike[str], array: np.ndarray) -> str:
+    """Write ``array`` as a ``.npy`` file atomically; returns its sha256."""
+    atomic_write(path, lambda file: np.save(file, array, allow_pickle=False))
+    return sha256(path)
+
+
+def save_json(path: str | os.PathLike[str], value: Mapping[str, Any]) -> None:
+    """Deterministic JSON (sorted keys), written atomically."""
+    text = json.dumps(value, indent=1, sort_keys=True) + "\n"
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
+
+
+def load_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as file:
+        return dict(json.load(file))
+
+
+def shard_name(rank: int, number: int) -> str:
+    return f"rank{rank:05d}-shard{number:05d}"
+
+
+def progress_name(rank: int) -> str:
+    return f"rank{rank:05d}.progress.json"
+
+
+__all__ = ["FORMAT", "INDEX", "LOGPROB_FLOOR", "MANIFEST", "Q8_RANGE", "VALUE_DTYPES", "VERSION",
+           "CacheError", "atomic_write", "bytes_per_token", "decode_ids", "decode_logprobs",
+           "encode", "id_dtype", "load_json", "progress_name", "record_dtype", "save_array",
+           "save_json", "sha256", "shard_name"]

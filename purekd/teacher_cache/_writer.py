@@ -1,0 +1,410 @@
+"""Writing a top-k teacher cache: the teacher (model + adaptor, the forward conventions) runs
+once over a dataloader; for every kept token the ``k`` most likely next tokens and their
+log-probabilities at temperature 1 are stored under the sample's id.
+
+Samples are grouped ``shard_samples`` at a time, in the order the loader yields them, into
+shards (one ``.rows.npy`` and one ``.index.npy`` each, written atomically); after each shard the
+rank's progress file (written atomically too) lists it with its checksums. A writer that was
+killed resumes from its progress file: it keeps the finished shards whose checksums hold, skips
+the teacher's forward for samples already stored and writes the rest into the same shards a
+single run would have written — with the same loader order, the finished cache is byte for byte
+the one an uninterrupted run writes. Under ``torchrun`` each rank writes its own shards and rank
+0 merges the ranks' progress files into the manifest and index once every rank is done.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from purekd.runner import move_to_device
+from purekd.stages import adapt, forward
+
+from . import _format as fmt
+from ._fingerprint import fingerprint_model, fingerprint_tokenizer
+
+Adaptor = Callable[[Any, Any], Any]
+SAMPLE_ID, TEACHER = "sample_id", "teacher"
+
+
+class CacheSummary(NamedTuple):
+    """What a writer did: samples and tokens it stored in this run, those already stored."""
+
+    path: Path
+    samples: int
+    tokens: int
+    skipped_samples: int
+    seconds: float
+    bytes_per_token: float
+    finished: bool
+
+
+def default_tokens(batch: Any) -> Tensor | None:
+    """The input token ids of a batch or sample, if it has them in a known place: the tensor
+    itself, a dict's ``'input_ids'``, or a tuple's first entry (integer tensors only)."""
+    found: Any = None
+    if isinstance(batch, Tensor):
+        found = batch
+    elif isinstance(batch, Mapping):
+        found = batch.get("input_ids")
+    elif isinstance(batch, (list, tuple)) and batch:
+        found = batch[0]
+    if isinstance(found, Tensor) and not found.is_floating_point() and not found.is_complex():
+        return found
+    return None
+
+
+def _as_ids(value: Any, batch_size: int | None = None) -> list[int]:
+    if isinstance(value, Tensor):
+        if value.is_floating_point() or value.dim() > 1:
+            raise TypeError(f"sample ids: expected integers of shape (B,), got a {value.dtype} "
+                            f"tensor of shape {tuple(value.shape)}")
+        ids = [int(v) for v in value.reshape(-1).tolist()]
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        ids = []
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"sample ids must be integers, got {v!r} ({type(v).__name__}); "
+                                "map string ids to integers first")
+            ids.append(int(v))
+    else:
+        raise TypeError(f"sample ids: expected a tensor or a list of ints, got {type(value).__name__}")
+    if batch_size is not None and len(ids) != batch_size:
+        raise ValueError(f"the batch has {batch_size} rows but {len(ids)} sample ids")
+    return ids
+
+
+def _split_batch(batch: Any, sample_ids: Callable[[Any], Any] | None) -> tuple[list[int], Any]:
+    if sample_ids is not None:
+        return _as_ids(sample_ids(batch)), batch
+    if not (isinstance(batch, Mapping) and SAMPLE_ID in batch and TEACHER in batch):
+        raise ValueError(
+            "the writer needs each sample's id: give batches {'sample_id': ids (B,), 'teacher': "
+            "the teacher's batch} (wrap the dataset in purekd.teacher_cache.WithSampleIds), or "
+            "pass sample_ids=a function batch -> ids")
+    return _as_ids(batch[SAMPLE_ID]), batch[TEACHER]
+
+
+def _row_lengths(mask: Tensor) -> Tensor:
+    """Kept rows per sample of a right-padded 0/1 mask ``(B, L)``; other masks are an error."""
+    keep = mask != 0
+    lengths = keep.sum(-1)
+    prefix = torch.arange(mask.shape[-1], device=mask.device)[None, :] < lengths[:, None]
+    if not torch.equal(keep, prefix):
+        bad = int((keep != prefix).any(-1).nonzero()[0, 0])
+        raise ValueError(
+            f"row {bad} of the teacher's mask is not a prefix of ones ({keep[bad].int().tolist()}):"
+            " the cache stores positions 0..length-1 of each sample, so pad on the right "
+            "(tokenizer.padding_side = 'right') and mask only the padding")
+    return lengths
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        actual = dist.get_rank(), dist.get_world_size()
+        if (rank is not None and rank != actual[0]) or (world_size is not None and world_size != actual[1]):
+            raise ValueError(f"rank={rank}, world_size={world_size} disagree with the process "
+                             f"group (rank {actual[0]} of {actual[1]}): leave them unset")
+        return actual
+    rank = 0 if rank is None else rank
+    world_size = 1 if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in 0..world_size-1 (world_size={world_size})")
+    return rank, world_size
+
+
+def _progress_bar(enabled: bool | None, total: int | None, rank: int) -> Any:
+    if enabled is None:
+        import sys
+
+        enabled = sys.stderr.isatty() and rank == 0
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="caching teacher", unit="batch", dynamic_ncols=True)
+
+
+class _RankWriter:
+    """One rank's shards and its progress file."""
+
+    def __init__(self, out: Path, rank: int, config: dict[str, Any]):
+        self.out, self.rank, self.config = out, rank, config
+        self.progress_path = out / fmt.progress_name(rank)
+        self.shards: list[dict[str, Any]] = []
+        self.done: set[int] = set()
+        self.buffer: list[tuple[int, np.ndarray]] = []
+        self.buffered: set[int] = set()
+        if self.progress_path.exists():
+            self._resume()
+        self._clean()
+        for stale in (fmt.MANIFEST, fmt.INDEX):  # merged again when every rank has finished
+            (out / stale).unlink(missing_ok=True)
+
+    def _resume(self) -> None:
+        saved = fmt.load_json(self.progress_path)
+        if saved.get("config") != self.config:
+            old, new = saved.get("config", {}), self.config
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise fmt.CacheError(
+                f"{self.out} holds a cache written with other settings ({', '.join(f'{k}: {old.get(k)!r} there, {new.get(k)!r} now' for k in diff)}):"
+                " resume with the same settings, or write to a new folder")
+        for shard in saved["shards"]:
+            files = {suffix: self.out / f"{shard['name']}.{suffix}.npy" for suffix in ("rows", "index")}
+            if any(not path.exists() or fmt.sha256(path) != shard["sha256"][suffix]
+                   for suffix, path in files.items()):
+                break  # this shard and every later one are written again
+            self.shards.append(shard)
+            index = np.load(files["index"], mmap_mode="r")
+            self.done.update(int(v) for v in index[:, 0])
+
+    def _clean(self) -> None:
+        """Remove this rank's temporary files and shards that its progress does not list."""
+        listed = {shard["name"] for shard in self.shards}
+        prefix = f"rank{self.rank:05d}"
+        for path in self.out.iterdir():
+            name = path.name
+            temporary = name.startswith(f".{prefix}") and name.endswith(".tmp")
+            unlisted = name.startswith(f"{prefix}-shard") and name.split(".")[0] not in listed
+            if temporary or unlisted:
+                path.unlink(missing_ok=True)
+
+    def wants(self, sample_id: int) -> bool:
+        return sample_id not in self.done and sample_id not in self.buffered
+
+    def add(self, sample_id: int, records: np.ndarray) -> None:
+        self.buffer.append((sample_id, records))
+        self.buffered.add(sample_id)
+        if len(self.buffer) == self.config["shard_samples"]:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        name = fmt.shard_name(self.rank, len(self.shards))
+        dtype = self.buffer[0][1].dtype
+        rows = (np.concatenate([r for _, r in self.buffer]) if len(self.buffer) > 1
+                else self.buffer[0][1])
+        rows = rows.astype(dtype, copy=False)
+        index = np.array([(sid, len(r)) for sid, r in self.buffer], dtype=np.int64).reshape(-1, 2)
+        sums = {"rows": fmt.save_array(self.out / f"{name}.rows.npy", rows),
+                "index": fmt.save_array(self.out / f"{name}.index.npy", index)}
+        self.shards.append({"name": name, "rank": self.rank, "samples": len(self.buffer),
+                            "tokens": int(index[:, 1].sum()), "sha256": sums})
+        self.done.update(self.buffered)
+        self.buffer, self.buffered = [], set()
+        self.save_progress(finished=False)
+
+    def save_progress(self, finished: bool) -> None:
+        fmt.save_json(self.progress_path, {"format": fmt.FORMAT, "version": fmt.VERSION,
+                                           "config": self.config, "rank": self.rank,
+                                           "finished": finished, "shards": self.shards})
+
+
+def finalize_teacher_cache(out: str | os.PathLike[str]) -> Path | None:
+    """Merge every rank's progress file into ``manifest.json`` and ``index.npy``.
+
+    Returns the manifest's path, or ``None`` while some rank has not finished. A sample id that
+    several ranks stored (``DistributedSampler`` repeats samples to even out the ranks) is read
+    from the lowest rank's copy.
+    """
+    folder = Path(out)
+    first = folder / fmt.progress_name(0)
+    if not first.exists():
+        return None
+    config = fmt.load_json(first)["config"]
+    progress = []
+    for rank in range(config["world_size"]):
+        path = folder / fmt.progress_name(rank)
+        if not path.exists():
+            return None
+        saved = fmt.load_json(path)
+        if saved["config"] != config:
+            raise fmt.CacheError(f"{path.name} was written with other settings than rank 0's: "
+                                 "every rank must run the writer with the same arguments")
+        if not saved["finished"]:
+            return None
+        progress.append(saved)
+    shards = [shard for saved in progress for shard in saved["shards"]]
+    pieces = []
+    for number, shard in enumerate(shards):
+        index = np.load(folder / f"{shard['name']}.index.npy")
+        starts = np.concatenate([[0], np.cumsum(index[:, 1])[:-1]]).astype(np.int64)
+        pieces.append(np.stack([index[:, 0], np.full(len(index), number, np.int64), starts,
+                                index[:, 1]], axis=1))
+    merged = np.concatenate(pieces) if pieces else np.zeros((0, 4), np.int64)
+    # stable sort by sample id; the first copy of a repeated id (lowest rank, earliest shard) wins
+    order = np.argsort(merged[:, 0], kind="stable")
+    merged = merged[order]
+    keep = np.ones(len(merged), dtype=bool)
+    keep[1:] = merged[1:, 0] != merged[:-1, 0]
+    merged = np.ascontiguousarray(merged[keep])
+    index_sum = fmt.save_array(folder / fmt.INDEX, merged)
+    tokens = int(merged[:, 3].sum())
+    manifest = {
+        "format": fmt.FORMAT, "version": fmt.VERSION, **config,
+        "record_bytes": fmt.record_dtype(config["k"], config["vocab_size"], config["values"],
+                                         config["with_tokens"]).itemsize,
+        "samples": len(merged), "tokens": tokens,
+        "lengths": "index.npy column 3 (per sample id)",
+        "index_sha256": index_sum,
+        "shards": shards,
+    }
+    fmt.save_json(folder / fmt.MANIFEST, manifest)
+    return folder / fmt.MANIFEST
+
+
+def write_teacher_cache(
+    model: Callable[..., Any],
+    adaptor: Adaptor,
+    dataloader: Iterable[Any],
+    out: str | os.PathLike[str],
+    *,
+    k: int,
+    values: str = "float16",
+    vocab_size: int | None = None,
+    sample_ids: Callable[[Any], Any] | None = None,
+    tokens: Callable[[Any], Tensor | None] | None = default_tokens,
+    tokenizer: Any = None,
+    teacher_fingerprint: str | None = None,
+    shard_samples: int = 1024,
+    device: str | torch.device | None = None,
+    model_args: Mapping[str, Any] | None = None,
+    progress_bar: bool | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> CacheSummary:
+    """Run the teacher over ``dataloader`` once and store its top-``k`` for every kept token.
+
+    * Batches are ``{'sample_id': ids (B,), 'teacher': batch}`` (:class:`WithSampleIds` makes
+      them), or any batch with ``sample_ids(batch) -> ids``. The teacher runs as
+      ``adaptor(batch, forward(model, batch, **model_args))``; its ``logits[0]`` ``(B, L, V)``
+      are the scores; the kept rows are those of its ``logits_mask`` (else its ``inputs_mask``,
+      else all), which must be right-padded: row ``t < length`` of a sample is stored.
+    * Stored per token: ``ids`` ``(k,)`` and ``log_softmax(logits[t])`` at those ids (float32
+      log-softmax, descending), encoded as ``values`` (:data:`VALUE_DTYPES`), and the input token
+      ``tokens(batch)[b, t]`` when ``tokens`` finds one.
+    * ``tokenizer`` (a tokenizer, vocabulary or fingerprint string) and the teacher's weights
+      (``teacher_fingerprint``, else :func:`fingerprint_model` of ``model`` when it is a module)
+      are fingerprinted into the manifest, and checked by the reader.
+    * Resumes a partial cache in ``out`` written with the same settings; under torchrun (or with
+      ``rank`` / ``world_size`` given) each rank writes its own shards.
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k={k!r}: expected a positive integer (e.g. 16, 64)")
+    if values not in fmt.VALUE_DTYPES:
+        raise ValueError(f"values={values!r}: expected one of {fmt.VALUE_DTYPES}")
+    if not isinstance(shard_samples, int) or shard_samples < 1:
+        raise ValueError(f"shard_samples={shard_samples!r}: expected a positive integer")
+    rank, world_size = _rank_and_world(rank, world_size)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    if teacher_fingerprint is None:
+        teacher_fingerprint = (fingerprint_model(model) if isinstance(model, torch.nn.Module)
+                               else None)
+    if device is None:
+        params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+        device = params[0].device if params else torch.device("cpu")
+    args = dict(model_args or {})
+    tokenizer_fp = fingerprint_tokenizer(tokenizer) if tokenizer is not None else None
+
+    writer: _RankWriter | None = None
+    dtype: np.dtype | None = None
+    with_tokens: bool | None = None
+    start = time.perf_counter()
+    stored_samples = stored_tokens = skipped = 0
+    total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore[arg-type]
+    bar = _progress_bar(progress_bar, total, rank)
+    try:
+        for batch in dataloader:
+            ids, batch_T = _split_batch(batch, sample_ids)
+            if writer is not None and not any(writer.wants(i) for i in ids):
+                skipped += len(ids)
+                if bar is not None:
+                    bar.update(1)
+                continue
+            batch_T = move_to_device(batch_T, device)
+            with torch.inference_mode():
+                adapted = adapt(adaptor, batch_T, forward(model, batch_T, **args))
+            if not adapted.logits or adapted.logits[0].dim() != 3:
+                shapes = [tuple(t.shape) for t in adapted.logits]
+                raise ValueError(f"the teacher's adaptor must return 'logits' of shape (B, L, V); "
+                                 f"got {shapes or 'none'}")
+            logits = adapted.logits[0]
+            batch_size, length, vocab = logits.shape
+            if len(ids) != batch_size:
+                raise ValueError(f"the batch has {len(ids)} sample ids but the teacher's logits "
+                                 f"have {batch_size} rows ({tuple(logits.shape)})")
+            if vocab_size is not None and vocab != vocab_size:
+                raise ValueError(f"vocab_size={vocab_size} but the teacher's logits have {vocab} "
+                                 "classes: pass the teacher's vocabulary size")
+            if k > vocab:
+                raise ValueError(f"k={k} is larger than the vocabulary ({vocab} classes)")
+            mask = (adapted.logits_mask[0] if adapted.logits_mask else adapted.inputs_mask)
+            if mask is None:
+                mask = torch.ones(batch_size, length, dtype=torch.long, device=logits.device)
+            if tuple(mask.shape) != (batch_size, length):
+                raise ValueError(f"the teacher's mask has shape {tuple(mask.shape)} but its "
+                                 f"logits {tuple(logits.shape)}: expected ({batch_size}, {length})")
+            lengths = _row_lengths(mask).tolist()
+            batch_tokens = tokens(batch_T) if tokens is not None else None
+            if batch_tokens is not None and tuple(batch_tokens.shape) != (batch_size, length):
+                batch_tokens = None
+            if writer is None:
+                with_tokens = batch_tokens is not None
+                config = {"k": k, "vocab_size": vocab, "values": values,
+                          "id_dtype": fmt.id_dtype(vocab).str, "with_tokens": with_tokens,
+                          "shard_samples": shard_samples, "world_size": world_size,
+                          "teacher_fingerprint": teacher_fingerprint,
+                          "tokenizer_fingerprint": tokenizer_fp}
+                writer = _RankWriter(folder, rank, config)
+                dtype = fmt.record_dtype(k, vocab, values, with_tokens)
+            elif vocab != writer.config["vocab_size"]:
+                raise ValueError(f"the teacher's logits have {vocab} classes in this batch but "
+                                 f"{writer.config['vocab_size']} before")
+            elif (batch_tokens is not None) != with_tokens:
+                raise ValueError("tokens(batch) found input ids in some batches but not in others")
+            assert dtype is not None
+            for row, (sample_id, n) in enumerate(zip(ids, lengths, strict=True)):
+                if not writer.wants(sample_id):
+                    skipped += 1
+                    continue
+                scores = torch.log_softmax(logits[row, :n].float(), dim=-1)
+                top, top_ids = scores.topk(k, dim=-1, sorted=True)
+                records = fmt.encode(top_ids, top,
+                                     batch_tokens[row, :n] if batch_tokens is not None else None,
+                                     dtype, values)
+                writer.add(sample_id, records)
+                stored_samples += 1
+                stored_tokens += n
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if writer is None:  # every batch skipped before any forward, or an empty loader
+        raise ValueError("the dataloader yielded no batch: nothing to cache")
+    writer.flush()
+    writer.save_progress(finished=True)
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        dist.barrier()
+    if rank == 0 or not distributed:  # without a process group the last rank to finish merges
+        finalize_teacher_cache(folder)
+    if distributed:
+        dist.barrier()
+    finished = (folder / fmt.MANIFEST).exists()
+    assert dtype is not None
+    return CacheSummary(folder, stored_samples, stored_tokens, skipped,
+                        time.perf_counter() - start, float(dtype.itemsize), bool(finished))
+
+
+__all__ = ["CacheSummary", "default_tokens", "finalize_teacher_cache", "write_teacher_cache"]

