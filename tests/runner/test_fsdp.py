@@ -96,7 +96,7 @@ def test_only_rank_0_writes_the_gathered_student(launch) -> None:
     names = [f"gs{s}.pkl" for s in worker.CKPT_STEPS]
     assert full[0]["saves"] == names and full[1]["saves"] == []
     assert sorted(p.name for p in (work / "full").iterdir()) == sorted(
-        [*names, *(f"gs{s}.state" for s in worker.CKPT_STEPS), "metrics.jsonl"])
+        [*names, *(f"gs{s}.state" for s in worker.CKPT_STEPS), "metrics.jsonl", "run.json"])
     # a plain, unsharded student loads the last one, and it is the trained student
     _, student = worker.models()
     final = torch.load(work / "full" / names[-1], weights_only=True)

@@ -275,7 +275,8 @@ def test_the_sharded_runner_evaluates_stops_early_and_trains_again(tmp_path: Pat
     assert seen == [(1, "FSDPLlamaForCausalLM"), (2, "FSDPLlamaForCausalLM")]
     assert distiller.runner.counters.global_step == 2  # stopped after one stale checkpoint
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["best.pkl", "gs1.pkl", "gs1.state", "gs2.pkl", "gs2.state", "metrics.jsonl"]
+    assert names == ["best.pkl", "gs1.pkl", "gs1.state", "gs2.pkl", "gs2.state", "metrics.jsonl",
+                     "run.json"]
     best = torch.load(tmp_path / "out" / "best.pkl", weights_only=True)
     _llama(2).load_state_dict(best)  # whole, under the unsharded names
 
