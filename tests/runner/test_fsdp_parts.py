@@ -319,3 +319,16 @@ def test_a_non_finite_loss_stops_the_sharded_run_naming_the_step(tmp_path: Path)
     distiller, student = _distiller(tmp_path / "out", adaptor_S=poisoned)
     with distiller, pytest.raises(purekd.NonFiniteLossError, match=r"global step 3 \(term 'kd_loss'"):
         distiller.train(torch.optim.SGD(student.parameters(), lr=0.1), _batches(), num_epochs=1)
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_a_bf16_sharded_run_keeps_float32_weights_and_checkpoints(tmp_path: Path) -> None:
+    distiller, student = _distiller(tmp_path / "out", bf16=True)
+    with distiller:
+        distiller.train(torch.optim.AdamW(student.parameters(), lr=1e-2), _batches(),
+                        num_epochs=1)
+    saved = torch.load(tmp_path / "out" / "gs4.pkl", weights_only=True)
+    assert {v.dtype for v in saved.values()} == {torch.float32}
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    before = _llama(2).state_dict()
+    assert any(not torch.equal(saved[k], before[k]) for k in before)  # it trained
