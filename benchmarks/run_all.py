@@ -32,6 +32,11 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
                      "<= 1.02", bert["runner_vs_hand"] <= 1.02))
         rows.append(("BERT end-to-end: runner vs TextBrewer", bert["runner_vs_textbrewer"],
                      "<= 1.00", bert["runner_vs_textbrewer"] <= 1.00))
+    tokens = results.get("random_tokens")
+    if tokens:
+        rows.append(("TextBrewer's random-tokens example, defaults, vs TextBrewer",
+                     tokens["default_vs_textbrewer"], "<= 1.00",
+                     tokens["default_vs_textbrewer"] <= 1.00))
     token = results.get("token_kd")
     if token:
         rows.append(("token KD 4096x32000: time vs TextBrewer", token["time_ratio"], "<= 0.40",
@@ -64,7 +69,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--out", default=str(RESULTS / "all.json"))
     args = parser.parse_args()
-    from benchmarks import bert_end_to_end, cached_teacher, cached_topk, step_loss_heavy, token_kd
+    from benchmarks import (
+        bert_end_to_end,
+        cached_teacher,
+        cached_topk,
+        random_tokens,
+        step_loss_heavy,
+        token_kd,
+    )
 
     results: dict[str, Any] = {}
     started = time.perf_counter()
@@ -74,6 +86,8 @@ def main() -> None:
         [*step_args, "--out", str(RESULTS / "step_loss_heavy.json")])
     results["bert_end_to_end"] = (bert_end_to_end.run(2, 2) if args.quick
                                   else bert_end_to_end.run(8, 9))
+    results["random_tokens"] = (random_tokens.run(1, 1) if args.quick
+                                else random_tokens.run(3, 10))
     results["token_kd"] = token_kd.run(512, 4096, 2) if args.quick else token_kd.run()
     results["cached_teacher"] = (cached_teacher.run(2, 1, 1) if args.quick
                                  else cached_teacher.run())

@@ -80,25 +80,49 @@ class Side:
         self.log_softmax = torch.log_softmax(logits.double(), -1)
 
 
+def dense_reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return dense_forward_kl(log_q, log_p, mask)
+
+
+def dense_jsd(log_p: torch.Tensor, log_q: torch.Tensor, mask: torch.Tensor,
+              beta: float = 0.5) -> torch.Tensor:
+    """Float64 ``beta KL(q || m) + (1 - beta) KL(p || m)``, ``m = beta q + (1 - beta) p``."""
+    q, p = log_q.exp(), log_p.exp()
+    log_m = (beta * q + (1 - beta) * p).log()
+    rows = (beta * q * (log_q - log_m) + (1 - beta) * p * (log_p - log_m)).nan_to_num().sum(-1)
+    w = mask.double()
+    return (rows * w).sum() / w.sum()
+
+
 def _modes(losses: Any) -> dict[str, tuple[Any, Any]]:
-    """mode name -> (top-k loss (S: Side, ids, logprobs, mask), dense loss (S, T: Side, mask))."""
+    """mode name -> (top-k loss (S: Side, ids, logprobs, mask), dense float64 loss (S, T, mask))."""
+    dense = {"topk_kl": dense_forward_kl, "topk_reverse_kl": dense_reverse_kl,
+             "topk_jsd": dense_jsd}
     modes: dict[str, tuple[Any, Any]] = {}
-    library = getattr(losses, "topk_kl", None)
-    forward = lambda s, t, m: dense_forward_kl(s.log_softmax, t.log_softmax, m)  # noqa: E731
-    if library is not None:
-        modes["topk_kl"] = (lambda s, i, lp, m: library(s.logits, i, lp, mask=m), forward)
-        modes["topk_kl tail"] = (lambda s, i, lp, m: library(s.logits, i, lp, tail=True, mask=m),
-                                 forward)
-    else:
+    if not hasattr(losses, "topk_kl"):
+        forward = lambda s, t, m: dense_forward_kl(s.log_softmax, t.log_softmax, m)  # noqa: E731
         modes["topk_kl (float64 reference)"] = (
             lambda s, i, lp, m: reference_topk_kl(s.log_softmax, i, lp, m, tail=False), forward)
         modes["topk_kl tail (float64 reference)"] = (
             lambda s, i, lp, m: reference_topk_kl(s.log_softmax, i, lp, m, tail=True), forward)
-    for name, dense in (("topk_reverse_kl", "reverse_kl"), ("topk_jsd", "jsd")):
-        top, full = getattr(losses, name, None), getattr(losses, dense, None)
-        if top is not None and full is not None:
-            modes[name] = (lambda s, i, lp, m, f=top: f(s.logits, i, lp, mask=m),
-                           lambda s, t, m, f=full: f(s.logits, t.logits, mask=m))
+        return modes
+    try:  # eager block kernels: the same values (tested), no compilation time here
+        from purekd.losses._topk import topk_loss
+    except ImportError:
+        topk_loss = None  # type: ignore[assignment]
+    for name, reference in dense.items():
+        public = getattr(losses, name, None)
+        if public is None:
+            continue
+        for tail in (False, True):
+            if topk_loss is not None:
+                def top(s: Side, i: torch.Tensor, lp: torch.Tensor, m: torch.Tensor,
+                        n: str = name, t: bool = tail) -> torch.Tensor:
+                    return topk_loss(n, s.logits, i, lp, tail=t, mask=m, compile_blocks=False)
+            else:
+                top = lambda s, i, lp, m, f=public, t=tail: f(s.logits, i, lp, tail=t, mask=m)  # noqa: E731
+            modes[f"{name}{' tail' if tail else ''}"] = (
+                top, lambda s, t, m, f=reference: f(s.log_softmax, t.log_softmax, m))
     return modes
 
 
@@ -133,7 +157,7 @@ def run(verses: int = 240, max_length: int = 64, batch_size: int = 8, ks: tuple[
     modes = _modes(losses)
     vocab = teacher.get_output_embeddings().weight.shape[0]
     codecs = ("float16", "bfloat16", "q8")
-    code_ks = (16, 64, 128)
+    code_ks = tuple(k for k in (16, 64, 128) if k <= vocab)
     totals: dict[str, dict[str, list[float]]] = {}
     batches: dict[str, dict[str, list[float]]] = {}
     tokens = 0
@@ -162,18 +186,21 @@ def run(verses: int = 240, max_length: int = 64, batch_size: int = 8, ks: tuple[
                         totals[key]["dense"].append(reference * weight)
                         batches.setdefault(key, {"rel": []})["rel"].append(
                             abs(got - reference) / abs(reference))
-                first = next(iter(modes.values()))[0]
+                kl_modes = list(modes.items())[:2]  # topk_kl, renormalised and tail
                 for k in code_ks:
                     values, top_ids = lp_T.topk(k, -1)
-                    exact = float(first(side_S, top_ids, values, mask))
                     flat_ids, flat_values = top_ids.reshape(-1, k), values.reshape(-1, k)
+                    exact_values = {mode: float(top(side_S, top_ids, values, mask))
+                                    for mode, (top, _) in kl_modes}
                     for codec in codecs:
                         dtype = record_dtype(k, vocab, codec, False)
                         decoded = decode_logprobs(encode(flat_ids, flat_values, None, dtype, codec),
                                                   codec).reshape(values.shape)
-                        got = float(first(side_S, top_ids, decoded, mask))
-                        batches.setdefault(f"{student_name}|{codec}|{k}", {"rel": []})["rel"].append(
-                            abs(got - exact) / abs(exact))
+                        for mode, (top, _) in kl_modes:
+                            exact = exact_values[mode]
+                            got = float(top(side_S, top_ids, decoded, mask))
+                            batches.setdefault(f"{student_name}|{codec}|{k}|{mode}",
+                                               {"rel": []})["rel"].append(abs(got - exact) / abs(exact))
         print(f"  {min(start + batch_size, len(samples))}/{len(samples)} verses "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
 
@@ -187,13 +214,13 @@ def run(verses: int = 240, max_length: int = 64, batch_size: int = 8, ks: tuple[
                             "whole_set_relative_error": whole, "signed": signed,
                             "mean_batch_relative_error": statistics.mean(batches[key]["rel"])})
     codec_table = [{"student": key.split("|")[0], "codec": key.split("|")[1],
-                    "k": int(key.split("|")[2]),
+                    "k": int(key.split("|")[2]), "mode": key.split("|")[3],
                     "mean_batch_relative_error": statistics.mean(value["rel"]),
                     "max_batch_relative_error": max(value["rel"])}
                    for key, value in batches.items() if key.split("|")[1] in codecs]
 
     sizes = []
-    for k in (16, 64):
+    for k in (k for k in (16, 64) if k <= vocab):
         with tempfile.TemporaryDirectory() as out:
             summary = cache_causal_lm(teacher, tokenizer, samples, out, k=k, values="float16",
                                       batch_size=batch_size, progress_bar=False)
@@ -210,6 +237,47 @@ def run(verses: int = 240, max_length: int = 64, batch_size: int = 8, ks: tuple[
             "sizes": sizes, "seconds": time.perf_counter() - started}
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of docs/teacher-cache.md from a result."""
+    lines = []
+    students = sorted({row["student"] for row in result["errors"]})
+    ks = sorted({row["k"] for row in result["errors"]})
+    for student in students:
+        rows = [r for r in result["errors"] if r["student"] == student]
+        dense = {r["mode"].split(" ")[0]: r["dense_loss"] for r in rows}
+        lines.append(f"**{student}** student (dense losses per token: "
+                     + ", ".join(f"{name.removeprefix('topk_')} {value:.3f}"
+                                 for name, value in dense.items()) + ")\n")
+        lines.append("| mode | " + " | ".join(f"k={k}" for k in ks) + " |")
+        lines.append("| --- | " + " | ".join("---" for _ in ks) + " |")
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            cells = []
+            for k in ks:
+                (row,) = [r for r in rows if r["mode"] == mode and r["k"] == k]
+                cells.append(f"{100 * row['mean_batch_relative_error']:.1f}% "
+                             f"({100 * row['signed']:+.1f}%)")
+            lines.append(f"| `{mode}` | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("| student | codec | mode | " + " | ".join(
+        f"k={k}" for k in sorted({r["k"] for r in result["codecs"]})) + " |")
+    lines.append("| --- | --- | --- | " + " | ".join(
+        "---" for _ in sorted({r["k"] for r in result["codecs"]})) + " |")
+    keys = dict.fromkeys((r["student"], r["codec"], r["mode"]) for r in result["codecs"])
+    for student, codec, mode in keys:
+        cells = [f"{100 * r['mean_batch_relative_error']:.3f}% (max {100 * r['max_batch_relative_error']:.3f}%)"
+                 for r in sorted(result["codecs"], key=lambda r: r["k"])
+                 if (r["student"], r["codec"], r["mode"]) == (student, codec, mode)]
+        lines.append(f"| {student} | `{codec}` | `{mode}` | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("| k | tokens | float16 record | on disk (float16) | bfloat16 record | q8 record |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for size in result["sizes"]:
+        lines.append(f"| {size['k']} | {size['tokens']} | {size['record_bytes']:.0f} B | "
+                     f"{size['bytes_per_token_on_disk']:.1f} B | {size['bfloat16_record_bytes']} B | "
+                     f"{size['q8_record_bytes']} B |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--verses", type=int, default=240)
@@ -223,6 +291,7 @@ def main() -> None:
     result = run(args.verses, args.max_length, args.batch_size, tuple(args.ks), args.noise)
     print(json.dumps(result, indent=2))
     write("topk_cache_error", result, args.out)
+    print(markdown(result))
 
 
 if __name__ == "__main__":

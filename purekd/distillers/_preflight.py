@@ -66,6 +66,44 @@ def check_outputs(config: DistillationConfig, student: Adapted, teacher: Adapted
                 "kd_loss_weight=0 to say so", UserWarning, stacklevel=5)
     if config.probability_shift and student.labels and student.logits:
         _check_labels(student, with_values)
+    if torch.is_grad_enabled():
+        _check_trainable(config, student)
+    for side, adapted in (("student", student), ("teacher", teacher)):
+        _check_logits_masks(side, adapted, warned)
+
+
+def _check_trainable(config: DistillationConfig, student: Adapted) -> None:
+    """The student's logits and losses that a weighted term uses carry a gradient."""
+    used = [("logits", config.kd_loss_weight), ("losses", config.hard_label_weight)]
+    for key, weight in used:
+        if weight == 0:
+            continue
+        for index, value in enumerate(getattr(student, key)):
+            if not value.requires_grad:
+                raise ValueError(
+                    f"the student's adaptor returned {key}[{index}] without a gradient "
+                    f"(requires_grad=False) while its term has weight {weight}: the term cannot "
+                    "train the student. Was it detached, or computed under torch.no_grad()? "
+                    "Return the model's output itself")
+
+
+def _check_logits_masks(side: str, adapted: Adapted, warned: set[str]) -> None:
+    masks = adapted.logits_mask
+    if not masks:
+        return
+    for index, logits in enumerate(adapted.logits):
+        mask = masks[index] if len(masks) > 1 else masks[0]
+        if logits.dim() == 3 and tuple(mask.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(
+                f"the {side}'s adaptor returned logits_mask[{index if len(masks) > 1 else 0}] of "
+                f"shape {tuple(mask.shape)} for logits[{index}] of shape {tuple(logits.shape)}: "
+                f"the mask must be {tuple(logits.shape[:-1])}, one entry per row")
+        if logits.dim() == 2 and "mask2d" not in warned:
+            warned.add("mask2d")
+            warnings.warn(
+                f"the {side}'s adaptor returned a logits_mask with 2-d logits[{index}] "
+                f"{tuple(logits.shape)}: masks select rows of 3-d logits (B, L, C) only, so it "
+                "is ignored (as in TextBrewer)", UserWarning, stacklevel=5)
 
 
 def _check_kinds(side: str, adapted: Adapted) -> None:
@@ -245,6 +283,11 @@ def check_options(*, max_grad_norm: Any, callback: Any, batch_postprocessor: Any
     if resume_from is not None and overwrite_output_dir is True:
         raise ValueError("resume_from with overwrite_output_dir=True: resuming continues the "
                          "run in the directory, overwriting would delete it; choose one")
+    if keep_last_states is not None and (isinstance(keep_last_states, bool)
+                                         or not isinstance(keep_last_states, int)
+                                         or keep_last_states < 1):
+        raise ValueError(f"keep_last_states={keep_last_states!r}: must be None (keep every "
+                         "state) or an int >= 1")
     if keep_last_states is not None and not save_state:
         warnings.warn(f"keep_last_states={keep_last_states!r} without save_state=True: no state "
                       "file is written, so there is nothing to keep", UserWarning, stacklevel=4)
@@ -282,19 +325,19 @@ def check_schedule(config: TrainingConfig, *, epochs_mode: bool, loader_length: 
             warnings.warn(f"TrainingConfig.ckpt_steps={config.ckpt_steps} is ignored with "
                           "num_epochs (checkpoints follow ckpt_frequency and "
                           "ckpt_epoch_frequency); train with num_steps to use it",
-                          UserWarning, stacklevel=4)
+                          UserWarning, stacklevel=3)
         if loader_length is not None:
             steps = loader_length // accumulation
             if config.ckpt_frequency > steps:
                 warnings.warn(f"TrainingConfig.ckpt_frequency={config.ckpt_frequency} but an "
                               f"epoch has only {steps} optimizer step(s): at most {steps} "
-                              "checkpoint(s) per epoch are written", UserWarning, stacklevel=4)
+                              "checkpoint(s) per epoch are written", UserWarning, stacklevel=3)
     else:
         changed = [f"{n}={getattr(config, n)}" for n in ("ckpt_frequency", "ckpt_epoch_frequency")
                    if getattr(config, n) != 1]
         if changed:
             warnings.warn(f"TrainingConfig.{', '.join(changed)} is ignored with num_steps "
-                          "(checkpoints follow ckpt_steps)", UserWarning, stacklevel=4)
+                          "(checkpoints follow ckpt_steps)", UserWarning, stacklevel=3)
 
 
 def check_modes(teachers: list[nn.Module], student: nn.Module) -> None:

@@ -217,3 +217,10 @@ class DistillationTrainer(Trainer):
         elif len(self.step.projections.state_dict()):
             raise ValueError(f"{resume_from_checkpoint!r} holds no {PROJECTIONS_FILE}, but the "
                              "step has projections to restore")
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's student and projections."""
+        best = self.state.best_model_checkpoint
+        if best is None:
+            raise ValueError("load_best_model_at_end: no best checkpoint was recorded")
+        self._load_from_checkpoint(best)

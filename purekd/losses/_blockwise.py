@@ -21,6 +21,7 @@ hard-label cross-entropy of the student.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -36,6 +37,9 @@ from ._divergences import Divergence, through_log_softmax
 DEFAULT_BLOCK_ELEMENTS = 1 << 23
 """Logits per block when no ``chunk_rows`` is given: 8 Mi entries (32 MiB in float32)."""
 
+COMPILE_BLOCKS = True
+"""Whether block kernels may be compiled at all (tests switch it off to skip compile time)."""
+
 BlockOutput = tuple[Tensor, Tensor | None, tuple[Tensor | None, ...]]
 
 
@@ -46,7 +50,8 @@ def default_chunk_rows(rows: int, vocabulary: int) -> int:
 
 
 # --------------------------------------------------------------------------------- targets
-class DenseTarget(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class DenseTarget:
     """The teacher's dense logits ``(C, V)``: ``divergence(p_T, p_S)`` on the full vocabulary."""
 
     divergence: Divergence
@@ -69,7 +74,8 @@ class DenseTarget(NamedTuple):
 TOPK_MODES = ("support", "renormalised", "tail")
 
 
-class TopkTarget(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class TopkTarget:
     """The teacher's top-k ``(ids, logprobs)`` ``(C, k)`` (log-softmax at T=1).
 
     ``mode``: ``"support"`` — the teacher renormalised over its k entries at the temperature,
@@ -174,21 +180,12 @@ def block_kernel(target: Target, *, grad_S: bool, grad_T: bool = False,
     ``compile_blocks`` and not already inside a compiled region, else eager."""
     eager = functools.partial(_kernel, target=target, grad_S=grad_S, grad_T=grad_T,
                               ignore_index=ignore_index, grad_dtype=grad_dtype)
-    if not compile_blocks or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not (compile_blocks and COMPILE_BLOCKS):
         return eager
     key = (target.key, grad_S, grad_T, ignore_index, grad_dtype)
     if key not in _KERNELS:
         _KERNELS[key] = compiled(eager, dynamic=True)
     return _KERNELS[key]
-
-
-class Options(NamedTuple):
-    """What a driver needs besides tensors (hashable, passed through ``autograd.Function``)."""
-
-    target: Target
-    chunk_rows: int
-    sum_reduction: bool
-    compile_blocks: bool
 
 
 def _denominator(weights: Tensor, sum_reduction: bool) -> Tensor:
@@ -198,42 +195,44 @@ def _denominator(weights: Tensor, sum_reduction: bool) -> Tensor:
 # ------------------------------------------------------------------------ on logits
 class _OnLogits(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, options: Options, logits_S: Tensor, inv_tau: Tensor, weights: Tensor,
-                *teacher: Tensor) -> Tensor:
-        kernel = block_kernel(options.target, grad_S=False, compile_blocks=options.compile_blocks)
+    def forward(ctx: Any, target: Target, chunk_rows: int, sum_reduction: bool,
+                compile_blocks: bool, logits_S: Tensor, inv_tau: Tensor, weights: Tensor,
+                teacher_a: Tensor, teacher_b: Tensor | None) -> Tensor:
+        # two fixed teacher slots, not *teacher: Dynamo mis-binds varargs of autograd.Function
+        teacher = (teacher_a,) if teacher_b is None else (teacher_a, teacher_b)
+        kernel = block_kernel(target, grad_S=False, compile_blocks=compile_blocks)
         total = weights.new_zeros(())
         one = weights.new_ones(())
-        for start in range(0, logits_S.size(0), options.chunk_rows):
-            rows = slice(start, start + options.chunk_rows)
+        for start in range(0, logits_S.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
             kd, _, _, _ = kernel(logits_S[rows], tuple(t[rows] for t in teacher), inv_tau[rows],
                                  weights[rows], one, None, None)
             total = total + kd
-        denominator = _denominator(weights, options.sum_reduction)
+        denominator = _denominator(weights, sum_reduction)
         ctx.save_for_backward(logits_S, inv_tau, weights, denominator, *teacher)
-        ctx.options = options
+        ctx.options = (target, chunk_rows, compile_blocks)
         return safe_divide(total, denominator)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         logits_S, inv_tau, weights, denominator, *teacher = ctx.saved_tensors
-        options: Options = ctx.options
-        want_S = ctx.needs_input_grad[1]
-        want_T = isinstance(options.target, DenseTarget) and ctx.needs_input_grad[4]
-        kernel = block_kernel(options.target, grad_S=want_S, grad_T=want_T,
-                              grad_dtype=logits_S.dtype, compile_blocks=options.compile_blocks)
+        target, chunk_rows, compile_blocks = ctx.options
+        want_S = ctx.needs_input_grad[4]
+        want_T = isinstance(target, DenseTarget) and ctx.needs_input_grad[7]
+        kernel = block_kernel(target, grad_S=want_S, grad_T=want_T,
+                              grad_dtype=logits_S.dtype, compile_blocks=compile_blocks)
         scale = safe_divide(grad_output.to(denominator.dtype), denominator)
         grad_S = torch.empty_like(logits_S) if want_S else None
         grad_T = torch.empty_like(teacher[0]) if want_T else None
-        for start in range(0, logits_S.size(0), options.chunk_rows):
-            rows = slice(start, start + options.chunk_rows)
+        for start in range(0, logits_S.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
             _, _, g_S, g_T = kernel(logits_S[rows], tuple(t[rows] for t in teacher),
                                     inv_tau[rows], weights[rows], scale, None, None)
             if grad_S is not None:
                 grad_S[rows] = g_S
             if grad_T is not None:
                 grad_T[rows] = g_T[0]
-        teacher_grads = [grad_T] + [None] * (len(teacher) - 1)
-        return (None, grad_S, None, None, *teacher_grads)
+        return (None, None, None, None, grad_S, None, None, grad_T, None)
 
 
 def blockwise_on_logits(target: Target, logits_S: Tensor, teacher: tuple[Tensor, ...],
@@ -243,8 +242,11 @@ def blockwise_on_logits(target: Target, logits_S: Tensor, teacher: tuple[Tensor,
     rows at a time; ``inv_tau`` ``(N, 1)``, ``weights`` ``(N,)`` in the accumulation dtype.
     The mean divides by ``weights.sum()``. The temperature carries no gradient; the teacher's
     dense logits get one when they require it."""
-    options = Options(target, chunk_rows, sum_reduction, compile_blocks)
-    result: Tensor = _OnLogits.apply(options, logits_S, inv_tau, weights, *teacher)
+    if len(teacher) not in (1, 2):
+        raise ValueError(f"blockwise_on_logits: 1 or 2 teacher tensors, got {len(teacher)}")
+    result: Tensor = _OnLogits.apply(target, chunk_rows, sum_reduction, compile_blocks, logits_S,
+                                     inv_tau, weights, teacher[0],
+                                     teacher[1] if len(teacher) == 2 else None)
     return result
 
 

@@ -120,6 +120,7 @@ class _Run:
     save_state: bool
     early_stopping: EarlyStopping | None
     bar: Any = None
+    gradient_seen: bool = False
 
     def learning_rates(self) -> list[float]:
         return [float(group["lr"]) for group in self.optimizer.param_groups]
@@ -234,7 +235,32 @@ class Runner:
             + (f", its metrics.jsonl was moved to {aside.name}" if aside is not None else "")
             + ", and resuming from this directory uses only this run's states. Pass "
             "overwrite_output_dir=True to delete the earlier files first, or False to refuse.",
-            UserWarning, stacklevel=4)
+            UserWarning, stacklevel=5)
+
+    def _open_run(self, optimizer: torch.optim.Optimizer, scheduler: Any,
+                  plan: EpochPlan | StepPlan, describe: Mapping[str, Any] | None,
+                  resume_from: str | os.PathLike[str] | None, save_state: bool,
+                  overwrite_output_dir: bool | None, output_dir: Path,
+                  is_main: bool) -> tuple[dict[str, Any] | None, RunIdentity]:
+        """The state to resume from (read, verified, checked against this run's fingerprint and
+        validated against its objects — all before anything is loaded), or ``None`` for a fresh
+        run (which claims the output directory); and the run's identity, recorded in
+        ``run.json``."""
+        current = self._fingerprint(optimizer, scheduler, plan, describe)
+        saved: dict[str, Any] | None = None
+        if resume_from is not None and self.sharded:  # checks, then loads the shards in place
+            saved, _ = state.read_sharded(resume_from, current, self.step, optimizer, scheduler)
+        elif resume_from is not None:
+            saved, path = state.read(resume_from, current)
+            state.validate(saved, path, self.step, optimizer, scheduler)
+        elif is_main:
+            self._claim_output_dir(output_dir, overwrite_output_dir)
+        run_info = saved.get("run") if saved is not None else None
+        identity = (RunIdentity(run_info["id"], run_info["started"], current)
+                    if isinstance(run_info, dict) else RunIdentity.new(current))
+        if is_main and (save_state or state_files(output_dir)):
+            state.write_run_file(output_dir, identity)
+        return saved, identity
 
     def _resume_position(self, source: Iterator[Micro], saved: dict[str, Any] | None,
                          pass_log: PassLog, output_dir: Path, is_main: bool) -> Counters:
@@ -295,6 +321,16 @@ class Runner:
     def _optimizer_step(self, run: _Run) -> None:
         """Clip, step the optimizer and the scheduler, zero the gradients, count the step."""
         counters, optimizer = self.counters, run.optimizer
+        if not run.gradient_seen:  # once per run: one synchronisation
+            run.gradient_seen = True
+            grads = [p.grad for p in run.student_params if p.grad is not None]
+            if run.student_params and (not grads or not bool(
+                    torch.stack([g.detach().abs().sum() for g in grads]).sum().ne(0))):
+                raise ValueError(
+                    "no gradient reached the student's parameters in the first optimizer step "
+                    "(all absent or exactly 0): "
+                    "the loss does not depend on the student (its outputs detached or computed "
+                    "under torch.no_grad(), or only frozen modules used). Nothing was updated")
         if self.check_finite_every_step:
             if not run.precision.scaler.is_enabled():  # fp16's scaler skips inf steps itself
                 run.guard.observe_gradients(counters.global_step + 1, run.named_params)
@@ -426,20 +462,8 @@ class Runner:
                 remove_temporary_directories(output_dir)
             self._shard(optimizer)  # before the fingerprint and any state: loaded into shards
 
-        current = self._fingerprint(optimizer, scheduler, plan, describe)
-        saved: dict[str, Any] | None = None
-        if resume_from is not None and self.sharded:  # checks, then loads the shards in place
-            saved, _ = state.read_sharded(resume_from, current, self.step, optimizer, scheduler)
-        elif resume_from is not None:  # read, verify, check the run, validate: all before loading
-            saved, path = state.read(resume_from, current)
-            state.validate(saved, path, self.step, optimizer, scheduler)
-        elif is_main:
-            self._claim_output_dir(output_dir, overwrite_output_dir)
-        run_info = saved.get("run") if saved is not None else None
-        identity = (RunIdentity(run_info["id"], run_info["started"], current)
-                    if isinstance(run_info, dict) else RunIdentity.new(current))
-        if is_main and (save_state or state_files(output_dir)):
-            state.write_run_file(output_dir, identity)
+        saved, identity = self._open_run(optimizer, scheduler, plan, describe, resume_from,
+                                          save_state, overwrite_output_dir, output_dir, is_main)
         stopping = EarlyStoppingState()
         if saved is not None:
             stopping = state.restore(saved, self.step, optimizer, scheduler, precision)

@@ -323,7 +323,7 @@ def read(resume_from: str | os.PathLike[str], current: Mapping[str, Any]) -> tup
         if damaged:
             warnings.warn(f"resume_from={str(resume_from)!r}: skipped damaged state file(s): "
                           + "; ".join(damaged) + f". Resuming from the previous good state, "
-                          f"{path.name}.", RuntimeWarning, stacklevel=4)
+                          f"{path.name}.", RuntimeWarning, stacklevel=5)
         check_fingerprint(saved, current, path)
         return saved, path
     problems = []
@@ -343,7 +343,7 @@ def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any], path
     if not isinstance(run, dict):  # a version-1 state: no fingerprint; validate() still checks
         warnings.warn(f"{path}: a state file without a run fingerprint (written by an older "
                       "purekd); only its shapes and optimizer are checked", RuntimeWarning,
-                      stacklevel=4)
+                      stacklevel=6)
         return
     diff = differences(run.get("fingerprint", {}), current)
     if diff:

@@ -111,21 +111,27 @@ def encode(ids: Tensor, logprobs: Tensor, tokens: Tensor | None, dtype: np.dtype
     return records
 
 
+def field(records: np.ndarray, name: str) -> np.ndarray:
+    """A fresh C-ordered copy of one field of the records (a field of a structured array, or
+    of a memory map, is a strided view that ``torch.from_numpy`` cannot take)."""
+    return np.array(records[name], order="C", copy=True)
+
+
 def decode_logprobs(records: np.ndarray, values: str) -> Tensor:
     """The float32 log-probabilities ``(N, k)`` of ``N`` records."""
     if values == "q8":
-        codes = torch.from_numpy(np.ascontiguousarray(records["codes"])).float()
-        top = torch.from_numpy(np.ascontiguousarray(records["top"])).float()
-        step = torch.from_numpy(np.ascontiguousarray(records["step"])).float()
+        codes = torch.from_numpy(field(records, "codes")).float()
+        top = torch.from_numpy(field(records, "top")).float()
+        step = torch.from_numpy(field(records, "step")).float()
         return top[:, None] - codes * step[:, None]
-    raw = np.ascontiguousarray(records["logprobs"])
+    raw = field(records, "logprobs")
     if values == "bfloat16":
         return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
     return torch.from_numpy(raw).float()
 
 
 def decode_ids(records: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(records["ids"]).astype(np.int64, copy=False))
+    return torch.from_numpy(field(records, "ids").astype(np.int64, copy=False))
 
 
 def bytes_per_token(k: int, vocab_size: int, values: str, with_tokens: bool) -> int:
@@ -186,5 +192,5 @@ def progress_name(rank: int) -> str:
 
 __all__ = ["FORMAT", "INDEX", "LOGPROB_FLOOR", "MANIFEST", "Q8_RANGE", "VALUE_DTYPES", "VERSION",
            "CacheError", "atomic_write", "bytes_per_token", "decode_ids", "decode_logprobs",
-           "encode", "id_dtype", "load_json", "progress_name", "record_dtype", "save_array",
+           "encode", "field", "id_dtype", "load_json", "progress_name", "record_dtype", "save_array",
            "save_json", "sha256", "shard_name"]

@@ -199,7 +199,7 @@ class TeacherCache:
 
     def __getitem__(self, sample_id: int) -> CachedSample:
         records = self.records(sample_id)
-        tokens = (torch.from_numpy(np.ascontiguousarray(records["token"]).astype(np.int64))
+        tokens = (torch.from_numpy(fmt.field(records, "token").astype(np.int64))
                   if self.with_tokens else None)
         return CachedSample(fmt.decode_ids(records), fmt.decode_logprobs(records, self.values),
                             tokens)

@@ -133,6 +133,16 @@ def _progress_bar(enabled: bool | None, total: int | None, rank: int) -> Any:
     return tqdm(total=total, desc="caching teacher", unit="batch", dynamic_ncols=True)
 
 
+def check_settings(out: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    """Raise unless a partial cache's settings ``old`` agree with ``new`` on every key ``new``
+    has."""
+    diff = sorted(key for key in new if old.get(key) != new[key])
+    if diff:
+        changes = ", ".join(f"{key}: {old.get(key)!r} there, {new[key]!r} now" for key in diff)
+        raise fmt.CacheError(f"{out} holds a cache written with other settings ({changes}): "
+                             "resume with the same settings, or write to a new folder")
+
+
 class _RankWriter:
     """One rank's shards and its progress file."""
 
@@ -151,12 +161,7 @@ class _RankWriter:
 
     def _resume(self) -> None:
         saved = fmt.load_json(self.progress_path)
-        if saved.get("config") != self.config:
-            old, new = saved.get("config", {}), self.config
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise fmt.CacheError(
-                f"{self.out} holds a cache written with other settings ({', '.join(f'{k}: {old.get(k)!r} there, {new.get(k)!r} now' for k in diff)}):"
-                " resume with the same settings, or write to a new folder")
+        check_settings(self.out, saved.get("config", {}), self.config)
         for shard in saved["shards"]:
             files = {suffix: self.out / f"{shard['name']}.{suffix}.npy" for suffix in ("rows", "index")}
             if any(not path.exists() or fmt.sha256(path) != shard["sha256"][suffix]
@@ -319,6 +324,16 @@ def write_teacher_cache(
     writer: _RankWriter | None = None
     dtype: np.dtype | None = None
     with_tokens: bool | None = None
+    progress_path = folder / fmt.progress_name(rank)
+    if progress_path.exists():  # resume: check what is known before any forward, skip done ids
+        saved = fmt.load_json(progress_path).get("config", {})
+        check_settings(folder, saved, {
+            "k": k, "values": values, "shard_samples": shard_samples, "world_size": world_size,
+            "teacher_fingerprint": teacher_fingerprint, "tokenizer_fingerprint": tokenizer_fp,
+            **({"vocab_size": vocab_size} if vocab_size is not None else {})})
+        writer = _RankWriter(folder, rank, saved)
+        with_tokens = bool(saved["with_tokens"])
+        dtype = fmt.record_dtype(k, saved["vocab_size"], values, with_tokens)
     start = time.perf_counter()
     stored_samples = stored_tokens = skipped = 0
     total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore[arg-type]
@@ -369,9 +384,11 @@ def write_teacher_cache(
                 dtype = fmt.record_dtype(k, vocab, values, with_tokens)
             elif vocab != writer.config["vocab_size"]:
                 raise ValueError(f"the teacher's logits have {vocab} classes in this batch but "
-                                 f"{writer.config['vocab_size']} before")
+                                 f"{writer.config['vocab_size']} before (or in the partial cache "
+                                 f"in {folder})")
             elif (batch_tokens is not None) != with_tokens:
-                raise ValueError("tokens(batch) found input ids in some batches but not in others")
+                raise ValueError("tokens(batch) found input ids in some batches (or in the "
+                                 "partial cache) but not in others")
             assert dtype is not None
             for row, (sample_id, n) in enumerate(zip(ids, lengths, strict=True)):
                 if not writer.wants(sample_id):
@@ -390,7 +407,7 @@ def write_teacher_cache(
     finally:
         if bar is not None:
             bar.close()
-    if writer is None:  # every batch skipped before any forward, or an empty loader
+    if writer is None:
         raise ValueError("the dataloader yielded no batch: nothing to cache")
     writer.flush()
     writer.save_progress(finished=True)
@@ -407,4 +424,4 @@ def write_teacher_cache(
                         time.perf_counter() - start, float(dtype.itemsize), bool(finished))
 
 
-__all__ = ["CacheSummary", "default_tokens", "finalize_teacher_cache", "write_teacher_cache"]
+__all__ = ["CacheSummary", "check_settings", "default_tokens", "finalize_teacher_cache", "write_teacher_cache"]

@@ -132,6 +132,20 @@ RAISES: dict[str, tuple[dict[str, Any], Any, type[Exception], str]] = {
                                        "intermediate_matches": []}}, {}, ValueError,
                           "every term's weight is 0"),
     "callback_not_callable": ({}, {"callback": "print"}, TypeError, "callback='print'"),
+    "detached_student_logits": ({"adaptor_S": _changed("logits", lambda t: t.detach())}, {},
+                                ValueError, "logits[0] without a gradient"),
+    "detached_student_losses": ({"adaptor_S": _changed("losses", lambda t: t.detach())}, {},
+                                ValueError, "losses[0] without a gradient"),
+    "no_gradient_reaches_the_student": (
+        {"distill": {"kd_loss_weight": 0, "hard_label_weight": 0},
+         "adaptor_S": _changed("hidden", lambda h: [x.detach() for x in h])}, {}, ValueError,
+        "no gradient reached the student's parameters"),
+    "logits_mask_of_the_wrong_shape": (
+        {"adaptor_S": lambda b, o: {**adaptor(b, o), "logits": o["logits"][:, None].expand(-1, 5, -1),
+                                    "logits_mask": torch.ones(2, 4), "labels": b[1][:, None].expand(-1, 5)},
+         "adaptor_T": lambda b, o: {**adaptor(b, o), "logits": o["logits"][:, None].expand(-1, 5, -1),
+                                    "labels": b[1][:, None].expand(-1, 5)}},
+        {}, ValueError, "logits_mask[0] of shape (2, 4) for logits[0] of shape (2, 5, 3)"),
     "resume_and_overwrite": ({}, {"resume_from": "x", "overwrite_output_dir": True}, ValueError,
                              "resume_from with overwrite_output_dir=True"),
 }
@@ -151,6 +165,22 @@ def test_misconfiguration_raises_before_any_weight_changes(name: str, tmp_path: 
     if before[next(iter(before))].device.type != "meta":
         assert all(torch.equal(after[k], v) for k, v in before.items()), "the student changed"
     assert not list(tmp_path.glob("gs*"))
+
+
+def test_teacher_on_another_device(tmp_path: Path) -> None:
+    distiller, student = _setup(tmp_path)
+    distiller.model_T.to("meta")
+    with pytest.raises(ValueError, match=r"the teacher \(model_T\) is on meta but "
+                                         r"TrainingConfig.device='cpu'"):
+        _train(distiller, student)
+
+
+def test_batch_postprocessor_and_early_stopping_of_the_wrong_kind(tmp_path: Path) -> None:
+    distiller, student = _setup(tmp_path)
+    with pytest.raises(TypeError, match="batch_postprocessor=3"):
+        _train(distiller, student, batch_postprocessor=3)
+    with pytest.raises(TypeError, match=r"early_stopping must be a purekd\.EarlyStopping"):
+        _train(distiller, student, early_stopping={"patience": 2})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -201,6 +231,9 @@ WARNS: dict[str, tuple[dict[str, Any], Any, str]] = {
     "scheduler_and_scheduler_class": ({}, lambda s: {
         "scheduler_class": torch.optim.lr_scheduler.StepLR, "scheduler_args": {"step_size": 1},
         "scheduler": object()}, "the scheduler object is ignored"),
+    "logits_mask_with_2d_logits": ({"adaptor_S": lambda b, o: {**adaptor(b, o),
+                                                              "logits_mask": torch.ones(2, 5)}},
+                                   {}, "it is ignored"),
     "optimizer_over_another_model": ({}, lambda s: {"optimizer": torch.optim.SGD(
         Tiny(6, 2).parameters(), lr=0.1)}, "holds none of the student's trainable parameters"),
 }

