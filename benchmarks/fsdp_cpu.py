@@ -61,12 +61,12 @@ def _bytes(tensors: Any) -> int:
     return total
 
 
-def measure(variant: str, steps: int, warmup: int) -> dict[str, Any]:
+def measure(variant: str, steps: int, warmup: int, single_threads: int = WORLD) -> dict[str, Any]:
     """Train one variant in this process (under torchrun for ``ddp`` and ``fsdp``)."""
     import purekd
 
     distributed = variant != "single"
-    torch.set_num_threads(1 if distributed else WORLD)
+    torch.set_num_threads(1 if distributed else single_threads)
     rank = int(os.environ.get("RANK", "0"))
     teacher, student = llama(*TEACHER, seed=0), llama(*STUDENT, seed=1)
     distill = {"temperature": 2, "hard_label_weight": 0.5, "intermediate_matches": [
@@ -101,24 +101,26 @@ def measure(variant: str, steps: int, warmup: int) -> dict[str, Any]:
         "optimizer_state_bytes": _bytes(optimizer_state),
         "student_param_count": sum(p.numel() for p in student.parameters()),
         "peak_rss_mib": peak_rss_mib(),
+        "threads": torch.get_num_threads(),
     }
 
 
-def _launch(variant: str, steps: int, warmup: int) -> dict[str, Any]:
+def _launch(variant: str, steps: int, warmup: int, single_threads: int) -> dict[str, Any]:
     args = ["-m", "benchmarks.fsdp_cpu", "--variant", variant, "--steps", str(steps),
-            "--warmup", str(warmup)]
+            "--warmup", str(warmup), "--single-threads", str(single_threads)]
     if variant != "single":
         args = ["-m", "torch.distributed.run", f"--nproc-per-node={WORLD}", "--standalone",
                 *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if variant != "single" else str(WORLD)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if variant != "single" else str(single_threads)}
     done = subprocess.run([sys.executable, *args], check=True, capture_output=True, text=True,
                           cwd=REPO, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     return dict(json.loads(lines[-1]))
 
 
-def run(steps: int = 6, warmup: int = 2) -> dict[str, Any]:
-    results = {variant: _launch(variant, steps, warmup) for variant in ("single", "ddp", "fsdp")}
+def run(steps: int = 6, warmup: int = 2, single_threads: int = WORLD) -> dict[str, Any]:
+    results = {variant: _launch(variant, steps, warmup, single_threads)
+               for variant in ("single", "ddp", "fsdp")}
     single = results["single"]["step_s"]
     return {
         "results": results,
@@ -137,14 +139,17 @@ def main() -> None:
     parser.add_argument("--variant", choices=("single", "ddp", "fsdp"))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--single-threads", type=int, default=WORLD,
+                        help="intra-op threads of the one-process variant (default 2: the cores "
+                             "the two processes use; on a loaded machine 1 is steadier)")
     parser.add_argument("--out", default=None)
     options = parser.parse_args()
     if options.variant is not None:
-        result = measure(options.variant, options.steps, options.warmup)
+        result = measure(options.variant, options.steps, options.warmup, options.single_threads)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result), flush=True)
         return
-    record = run(options.steps, options.warmup)
+    record = run(options.steps, options.warmup, options.single_threads)
     mib = 2**20
     print(f"{'variant':8} {'step (s)':>9} {'student params/rank':>20} {'teacher params/rank':>20} "
           f"{'AdamW state/rank':>17}")
