@@ -7,7 +7,9 @@ Llama teacher into a smaller Llama student with FSDP2, in one launch with one re
   ``killed``, the same run, in which both ranks SIGKILL themselves once their shards of the
   state of step ``KILL_AT`` are on disk but before it is renamed into place;
 * the restart (``TORCHELASTIC_RESTART_COUNT=1``): ``resumed``, the killed run resumed from its
-  output directory (the newest complete state, ``KILL_AT - 1``) to the end.
+  output directory (the newest complete state, ``KILL_AT - 1``) to the end; then, where purekd
+  has token-count normalisation, ``tokens``: one step of a token-normalised forward KL over
+  micro-batches and ranks of unequal token counts.
 
 Each run leaves ``WORK/<run>.rank<r>.pt``: the gathered step weights, the files this rank
 wrote, what the callback saw, and the parameter counts. The helpers (models, data, adaptor)
@@ -128,6 +130,73 @@ def train(distiller_: purekd.GeneralDistiller, student: torch.nn.Module, loader:
                          output_hidden_states=True, **options)
 
 
+# -- token-count normalisation over both ranks --------------------------------------------------
+
+TOKEN_IN, TOKEN_VOCAB, TOKEN_LENGTH = 3, 5, 6
+TOKEN_KEPT = [6, 1, 4, 2, 5, 3, 6, 2]  # rank 0 keeps 13 tokens, rank 1 keeps 16
+TOKEN_LR = 0.5
+
+
+class TokenLM(torch.nn.Module):
+    """(B, L, IN) -> (B, L, VOCAB) token logits, float64."""
+
+    def __init__(self, width: int, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = torch.nn.Sequential(torch.nn.Linear(TOKEN_IN, width), torch.nn.Tanh(),
+                                        torch.nn.Linear(width, TOKEN_VOCAB))
+        self.double()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        del mask
+        return {"logits": self.body(x)}
+
+
+def token_adaptor(batch: Any, outputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {"logits": outputs["logits"], "logits_mask": batch[1]}
+
+
+def token_samples() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(5)
+    data = []
+    for kept in TOKEN_KEPT:
+        mask = torch.zeros(TOKEN_LENGTH, dtype=torch.long)
+        mask[:kept] = 1
+        data.append((torch.randn(TOKEN_LENGTH, TOKEN_IN, generator=gen, dtype=torch.float64),
+                     mask))
+    return data
+
+
+def token_batches(items: list[tuple[torch.Tensor, torch.Tensor]], size: int) -> list[tuple[Any, ...]]:
+    return [(torch.stack([x for x, _ in items[i:i + size]]),
+             torch.stack([m for _, m in items[i:i + size]])) for i in range(0, len(items), size)]
+
+
+def token_normalisation_available() -> bool:
+    """Whether this purekd normalises by token counts (``DistillationConfig.loss_normalisation``)."""
+    return hasattr(purekd.DistillationConfig, "normalises_by_tokens")
+
+
+def token_distil(out: Path, rank: int) -> dict[str, torch.Tensor]:
+    """One SGD step with forward KL normalised by the step's kept tokens over both ranks and
+    two micro-batches each (unequal counts everywhere); the gathered student weights."""
+    from purekd.runner import _fsdp
+
+    teacher, student = TokenLM(7, seed=0), TokenLM(4, seed=1)
+    config = purekd.DistillationConfig(kd_loss_type="forward_kl", temperature=1,
+                                       loss_normalisation="tokens")
+    train = purekd.TrainingConfig(device="cpu", output_dir=str(out), gradient_accumulation_steps=2,
+                                  fsdp=purekd.FSDPConfig(blocks=("Linear",)))
+    distiller_ = purekd.GeneralDistiller(train, config, teacher, student, token_adaptor,
+                                         token_adaptor, compile=False)
+    half = len(TOKEN_KEPT) // WORLD
+    mine = token_samples()[rank * half:(rank + 1) * half]
+    with distiller_:
+        distiller_.train(torch.optim.SGD(student.parameters(), lr=TOKEN_LR),
+                         token_batches(mine, half // 2), num_steps=1)
+    return _fsdp.full_state_dict(student)
+
+
 def main(work: Path) -> None:
     import torch.distributed as dist
     from torch.utils.data import DistributedSampler
@@ -186,6 +255,8 @@ def main(work: Path) -> None:
                     "numel": sum(p.numel() for p in student.parameters()),
                     "world": dist.get_world_size()},
                    work / f"{name}.rank{rank}.pt")
+    if attempt > 0 and token_normalisation_available():
+        torch.save(token_distil(work / "tokens", rank), work / f"tokens.rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@
 * a run whose two ranks are SIGKILLed while writing a state, restarted by torchrun and
   resumed, ends with exactly the weights of the uninterrupted run;
 * each rank holds half of the student's parameters;
-* the callback gets the sharded student on every rank and can evaluate it.
+* the callback gets the sharded student on every rank and can evaluate it;
+* with token-count normalisation, the gradient is that of one batch of every kept token of both
+  ranks (float64, to 1e-12).
 """
 
 from __future__ import annotations
@@ -129,3 +131,20 @@ def test_each_rank_holds_half_of_the_student(launch) -> None:
         assert rank["world"] == 2
         assert rank["numel"] == sum(p.numel() for p in worker.models()[1].parameters())
         assert abs(rank["local_numel"] - rank["numel"] / 2) <= 0.01 * rank["numel"]
+
+
+def test_token_normalisation_counts_the_tokens_of_both_sharded_ranks(launch) -> None:
+    work, _ = launch
+    if not worker.token_normalisation_available():
+        pytest.skip("this purekd has no token-count normalisation (loss_normalisation)")
+    teacher, student = worker.TokenLM(7, seed=0), worker.TokenLM(4, seed=1)
+    x, mask = worker.token_batches(worker.token_samples(), len(worker.TOKEN_KEPT))[0]
+    with torch.no_grad():
+        p_T = torch.softmax(teacher.body(x), -1)
+    rows = (p_T * (p_T.log() - torch.log_softmax(student.body(x), -1))).sum(-1)
+    rows[mask.bool()].mean().backward()  # forward KL over every kept token, by hand
+    expected = {k: p.detach() - worker.TOKEN_LR * p.grad for k, p in student.named_parameters()}
+    got = torch.load(work / "tokens.rank0.pt", weights_only=True)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, atol=1e-12, rtol=0)
