@@ -59,7 +59,10 @@ def _loss_fn(which: str):  # type: ignore[no-untyped-def]
         import os
 
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-        from trl.experimental.gkd import GKDTrainer
+        try:  # trl >= 1.0 keeps GKD among its experimental trainers
+            from trl.experimental.gkd import GKDTrainer
+        except ImportError:  # older trl
+            from trl import GKDTrainer
 
         def naive(x: dict[str, torch.Tensor]) -> torch.Tensor:
             logits_S = x["hidden_S"] @ x["weight_S"].t()

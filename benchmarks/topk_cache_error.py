@@ -157,7 +157,7 @@ def run(verses: int = 240, max_length: int = 64, batch_size: int = 8, ks: tuple[
     modes = _modes(losses)
     vocab = teacher.get_output_embeddings().weight.shape[0]
     codecs = ("float16", "bfloat16", "q8")
-    code_ks = tuple(k for k in (16, 64, 128) if k <= vocab)
+    code_ks = tuple(k for k in (16, 64) if k <= vocab)
     totals: dict[str, dict[str, list[float]]] = {}
     batches: dict[str, dict[str, list[float]]] = {}
     tokens = 0

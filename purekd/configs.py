@@ -91,6 +91,16 @@ def _in_map(preset: presets.PresetMap, allow_none: bool = False):
     return validate
 
 
+def _kd_loss_type(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    try:
+        presets.kd_loss_spec(value, f"{type(instance).__name__}.{attribute.name}")
+    except presets.UnknownNameError as error:
+        raise _field_error(instance, attribute, value, str(error)) from None
+
+
+_NORMALISATIONS = ("auto", "batch", "tokens")
+
+
 def _tuple_if_list(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
@@ -254,6 +264,23 @@ class DistillationConfig(_ConfigIO):
     ``['cwsm', beta]``. Weight schedulers: ``'none'``, ``'linear_decay'``, ``'linear_growth'``;
     as in TextBrewer, a scheduled weight is the fixed weight at the first step and the
     schedule's value at the progress reached after that.
+
+    Beyond TextBrewer (token-level distillation of language models):
+
+    * ``kd_loss_type`` also takes the divergences of :data:`~purekd.presets.TOKEN_KD_LOSSES`
+      (``'forward_kl'``, ``'reverse_kl'``, ``'jsd'``, ``'scaled_jsd'``, ``'skew_forward_kl'``,
+      ``'skew_reverse_kl'``, ``'tvd'``), with parameters as ``['jsd', {'beta': 0.9}]`` (or
+      ``['jsd', 0.9]``), ``['skew_forward_kl', {'alpha': 0.1}]``, ``['forward_kl', {'tail':
+      True}]`` (top-k teacher). They work on logits, on fused output layers and on a top-k
+      teacher (see :func:`~purekd.terms.token_kd`); their temperature is constant.
+    * ``shared_vocab``: teacher and student vocabularies of different sizes (padded output
+      layers) are compared on their first ``min(V_S, V_T)`` entries; without it a mismatch
+      raises before training, naming both sizes.
+    * ``loss_normalisation``: ``'batch'`` — each micro-batch's mean, averaged over
+      micro-batches (TextBrewer); ``'tokens'`` — the optimizer step's loss is normalised by
+      its kept tokens over every micro-batch and process (``StepOutput.tokens``); ``'auto'``
+      (default) — ``'tokens'`` for the token-level divergences, ``'batch'`` for ``'ce'``,
+      ``'mse'`` and registered losses.
     """
 
     temperature: float = attrs.field(default=4, validator=_temperature)
@@ -263,7 +290,8 @@ class DistillationConfig(_ConfigIO):
     hard_label_weight: float = attrs.field(default=0, validator=_number)
     hard_label_weight_scheduler: str = attrs.field(
         default="none", validator=_in_map(presets.WEIGHT_SCHEDULER, allow_none=True))
-    kd_loss_type: str = attrs.field(default="ce", validator=_in_map(presets.KD_LOSS_MAP))
+    kd_loss_type: str | tuple[Any, ...] = attrs.field(default="ce", converter=_tuple_if_list,
+                                                      validator=_kd_loss_type)
     kd_loss_weight: float = attrs.field(default=1, validator=_number)
     kd_loss_weight_scheduler: str = attrs.field(
         default="none", validator=_in_map(presets.WEIGHT_SCHEDULER, allow_none=True))
@@ -271,6 +299,40 @@ class DistillationConfig(_ConfigIO):
     intermediate_matches: tuple[IntermediateMatch, ...] = attrs.field(
         factory=tuple, converter=_matches)
     is_caching_logits: bool = attrs.field(default=False, validator=_boolean)
+    shared_vocab: bool = attrs.field(default=False, validator=_boolean)
+    loss_normalisation: str = attrs.field(default="auto")
+
+    @loss_normalisation.validator
+    def _check_normalisation(self, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in _NORMALISATIONS:
+            raise _field_error(self, attribute, value, f"must be one of {list(_NORMALISATIONS)}")
+
+    def __attrs_post_init__(self) -> None:
+        name, _ = self.kd_loss
+        token_level = name in presets.TOKEN_KD_LOSSES
+        if token_level and self.temperature_scheduler not in ("none", "constant"):
+            raise ValueError(
+                f"DistillationConfig.temperature_scheduler={self.temperature_scheduler!r} with "
+                f"kd_loss_type={name!r}: the token-level divergences take a constant "
+                "temperature; set temperature_scheduler='none' (or use kd_loss_type='ce')")
+        if self.shared_vocab and not token_level:
+            raise ValueError(
+                f"DistillationConfig.shared_vocab=True with kd_loss_type={name!r}: the shared "
+                f"vocabulary applies to the token-level divergences {sorted(presets.TOKEN_KD_LOSSES)}; "
+                "choose one of them or leave shared_vocab=False")
+
+    @property
+    def kd_loss(self) -> tuple[str, dict[str, Any]]:
+        """``(name, parameters)`` of ``kd_loss_type``: ``('jsd', {'beta': 0.9})``."""
+        return presets.kd_loss_spec(self.kd_loss_type)
+
+    @property
+    def normalises_by_tokens(self) -> bool:
+        """Whether the loss is normalised by the optimizer step's kept tokens
+        (``loss_normalisation``, with ``'auto'`` resolved)."""
+        if self.loss_normalisation == "auto":
+            return self.kd_loss[0] in presets.TOKEN_KD_LOSSES
+        return self.loss_normalisation == "tokens"
 
 
 _FP16_LEVELS = ("O0", "O1", "O2", "O3")

@@ -101,11 +101,100 @@ class BuilderMap(PresetMap):
 FEATURES: list[str] = ["hidden", "attention"]
 """Intermediate features an adaptor may return, each a list of per-layer tensors."""
 
-ADAPTOR_KEYS: list[str] = ["logits", "logits_mask", "losses", "inputs_mask", "labels", *FEATURES]
-"""Keys an adaptor's dict may contain."""
+LM_KEYS: list[str] = ["lm_hidden", "lm_weight", "lm_bias"]
+"""Adaptor keys of a fused output layer: the final hidden states ``lm_hidden`` ``(*rows, H)``,
+the output layer's ``lm_weight`` ``(V, H)`` and optional ``lm_bias`` ``(V,)``; given instead of
+``logits``, the KD loss is computed without materialising ``(rows, V)`` logits."""
 
-KD_LOSS_MAP = PresetMap("kd_loss_type", {"ce": losses.kd_ce, "mse": losses.kd_mse})
-"""Logits KD losses: ``'ce'`` (soft cross-entropy), ``'mse'``."""
+TOPK_KEYS: list[str] = ["topk_ids", "topk_logprobs", "topk_mask"]
+"""Adaptor keys of a teacher's top-k distribution (e.g. from a top-k cache): ``topk_ids``
+``(*rows, k)``, ``topk_logprobs`` ``(*rows, k)`` (log-softmax at temperature 1), optional
+``topk_mask`` ``rows`` 0/1; given instead of the teacher's ``logits``."""
+
+ADAPTOR_KEYS: list[str] = ["logits", "logits_mask", "losses", "inputs_mask", "labels", *FEATURES,
+                           *LM_KEYS, *TOPK_KEYS]
+"""Keys an adaptor's dict may contain (TextBrewer's, then the language-model ones)."""
+
+KD_LOSS_MAP = PresetMap("kd_loss_type", {
+    "ce": losses.kd_ce,
+    "mse": losses.kd_mse,
+    "forward_kl": losses.forward_kl,
+    "reverse_kl": losses.reverse_kl,
+    "jsd": losses.jsd,
+    "scaled_jsd": losses.scaled_jsd,
+    "skew_forward_kl": losses.skew_forward_kl,
+    "skew_reverse_kl": losses.skew_reverse_kl,
+    "tvd": losses.tvd,
+})
+"""Logits KD losses: TextBrewer's ``'ce'`` (soft cross-entropy) and ``'mse'``, and the
+token-level divergences of :data:`TOKEN_KD_LOSSES`."""
+
+TOKEN_KD_LOSSES: dict[str, dict[str, Any]] = {
+    "forward_kl": {"tail": False},
+    "reverse_kl": {"tail": False},
+    "jsd": {"beta": 0.5, "tail": False},
+    "scaled_jsd": {"beta": 0.5},
+    "skew_forward_kl": {"alpha": 0.1},
+    "skew_reverse_kl": {"alpha": 0.1},
+    "tvd": {},
+}
+"""The token-level divergences (``kd_loss_type`` names), each with its parameters and their
+defaults, in positional order. ``beta`` in [0, 1], ``alpha`` in (0, 1); ``tail`` (True/False) is
+the top-k form's extra bucket for the teacher's remaining mass, used with a top-k teacher only.
+Give parameters as ``kd_loss_type=['jsd', {'beta': 0.9}]`` or ``['jsd', 0.9]``."""
+
+TOPK_FORMS: dict[str, str] = {"forward_kl": "topk_kl", "reverse_kl": "topk_reverse_kl",
+                              "jsd": "topk_jsd"}
+"""The token-level divergences with a top-k form (a teacher's ``topk_ids``/``topk_logprobs``),
+and the name of that form in :mod:`purekd.losses`."""
+
+
+def _check_kd_parameter(name: str, parameter: str, value: Any, field: str) -> None:
+    given = f"{field}=[{name!r}, {{{parameter!r}: {value!r}}}]"
+    if parameter == "tail":
+        if not isinstance(value, bool):
+            raise TypeError(f"{given}: tail must be True or False")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{given}: {parameter} must be a number")
+    if parameter == "beta" and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{given}: beta must be in [0, 1] (0 is forward KL, 1 reverse KL), "
+                         f"e.g. [{name!r}, {{'beta': 0.5}}]")
+    if parameter == "alpha" and not 0.0 < value < 1.0:
+        raise ValueError(f"{given}: alpha must be in (0, 1), e.g. [{name!r}, {{'alpha': 0.1}}]")
+
+
+def kd_loss_spec(value: Any, field: str = "kd_loss_type") -> tuple[str, dict[str, Any]]:
+    """``(name, parameters)`` of a ``kd_loss_type``: a name of :data:`KD_LOSS_MAP`, or
+    ``[name, *positional, {keyword: value}]`` for a token-level divergence with parameters.
+    Raises ``ValueError`` / ``TypeError`` naming the field, the value and the fix."""
+    if isinstance(value, str):
+        KD_LOSS_MAP[value]  # unknown name: UnknownNameError listing the valid ones
+        return value, {}
+    if not isinstance(value, (list, tuple)) or not value or not isinstance(value[0], str):
+        raise TypeError(f"{field}={value!r}: give a name, e.g. 'forward_kl', or a name with its "
+                        f"parameters, e.g. ['jsd', {{'beta': 0.9}}]")
+    name, rest = value[0], list(value[1:])
+    KD_LOSS_MAP[name]
+    if name not in TOKEN_KD_LOSSES:
+        raise ValueError(f"{field}={list(value)!r}: {name!r} takes no parameters; parameters go "
+                         f"with the token-level losses {sorted(TOKEN_KD_LOSSES)}")
+    order = list(TOKEN_KD_LOSSES[name])
+    keywords: dict[str, Any] = dict(rest.pop()) if rest and isinstance(rest[-1], Mapping) else {}
+    if len(rest) > len(order):
+        raise ValueError(f"{field}={list(value)!r}: {name!r} takes at most {len(order)} "
+                         f"parameter(s) {order}, got {len(rest)} positional")
+    params = dict(zip(order, rest, strict=False))
+    for key, item in keywords.items():
+        if key not in order:
+            raise ValueError(f"{field}={list(value)!r}: {name!r} has no parameter {key!r}; its "
+                             f"parameters: {order or 'none'}")
+        if key in params:
+            raise ValueError(f"{field}={list(value)!r}: {key!r} given twice")
+        params[key] = item
+    for key, item in params.items():
+        _check_kd_parameter(name, key, item, field)
+    return name, params
 
 MATCH_LOSS_MAP = PresetMap(
     "intermediate match loss",
@@ -199,15 +288,20 @@ __all__ = [
     "ADAPTOR_KEYS",
     "FEATURES",
     "KD_LOSS_MAP",
+    "LM_KEYS",
     "MAPS",
     "MATCH_LOSS_MAP",
     "PAIR_LOSSES",
     "PROJ_MAP",
     "TEMPERATURE_SCHEDULER",
+    "TOKEN_KD_LOSSES",
+    "TOPK_FORMS",
+    "TOPK_KEYS",
     "WEIGHT_SCHEDULER",
     "BuilderMap",
     "PresetMap",
     "UnknownNameError",
     "check_layer_spec",
+    "kd_loss_spec",
     "register_new",
 ]

@@ -54,7 +54,11 @@ def test_training_config_defaults_equal_textbrewer() -> None:
 def test_distillation_config_defaults_equal_textbrewer() -> None:
     ours = DistillationConfig()
     expected = _textbrewer_defaults(textbrewer.DistillationConfig)
-    assert set(expected) == {a.name for a in attrs.fields(DistillationConfig)}
+    # beyond TextBrewer: the token-level options, whose defaults keep TextBrewer's behaviour
+    assert {a.name for a in attrs.fields(DistillationConfig)} - set(expected) == {
+        "shared_vocab", "loss_normalisation"}
+    assert set(expected) <= {a.name for a in attrs.fields(DistillationConfig)}
+    assert ours.shared_vocab is False and not ours.normalises_by_tokens
     for name, default in expected.items():
         if name == "intermediate_matches":  # None in TextBrewer means no matches
             assert default is None and ours.intermediate_matches == ()
@@ -371,3 +375,40 @@ def test_training_never_mutates_the_configs_or_the_user_dicts(tmp_path: Path) ->
         assert distiller.d_config.to_dict() == before[0]
     assert (distill.to_dict(), training.to_dict()) == before
     assert user_dict == distill_dict
+
+
+# --- token-level kd_loss_type, shared_vocab, loss_normalisation --------------------------------
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("tvd", ("tvd", {})),
+    (["jsd", 0.9], ("jsd", {"beta": 0.9})),
+    (["jsd", {"beta": 0.0}], ("jsd", {"beta": 0.0})),
+    (["skew_reverse_kl", {"alpha": 0.3}], ("skew_reverse_kl", {"alpha": 0.3})),
+    (["forward_kl", {"tail": True}], ("forward_kl", {"tail": True})),
+])
+def test_token_level_kd_loss_types(value, expected) -> None:
+    config = DistillationConfig(kd_loss_type=value, temperature=1)
+    assert config.kd_loss == expected and config.normalises_by_tokens
+    assert DistillationConfig.from_dict(config.to_dict()) == config
+    assert DistillationConfig.from_dict({"kd_loss_type": value}).kd_loss == expected
+
+
+@pytest.mark.parametrize(("kwargs", "error", "fragments"), [
+    ({"kd_loss_type": ["jsd", 1.5]}, ValueError, ["kd_loss_type", "1.5", "beta must be in [0, 1]"]),
+    ({"kd_loss_type": ["skew_forward_kl", {"alpha": 1}]}, ValueError,
+     ["kd_loss_type", "alpha must be in (0, 1)", "{'alpha': 0.1}"]),
+    ({"kd_loss_type": ["jsd", {"gamma": 1}]}, ValueError, ["no parameter 'gamma'", "'beta'"]),
+    ({"kd_loss_type": ["jsd", 0.5, True, 3]}, ValueError, ["at most 2"]),
+    ({"kd_loss_type": ["ce", 2]}, ValueError, ["'ce' takes no parameters"]),
+    ({"kd_loss_type": ["forward_kl", {"tail": 1}]}, TypeError, ["tail must be True or False"]),
+    ({"kd_loss_type": "kl"}, ValueError, ["kd_loss_type='kl'", "'forward_kl'", "'jsd'"]),
+    ({"kd_loss_type": "jsd", "temperature_scheduler": ["flsw", 1, 2]}, ValueError,
+     ["temperature_scheduler", "constant temperature"]),
+    ({"shared_vocab": True}, ValueError, ["shared_vocab=True", "kd_loss_type='ce'"]),
+    ({"loss_normalisation": "sum"}, ValueError, ["loss_normalisation='sum'", "'tokens'"]),
+])
+def test_token_level_options_are_validated_at_construction(kwargs, error, fragments) -> None:
+    with pytest.raises(error) as info:
+        DistillationConfig(**kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))

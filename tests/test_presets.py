@@ -21,7 +21,10 @@ def registered():
 
 # ---------------------------------------------------------------- map contents
 def test_kd_loss_map():
-    assert set(presets.KD_LOSS_MAP) == set(tb.KD_LOSS_MAP) == {"ce", "mse"}
+    assert set(tb.KD_LOSS_MAP) == {"ce", "mse"}
+    assert set(presets.KD_LOSS_MAP) == {"ce", "mse", *presets.TOKEN_KD_LOSSES}
+    for name in presets.TOKEN_KD_LOSSES:
+        assert presets.KD_LOSS_MAP[name] is getattr(losses, name)
     assert presets.KD_LOSS_MAP["ce"] is losses.kd_ce
     assert presets.KD_LOSS_MAP["mse"] is losses.kd_mse
 
@@ -63,7 +66,9 @@ def test_match_losses_agree_with_textbrewer_by_name(name):
 
 def test_features_and_adaptor_keys_equal_textbrewers():
     assert presets.FEATURES == tb.FEATURES
-    assert presets.ADAPTOR_KEYS == tb.ADAPTOR_KEYS
+    # TextBrewer's keys first, in its order; then the language-model keys purekd adds
+    assert presets.ADAPTOR_KEYS[:len(tb.ADAPTOR_KEYS)] == tb.ADAPTOR_KEYS
+    assert presets.ADAPTOR_KEYS[len(tb.ADAPTOR_KEYS):] == [*presets.LM_KEYS, *presets.TOPK_KEYS]
 
 
 def test_weight_scheduler():

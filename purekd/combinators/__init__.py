@@ -6,6 +6,7 @@
 * :func:`single_teacher`, :func:`mean_of_teachers`, :func:`models_stage` — run the models
   (cached teacher outputs from ``batch['teacher_cache']`` included);
 * :func:`route_by_task` — one step per task;
+* :func:`token_share`, :func:`token_normalised` — token-correct normalisation over micro-batches;
 * :func:`compiled` — the loss path under ``torch.compile``, with an eager fallback;
 * :class:`Step` — the assembled step; :func:`make_step` builds it from a config.
 """
@@ -33,6 +34,7 @@ from ._objective import (
 )
 from ._step import Step
 from ._tasks import TaskRouter, route_by_task
+from ._tokens import token_normalised, token_share
 
 __all__ = [
     "Compiled",
@@ -56,5 +58,7 @@ __all__ = [
     "route_by_task",
     "scheduled_after_start",
     "single_teacher",
+    "token_normalised",
+    "token_share",
     "weighted",
 ]

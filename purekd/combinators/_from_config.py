@@ -9,10 +9,17 @@ import attrs
 import torch
 from torch import nn
 
-from purekd import presets
+from purekd import losses, presets
 from purekd._compiling import compiled
 from purekd.configs import DistillationConfig, IntermediateMatch
-from purekd.terms import Term, custom_match, hard_label, intermediate_match, logits_kd
+from purekd.terms import (
+    Term,
+    custom_match,
+    hard_label,
+    intermediate_match,
+    logits_kd,
+    token_kd,
+)
 
 from ._models import Adaptor, mean_of_teachers, models_stage, single_teacher
 from ._objective import objective, scheduled_after_start
@@ -107,10 +114,16 @@ def _terms(config: DistillationConfig, projections: Sequence[nn.Module | None],
     temperature_schedule: Callable[..., Any] = (
         presets.TEMPERATURE_SCHEDULER["constant"] if config.temperature_scheduler == "none"
         else presets.TEMPERATURE_SCHEDULER[config.temperature_scheduler])
-    terms = [logits_kd(
-        presets.KD_LOSS_MAP[config.kd_loss_type], config.temperature, temperature_schedule,
-        config.probability_shift, weight=_weight(config.kd_loss_weight, config.kd_loss_weight_scheduler),
-    )]
+    kd_weight = _weight(config.kd_loss_weight, config.kd_loss_weight_scheduler)
+    name, params = config.kd_loss
+    kd_loss = presets.KD_LOSS_MAP[name]
+    if name in presets.TOKEN_KD_LOSSES and kd_loss is getattr(losses, name, None):
+        terms = [token_kd(name, temperature=config.temperature, params=params,
+                          shared_vocab=config.shared_vocab,
+                          shift_probability=config.probability_shift, weight=kd_weight)]
+    else:  # TextBrewer's losses, and any registered under a name of its own
+        terms = [logits_kd(kd_loss, config.temperature, temperature_schedule,
+                           config.probability_shift, weight=kd_weight)]
     terms += [_match_term(m, p) for m, p in zip(config.intermediate_matches, projections, strict=True)]
     terms += [custom_match(i, c.loss, c.proj_func, weight=c.weight) for i, c in enumerate(customs)]
     terms.append(hard_label(weight=_weight(config.hard_label_weight,
@@ -148,6 +161,12 @@ def make_step(
       compile only if the loss path dominates the step (see :class:`~purekd.combinators.Compiled`).
     * ``projections``: reuse existing projection modules, one entry per match (``None`` for none).
 
+    Token-level ``kd_loss_type`` (``'forward_kl'``, ``['jsd', {'beta': b}]``, ...) builds the
+    KD term with :func:`~purekd.terms.token_kd`, which reads dense ``logits``, a fused output
+    layer (``lm_hidden``, ``lm_weight``, ``lm_bias``) or a top-k teacher (``topk_ids``,
+    ``topk_logprobs``, ``topk_mask``) from the adaptors. With token normalisation
+    (``config.normalises_by_tokens``) ``StepOutput.tokens`` holds the batch's kept tokens.
+
     ``step.projections`` holds the projection modules: add their parameters to the optimizer
     (or just optimise ``step.parameters()``, which covers student and projections).
     """
@@ -166,8 +185,9 @@ def make_step(
     matched += [(c.proj_func, dict(c.proj_group)) for c in customs
                 if isinstance(c.proj_func, nn.Module)]
     trainable = nn.ModuleList([module for module, _ in matched])
-    loss = compiled(cast(Callable[..., Any], objective(*_terms(config, projs, customs))),
-                    enabled=compile)
+    loss = compiled(cast(Callable[..., Any], objective(
+        *_terms(config, projs, customs), count_tokens=config.normalises_by_tokens)),
+        enabled=compile)
 
     def one(teacher_model: Any, teacher_adaptor: Any, student_adaptor: Adaptor) -> Step:
         if isinstance(teacher_model, (list, tuple)):

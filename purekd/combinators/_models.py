@@ -15,7 +15,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from purekd.stages import Adapted, Split, adapt, batch_split, detach, forward, mean_logits
+from purekd.stages import (
+    Adapted,
+    Split,
+    adapt,
+    batch_split,
+    detach,
+    forward,
+    mean_logits,
+    share_equal_masks,
+)
 
 Adaptor = Callable[[Any, Any], Any]
 TeacherStage = Callable[[Split, Mapping[str, Any]], Adapted]
@@ -123,7 +132,7 @@ class ModelsStage:
             captured=tuple(captured))
         if teacher_outputs is not None and adapted_S.logits_mask and not adapted_T.logits_mask:
             adapted_T = adapted_T._replace(logits_mask=adapted_S.logits_mask)
-        return Outputs(adapted_S, adapted_T)
+        return Outputs(adapted_S, share_equal_masks(adapted_S, adapted_T))
 
 
 def models_stage(

@@ -14,10 +14,19 @@ from purekd.terms import Context, Term, TermFn, Weight, as_term
 
 class StepOutput(NamedTuple):
     """What a step returns: ``loss`` (0-dim, differentiable) = ``sum_k w_k * terms[k]``, and the
-    *unweighted* named ``terms``."""
+    *unweighted* named ``terms``.
+
+    ``tokens`` is ``None`` for TextBrewer's per-batch normalisation. In a token-normalised step
+    it is the number of rows (tokens) the token-level loss averages over in this batch, a 0-dim
+    float tensor: over several micro-batches (gradient accumulation, data parallelism) the
+    optimizer step's loss is ``sum_m loss_m * tokens_m / sum_m tokens_m``
+    (:func:`~purekd.combinators.token_share`), which equals the loss of one batch holding every
+    token, instead of the mean of per-batch means.
+    """
 
     loss: Tensor
     terms: dict[str, Tensor]
+    tokens: Tensor | None = None
 
 
 LossFn = Callable[[Adapted, Adapted, Context], StepOutput]
@@ -130,13 +139,15 @@ class Objective:
     An Objective is immutable: each edit returns a new one.
     """
 
-    __slots__ = ("terms",)
+    __slots__ = ("count_tokens", "terms")
     terms: tuple[Term, ...]
+    count_tokens: bool
 
-    def __init__(self, terms: Any):
+    def __init__(self, terms: Any, *, count_tokens: bool = False):
         built = tuple(as_term(t) for t in terms)
         _unique_names(built)
         object.__setattr__(self, "terms", built)
+        object.__setattr__(self, "count_tokens", bool(count_tokens))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("an Objective is immutable: reweight/replace/drop/add return a new one")
@@ -145,13 +156,14 @@ class Objective:
         return f"Objective({list(self.names)})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Objective) and self.terms == other.terms
+        return (isinstance(other, Objective) and self.terms == other.terms
+                and self.count_tokens == other.count_tokens)
 
     def __hash__(self) -> int:
-        return hash(self.terms)
+        return hash((self.terms, self.count_tokens))
 
     def __reduce__(self) -> Any:
-        return (Objective, (self.terms,))
+        return (_rebuild, (self.terms, self.count_tokens))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -188,7 +200,7 @@ class Objective:
             del terms[index]
         else:
             terms[index] = term
-        return Objective(terms)
+        return Objective(terms, count_tokens=self.count_tokens)
 
     def replace(self, name: str, term: Term | TermFn) -> Objective:
         """The objective with ``term`` in place of the term named ``name``."""
@@ -208,16 +220,20 @@ class Objective:
         """The objective without the terms named ``names``."""
         for name in names:
             self._index(name)
-        return Objective(t for t in self.terms if t.name not in names)
+        return Objective((t for t in self.terms if t.name not in names),
+                         count_tokens=self.count_tokens)
 
     def add(self, *terms: Term | TermFn) -> Objective:
         """The objective with ``terms`` appended."""
-        return Objective((*self.terms, *terms))
+        return Objective((*self.terms, *terms), count_tokens=self.count_tokens)
 
     def __call__(self, adapted_S: Adapted, adapted_T: Adapted, ctx: Context) -> StepOutput:
         named: dict[str, Tensor] = {}
         total: Tensor | None = None
+        tokens: Tensor | None = None
         for term in self.terms:
+            if self.count_tokens and tokens is None and term.kept_rows is not None:
+                tokens = term.kept_rows(adapted_S, adapted_T)
             values = term(adapted_S, adapted_T, ctx)
             _check_value(term, values)
             if not values:
@@ -232,20 +248,26 @@ class Objective:
                 "no loss term applies to these outputs: return 'logits' from both adaptors, "
                 "'losses' from the student's, or configure intermediate matches"
             )
-        return StepOutput(total, named)
+        return StepOutput(total, named, tokens)
 
     def check(self, adapted_S: Adapted, adapted_T: Adapted) -> None:
         for term in self.terms:
             term.check(adapted_S, adapted_T)
 
 
-def objective(*terms: Term | TermFn) -> Objective:
+def _rebuild(terms: tuple[Term, ...], count_tokens: bool) -> Objective:
+    return Objective(terms, count_tokens=count_tokens)
+
+
+def objective(*terms: Term | TermFn, count_tokens: bool = False) -> Objective:
     """Sum terms: ``loss = sum_k w_k(progress) * value_k``, ``terms = {name_k: value_k}``.
 
     Plain functions become terms named by their ``__name__``; duplicate names raise
-    ``ValueError``.
+    ``ValueError``. ``count_tokens``: the output's ``tokens`` is the row count of the first
+    term that has one (:attr:`Term.kept_rows`, e.g. the KD term's kept tokens), for
+    token-correct normalisation.
     """
-    return Objective(terms)
+    return Objective(terms, count_tokens=count_tokens)
 
 
 __all__ = ["LossFn", "Objective", "StepOutput", "evaluate_weight", "objective",

@@ -35,6 +35,25 @@ class TaskRouter(nn.Module):
         first: Step = next(iter(self.steps.values()))  # type: ignore[assignment]
         return first.projections
 
+    def _each(self, edit: Any) -> TaskRouter:
+        return TaskRouter({task: edit(step) for task, step in self.steps.items()})
+
+    def reweight(self, name: str, weight: Any) -> TaskRouter:
+        """Every task's step with the term named ``name`` re-weighted (:meth:`Step.reweight`)."""
+        return self._each(lambda step: step.reweight(name, weight))
+
+    def replace_term(self, name: str, term: Any) -> TaskRouter:
+        """Every task's step with ``term`` in place of the term named ``name``."""
+        return self._each(lambda step: step.replace_term(name, term))
+
+    def drop_terms(self, *names: str) -> TaskRouter:
+        """Every task's step without the terms named ``names``."""
+        return self._each(lambda step: step.drop_terms(*names))
+
+    def add_terms(self, *terms: Any) -> TaskRouter:
+        """Every task's step with ``terms`` added."""
+        return self._each(lambda step: step.add_terms(*terms))
+
     def forward(self, batch: Any, task: str, **kwargs: Any) -> StepOutput:
         if task not in self.steps:
             raise ValueError(f"unknown task {task!r}; known tasks: {self.tasks}")

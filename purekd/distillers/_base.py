@@ -154,6 +154,11 @@ class Distiller(ModeContext):
                 batch = postprocessor(batch)
             batch = move_to_device(batch, self.t_config.device)
             adapted = teacher(batch_split(batch), args)
+            if not adapted.logits:
+                raise ValueError(
+                    "is_caching_logits=True caches the teacher's 'logits', but its adaptor "
+                    "returned none (a fused output layer 'lm_hidden' or top-k 'topk_ids' is not "
+                    "cached here: use purekd's top-k teacher cache instead, or return 'logits')")
             cache.append((batch, Adapted(logits=tuple(t.to("cpu") for t in adapted.logits))))
         return cache
 

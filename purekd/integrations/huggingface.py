@@ -17,6 +17,20 @@ Two settings of the model decide what it returns, and the adaptor says which one
   the default ``"sdpa"`` (and flash) kernels never materialise the weights and return an empty
   ``attentions`` tuple without an error. Load with ``attn_implementation="eager"``.
 
+Causal language models (``AutoModelForCausalLM``): ``hf_adaptor(causal=True)`` aligns the logits
+at position ``t`` with the token at ``t + 1`` and masks the positions whose next label is
+``-100`` (prompt, padding) or past the end (:func:`purekd.stages.next_token`)::
+
+    adaptor = hf_adaptor(causal=True)                     # logits + next-token mask
+    config = purekd.DistillationConfig(kd_loss_type=["jsd", {"beta": 0.5}], temperature=1)
+    step = purekd.make_step(config, teacher, student, adaptor, adaptor)
+
+With ``lm_head=model.get_output_embeddings()`` the adaptor returns the final hidden states and
+the output layer (``lm_hidden``, ``lm_weight``, ``lm_bias``) instead of the logits, and the KD
+loss is computed fused, without ``(B·L, V)`` logits. Given a top-k teacher cache (a dict with
+``topk_ids``, ``topk_logprobs``, ``topk_mask``) in place of the model's outputs, the adaptor
+passes it on.
+
 This module does not import ``transformers``: any object with those attributes, or a dict with
 those keys, works.
 """
@@ -28,6 +42,8 @@ from typing import Any
 
 import attrs
 from torch import Tensor
+
+from purekd.stages import IGNORE_INDEX, next_token, shift_left
 
 __all__ = ["HFAdaptor", "hf_adaptor"]
 
@@ -128,6 +144,17 @@ class HFAdaptor:
     * ``mask_key`` → ``'inputs_mask'`` = ``batch[mask_key]`` (``None``: no mask);
     * ``logits_mask`` → ``'logits_mask'`` = the same mask, for per-token logits;
     * ``labels_key`` → ``'labels'`` = ``batch[labels_key]`` (for ``probability_shift``).
+    * ``causal`` → next-token alignment: ``'logits_mask'`` keeps the positions whose next label
+      is not ``ignore_index`` (and is not padding), ``'labels'`` are the labels shifted one
+      position left (:func:`purekd.stages.next_token`). The labels are ``batch[labels_key]``,
+      or the batch's ``'labels'`` when ``labels_key`` is ``None``; without labels the mask comes
+      from the padding mask alone.
+    * ``lm_head`` (the output layer, e.g. ``model.get_output_embeddings()``) → ``'lm_hidden'`` =
+      ``outputs.hidden_states[-1]`` (the output layer's input; needs
+      ``output_hidden_states=True``), ``'lm_weight'`` / ``'lm_bias'`` = its weight and bias, in
+      place of ``'logits'``: the fused path.
+    * a top-k teacher cache given as ``outputs`` (a dict with ``'topk_ids'``) → its
+      ``'topk_ids'``, ``'topk_logprobs'``, ``'topk_mask'`` in place of ``'logits'``.
 
     A requested field the model did not return raises a ``ValueError`` that names the setting
     to change. Instances are immutable, comparable and picklable.
@@ -140,8 +167,22 @@ class HFAdaptor:
     mask_key: BatchKey = "attention_mask"
     logits_mask: bool = False
     labels_key: BatchKey = None
+    causal: bool = False
+    ignore_index: int = IGNORE_INDEX
+    lm_head: Any = attrs.field(default=None, eq=False)
 
     def __attrs_post_init__(self) -> None:
+        if self.lm_head is not None:
+            weight = getattr(self.lm_head, "weight", None)
+            if not isinstance(weight, Tensor) or weight.dim() != 2:
+                raise TypeError(
+                    f"hf_adaptor(lm_head=...): expected the output layer, a module with a 2-d "
+                    f"weight (V, H) such as model.get_output_embeddings(), got "
+                    f"{type(self.lm_head).__name__}")
+        if self.causal and self.logits_mask:
+            raise ValueError(
+                "hf_adaptor(causal=True, logits_mask=True): causal=True already returns the "
+                "next-token logits mask; drop logits_mask=True")
         if not (self.logits or self.hidden or self.attention or self.loss
                 or self.labels_key is not None):
             raise ValueError(
@@ -157,7 +198,11 @@ class HFAdaptor:
     def __call__(self, batch: Any, outputs: Any) -> dict[str, Any]:
         _check_outputs(outputs)
         adapted: dict[str, Any] = {}
-        if self.logits:
+        if _field(outputs, "topk_ids") is not None:  # a top-k teacher cache
+            return self._cached_topk(batch, outputs)
+        if self.lm_head is not None:
+            adapted.update(self._output_layer(outputs))
+        elif self.logits:
             adapted["logits"] = self._logits(outputs)
         if self.hidden:
             adapted["hidden"] = self._hidden(outputs)
@@ -166,16 +211,77 @@ class HFAdaptor:
         if self.loss:
             loss = _field(outputs, "loss")
             if loss is not None:
+                self._check_full_loss(outputs, adapted)
                 adapted["losses"] = loss
         mask = _from_batch(batch, self.mask_key, "mask_key")
         if mask is not None:
             adapted["inputs_mask"] = mask
             if self.logits_mask:
                 adapted["logits_mask"] = mask
-        labels = _from_batch(batch, self.labels_key, "labels_key")
-        if labels is not None:
+        labels = self._labels(batch)
+        if self.causal:
+            adapted.update(self._causal_mask(batch))
+            if labels is not None:  # aligned with the logits: labels[:, t] is token t + 1
+                adapted["labels"] = shift_left(labels, self.ignore_index)
+        elif labels is not None:
             adapted["labels"] = labels
         return adapted
+
+    def _labels(self, batch: Any) -> Tensor | None:
+        if self.labels_key is None and self.causal and isinstance(batch, Mapping):
+            return _from_batch(batch, "labels", "labels_key") if "labels" in batch else None
+        return _from_batch(batch, self.labels_key, "labels_key")
+
+    def _causal_mask(self, batch: Any) -> dict[str, Any]:
+        if not self.causal:
+            return {}
+        mask = _from_batch(batch, self.mask_key, "mask_key")
+        labels = self._labels(batch)
+        if mask is None and labels is None:
+            raise ValueError(
+                "hf_adaptor(causal=True): the batch gives neither labels nor a padding mask to "
+                "find the positions to distil on; pass labels_key= or mask_key=")
+        return {"logits_mask": next_token(labels, mask, ignore_index=self.ignore_index).mask}
+
+    def _cached_topk(self, batch: Any, cache: Any) -> dict[str, Any]:
+        """A top-k teacher cache (``topk_ids``, ``topk_logprobs``, ``topk_mask``), passed on."""
+        adapted: dict[str, Any] = {}
+        for key in ("topk_ids", "topk_logprobs", "topk_mask"):
+            value = _field(cache, key)
+            if value is not None:
+                adapted[key] = value
+        if "topk_logprobs" not in adapted:
+            raise ValueError("hf_adaptor: the teacher cache has 'topk_ids' but no "
+                             "'topk_logprobs'; a top-k cache holds both")
+        adapted.update(self._causal_mask(batch))
+        mask = _from_batch(batch, self.mask_key, "mask_key")
+        if mask is not None:
+            adapted["inputs_mask"] = mask
+        return adapted
+
+    def _check_full_loss(self, outputs: Any, adapted: Mapping[str, Any]) -> None:
+        """With the fused path the model may have computed its loss on fewer positions
+        (``logits_to_keep``): that loss is not the sequence's cross-entropy."""
+        logits, hidden = _field(outputs, "logits"), adapted.get("lm_hidden")
+        if (isinstance(logits, Tensor) and isinstance(hidden, Tensor) and logits.dim() == 3
+                and logits.size(1) != hidden.size(1)):
+            raise ValueError(
+                f"hf_adaptor(lm_head=..., loss=True): the model computed its loss on "
+                f"{logits.size(1)} of {hidden.size(1)} positions (logits_to_keep), which is not "
+                "the sequence's cross-entropy; drop loss=True (or logits_to_keep)")
+
+    def _output_layer(self, outputs: Any) -> dict[str, Any]:
+        states = _field(outputs, "hidden_states")
+        if states is None or len(states) == 0:
+            raise ValueError(
+                f"hf_adaptor(lm_head=...): the model's output ({_describe(outputs)}) has no "
+                "hidden_states, and the fused path needs the last one (the output layer's "
+                "input): " + _HOW_TO_PASS.format(flag="output_hidden_states"))
+        head: dict[str, Any] = {"lm_hidden": states[-1], "lm_weight": self.lm_head.weight}
+        bias = getattr(self.lm_head, "bias", None)
+        if isinstance(bias, Tensor):
+            head["lm_bias"] = bias
+        return head
 
     def _logits(self, outputs: Any) -> Tensor:
         logits = _field(outputs, "logits")
@@ -237,6 +343,9 @@ def hf_adaptor(
     mask_key: BatchKey = "attention_mask",
     logits_mask: bool = False,
     labels_key: BatchKey = None,
+    causal: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+    lm_head: Any = None,
 ) -> HFAdaptor:
     """An adaptor for a ``transformers`` model: ``adaptor(batch, outputs) -> dict``.
 
@@ -253,7 +362,18 @@ def hf_adaptor(
             becomes ``'inputs_mask'``, which the intermediate matches use.
         logits_mask: return the same mask as ``'logits_mask'`` (token-level logits ``(B, L, C)``).
         labels_key: where the labels are in the batch, returned as ``'labels'`` (for
-            ``probability_shift``); ``None`` (default) leaves them out.
+            ``probability_shift``); ``None`` (default) leaves them out (with ``causal=True``:
+            the batch's ``'labels'`` when it has them).
+        causal: a causal LM: the logits at position ``t`` are distilled toward the token at
+            ``t + 1``; ``'logits_mask'`` keeps the positions whose next label is not
+            ``ignore_index`` and is not padding; ``'labels'`` are shifted one position left.
+        ignore_index: the label of ignored positions (``-100``, as ``transformers``).
+        lm_head: the output layer (``model.get_output_embeddings()``): return the last hidden
+            state and the layer's weight and bias (``'lm_hidden'``, ``'lm_weight'``,
+            ``'lm_bias'``) instead of the logits, for the fused KD path; needs
+            ``output_hidden_states=True``. Pass ``logits_to_keep=1`` to the forward as well
+            (``distiller.train(..., output_hidden_states=True, logits_to_keep=1)``) so the
+            model does not compute the full logits itself.
 
     Example::
 
@@ -263,4 +383,5 @@ def hf_adaptor(
         step = purekd.make_step(config, teacher, student, adaptor, adaptor)
     """
     return HFAdaptor(logits=logits, hidden=hidden, attention=attention, loss=loss,
-                     mask_key=mask_key, logits_mask=logits_mask, labels_key=labels_key)
+                     mask_key=mask_key, logits_mask=logits_mask, labels_key=labels_key,
+                     causal=causal, ignore_index=ignore_index, lm_head=lm_head)

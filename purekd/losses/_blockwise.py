@@ -49,6 +49,13 @@ def default_chunk_rows(rows: int, vocabulary: int) -> int:
     return max(1, min(rows, chunk))
 
 
+def log_softmax(z: Tensor) -> Tensor:
+    """``log_softmax(z, -1)`` written out (max, then log-sum-exp): compiles to fewer passes
+    over the block than ``Tensor.log_softmax``'s decomposition, with the same values."""
+    shifted = z - z.amax(-1, keepdim=True)
+    return shifted - shifted.exp().sum(-1, keepdim=True).log()
+
+
 # --------------------------------------------------------------------------------- targets
 @dataclasses.dataclass(frozen=True)
 class DenseTarget:
@@ -60,11 +67,10 @@ class DenseTarget:
     def key(self) -> tuple[object, ...]:
         return ("dense", *self.divergence.key)
 
-    def block(self, z: Tensor, teacher: tuple[Tensor, ...], inv_tau: Tensor, keep: Tensor,
-              grad_S: bool, grad_T: bool) -> BlockOutput:
+    def block(self, z: Tensor, log_p_S: Tensor, teacher: tuple[Tensor, ...], inv_tau: Tensor,
+              keep: Tensor, grad_S: bool, grad_T: bool) -> BlockOutput:
         (t,) = teacher
-        log_p_S = z.log_softmax(-1)
-        log_p_T = (torch.where(keep, t.to(z.dtype), 0.0) * inv_tau).log_softmax(-1)
+        log_p_T = log_softmax(torch.where(keep, t.to(z.dtype), 0.0) * inv_tau)
         value, a_S, a_T = self.divergence.rows(log_p_S, log_p_T, grad_S, grad_T)
         g_S = through_log_softmax(a_S, log_p_S) if a_S is not None else None
         g_T = through_log_softmax(a_T, log_p_T) if a_T is not None else None
@@ -91,12 +97,11 @@ class TopkTarget:
     def key(self) -> tuple[object, ...]:
         return ("topk", self.mode, *self.divergence.key)
 
-    def block(self, z: Tensor, teacher: tuple[Tensor, ...], inv_tau: Tensor, keep: Tensor,
-              grad_S: bool, grad_T: bool) -> BlockOutput:
+    def block(self, z: Tensor, log_p: Tensor, teacher: tuple[Tensor, ...], inv_tau: Tensor,
+              keep: Tensor, grad_S: bool, grad_T: bool) -> BlockOutput:
         ids, logprobs = teacher
         ids = torch.where(keep, ids, 0)
         log_q = torch.where(keep, logprobs.to(z.dtype), 0.0)
-        log_p = z.log_softmax(-1)
         in_support = None
         if self.mode == "tail":
             tail_T = (1 - log_q.exp().sum(-1, keepdim=True)).clamp_min(0.0)
@@ -135,7 +140,8 @@ Target = DenseTarget | TopkTarget
 # --------------------------------------------------------------------------------- kernel
 def _kernel(s: Tensor, teacher: tuple[Tensor, ...], inv_tau: Tensor, weights: Tensor,
             scale: Tensor, labels: Tensor | None, ce_scale: Tensor | None, *, target: Target,
-            grad_S: bool, grad_T: bool, ignore_index: int, grad_dtype: torch.dtype | None
+            grad_S: bool, grad_T: bool, ignore_index: int, grad_dtype: torch.dtype | None,
+            unit_temperature: bool = False
             ) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor | None, ...]]:
     """One block: ``(sum_r w_r D_r, sum_r CE_r, dL/ds, dL/dteacher)``.
 
@@ -143,23 +149,30 @@ def _kernel(s: Tensor, teacher: tuple[Tensor, ...], inv_tau: Tensor, weights: Te
     accumulation dtype, ``scale`` 0-dim: the factor of the KD sum in the loss (1/count for the
     mean). ``labels`` ``(C,)`` (``ignore_index`` where none) with ``ce_scale`` the factor of
     the CE sum, or None. Gradients are of ``scale * KD sum + ce_scale * CE sum``, 0 in rows of
-    weight 0; ``grad_dtype`` None keeps the accumulation dtype.
+    weight 0; ``grad_dtype`` None keeps the accumulation dtype. ``unit_temperature``: the
+    temperature is known to be 1, so the KD and the CE share one log-softmax of the block.
     """
     accumulate = weights.dtype
     keep = (weights != 0).unsqueeze(-1)
     raw = s.to(accumulate)
-    z = torch.where(keep, raw, 0.0) * inv_tau
-    value, g_S, g_T = target.block(z, teacher, inv_tau, keep, grad_S, grad_T)
+    valid = None if labels is None else (labels != ignore_index).unsqueeze(-1)
+    shared = unit_temperature and valid is not None
+    if shared:
+        assert valid is not None
+        z = torch.where(keep | valid, raw, 0.0)  # rows used by neither stay finite zeros
+    else:
+        z = torch.where(keep, raw, 0.0) * inv_tau
+    log_p_S = log_softmax(z)
+    value, g_S, g_T = target.block(z, log_p_S, teacher, inv_tau, keep, grad_S, grad_T)
     kd = (torch.where(keep.squeeze(-1), value, 0.0) * weights).sum()
     row_scale = (weights * scale).unsqueeze(-1) * inv_tau
     out_S = torch.where(keep, g_S * row_scale, 0.0) if g_S is not None else None
     out_T = tuple(torch.where(keep, g * row_scale, 0.0) if g is not None else None for g in g_T)
     ce = weights.new_zeros(())
     if labels is not None:
-        assert ce_scale is not None
-        valid = (labels != ignore_index).unsqueeze(-1)
+        assert ce_scale is not None and valid is not None
         safe = torch.where(valid, labels.unsqueeze(-1), 0)
-        log_p1 = torch.where(valid, raw, 0.0).log_softmax(-1)
+        log_p1 = log_p_S if shared else log_softmax(torch.where(valid, raw, 0.0))
         ce = torch.where(valid, -log_p1.gather(1, safe), 0.0).sum()
         if grad_S:
             one_hot = torch.zeros_like(log_p1).scatter(1, safe, 1.0)
@@ -175,14 +188,16 @@ _KERNELS: dict[tuple[object, ...], Compiled] = {}
 
 def block_kernel(target: Target, *, grad_S: bool, grad_T: bool = False,
                  ignore_index: int = -100, grad_dtype: torch.dtype | None = None,
+                 unit_temperature: bool = False,
                  compile_blocks: bool = True) -> Callable[..., Any]:
     """The kernel for ``target`` with these options: compiled (once per block shape) when
     ``compile_blocks`` and not already inside a compiled region, else eager."""
     eager = functools.partial(_kernel, target=target, grad_S=grad_S, grad_T=grad_T,
-                              ignore_index=ignore_index, grad_dtype=grad_dtype)
+                              ignore_index=ignore_index, grad_dtype=grad_dtype,
+                              unit_temperature=unit_temperature)
     if torch.compiler.is_compiling() or not (compile_blocks and COMPILE_BLOCKS):
         return eager
-    key = (target.key, grad_S, grad_T, ignore_index, grad_dtype)
+    key = (target.key, grad_S, grad_T, ignore_index, grad_dtype, unit_temperature)
     if key not in _KERNELS:
         _KERNELS[key] = compiled(eager, dynamic=True)
     return _KERNELS[key]
@@ -284,6 +299,7 @@ class FusedOptions(NamedTuple):
     kd_weight: float
     ce_weight: float
     ignore_index: int
+    unit_temperature: bool = False
 
 
 class _FusedLinear(torch.autograd.Function):
@@ -296,6 +312,7 @@ class _FusedLinear(torch.autograd.Function):
         grad = want_h or want_w or want_b
         accumulate = weights.dtype
         kernel = block_kernel(options.target, grad_S=grad, ignore_index=options.ignore_index,
+                              unit_temperature=options.unit_temperature and labels is not None,
                               compile_blocks=options.compile_blocks)
         weight = weight_S.to(accumulate)
         bias = None if bias_S is None else bias_S.to(accumulate)
@@ -341,7 +358,9 @@ class _FusedLinear(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor, _grad_kd: Tensor,
                  _grad_ce: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
-        grads = [None if g is None else (g * grad_loss.to(g.dtype)).to(dtype)
+        # the usual case, loss.backward(): the gradients computed in the forward as they are
+        unit = not torch.compiler.is_compiling() and bool(grad_loss == 1)
+        grads = [None if g is None else (g if unit else g * grad_loss.to(g.dtype)).to(dtype)
                  for g, dtype in zip(saved, ctx.dtypes, strict=True)]
         return (None, *grads, None, None, None)
 

@@ -99,7 +99,7 @@ def _mixture_rows(beta: float, scale_T: float, scale_S: float) -> RowFunction:
     def rows(log_p_S: Tensor, log_p_T: Tensor, grad_S: bool = False,
              grad_T: bool = False) -> RowResult:
         p_S, p_T = log_p_S.exp(), log_p_T.exp()
-        log_m = _log_mixture(log_p_T, log_p_S, beta)
+        log_m = torch.log(beta * p_T + (1 - beta) * p_S)
         kl_S = _xlog_ratio(p_S, log_p_S, log_m)
         kl_T = _xlog_ratio(p_T, log_p_T, log_m)
         value = (scale_T * kl_T + scale_S * kl_S).sum(-1)

@@ -92,6 +92,10 @@ def _check_bias(bias: Tensor | None, vocabulary: int, who: str, where: str) -> N
                          f"entry per row of weight_{who}")
 
 
+def _is_one(temperature: Temperature) -> bool:
+    return not isinstance(temperature, Tensor) and float(temperature) == 1.0
+
+
 def fused_linear_distill(
     hidden_S: Tensor,
     weight_S: Tensor,
@@ -185,7 +189,7 @@ def fused_linear_distill(
         bias_S = None if bias_S is None else bias_S[:vocabulary]
     options = FusedOptions(target, source, chunk_rows or default_chunk_rows(rows, vocabulary),
                            sum_reduction, compile_blocks, float(kd_weight), float(ce_weight),
-                           ignore_index)
+                           ignore_index, unit_temperature=_is_one(temperature))
     inv_tau = inverse_temperature(temperature, rows_shape, accumulate, device)
     total, kd, ce = fused_linear(options, hidden_S.reshape(rows, -1), weight_S, bias_S,
                                  inv_tau, weights, flat_labels)

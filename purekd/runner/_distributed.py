@@ -37,6 +37,18 @@ def wrap(module: nn.Module, device: str | torch.device, local_rank: int) -> Any:
     return nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over every process (itself when not distributed); a new tensor."""
+    total = value.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -54,5 +66,5 @@ def broadcast_flag(flag: bool, device: str | torch.device) -> bool:
     return bool(value.item())
 
 
-__all__ = ["barrier", "broadcast_flag", "ensure_process_group", "is_initialized",
-           "local_rank_from", "rank", "wrap"]
+__all__ = ["all_reduce_sum", "barrier", "broadcast_flag", "ensure_process_group",
+           "is_initialized", "local_rank_from", "rank", "world_size", "wrap"]

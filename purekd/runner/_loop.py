@@ -54,6 +54,7 @@ from ._precision import Precision
 from ._rng import rng_state, set_rng_state
 from ._sources import Micro, PassLog
 from ._state import RunIdentity
+from ._tokens import TokenWindow, scale_gradients, token_sum
 
 logger = logging.getLogger("purekd")
 
@@ -121,6 +122,7 @@ class _Run:
     early_stopping: EarlyStopping | None
     bar: Any = None
     gradient_seen: bool = False
+    window: TokenWindow = attrs.field(factory=TokenWindow)
 
     def learning_rates(self) -> list[float]:
         return [float(group["lr"]) for group in self.optimizer.param_groups]
@@ -284,10 +286,23 @@ class Runner:
 
     # -- the phases --------------------------------------------------------------------------
 
-    def _scale_for_accumulation(self, loss: torch.Tensor, micro: Micro) -> torch.Tensor:
-        """The micro-batch's share of the optimizer step's loss: ``loss / accumulation``."""
+    def _scale_for_accumulation(self, run: _Run, loss: torch.Tensor, micro: Micro,
+                                tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The micro-batch's share of the optimizer step's loss: ``loss / accumulation``
+        (TextBrewer's per-batch mean); for a token-normalised step (``tokens`` given), the
+        token sum ``loss * tokens``, normalised by the window's kept tokens at the optimizer
+        step (:mod:`._tokens`)."""
         del micro
-        return loss / self.config.gradient_accumulation_steps
+        if tokens is None:
+            if run.window.active:
+                raise ValueError(
+                    "a step returned StepOutput.tokens for some micro-batches of an optimizer "
+                    "step and None for others: a token-normalised step reports its tokens on "
+                    "every micro-batch")
+            return loss / self.config.gradient_accumulation_steps
+        summed, count = token_sum(loss, tokens)
+        run.window.add(count)
+        return summed
 
     def _micro_step(self, run: _Run, micro: Micro) -> None:
         """Forward and backward on one micro-batch; the gradients accumulate."""
@@ -296,6 +311,7 @@ class Runner:
         counters.epoch = micro.epoch
         if micro.first_in_epoch:  # TextBrewer drops unfinished accumulation here
             run.optimizer.zero_grad()
+            run.window.reset()
         batch = micro.batch
         post = run.batch_postprocessor
         if post is not None and not micro.postprocessed:
@@ -316,7 +332,9 @@ class Runner:
         run.guard.observe(counters.global_step + 1, loss, terms)
         run.metrics.record(counters.writer_step, counters.global_step, loss, terms)
         counters.writer_step += 1
-        run.precision.backward(self._scale_for_accumulation(loss, micro))
+        tokens = getattr(out, "tokens", None)
+        run.precision.backward(self._scale_for_accumulation(
+            run, out.loss if tokens is not None else loss, micro, tokens))
 
     def _optimizer_step(self, run: _Run) -> None:
         """Clip, step the optimizer and the scheduler, zero the gradients, count the step."""
@@ -336,6 +354,9 @@ class Runner:
                 run.guard.observe_gradients(counters.global_step + 1, run.named_params)
             run.guard.raise_if_tripped()
         run.precision.unscale(optimizer)
+        if run.window.active:  # token-normalised: divide by the step's kept tokens, globally
+            scale_gradients(optimizer, run.window.gradient_scale())
+            run.window.reset()
         if run.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(run.student_params, run.max_grad_norm)
         run.precision.step(optimizer)

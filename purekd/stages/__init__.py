@@ -1,23 +1,38 @@
 """Layer 3 — pipeline stages: pure functions from a batch to normalised model outputs.
 
 ``batch_split`` → ``forward`` → ``adapt`` (→ :class:`Adapted`), plus ``probability_shift`` and
-the shape checks that run before the loss path.
+the shape checks that run before the loss path; ``next_token`` aligns a causal language model's
+logits with the tokens they predict.
 """
 
-from ._adapt import Adapted, AdaptorError, adapt, detach, mean_logits, normalise
+from ._adapt import (
+    Adapted,
+    AdaptorError,
+    adapt,
+    detach,
+    mean_logits,
+    normalise,
+    share_equal_masks,
+)
 from ._forward import forward
+from ._next_token import IGNORE_INDEX, NextToken, next_token, shift_left
 from ._probability_shift import probability_shift
 from ._split import Split, batch_split
 
 __all__ = [
+    "IGNORE_INDEX",
     "Adapted",
     "AdaptorError",
+    "NextToken",
     "Split",
     "adapt",
     "batch_split",
     "detach",
     "forward",
     "mean_logits",
+    "next_token",
     "normalise",
     "probability_shift",
+    "share_equal_masks",
+    "shift_left",
 ]

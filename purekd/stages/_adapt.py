@@ -29,6 +29,20 @@ class _AdaptedFields(NamedTuple):
     attention: Tensors = ()
     inputs_mask: Tensor | None = None
     captured: tuple[Any, ...] = ()
+    lm_hidden: Tensor | None = None
+    lm_weight: Tensor | None = None
+    lm_bias: Tensor | None = None
+    topk_ids: Tensor | None = None
+    topk_logprobs: Tensor | None = None
+    topk_mask: Tensor | None = None
+
+    @property
+    def row_outputs(self) -> int:
+        """How many row-wise outputs ``logits_mask`` and ``labels`` refer to: the number of
+        ``logits``, or 1 for language-model outputs without logits."""
+        if self.logits:
+            return len(self.logits)
+        return int(self.lm_hidden is not None or self.topk_ids is not None)
 
 
 def _tupled(field: str, value: Any) -> Any:
@@ -57,6 +71,19 @@ class Adapted(_AdaptedFields):
     ``labels[i]`` ``(B,)`` or ``(B, L)``; ``losses[i]`` any (reduced with ``.mean()``);
     ``hidden[k]`` ``(B, L, D)``; ``attention[k]`` ``(B, H, L, L)`` or ``(B, L, L)``;
     ``inputs_mask`` ``(B, L)``.
+
+    Language-model outputs (single tensors or ``None``), for distillation without full logits:
+
+    * ``lm_hidden`` ``(*rows, H)``: the final hidden states, the output layer's input;
+      ``lm_weight`` ``(V, H)`` and ``lm_bias`` ``(V,)`` (or ``None``): the output layer, so that
+      ``logits = lm_hidden @ lm_weight.T + lm_bias``. The KD term then computes the loss with
+      :func:`~purekd.losses.fused_linear_kd`, never holding ``(rows, V)`` logits.
+    * ``topk_ids`` ``(*rows, k)`` int64 and ``topk_logprobs`` ``(*rows, k)``: a teacher's ``k``
+      most likely tokens per row and their log-probabilities (log-softmax at temperature 1), e.g.
+      from a top-k cache; ``topk_mask`` ``rows`` 0/1: the rows the teacher has (rows past a
+      sample's length are 0). Rows are the same positions as the student's rows.
+
+    ``logits_mask[0]`` and ``labels[0]`` refer to these rows when there are no ``logits``.
     """
 
     __slots__ = ()
@@ -77,6 +104,7 @@ class Adapted(_AdaptedFields):
 
 
 _LIST_KEYS = ("logits", "logits_mask", "labels", "losses", "hidden", "attention")
+_TENSOR_KEYS = ("lm_hidden", "lm_weight", "lm_bias", "topk_ids", "topk_logprobs", "topk_mask")
 
 
 def _as_tuple(key: str, value: Any) -> Tensors:
@@ -117,8 +145,15 @@ def normalise(result: Any) -> Adapted:
                 f"adaptor key 'inputs_mask': expected a tensor (B, L), got {type(mask).__name__}"
             )
         fields["inputs_mask"] = mask
+    for key in _TENSOR_KEYS:
+        value = result.get(key)
+        if value is not None and not isinstance(value, Tensor):
+            raise AdaptorError(
+                f"adaptor key {key!r}: expected one tensor, got {type(value).__name__}")
+        fields[key] = value
     adapted = Adapted(**fields)
-    n = len(adapted.logits)
+    _check_language_model_keys(adapted)
+    n = adapted.row_outputs
     if adapted.logits_mask and len(adapted.logits_mask) not in (1, n):
         raise AdaptorError(
             f"the adaptor returned {n} logits but {len(adapted.logits_mask)} logits_mask: give one "
@@ -130,6 +165,29 @@ def normalise(result: Any) -> Adapted:
             "tensor per logits tensor"
         )
     return adapted
+
+
+def _check_language_model_keys(adapted: Adapted) -> None:
+    """``lm_weight`` goes with ``lm_hidden``, ``topk_logprobs`` with ``topk_ids``, and
+    language-model outputs come instead of ``logits``."""
+    pairs = (("lm_hidden", "lm_weight"), ("topk_ids", "topk_logprobs"))
+    for first, second in pairs:
+        if (getattr(adapted, first) is None) != (getattr(adapted, second) is None):
+            given, missing = ((first, second) if getattr(adapted, first) is not None
+                              else (second, first))
+            raise AdaptorError(f"the adaptor returned {given!r} without {missing!r}: return both")
+    if adapted.lm_bias is not None and adapted.lm_hidden is None:
+        raise AdaptorError("the adaptor returned 'lm_bias' without 'lm_hidden' and 'lm_weight'")
+    if adapted.topk_mask is not None and adapted.topk_ids is None:
+        raise AdaptorError("the adaptor returned 'topk_mask' without 'topk_ids' and "
+                           "'topk_logprobs'")
+    forms = [key for key in ("lm_hidden", "topk_ids") if getattr(adapted, key) is not None]
+    if len(forms) > 1 or (forms and adapted.logits):
+        keys = (["logits"] if adapted.logits else []) + forms
+        raise AdaptorError(
+            f"the adaptor returned {keys}: a model's distribution comes as one of 'logits', "
+            "'lm_hidden' + 'lm_weight' (fused output layer) or 'topk_ids' + 'topk_logprobs' "
+            "(a teacher's top-k); return only one of them")
 
 
 def adapt(adaptor: Callable[[Any, Any], Any], batch: Any, outputs: Any) -> Adapted:
@@ -145,11 +203,41 @@ def detach(adapted: Adapted) -> Adapted:
 
     mask = adapted.inputs_mask
     fields: dict[str, Any] = {k: off(getattr(adapted, k)) for k in _LIST_KEYS}
+    singles: dict[str, Any] = {k: off((getattr(adapted, k),))[0] for k in _TENSOR_KEYS}
     return Adapted(
         **fields,
+        **singles,
         inputs_mask=mask.detach() if isinstance(mask, Tensor) else mask,
         captured=off(adapted.captured),
     )
+
+
+def _same_rows(mask_S: Tensor, mask_T: Tensor) -> bool:
+    if mask_S is mask_T or mask_S.shape != mask_T.shape or mask_S.device != mask_T.device:
+        return mask_S is mask_T
+    try:
+        return torch.equal(mask_S != 0, mask_T != 0)
+    except RuntimeError:  # inside a vmap: no data-dependent answer; keep both masks
+        return False
+
+
+def share_equal_masks(adapted_S: Adapted, adapted_T: Adapted) -> Adapted:
+    """The teacher's outputs with each ``logits_mask`` that keeps the same rows as the
+    student's replaced by the student's own tensor.
+
+    Two distinct masks pair the k-th kept rows of each side (TextBrewer's rule), which copies the
+    teacher's rows; two masks that keep the same rows (e.g. the next-token masks both
+    ``hf_adaptor(causal=True)`` adaptors compute from one batch) pair each row with itself, so
+    one mask serves both and nothing is copied. The result is the same either way.
+    """
+    masks_S, masks_T = adapted_S.logits_mask, adapted_T.logits_mask
+    if not masks_S or len(masks_S) != len(masks_T):
+        return adapted_T
+    shared = tuple(m_S if _same_rows(m_S, m_T) else m_T
+                   for m_S, m_T in zip(masks_S, masks_T, strict=True))
+    if all(a is b for a, b in zip(shared, masks_T, strict=True)):
+        return adapted_T
+    return adapted_T._replace(logits_mask=shared)
 
 
 def mean_logits(teachers: list[Adapted]) -> Adapted:
@@ -160,6 +248,13 @@ def mean_logits(teachers: list[Adapted]) -> Adapted:
     """
     if not teachers:
         raise ValueError("mean_logits needs at least one teacher's outputs")
+    for index, teacher in enumerate(teachers):
+        if teacher.lm_hidden is not None or teacher.topk_ids is not None:
+            form = "'lm_hidden'" if teacher.lm_hidden is not None else "'topk_ids'"
+            raise ValueError(
+                f"teacher {index}'s adaptor returned {form}: several teachers are averaged by "
+                "their logits, so each must return 'logits' (a fused output layer or a top-k "
+                "cache serves a single teacher)")
     counts = {len(t.logits) for t in teachers}
     if len(counts) != 1:
         raise ValueError(f"teachers returned different numbers of logits: {[len(t.logits) for t in teachers]}")
@@ -177,4 +272,5 @@ def mean_logits(teachers: list[Adapted]) -> Adapted:
     return teachers[0]._replace(logits=averaged)
 
 
-__all__ = ["Adapted", "AdaptorError", "adapt", "detach", "mean_logits", "normalise"]
+__all__ = ["Adapted", "AdaptorError", "adapt", "detach", "mean_logits", "normalise",
+           "share_equal_masks"]

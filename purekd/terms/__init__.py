@@ -4,14 +4,16 @@ Each builder returns a :class:`Term`: the term function, its weight (a constant 
 of progress) and an eager precondition check.
 """
 
-from ._context import Check, Context, Term, TermFn, Weight, as_term, make_context
+from ._context import Check, Context, Count, Term, TermFn, Weight, as_term, make_context
 from ._hard_label import hard_label
-from ._logits_kd import check_logits, logits_kd, logits_mask_for
+from ._logits_kd import check_logits, kd_loss_caller, logits_kd, logits_mask_for
 from ._match import custom_match, intermediate_match, match_name, select_layers
+from ._token_kd import token_kd
 
 __all__ = [
     "Check",
     "Context",
+    "Count",
     "Term",
     "TermFn",
     "Weight",
@@ -20,9 +22,11 @@ __all__ = [
     "custom_match",
     "hard_label",
     "intermediate_match",
+    "kd_loss_caller",
     "logits_kd",
     "logits_mask_for",
     "make_context",
     "match_name",
     "select_layers",
+    "token_kd",
 ]

@@ -73,6 +73,10 @@ Check = Callable[[Adapted, Adapted], None]
 Weight = float | Callable[[Any], Any]
 """A constant weight, or a schedule ``progress -> weight``."""
 
+Count = Callable[[Adapted, Adapted], "Tensor | None"]
+"""How many rows (tokens) a token-level term averages over: ``(adapted_S, adapted_T) -> 0-dim
+Tensor`` (``None`` when the term does not apply); runs in the loss path."""
+
 
 def _no_check(adapted_S: Adapted, adapted_T: Adapted) -> None:
     del adapted_S, adapted_T
@@ -84,6 +88,7 @@ class _TermFields(NamedTuple):
     check: Check = _no_check
     name: str = ""
     modules: tuple[nn.Module, ...] = ()
+    kept_rows: Count | None = None
 
 
 class Term(_TermFields):
@@ -99,13 +104,17 @@ class Term(_TermFields):
       the metrics, and the handle to look it up, re-weight, replace or drop it in an
       :class:`~purekd.combinators.Objective`;
     * ``modules``: modules the term trains (e.g. a projection); a :class:`~purekd.Step` adds
-      their parameters to ``step.parameters()``.
+      their parameters to ``step.parameters()``;
+    * ``kept_rows`` (or ``None``): ``(adapted_S, adapted_T) -> 0-dim Tensor``, the number of rows
+      (tokens) the term's mean is over, for token-correct normalisation across micro-batches
+      (:func:`~purekd.combinators.token_share`).
     """
 
     __slots__ = ()
 
     def __new__(cls, fn: TermFn, weight: Weight = 1.0, check: Check = _no_check,
-                name: str = "", modules: Iterable[nn.Module] = ()) -> Term:
+                name: str = "", modules: Iterable[nn.Module] = (),
+                kept_rows: Count | None = None) -> Term:
         if not callable(fn):
             raise TypeError(f"Term(fn=...): a term function must be callable, got "
                             f"{type(fn).__name__}")
@@ -120,7 +129,7 @@ class Term(_TermFields):
             if not isinstance(module, nn.Module):
                 raise TypeError(f"Term {name!r}: modules must be nn.Module instances, got "
                                 f"{type(module).__name__}")
-        return super().__new__(cls, fn, weight, check, name, modules)
+        return super().__new__(cls, fn, weight, check, name, modules, kept_rows)
 
     def _replace(self, **changes: Any) -> Term:
         values = self._asdict()
@@ -143,5 +152,5 @@ def as_term(term: Term | TermFn, name: str | None = None) -> Term:
     return Term(term, name=name or "")
 
 
-__all__ = ["Check", "Context", "Term", "TermFn", "Weight", "as_term", "check_progress",
+__all__ = ["Check", "Context", "Count", "Term", "TermFn", "Weight", "as_term", "check_progress",
            "make_context"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,6 +23,29 @@ def _own_mask(adapted: Adapted, index: int) -> Tensor | None:
     if not masks:
         return None
     return masks[index] if len(masks) > 1 else masks[0]
+
+
+def fits(mask: Tensor | None, logits: Tensor) -> bool:
+    """Whether ``mask`` selects rows of ``logits``: its shape is ``logits.shape[:-1]``."""
+    return mask is not None and tuple(mask.shape) == tuple(logits.shape[:-1])
+
+
+def row_masks(adapted_S: Adapted, adapted_T: Adapted, index: int, logits_S: Tensor,
+              logits_T: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """``(mask, mask_T)`` for the ``index``-th pair.
+
+    ``mask`` selects the student's rows (the student's own ``logits_mask``, else the teacher's:
+    one mask serves both sides); ``mask_T`` is the teacher's own, different mask when both sides
+    have one, so that the k-th kept rows are paired (:func:`align_teacher_rows`), else ``None``.
+    A mask whose shape does not fit 2-d logits' rows is left out (TextBrewer's rule; the check
+    warns about it).
+    """
+    mask_S, mask_T = _own_mask(adapted_S, index), _own_mask(adapted_T, index)
+    mask_S = mask_S if fits(mask_S, logits_S) else None
+    mask_T = mask_T if fits(mask_T, logits_T) else None
+    if mask_S is None:
+        return (mask_T if fits(mask_T, logits_S) else None), None
+    return mask_S, (mask_T if mask_T is not None and mask_T is not mask_S else None)
 
 
 def logits_mask_for(adapted_S: Adapted, adapted_T: Adapted, index: int) -> Tensor | None:
@@ -70,7 +96,10 @@ def check_logits(adapted_S: Adapted, adapted_T: Adapted, shift_probability: bool
             f"returned {len(shapes_T)} {shapes_T}: both must return the same number of logits"
         )
     for i, (s, t) in enumerate(zip(shapes_S, shapes_T, strict=True)):
-        if len(s) == 3 and separate_masks(adapted_S, adapted_T, i):
+        _check_masks_fit(adapted_S, adapted_T, i)
+        mask_S, mask_T = row_masks(adapted_S, adapted_T, i, adapted_S.logits[i],
+                                   adapted_T.logits[i])
+        if mask_S is not None and mask_T is not None:
             _check_separately_masked(adapted_S, adapted_T, i, s, t)
             continue
         if s != t:
@@ -93,6 +122,41 @@ def check_logits(adapted_S: Adapted, adapted_T: Adapted, shift_probability: bool
                 )
 
 
+def vocabulary_mismatch(what: str, size_S: int, size_T: int, option: str | None = None) -> str:
+    """The message for teacher and student distributions over vocabularies of different sizes."""
+    fix = (f" If the two models share a tokenizer and one output layer is padded (e.g. Qwen2.5's "
+           f"151936 or 152064 rows for 151665 tokens), {option}; never pad the smaller one "
+           "with zeros, which gives the padding ids probability mass"
+           if option else "")
+    return (f"{what}: the student's vocabulary has {size_S} entries but the teacher's has "
+            f"{size_T}; the KD loss compares the two distributions entry by entry, so both "
+            f"models must score the same vocabulary.{fix}")
+
+
+def _check_masks_fit(adapted_S: Adapted, adapted_T: Adapted, index: int) -> None:
+    """A mask must fit its logits' rows; for 2-d logits TextBrewer ignores one that does not,
+    which is said with a warning (never silently)."""
+    masks = (("student", _own_mask(adapted_S, index), adapted_S.logits[index]),
+             ("teacher", _own_mask(adapted_T, index), adapted_T.logits[index]))
+    for side, mask, logits in masks:
+        if mask is None or fits(mask, logits):
+            continue
+        if logits.dim() != 2:
+            raise ValueError(
+                f"the {side}'s logits_mask for logits[{index}] has shape {tuple(mask.shape)} "
+                f"but the logits have shape {tuple(logits.shape)}: a logits mask selects rows, so "
+                f"its shape must be {tuple(logits.shape[:-1])}")
+        shared = len(adapted_S.logits) > 1 and any(fits(mask, other) for other in
+                                                   (adapted_S.logits + adapted_T.logits))
+        if not shared:  # a mask that serves other, token-level logits is TextBrewer's own case
+            warnings.warn(
+                f"the {side}'s logits_mask of shape {tuple(mask.shape)} does not fit the rows of "
+                f"logits[{index}] {tuple(logits.shape)} and is ignored, as TextBrewer ignores "
+                f"masks on 2-d logits; to mask these rows give a mask of shape "
+                f"{tuple(logits.shape[:-1])}, else leave 'logits_mask' out",
+                stacklevel=2)
+
+
 def _check_separately_masked(adapted_S: Adapted, adapted_T: Adapted, index: int,
                              shape_S: tuple[int, ...], shape_T: tuple[int, ...]) -> None:
     mask_S, mask_T = _own_mask(adapted_S, index), _own_mask(adapted_T, index)
@@ -112,6 +176,56 @@ def _check_separately_masked(adapted_S: Adapted, adapted_T: Adapted, index: int,
             "the same number")
 
 
+def _positional_capacity(fn: Callable[..., Any]) -> int:
+    """How many positional arguments ``fn`` accepts (a large number for ``*args``)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: assume purekd's 4
+        return 4
+    count = 0
+    for parameter in parameters:
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            return 1 << 16
+        if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                              inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            count += 1
+    return count
+
+
+def kd_loss_caller(kd_loss: KDLoss) -> Callable[[Tensor, Tensor, Any, Tensor | None], Tensor]:
+    """``call(logits_S, logits_T, temperature, mask)`` for a KD loss of either signature.
+
+    * purekd's ``kd_loss(logits_S, logits_T, temperature, mask)``: the mask goes in as the 4th
+      argument when there is one;
+    * TextBrewer's ``kd_loss(logits_S, logits_T, temperature)`` (e.g. one added with
+      ``register_new('kd_loss', ...)``): called with three arguments, as TextBrewer calls it; with
+      a mask, on the kept rows only (TextBrewer's ``masked_select`` of ``logits_mask``), a
+      temperature per row selected likewise. The row selection has a data-dependent shape, so
+      that case runs with a graph break under ``torch.compile``.
+    """
+    takes_mask = _positional_capacity(kd_loss) >= 4
+
+    def call(logits_S: Tensor, logits_T: Tensor, temperature: Any, mask: Tensor | None) -> Tensor:
+        if mask is None:
+            return kd_loss(logits_S, logits_T, temperature)
+        if takes_mask:
+            return kd_loss(logits_S, logits_T, temperature, mask)
+        keep = mask != 0
+        if isinstance(temperature, Tensor) and temperature.dim() > 0:
+            temperature = temperature.expand(mask.shape)[keep]
+        return kd_loss(logits_S[keep], logits_T[keep], temperature)
+
+    return call
+
+
+def _kept_rows(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """How many rows of ``logits`` the mask keeps (all of them without one), as a 0-dim float."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    if mask is None:
+        return torch.full((), logits[..., 0].numel(), dtype=dtype, device=logits.device)
+    return (mask != 0).sum().to(dtype)
+
+
 def logits_kd(
     kd_loss: KDLoss = losses.kd_ce,
     temperature: float = 4.0,
@@ -126,13 +240,21 @@ def logits_kd(
       applied from the student's ``labels`` when ``shift_probability``;
     * ``tau_i = temperature_schedule(logits_S[i], logits_T'[i], temperature[, mask_i])`` (the
       mask is passed only when there is one, so TextBrewer-style 3-argument schedules work);
-    * ``mask_i`` is the ``logits_mask`` (rows of 3-d logits only; 2-d logits are never masked).
-      When both sides return their own mask, each side keeps its own rows and the k-th kept
-      student row meets the k-th kept teacher row (:func:`align_teacher_rows`), as in TextBrewer;
-      when one side returns a mask, it serves both.
+    * ``mask_i`` is the ``logits_mask`` when its shape is the logits' rows,
+      ``logits.shape[:-1]``: ``(B, L)`` for ``(B, L, C)`` logits, ``(N,)`` for flat ``(N, C)``
+      token logits. (TextBrewer ignores masks on 2-d logits; purekd honours one that fits their
+      rows, and ignores one that does not, e.g. a ``(B, L)`` mask beside ``(B, C)`` logits, with a
+      warning.) When both sides return their own mask, each side keeps its own rows and the k-th
+      kept student row meets the k-th kept teacher row (:func:`align_teacher_rows`), as in
+      TextBrewer; when one side returns a mask, it serves both.
+    * ``kd_loss`` is called as ``kd_loss(logits_S, logits_T, tau)`` when there is no mask, as
+      TextBrewer does, and with the mask as a 4th argument when it takes one
+      (:func:`kd_loss_caller`).
 
+    The term's ``kept_rows`` is the number of rows ``logits[0]`` keeps (for token normalisation).
     Returns ``{}`` when either side has no logits.
     """
+    call = kd_loss_caller(kd_loss)
 
     def term(adapted_S: Adapted, adapted_T: Adapted, ctx: Context) -> dict[str, Tensor]:
         del ctx
@@ -140,14 +262,14 @@ def logits_kd(
             return {}
         total: Tensor | None = None
         for i, (l_S, l_T) in enumerate(zip(adapted_S.logits, adapted_T.logits, strict=True)):
-            if l_S.dim() == 3 and separate_masks(adapted_S, adapted_T, i):
-                l_T = align_teacher_rows(l_T, _own_mask(adapted_T, i), _own_mask(adapted_S, i))  # type: ignore[arg-type]
+            mask, mask_T = row_masks(adapted_S, adapted_T, i, l_S, l_T)
+            if mask is not None and mask_T is not None:
+                l_T = align_teacher_rows(l_T, mask_T, mask)
             if shift_probability:
                 l_T = probability_shift(l_T, adapted_S.labels[i])
-            mask = logits_mask_for(adapted_S, adapted_T, i) if l_S.dim() == 3 else None
             tau = (temperature_schedule(l_S, l_T, temperature) if mask is None
                    else temperature_schedule(l_S, l_T, temperature, mask))
-            value = kd_loss(l_S, l_T, tau, mask)
+            value = call(l_S, l_T, tau, mask)
             total = value if total is None else total + value
         assert total is not None
         return {name: total}
@@ -155,7 +277,14 @@ def logits_kd(
     def check(adapted_S: Adapted, adapted_T: Adapted) -> None:
         check_logits(adapted_S, adapted_T, shift_probability)
 
-    return Term(term, weight, check, name)
+    def count(adapted_S: Adapted, adapted_T: Adapted) -> Tensor | None:
+        if not adapted_S.logits or not adapted_T.logits:
+            return None
+        l_S = adapted_S.logits[0]
+        return _kept_rows(l_S, row_masks(adapted_S, adapted_T, 0, l_S, adapted_T.logits[0])[0])
+
+    return Term(term, weight, check, name, kept_rows=count)
 
 
-__all__ = ["align_teacher_rows", "check_logits", "logits_kd", "logits_mask_for", "separate_masks"]
+__all__ = ["align_teacher_rows", "check_logits", "fits", "kd_loss_caller", "logits_kd",
+           "logits_mask_for", "row_masks", "separate_masks", "vocabulary_mismatch"]

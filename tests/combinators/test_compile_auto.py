@@ -68,10 +68,17 @@ def test_the_default_is_auto_and_the_step_feeds_it_measurements(monkeypatch):
     assert len(seen) == 2  # only "auto" is measured
 
 
-def test_a_tiny_loss_path_stays_eager():
+def test_the_step_measures_loss_path_and_step_with_its_clock(monkeypatch):
+    """Scripted clock readings (start, after the models, after the loss path) per call: the
+    models take 1 s, the loss path 3 s -> 75 %, compiled."""
+    from purekd.combinators import _step
+
+    readings = iter(t for call in range(AUTO_WARMUP_CALLS + AUTO_SAMPLES)
+                    for t in (10.0 * call, 10.0 * call + 1.0, 10.0 * call + 4.0))
+    monkeypatch.setattr(_step, "_clock", lambda device: next(readings))
     torch.manual_seed(0)
     step = purekd.make_step({}, ToyEncoder(8, 3), ToyEncoder(6), toy_adaptor(), toy_adaptor())
+    step.loss._compiled = step.loss.eager  # no real compilation in this test
     for seed in range(AUTO_WARMUP_CALLS + AUTO_SAMPLES):
         step(toy_batch(seed))
-    assert not step.loss.deciding and step.loss.enabled is False  # well under AUTO_MIN_SECONDS
-    assert "eager" in step.loss.decision
+    assert step.loss.enabled is True and "75%" in step.loss.decision

@@ -196,3 +196,18 @@ def test_adapted_accepts_single_tensors_and_lists():
     torch.testing.assert_close(out["kd_loss"], losses.kd_ce(logits, logits.flip(0), 2.0))
     with pytest.raises(TypeError, match=r"Adapted\(logits=...\): expected a tensor"):
         Adapted(logits=3)
+
+
+def test_a_task_router_edits_every_tasks_step_by_name():
+    torch.manual_seed(0)
+    teachers = {"a": ToyEncoder(8, 3), "b": ToyEncoder(8, 3)}
+    router = make_step(CONFIG, teachers, ToyEncoder(6), {"a": toy_adaptor(), "b": toy_adaptor()},
+                       {"a": toy_adaptor(), "b": toy_adaptor()})
+    dropped = router.drop_terms("hard_label_loss").reweight("kd_loss", 2.0)
+    batch = toy_batch(0)
+    for task in ("a", "b"):
+        base, edited = router(batch, task), dropped(batch, task)
+        assert tuple(edited.terms) == NAMES[:2]
+        torch.testing.assert_close(
+            edited.loss, 2.0 * base.terms["kd_loss"] + base.terms["hidden_hidden_mse_2_3"])
+    assert {id(p) for p in dropped.parameters()} == {id(p) for p in router.parameters()}

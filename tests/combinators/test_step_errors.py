@@ -154,7 +154,8 @@ def test_unknown_adaptor_key(compile):
     assert_fails_before_the_loss_path(
         step, toy_batch(), "unknown key 'hiddens'",
         "valid keys: ['logits', 'logits_mask', 'losses', 'inputs_mask', 'labels', 'hidden', "
-        "'attention']")
+        "'attention', 'lm_hidden', 'lm_weight', 'lm_bias', 'topk_ids', 'topk_logprobs', "
+        "'topk_mask']")
 
 
 def test_adaptor_returning_a_non_dict():

@@ -107,9 +107,10 @@ def test_topk_teacher_equals_materialised_logits(loss, params, bias, chunk_rows)
     _assert_close(got, want, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 1.6])  # 1: the KD and the CE share a softmax
 @pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_hard_label_cross_entropy_in_the_same_pass(teacher_kind, reduction):
+def test_hard_label_cross_entropy_in_the_same_pass(teacher_kind, reduction, temperature):
     student, teacher, mask, labels, ids, logprobs = _inputs(2)
     kd_weight, ce_weight = 0.7, 0.4
     logits_T = _logits(teacher.hidden, teacher.weight, teacher.bias)
@@ -118,9 +119,10 @@ def test_hard_label_cross_entropy_in_the_same_pass(teacher_kind, reduction):
         logits = _logits(**s)
         if teacher_kind == "dense":
             kd = divergence_loss("jsd", logits, logits_T, mask=mask, reduction=reduction,
-                                 beta=0.3)
+                                 beta=0.3, temperature=temperature)
         else:
-            kd = topk_loss("topk_kl", logits, ids, logprobs, mask=mask, reduction=reduction)
+            kd = topk_loss("topk_kl", logits, ids, logprobs, mask=mask, reduction=reduction,
+                           temperature=temperature)
         ce = F.cross_entropy(logits, labels, reduction=reduction)
         return torch.stack([kd_weight * kd + ce_weight * ce, kd, ce])
 
@@ -132,6 +134,7 @@ def test_hard_label_cross_entropy_in_the_same_pass(teacher_kind, reduction):
     def fused(**s):
         out = fused_linear_distill(s["hidden_S"], s["weight_S"], source, loss=loss,
                                    bias_S=s["bias_S"], mask=mask, reduction=reduction,
+                                   temperature=temperature,
                                    labels=labels, kd_weight=kd_weight, ce_weight=ce_weight,
                                    chunk_rows=5, **args)
         outputs["out"] = out
@@ -301,3 +304,13 @@ def test_bad_input_raises_naming_the_argument():
         fused_linear_distill(h, w, (teacher.hidden, teacher.weight))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="chunk_rows=0"):
         fused_linear_kd(h, w, teacher.hidden, teacher.weight, chunk_rows=0)
+
+
+def test_an_outer_factor_scales_every_gradient():
+    student, teacher, mask, labels, _, _ = _inputs(11)
+    fn = lambda **s: fused_linear_distill(  # noqa: E731
+        s["hidden_S"], s["weight_S"], teacher, loss="reverse_kl", bias_S=s["bias_S"],
+        mask=mask, labels=labels, chunk_rows=6).loss
+    once = _grads(fn, student, bias=True)
+    scaled = _grads(lambda **s: -2.5 * fn(**s), student, bias=True)
+    _assert_close(scaled, [-2.5 * g for g in once])

@@ -62,11 +62,34 @@ def test_one_mask_serves_every_logits_tensor():
     torch.testing.assert_close(single["kd_loss"], each["kd_loss"])
 
 
-def test_2d_logits_are_never_masked():
-    s = normalise({"logits": logits(0, 4, 5), "logits_mask": torch.tensor([1, 0, 0, 1])})
+def test_a_flat_token_mask_on_2d_logits_is_honoured():
+    """Flat (N, V) token logits with an (N,) mask: the mask selects rows (TextBrewer would drop
+    it silently)."""
+    keep = torch.tensor([1, 0, 0, 1])
+    s = normalise({"logits": logits(0, 4, 5), "logits_mask": keep})
     t = normalise({"logits": logits(1, 4, 5)})
     got = logits_kd(losses.kd_ce, 2.0)(s, t, CTX)["kd_loss"]
-    torch.testing.assert_close(got, losses.kd_ce(s.logits[0], t.logits[0], 2.0))
+    rows = keep.bool()
+    torch.testing.assert_close(got, losses.kd_ce(s.logits[0][rows], t.logits[0][rows], 2.0))
+
+
+def test_a_mask_that_does_not_fit_2d_logits_is_ignored_with_a_warning():
+    """TextBrewer's own case, a (B, L) padding mask beside (B, C) logits: ignored as TextBrewer
+    does, but said."""
+    s = normalise({"logits": logits(0, 2, 5), "logits_mask": torch.ones(2, 7)})
+    t = normalise({"logits": logits(1, 2, 5)})
+    term = logits_kd(losses.kd_ce, 2.0)
+    with pytest.warns(UserWarning, match=r"logits_mask of shape \(2, 7\).*ignored"):
+        term.check(s, t)
+    torch.testing.assert_close(term(s, t, CTX)["kd_loss"],
+                               losses.kd_ce(s.logits[0], t.logits[0], 2.0))
+
+
+def test_a_mask_that_does_not_fit_3d_logits_raises():
+    s = normalise({"logits": logits(0, 2, 3, 5), "logits_mask": torch.ones(2, 4)})
+    t = normalise({"logits": logits(1, 2, 3, 5)})
+    with pytest.raises(ValueError, match=r"shape \(2, 4\).*must be \(2, 3\)"):
+        logits_kd(losses.kd_ce, 2.0).check(s, t)
 
 
 def test_logits_mask_for_prefers_the_students():
