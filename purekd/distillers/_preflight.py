@@ -212,14 +212,19 @@ def check_device_exists(config: TrainingConfig) -> None:
 
 
 def check_device(config: TrainingConfig, student: nn.Module, teachers: list[nn.Module]) -> None:
-    """The config's device exists, and every model's weights are on it."""
+    """The config's device exists, and every model's weights are on it (under FSDP, a model
+    that is sharded may still be on the CPU: sharding moves its shards to the device)."""
     check_device_exists(config)
     device = torch.device(config.device)
-    models = [("the student (model_S)", student)]
-    models += [(f"teacher {i} (model_T)" if len(teachers) > 1 else "the teacher (model_T)", t)
+    fsdp = config.fsdp
+    models = [("the student (model_S)", student, fsdp is not None)]
+    models += [(f"teacher {i} (model_T)" if len(teachers) > 1 else "the teacher (model_T)", t,
+                fsdp is not None and fsdp.teacher == "shard")
                for i, t in enumerate(teachers)]
-    for name, model in models:
+    for name, model, sharded in models:
         found = next((p.device for p in model.parameters()), None)
+        if sharded and found is not None and found.type == "cpu":
+            continue
         if found is not None and not _same_device(found, device):
             raise ValueError(
                 f"{name} is on {found} but TrainingConfig.device={config.device!r}: the batch "
