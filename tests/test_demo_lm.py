@@ -232,3 +232,30 @@ def test_a_cache_for_another_vocabulary_is_refused_before_training(quick_run):
     rows = torch.zeros(lm.QUICK.train_rows, lm.QUICK.length, dtype=torch.long)
     with pytest.raises(ValueError, match=r"vocab_size=50000.*vocabulary of 49152"):
         lm.teacher_cache(teacher, None, rows, out / "teacher_cache", lm.QUICK, False)
+
+
+def test_general_distiller_trains_from_a_cached_top_k_through_a_fused_output_layer(tmp_path):
+    """The distilled run's wiring on a tiny model: no teacher model, the cached top-k as
+    ``teacher_cache``, the student's hidden states and output layer (the distillers' preflight
+    once refused it: 'nothing to train')."""
+    import purekd
+    from purekd.integrations import hf_adaptor
+
+    student = _tiny_llama(vocab=100, layers=1)
+    before = [p.detach().clone() for p in student.parameters()]
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 100, (2, 6), generator=gen)
+    logprobs = torch.log_softmax(torch.randn(2, 6, 100, generator=gen), -1).topk(5, dim=-1)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch = {"student": inputs, "teacher": inputs,
+             "teacher_cache": {"topk_ids": logprobs.indices, "topk_logprobs": logprobs.values,
+                               "topk_mask": torch.ones_like(ids)}}
+    distiller = purekd.GeneralDistiller(
+        purekd.TrainingConfig(output_dir=str(tmp_path), device="cpu"),
+        purekd.DistillationConfig(kd_loss_type="forward_kl", temperature=1.0),
+        None, student, hf_adaptor(causal=True),
+        hf_adaptor(causal=True, lm_head=student.get_output_embeddings()))
+    with distiller:
+        distiller.train(torch.optim.SGD(student.parameters(), lr=0.1), [batch], num_steps=2,
+                        output_hidden_states=True, logits_to_keep=1)
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))

@@ -51,8 +51,6 @@ class Settings(NamedTuple):
     lr: float = 1e-3
     warmup: float = 0.1
     temperature: float = 1.0
-    kd_weight: float = 1.0
-    ce_weight: float = 0.0
     tail: bool = False
     freeze_embeddings: bool = True
     seed: int = 0
@@ -74,9 +72,6 @@ class Settings(NamedTuple):
             raise ValueError(f"temperature={self.temperature!r}: expected > 0")
         if self.tail and self.temperature != 1:
             raise ValueError("tail=True needs temperature=1 (the tail bucket is at T=1)")
-        if self.kd_weight < 0 or self.ce_weight < 0 or self.kd_weight + self.ce_weight == 0:
-            raise ValueError(f"kd_weight={self.kd_weight}, ce_weight={self.ce_weight}: expected "
-                             "non-negative weights, not both 0")
 
 
 DEFAULT = Settings()
@@ -147,7 +142,8 @@ def seed_everything(seed: int) -> None:
 
 
 class Rows(Dataset):
-    """Token rows as ``{'input_ids': (L,)}`` items (sample id = row index)."""
+    """Token rows as ``{'input_ids': (L,), 'attention_mask': (L,)}`` items (sample id = row
+    index; every token real)."""
 
     def __init__(self, rows: Tensor):
         self.rows = rows
@@ -156,7 +152,8 @@ class Rows(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {"input_ids": self.rows[index]}
+        row = self.rows[index]
+        return {"input_ids": row, "attention_mask": torch.ones_like(row)}
 
 
 def _loader(dataset: Dataset, settings: Settings, collate: Callable[..., Any] | None = None,
@@ -252,43 +249,30 @@ def train_text_only(student: nn.Module, rows: Tensor, out: Path, settings: Setti
                       progress_bar=progress_bar)
 
 
-def _cached_teacher_adaptor(batch: Mapping[str, Tensor], cache: Mapping[str, Tensor]) -> dict[str, Any]:
-    """The cached top-k in place of the teacher's outputs (rows unshifted, as the student's)."""
-    return {"topk_ids": cache["topk_ids"], "topk_logprobs": cache["topk_logprobs"],
-            "topk_mask": cache["topk_mask"]}
-
-
-def _fused_student_adaptor(student: Any) -> Callable[[Any, Any], dict[str, Any]]:
-    """The student's last hidden states and output layer (``logits_to_keep=1``: the forward
-    forms one position's logits, the KD term the rest block by block)."""
-
-    def adaptor(batch: Mapping[str, Tensor], outputs: Any) -> dict[str, Any]:
-        return {"lm_hidden": outputs.hidden_states[-1],
-                "lm_weight": student.get_output_embeddings().weight}
-
-    return adaptor
-
-
 def distill_config(settings: Settings) -> purekd.DistillationConfig:
+    """Forward KL against the cached top-k (``tail``: plus one bucket for the mass outside it),
+    nothing else: the distilled student never sees the text's own next tokens."""
     loss: Any = ["forward_kl", {"tail": True}] if settings.tail else "forward_kl"
     return purekd.DistillationConfig(kd_loss_type=loss, temperature=settings.temperature,
-                                     kd_loss_weight=settings.kd_weight,
-                                     hard_label_weight=settings.ce_weight)
+                                     kd_loss_weight=1, hard_label_weight=0)
 
 
-def train_distilled(student: nn.Module, rows: Tensor, cache: Any, out: Path, settings: Settings,
+def train_distilled(student: Any, rows: Tensor, cache: Any, out: Path, settings: Settings,
                     progress_bar: bool | None) -> None:
-    """Forward KL from the cached top-k through the fused output layer (``GeneralDistiller``
-    with no teacher model in memory: the batches carry ``teacher_cache``)."""
+    """``GeneralDistiller`` with no teacher model in memory: the batches carry the cached
+    top-k as ``teacher_cache``, the teacher's adaptor passes it on, the student's returns its
+    last hidden states and output layer, so the loss runs through the fused output layer
+    (``losses.fused_linear_topk_kl``) and the student's ``(rows, V)`` logits are never formed
+    (``logits_to_keep=1``: the model's own forward forms one position's)."""
+    from purekd.integrations import hf_adaptor
     from purekd.teacher_cache import CachedCollate, CachedTeacherDataset
 
     data = CachedTeacherDataset(Rows(rows), cache)
     distiller = purekd.GeneralDistiller(
         _train_config(out, settings), distill_config(settings), None, student,
-        _cached_teacher_adaptor, _fused_student_adaptor(student))
+        hf_adaptor(causal=True), hf_adaptor(causal=True, lm_head=student.get_output_embeddings()))
     with distiller:
-        distiller.train(_optimizer(student, settings),
-                        _loader(data, settings, CachedCollate()),
+        distiller.train(_optimizer(student, settings), _loader(data, settings, CachedCollate()),
                         num_steps=settings.steps, max_grad_norm=1.0,
                         scheduler_class=torch.optim.lr_scheduler.LambdaLR,
                         scheduler_args={"lr_lambda": _lr_lambda(settings)},

@@ -32,6 +32,13 @@ _FLOAT_KEYS = ("logits", "losses", "hidden", "attention")
 # -- the adaptors' outputs -------------------------------------------------------------------
 
 
+def _has_distribution(adapted: Adapted) -> bool:
+    """Whether the adaptor returned a next-token distribution the KD term reads: ``logits``,
+    a fused output layer (``lm_hidden`` + ``lm_weight``) or a top-k (``topk_ids``)."""
+    return (bool(adapted.logits) or adapted.topk_ids is not None
+            or (adapted.lm_hidden is not None and adapted.lm_weight is not None))
+
+
 def check_outputs(config: DistillationConfig, student: Adapted, teacher: Adapted, *,
                   with_values: bool, warned: set[str]) -> None:
     """Check one batch's adapted outputs against ``config`` (see the module's docstring)."""
