@@ -82,12 +82,6 @@ def check_outputs(config: DistillationConfig, student: Adapted, teacher: Adapted
         _check_logits_masks(side, adapted, warned)
 
 
-def _has_distribution(adapted: Adapted) -> bool:
-    """Whether the outputs carry a distribution for the KD term: ``logits``, a fused output
-    layer (``lm_hidden`` + ``lm_weight``) or a top-k teacher (``topk_ids`` + ``topk_logprobs``)."""
-    return bool(adapted.logits) or adapted.lm_hidden is not None or adapted.topk_ids is not None
-
-
 def _check_trainable(config: DistillationConfig, student: Adapted) -> None:
     """The student's logits and losses that a weighted term uses carry a gradient."""
     used = [("logits", config.kd_loss_weight), ("losses", config.hard_label_weight)]
