@@ -6,7 +6,7 @@ library into a step, a thin stateful runner on top, and a TextBrewer-compatible 
 
 from purekd import combinators, losses, presets, schedules, stages, terms, utils
 from purekd.combinators import CustomMatch, Step, StepOutput, make_step
-from purekd.configs import DistillationConfig, IntermediateMatch, TrainingConfig
+from purekd.configs import DistillationConfig, FSDPConfig, IntermediateMatch, TrainingConfig
 from purekd.distillers import (
     BasicDistiller,
     BasicTrainer,
@@ -51,6 +51,7 @@ __all__ = [
     "DistillationConfig",
     "Distillers",
     "EarlyStopping",
+    "FSDPConfig",
     "GeneralDistiller",
     "IntermediateMatch",
     "MultiTaskDistiller",

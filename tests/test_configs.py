@@ -42,8 +42,8 @@ def test_training_config_defaults_equal_textbrewer() -> None:
     ours = TrainingConfig()
     expected = _textbrewer_defaults(textbrewer.TrainingConfig)
     assert set(expected) <= {a.name for a in attrs.fields(TrainingConfig)}
-    assert {a.name for a in attrs.fields(TrainingConfig)} - set(expected) == {"bf16"}
-    assert ours.bf16 is False
+    assert {a.name for a in attrs.fields(TrainingConfig)} - set(expected) == {"bf16", "fsdp"}
+    assert ours.bf16 is False and ours.fsdp is None
     for name, default in expected.items():
         if name == "device":  # the one deliberate difference
             assert ours.device == ("cuda" if torch.cuda.is_available() else "cpu")

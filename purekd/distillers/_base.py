@@ -259,7 +259,8 @@ class Distiller(ModeContext):
             plan = EpochPlan(len(dataloader) // self.t_config.gradient_accumulation_steps,  # type: ignore[arg-type]
                              epochs_, self.t_config.ckpt_frequency,
                              self.t_config.ckpt_epoch_frequency)
-            distributed = local_rank_from(self.t_config.local_rank) != -1
+            distributed = (local_rank_from(self.t_config.local_rank) != -1
+                           or self.t_config.fsdp is not None)
 
             def make_source(log: PassLog) -> Iterator[Micro]:
                 if caching:

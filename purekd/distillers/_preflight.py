@@ -49,9 +49,11 @@ def check_outputs(config: DistillationConfig, student: Adapted, teacher: Adapted
     if kd_weight != 0 and has_S != has_T:
         missing = "teacher" if not has_T else "student"
         raise ValueError(
-            f"kd_loss_weight={kd_weight} but the {missing}'s adaptor returned no 'logits' (the "
-            f"other adaptor did): the KD term would be 0 at every step. Return 'logits' from the "
-            f"{missing}'s adaptor, or set kd_loss_weight=0")
+            f"kd_loss_weight={kd_weight} but the {missing}'s adaptor returned no 'logits' (nor "
+            "another form of the distribution: 'lm_hidden' + 'lm_weight', or a teacher's "
+            "'topk_ids' + 'topk_logprobs') while the other adaptor did: the KD term would be 0 "
+            f"at every step. Return 'logits' from the {missing}'s adaptor, or set "
+            "kd_loss_weight=0")
     hard_weight = config.hard_label_weight
     if hard_weight != 0 and not student.losses:
         raise ValueError(
@@ -106,12 +108,14 @@ def _check_logits_masks(side: str, adapted: Adapted, warned: set[str]) -> None:
                 f"the {side}'s adaptor returned logits_mask[{index if len(masks) > 1 else 0}] of "
                 f"shape {tuple(mask.shape)} for logits[{index}] of shape {tuple(logits.shape)}: "
                 f"the mask must be {tuple(logits.shape[:-1])}, one entry per row")
-        if logits.dim() == 2 and "mask2d" not in warned:
+        fits = tuple(mask.shape) == tuple(logits.shape[:-1])  # flat (N, C) token logits: kept
+        if logits.dim() == 2 and not fits and "mask2d" not in warned:
             warned.add("mask2d")
             warnings.warn(
-                f"the {side}'s adaptor returned a logits_mask with 2-d logits[{index}] "
-                f"{tuple(logits.shape)}: masks select rows of 3-d logits (B, L, C) only, so it "
-                "is ignored (as in TextBrewer)", UserWarning, stacklevel=5)
+                f"the {side}'s adaptor returned a logits_mask of shape {tuple(mask.shape)} with "
+                f"2-d logits[{index}] {tuple(logits.shape)}: it does not fit their rows, so it "
+                f"is ignored (as in TextBrewer); a mask of shape {tuple(logits.shape[:-1])} "
+                "would select rows", UserWarning, stacklevel=5)
 
 
 def _check_kinds(side: str, adapted: Adapted) -> None:
@@ -209,14 +213,19 @@ def check_device_exists(config: TrainingConfig) -> None:
 
 
 def check_device(config: TrainingConfig, student: nn.Module, teachers: list[nn.Module]) -> None:
-    """The config's device exists, and every model's weights are on it."""
+    """The config's device exists, and every model's weights are on it (under FSDP, a model
+    that is sharded may still be on the CPU: sharding moves its shards to the device)."""
     check_device_exists(config)
     device = torch.device(config.device)
-    models = [("the student (model_S)", student)]
-    models += [(f"teacher {i} (model_T)" if len(teachers) > 1 else "the teacher (model_T)", t)
+    fsdp = config.fsdp
+    models = [("the student (model_S)", student, fsdp is not None)]
+    models += [(f"teacher {i} (model_T)" if len(teachers) > 1 else "the teacher (model_T)", t,
+                fsdp is not None and fsdp.teacher == "shard")
                for i, t in enumerate(teachers)]
-    for name, model in models:
+    for name, model, sharded in models:
         found = next((p.device for p in model.parameters()), None)
+        if sharded and found is not None and found.type == "cpu":
+            continue
         if found is not None and not _same_device(found, device):
             raise ValueError(
                 f"{name} is on {found} but TrainingConfig.device={config.device!r}: the batch "

@@ -72,7 +72,8 @@ class DenseTarget:
         (t,) = teacher
         log_p_T = log_softmax(torch.where(keep, t.to(z.dtype), 0.0) * inv_tau)
         value, a_S, a_T = self.divergence.rows(log_p_S, log_p_T, grad_S, grad_T)
-        g_S = through_log_softmax(a_S, log_p_S) if a_S is not None else None
+        g_S = (through_log_softmax(a_S, log_p_S, self.divergence.student_total)
+               if a_S is not None else None)
         g_T = through_log_softmax(a_T, log_p_T) if a_T is not None else None
         return value, g_S, (g_T,)
 

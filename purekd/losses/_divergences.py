@@ -100,14 +100,14 @@ def _mixture_rows(beta: float, scale_T: float, scale_S: float) -> RowFunction:
              grad_T: bool = False) -> RowResult:
         p_S, p_T = log_p_S.exp(), log_p_T.exp()
         log_m = torch.log(beta * p_T + (1 - beta) * p_S)
-        kl_S = _xlog_ratio(p_S, log_p_S, log_m)
-        kl_T = _xlog_ratio(p_T, log_p_T, log_m)
-        value = (scale_T * kl_T + scale_S * kl_S).sum(-1)
+        kl_S = scale_S * _xlog_ratio(p_S, log_p_S, log_m)
+        kl_T = scale_T * _xlog_ratio(p_T, log_p_T, log_m)
+        value = (kl_T + kl_S).sum(-1)
         # d/dlog p_S of [cT KL(T||m) + cS KL(S||m)] = cS p_S (log p_S - log m + 1)
         #   - (cT p_T + cS p_S) (1-beta) p_S / m, and (cT p_T + cS p_S) (1-beta) = cS m, so the
         #   last term is cS p_S, cancelling the +1: a_S = cS p_S (log p_S - log m)
-        a_S = scale_S * kl_S if grad_S else None
-        a_T = scale_T * kl_T if grad_T else None
+        a_S = kl_S if grad_S else None
+        a_T = kl_T if grad_T else None
         return value, a_S, a_T
 
     return rows
@@ -151,10 +151,10 @@ def tvd_rows(log_p_S: Tensor, log_p_T: Tensor, grad_S: bool = False,
     return value, a_S, a_T
 
 
-def through_log_softmax(a: Tensor, log_p: Tensor) -> Tensor:
+def through_log_softmax(a: Tensor, log_p: Tensor, total: float | None = None) -> Tensor:
     """The gradient for logits ``z`` from ``a = dD/dlog p``, ``log p = log_softmax(z)``:
-    ``a - p sum(a)``."""
-    return a - log_p.exp() * a.sum(-1, keepdim=True)
+    ``a - p sum(a)``; ``total``: ``sum(a)`` when it is known (saves a reduction)."""
+    return a - log_p.exp() * (a.sum(-1, keepdim=True) if total is None else total)
 
 
 class Divergence(NamedTuple):
@@ -163,6 +163,7 @@ class Divergence(NamedTuple):
     name: str
     rows: RowFunction
     key: tuple[object, ...]  # hashable identity (name and parameter values): one kernel each
+    student_total: float | None = None  # sum_v a^S_v when it is a constant (-1 for the KLs)
 
 
 def check_beta(beta: float, where: str) -> float:
@@ -204,7 +205,9 @@ def divergence(name: str, where: str, **params: float) -> Divergence:
         return Divergence(name, skew(alpha), (name, alpha))
     plain = {"forward_kl": forward_kl_rows, "reverse_kl": reverse_kl_rows, "tvd": tvd_rows,
              "soft_cross_entropy": soft_cross_entropy_rows}
-    return Divergence(name, plain[name], (name,))
+    # a^S = -p^T for forward KL and the soft cross-entropy: it sums to -1
+    total = -1.0 if name in ("forward_kl", "soft_cross_entropy") else None
+    return Divergence(name, plain[name], (name,), total)
 
 
 DIVERGENCES: dict[str, dict[str, float]] = {

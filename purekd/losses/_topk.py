@@ -76,9 +76,10 @@ def check_topk(ids_T: Tensor, logprobs_T: Tensor, rows_shape: tuple[int, ...], v
     if torch.compiler.is_compiling():
         return
     kept = (weights != 0).reshape(*rows_shape, 1).to(ids_T.device)
-    outside = ((ids_T < 0) | (ids_T >= vocabulary)) & kept
+    wide = ids_T.long()  # a cache's narrow ids (uint16) do not support comparisons
+    outside = ((wide < 0) | (wide >= vocabulary)) & kept
     if bool(outside.any()):
-        bad = ids_T[outside]
+        bad = wide[outside]
         raise ValueError(f"{where}: ids_T holds ids outside the student's vocabulary "
                          f"[0, {vocabulary}) (e.g. {bad[0].item()}, min {bad.min().item()}, "
                          f"max {bad.max().item()}); a cache for another vocabulary?")

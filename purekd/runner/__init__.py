@@ -1,12 +1,13 @@
 """Layer 6 — the runner, the only stateful layer: epochs or step counts, accumulation,
 clipping, LR scheduler, mixed precision, atomic checkpoints and exact resume, callbacks,
-logging, progress bars, teacher-logit caching, DistributedDataParallel; states that name their
-run and are verified, validated and fallen back from on resume."""
+logging, progress bars, teacher-logit caching, DistributedDataParallel and FSDP2 sharding;
+states that name their run and are verified, validated and fallen back from on resume."""
 
 from ._checkpoint import atomic_save, latest_state, state_path, weights_path
 from ._distributed import local_rank_from
 from ._early_stopping import EarlyStopping, EarlyStoppingState
-from ._guard import NonFiniteGuard, NonFiniteLossError
+from ._fsdp import block_modules, full_state_dict, local_numel
+from ._guard import AllRanksNonFiniteGuard, NonFiniteGuard, NonFiniteLossError
 from ._loop import Counters, Runner, move_to_device
 from ._metrics import MetricsLogger
 from ._plan import EpochPlan, StepPlan, progress
@@ -24,6 +25,7 @@ from ._sources import (
 from ._state import StateError
 
 __all__ = [
+    "AllRanksNonFiniteGuard",
     "Counters",
     "EarlyStopping",
     "EarlyStoppingState",
@@ -38,10 +40,13 @@ __all__ = [
     "StateError",
     "StepPlan",
     "atomic_save",
+    "block_modules",
     "cached_epochs",
     "cycled",
     "epochs",
+    "full_state_dict",
     "latest_state",
+    "local_numel",
     "local_rank_from",
     "move_to_device",
     "progress",

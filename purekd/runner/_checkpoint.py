@@ -18,7 +18,8 @@ _STATE = re.compile(r"gs(\d+)" + re.escape(STATE_SUFFIX) + "$")
 # What atomic_save (".{name}.XXXX.tmp") and the other writers leave when killed mid-write.
 _TEMPORARY = re.compile(r"^\.(gs\d+\.pkl|gs\d+\.state\.pt|best\.pkl|run\.json|metrics\.jsonl)(\..*)?\.tmp$"
                         r"|^metrics\.jsonl\.tmp$")
-_RUN_FILES = re.compile(r"^(gs\d+\.pkl|gs\d+\.state\.pt|best\.pkl|metrics\.jsonl|run\.json)$")
+_RUN_FILES = re.compile(r"^(gs\d+\.pkl|gs\d+\.state\.pt|gs\d+\.state|best\.pkl|metrics\.jsonl"
+                        r"|run\.json)$")  # gs<step>.state: an FSDP run's sharded state directory
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
@@ -84,8 +85,8 @@ def remove_temporary_files(directory: str | os.PathLike[str]) -> list[Path]:
 
 
 def run_files(directory: str | os.PathLike[str]) -> list[Path]:
-    """The files a training run writes (``gs*.pkl``, states, ``best.pkl``, ``metrics.jsonl``,
-    ``run.json``) found in ``directory``, by name."""
+    """The files a training run writes (``gs*.pkl``, states — files, or directories under
+    FSDP — ``best.pkl``, ``metrics.jsonl``, ``run.json``) found in ``directory``, by name."""
     root = Path(directory)
     if not root.is_dir():
         return []

@@ -1,4 +1,4 @@
-"""DistributedDataParallel set-up for runs launched by torchrun."""
+"""Process-group helpers and DistributedDataParallel set-up for runs launched by torchrun."""
 
 from __future__ import annotations
 
@@ -54,5 +54,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["all_reduce_sum", "barrier", "ensure_process_group", "local_rank_from", "rank",
-           "world_size", "wrap"]
+def is_initialized() -> bool:
+    """Whether this process is in a default process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def broadcast_flag(flag: bool, device: str | torch.device) -> bool:
+    """Rank 0's ``flag``, on every rank (a collective)."""
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+__all__ = ["all_reduce_sum", "barrier", "broadcast_flag", "ensure_process_group",
+           "is_initialized", "local_rank_from", "rank", "world_size", "wrap"]

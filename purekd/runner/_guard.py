@@ -100,4 +100,88 @@ class NonFiniteGuard:
         self._first.clear()
 
 
-__all__ = ["NonFiniteGuard", "NonFiniteLossError"]
+_NONE = 2**62  # "no non-finite step" in the all-reduced minimum
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """A sharded tensor's local shard (no communication); any other tensor as it is."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+class AllRanksNonFiniteGuard(NonFiniteGuard):
+    """:class:`NonFiniteGuard` for a run over several processes, with sharded (FSDP) weights:
+    every rank raises at the same check, whichever rank saw the non-finite loss, gradient shard
+    or weight shard — a rank raising alone would leave the others waiting in their next
+    collective until the process group times out. Each rank checks its own shards;
+    :meth:`raise_if_tripped` and :meth:`check_weights` are collectives (one all-reduce): every
+    rank calls them at the same points, as the runner does. The rank that saw the problem
+    names the term or parameter; the others name the step and say it was another rank."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.device = torch.device(device)
+
+    def _first_everywhere(self, values: list[int]) -> list[int]:
+        import torch.distributed as dist
+
+        first = torch.tensor(values, dtype=torch.int64, device=self.device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        return [int(v) for v in first.cpu().tolist()]
+
+    def observe_gradients(self, global_step: int, named: Sequence[tuple[str, Tensor]]) -> None:
+        present = [(name, _local(p.grad)) for name, p in named if p.grad is not None]
+        if present:
+            flags = torch.stack([torch.isfinite(g).all() for _, g in present])
+            self._gradients.append((global_step, tuple(n for n, _ in present), flags))
+
+    def check_weights(self, global_step: int, module: nn.Module) -> None:  # type: ignore[override]
+        named = [(k, _local(v)) for k, v in module.state_dict().items() if v.is_floating_point()]
+        flags = (torch.stack([torch.isfinite(v).all() for _, v in named]).cpu().tolist()
+                 if named else [])
+        bad = [name for (name, _), ok in zip(named, flags, strict=True) if not ok]
+        (anywhere,) = self._first_everywhere([global_step if bad else _NONE])
+        if anywhere == _NONE:
+            return
+        where = f"first: {bad[0]!r}" if bad else "on another rank"
+        raise NonFiniteLossError(
+            f"the weights are not finite after global step {global_step} ({where}). Training "
+            f"stopped before writing the checkpoint of step {global_step}; every checkpoint "
+            "written before was checked finite. Lower the learning rate, clip gradients "
+            "(max_grad_norm) or check the inputs.")
+
+    def raise_if_tripped(self) -> None:
+        loss = _NONE
+        if self._first:
+            flags = torch.stack([ok for _, ok, _, _ in self._first]).cpu().tolist()
+            loss = next((step for ok, (step, *_rest) in zip(flags, self._first, strict=True)
+                         if not ok), _NONE)
+        gradient = _NONE
+        if self._gradients:
+            verdicts = torch.stack([flags.all() for *_, flags in self._gradients]).cpu().tolist()
+            gradient = next((step for ok, (step, *_rest) in
+                             zip(verdicts, self._gradients, strict=True) if not ok), _NONE)
+        first_loss, first_gradient = self._first_everywhere([loss, gradient])
+        if first_loss != _NONE:
+            if loss == first_loss:
+                self._raise_for_loss()  # this rank has the values: its message names them
+            self._first.clear()
+            self._gradients.clear()
+            raise NonFiniteLossError(
+                f"the loss is not finite at global step {first_loss} on another rank (that "
+                "rank's error names the term). Training stopped; no checkpoint was written from "
+                "this step on. Lower the learning rate, clip gradients (max_grad_norm) or check "
+                "the inputs.")
+        self._first.clear()
+        if first_gradient != _NONE:
+            if gradient == first_gradient:
+                self._raise_for_gradients()
+            self._gradients.clear()
+            raise NonFiniteLossError(
+                f"the gradient is not finite at global step {first_gradient} on another rank "
+                "(that rank's error names the parameter) although the loss is finite. Training "
+                "stopped before that optimizer step.")
+        self._gradients.clear()
+
+
+__all__ = ["AllRanksNonFiniteGuard", "NonFiniteGuard", "NonFiniteLossError"]

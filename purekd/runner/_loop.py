@@ -11,6 +11,11 @@
 The full training state (its layout, the run's fingerprint, writing, reading, verification,
 validation and fallback) lives in :mod:`._state`; the output directory's files in
 :mod:`._checkpoint`.
+
+With ``TrainingConfig.fsdp`` the step is sharded by FSDP2 before anything else (:mod:`._fsdp`):
+the weights ``gs{step}.pkl`` are gathered to rank 0, the full state is a sharded
+``torch.distributed.checkpoint`` directory every rank writes its part of, and the non-finite
+guard and early stopping decide for all ranks at once.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -31,6 +37,7 @@ from torch import nn
 from purekd.configs import TrainingConfig
 
 from . import _distributed as distributed
+from . import _fsdp as fsdp
 from . import _state as state
 from ._checkpoint import (
     atomic_save,
@@ -40,7 +47,7 @@ from ._checkpoint import (
     weights_path,
 )
 from ._early_stopping import EarlyStopping, EarlyStoppingState, evaluate
-from ._guard import NonFiniteGuard
+from ._guard import AllRanksNonFiniteGuard, NonFiniteGuard
 from ._metrics import MetricsLogger, set_aside_metrics, truncate_metrics
 from ._plan import EpochPlan, StepPlan, progress
 from ._precision import Precision
@@ -142,11 +149,38 @@ class Runner:
         self.progress_bar = progress_bar
         self.local_rank = distributed.local_rank_from(config.local_rank)
         self.counters = Counters()
+        self.sharding: fsdp.ShardedModels | None = None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the step is sharded with FSDP2 (``TrainingConfig.fsdp``)."""
+        return self.config.fsdp is not None
 
     # -- set-up ------------------------------------------------------------------------------
 
+    def _join_process_group(self) -> None:
+        """Join torchrun's process group (DDP, FSDP); FSDP without one is an error."""
+        if self.sharded and self.local_rank == -1 and not distributed.is_initialized():
+            raise ValueError(
+                "TrainingConfig.fsdp is set but this process is not part of a distributed run: "
+                "launch it with torchrun --nproc-per-node N (which sets LOCAL_RANK), or call "
+                "torch.distributed.init_process_group first")
+        distributed.ensure_process_group(self.config.device)
+
+    def _shard(self, optimizer: torch.optim.Optimizer) -> None:
+        """Shard the step and the teachers with FSDP2 and point the optimizer at the shards."""
+        assert self.config.fsdp is not None
+        names = fsdp.parameter_names(self.step)
+        self.sharding = fsdp.shard_models(self.step, self.student, self.config.fsdp,
+                                          device=torch.device(self.config.device),
+                                          bf16=self.config.bf16)
+        fsdp.rebind_optimizer(optimizer, names, self.step)
+
     def _wrap_model(self) -> Any:
-        """The step as the loop calls it: wrapped for data parallelism (DataParallel, DDP)."""
+        """The step as the loop calls it: wrapped for data parallelism (DataParallel, DDP);
+        under FSDP, the step itself (sharded by :meth:`_shard`)."""
+        if self.sharded:
+            return self.step
         if self.local_rank == -1:
             if self.config.data_parallel and torch.cuda.device_count() > 1:
                 return nn.DataParallel(self.step)
@@ -170,6 +204,8 @@ class Runner:
         training = {name: getattr(config, name) for name in (
             "gradient_accumulation_steps", "ckpt_frequency", "ckpt_epoch_frequency", "ckpt_steps",
             "fp16", "bf16")}
+        if config.fsdp is not None:  # only then: the fingerprints of unsharded runs stay as they were
+            training["fsdp"] = config.fsdp.to_dict()
         return state.fingerprint(step=self.step, optimizer=optimizer, scheduler=scheduler,
                                  plan=plan, training=training, extra=describe)
 
@@ -184,7 +220,10 @@ class Runner:
         names = ", ".join(p.name for p in earlier[:6]) + (" ..." if len(earlier) > 6 else "")
         if overwrite:
             for path in earlier:
-                path.unlink(missing_ok=True)
+                if path.is_dir():  # an FSDP run's sharded state
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
             return
         if overwrite is False:
             raise ValueError(
@@ -211,7 +250,9 @@ class Runner:
         ``run.json``."""
         current = self._fingerprint(optimizer, scheduler, plan, describe)
         saved: dict[str, Any] | None = None
-        if resume_from is not None:
+        if resume_from is not None and self.sharded:  # checks, then loads the shards in place
+            saved, _ = state.read_sharded(resume_from, current, self.step, optimizer, scheduler)
+        elif resume_from is not None:
             saved, path = state.read(resume_from, current)
             state.validate(saved, path, self.step, optimizer, scheduler)
         elif is_main:
@@ -331,6 +372,14 @@ class Runner:
 
     def _save_weights(self) -> Path | None:
         step = self.counters.global_step
+        if self.sharded:  # every rank gathers; rank 0 writes the student as one state dict
+            weights = fsdp.full_state_dict(self.student)
+            path = None
+            if distributed.rank() == 0:
+                logger.info("saving at global step %d", step)
+                path = atomic_save(weights, weights_path(self.config.output_dir, step))
+            distributed.barrier()
+            return path
         if distributed.rank() != 0:
             distributed.barrier()
             return None
@@ -353,11 +402,26 @@ class Runner:
             value = run.callback(model=self.student, step=counters.global_step)
             self.student.train()
         stop = False
-        if run.early_stopping is not None and run.is_main:
+        if run.early_stopping is not None and (run.is_main or self.sharded):
+            # under FSDP every rank evaluates (a metric calling the sharded model is a
+            # collective) and rank 0 decides for all
             metric = evaluate(run.early_stopping, self.student, counters.global_step, value)
-            stop = run.stopping.update(run.early_stopping, metric, counters.global_step, path,
-                                       run.output_dir)
-        if run.save_state and run.is_main:  # after the callback: resume continues from here
+            if run.is_main:
+                stop = run.stopping.update(run.early_stopping, metric, counters.global_step,
+                                           path, run.output_dir)
+            if self.sharded:
+                stop = distributed.broadcast_flag(stop, self.config.device)
+        if run.save_state and self.sharded:  # every rank writes its shards
+            state.write_sharded(state.capture(self.step, run.optimizer, run.scheduler,
+                                              run.precision, run.start_rng, counters,
+                                              run.pass_log, run.stopping, run.identity,
+                                              sharded=True),
+                                self.step, run.optimizer, run.output_dir)
+            if run.keep_last_states is not None and run.is_main:
+                from ._sharded_state import prune_sharded
+
+                prune_sharded(run.output_dir, run.identity.id, run.keep_last_states)
+        elif run.save_state and run.is_main:  # after the callback: resume continues from here
             state.write(state.capture(self.step, run.optimizer, run.scheduler, run.precision,
                                       run.start_rng, counters, run.pass_log, run.stopping,
                                       run.identity),
@@ -399,8 +463,8 @@ class Runner:
         files (``None`` warns, ``False`` refuses, ``True`` deletes them first).
         """
         config = self.config
-        if self.local_rank != -1:  # before anything asks for the rank
-            distributed.ensure_process_group(config.device)
+        if self.local_rank != -1 or self.sharded:  # before anything asks for the rank
+            self._join_process_group()
         precision = Precision(config.device, fp16=config.fp16, bf16=config.bf16)
         output_dir = Path(config.output_dir)
         is_main = distributed.rank() == 0
@@ -412,6 +476,12 @@ class Runner:
         if is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
             remove_temporary_files(output_dir)  # left by a write killed half-way
+        if self.sharded:
+            if is_main:
+                from ._sharded_state import remove_temporary_directories
+
+                remove_temporary_directories(output_dir)
+            self._shard(optimizer)  # before the fingerprint and any state: loaded into shards
 
         saved, identity = self._open_run(optimizer, scheduler, plan, describe, resume_from,
                                           save_state, overwrite_output_dir, output_dir, is_main)
@@ -428,7 +498,9 @@ class Runner:
         run = _Run(model=self._wrap_model(), optimizer=optimizer, scheduler=scheduler, plan=plan,
                    precision=precision,
                    metrics=MetricsLogger(output_dir, config.log_dir, enabled=is_main),
-                   guard=NonFiniteGuard(), stopping=stopping, pass_log=pass_log,
+                   guard=(AllRanksNonFiniteGuard(config.device) if self.sharded
+                          else NonFiniteGuard()),
+                   stopping=stopping, pass_log=pass_log,
                    start_rng=start_rng,
                    student_params=[p for p in self.student.parameters() if p.requires_grad],
                    named_params=[(n, p) for n, p in self.step.named_parameters()
@@ -461,6 +533,8 @@ class Runner:
             run.metrics.flush(run.learning_rates())
         finally:
             run.metrics.close()
+            if self.sharding is not None:
+                self.sharding.close()
         self.early_stopping_state = stopping
         return counters
 

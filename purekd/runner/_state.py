@@ -18,6 +18,13 @@ loaded.
 This module is the one place that knows the state's layout: :func:`capture` builds it,
 :func:`write` / :func:`read` move it to and from disk, :func:`validate` checks it against the
 run, :func:`restore` loads it into the run's objects.
+
+Under FSDP the same state is a directory ``gs{step}.state/`` written through
+``torch.distributed.checkpoint`` (:mod:`._sharded_state`): :func:`write_sharded` splits it into
+the sharded part (the step and the optimizer, each rank its shards), what every rank shares and
+each rank's own (its random generators). :func:`read_sharded` checks the world size, then the
+run's fingerprint and the optimizer and scheduler, and only then loads the shards in place; it
+returns the rest in :func:`capture`'s layout for :func:`restore`.
 """
 
 from __future__ import annotations
@@ -154,14 +161,16 @@ def read_run_file(output_dir: Path) -> dict[str, Any] | None:
 
 def capture(step: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
             precision: Precision, start_rng: dict[str, Any], counters: Any,
-            pass_log: PassLog, stopping: EarlyStoppingState, run: RunIdentity) -> dict[str, Any]:
-    """The full state of a run, as tensors and plain Python values."""
+            pass_log: PassLog, stopping: EarlyStoppingState, run: RunIdentity, *,
+            sharded: bool = False) -> dict[str, Any]:
+    """The full state of a run, as tensors and plain Python values (with ``sharded``, without
+    the step and the optimizer: :func:`write_sharded` takes those from the modules)."""
+    weights = {} if sharded else {"step": step.state_dict(), "optimizer": optimizer.state_dict()}
     return {
         "version": STATE_VERSION,
         "run": run.as_dict(),
         "optimizer_kind": type(optimizer).__qualname__,
-        "step": step.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        **weights,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": precision.state_dict(),
         "rng": rng_state(),
@@ -180,6 +189,47 @@ def write(state: dict[str, Any], output_dir: str | os.PathLike[str]) -> Path:
     checks."""
     step = state["counters"]["global_step"]
     return atomic_save(state, state_path(output_dir, step))
+
+
+_OWN = ("rng", "start_rng")  # what differs between the ranks of one run
+_SHARDED = ("step", "optimizer")  # what torch.distributed.checkpoint saves shard by shard
+
+
+def write_sharded(state: dict[str, Any], step: nn.Module, optimizer: torch.optim.Optimizer,
+                  output_dir: str | os.PathLike[str]) -> Path:
+    """Save a :func:`capture` (``sharded=True``) of an FSDP run as
+    ``output_dir/gs{global_step}.state/``: the sharded ``step`` and ``optimizer`` as they are
+    on each rank, the rest split into what every rank shares and each rank's own. Every rank
+    must call it."""
+    from . import _sharded_state as sharded  # torch.distributed.checkpoint: seconds to import
+
+    own = {key: state[key] for key in _OWN}
+    shared = {key: value for key, value in state.items() if key not in (*_OWN, *_SHARDED)}
+    path = sharded.sharded_state_path(output_dir, state["counters"]["global_step"])
+    return sharded.save_sharded_state(path, step, optimizer, shared, own, state["run"]["id"])
+
+
+def read_sharded(resume_from: str | os.PathLike[str], current: Mapping[str, Any],
+                 step: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any) -> tuple[dict[str, Any], Path]:
+    """Resume an FSDP run: the sharded state at ``resume_from`` (a ``gs{step}.state``
+    directory, or the latest complete one of the run in ``run.json``) is checked — world size,
+    fingerprint against ``current``, optimizer and scheduler — and then its shards are loaded
+    into ``step`` and ``optimizer`` in place. Returns the rest in :func:`capture`'s layout
+    (without ``step`` and ``optimizer``) and the path. Every rank must call it."""
+    from . import _sharded_state as sharded
+
+    root = Path(resume_from)
+    owner = read_run_file(root) if root.is_dir() else None
+    path = sharded.latest_sharded_state(root, owner["id"] if owner is not None else None)
+    shared, own = sharded.load_sharded_extras(path)
+    saved = {**shared, **own}
+    if saved.get("version") != STATE_VERSION:
+        raise StateError(f"{path}: not a purekd state of version {STATE_VERSION}")
+    check_fingerprint(saved, current, path)
+    validate(saved, path, step, optimizer, scheduler)
+    sharded.load_sharded_weights(path, step, optimizer)
+    return saved, path
 
 
 def prune(output_dir: Path, run_id: str, keep: int) -> list[Path]:
@@ -313,8 +363,10 @@ def validate(saved: Mapping[str, Any], path: Path, step: nn.Module,
     """Check, before loading anything, that ``saved`` fits the run's objects: the step's keys
     and shapes, the optimizer's kind, its groups and their sizes, the scheduler's presence."""
     problems = []
+    # a sharded state holds no "step" or "optimizer" here: the fingerprint has their shapes and
+    # groups, and torch.distributed.checkpoint checks every shard it loads
     weights = saved.get("step", {})
-    own = step.state_dict()
+    own = step.state_dict() if "step" in saved else {}
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     if missing or unexpected:
         problems.append(f"weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -328,7 +380,7 @@ def validate(saved: Mapping[str, Any], path: Path, step: nn.Module,
     saved_groups = saved.get("optimizer", {}).get("param_groups", [])
     sizes = [len(g["params"]) for g in saved_groups]
     own_sizes = [len(g["params"]) for g in optimizer.param_groups]
-    if sizes != own_sizes:
+    if "optimizer" in saved and sizes != own_sizes:
         problems.append(f"optimizer parameter groups: saved sizes {sizes}, the run has {own_sizes}")
     if (saved.get("scheduler") is None) != (scheduler is None):
         problems.append("scheduler: " + ("saved none, the run has "
@@ -343,9 +395,12 @@ def restore(saved: dict[str, Any], step: nn.Module, optimizer: torch.optim.Optim
             scheduler: Any, precision: Precision) -> EarlyStoppingState:
     """Load ``saved`` into the step, the optimizer, the scheduler and the scaler; returns early
     stopping's memory. The random generators and the counters are restored by the runner, at
-    the points of the data replay where they belong. Call :func:`validate` first."""
-    step.load_state_dict(saved["step"])
-    optimizer.load_state_dict(saved["optimizer"])
+    the points of the data replay where they belong. Call :func:`validate` first. A
+    :func:`read_sharded` state has no ``step`` and ``optimizer``: they are already in place."""
+    if "step" in saved:
+        step.load_state_dict(saved["step"])
+    if "optimizer" in saved:
+        optimizer.load_state_dict(saved["optimizer"])
     if scheduler is not None and saved["scheduler"] is not None:
         scheduler.load_state_dict(saved["scheduler"])
     precision.load_state_dict(saved["scaler"])
@@ -354,4 +409,4 @@ def restore(saved: dict[str, Any], step: nn.Module, optimizer: torch.optim.Optim
 
 __all__ = ["RUN_FILE", "STATE_VERSION", "RunIdentity", "StateError", "capture", "check_fingerprint",
            "differences", "fingerprint", "load_verified", "prune", "read", "read_run_file",
-           "restore", "validate", "write", "write_run_file"]
+           "read_sharded", "restore", "validate", "write", "write_run_file", "write_sharded"]

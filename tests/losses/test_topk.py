@@ -186,6 +186,9 @@ def test_float16_cache_and_bfloat16_logits():
     logits_S, ids, logprobs, mask, _ = _inputs(4, dtype=torch.float32)
     low = logits_S.bfloat16().requires_grad_(True)
     value = topk_kl(low, ids.to(torch.int32), logprobs.half(), mask=mask, temperature=2.0)
+    narrow = topk_kl(low.detach(), ids.to(torch.uint16), logprobs.half(), mask=mask,
+                     temperature=2.0)  # a cache's narrowest id type
+    torch.testing.assert_close(narrow, value.detach())
     value.backward()
     assert value.dtype == torch.float32 and low.grad is not None and low.grad.dtype == torch.bfloat16
     want = reference("topk_kl", False, low.detach().double(), ids, logprobs.half().double(), 2.0,
