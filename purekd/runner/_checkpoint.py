@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from purekd._atomic import atomic_write
 
 STATE_SUFFIX = ".state.pt"
 _STATE = re.compile(r"gs(\d+)" + re.escape(STATE_SUFFIX) + "$")
@@ -26,17 +27,7 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save(obj, path)`` via a temporary file and ``os.replace``; returns the path."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(target, lambda file: torch.save(obj, file))
 
 
 def weights_path(output_dir: str | os.PathLike[str], global_step: int) -> Path:
