@@ -136,17 +136,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_cache_teacher(args)
 
-    if args.command == "cache-teacher":
-        if (args.model is None) == (args.gguf is None):
-            parser.error("give either a model directory or --gguf FILE (not both)")
-        for name in ("k", "batch_size", "shard_samples", "max_length", "limit"):
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        from purekd.teacher_cache._huggingface import run_cache_teacher
-
-        return run_cache_teacher(args)
-
     if args.command == "demo":
         wrong = DIGITS_OPTIONS if args.which == "lm" else LM_OPTIONS
         for name in wrong:
