@@ -71,6 +71,36 @@ def rss_mib() -> float:
         return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def extra_peak_mib(work: Callable[[], Any]) -> float:
+    """The extra peak memory of running ``work()`` once, in MiB: peak allocated memory on CUDA,
+    or resident memory sampled every 2 ms on the CPU, minus what was in use before."""
+    if device().type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        work()
+        synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    import threading
+
+    base = rss_mib()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mib())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        work()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], rss_mib()) - base
+
+
 def run_isolated(module: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``python -m module args`` in a fresh process and parse the JSON it prints last."""
     output = subprocess.run([sys.executable, "-m", module, *args], check=True,

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
-import time
 from typing import Any
 
 import torch
 
-from benchmarks._common import device, median_time, rss_mib, run_isolated, synchronize, write
+from benchmarks._common import device, extra_peak_mib, median_time, run_isolated, synchronize, write
 
 VARIANTS = ("naive", "liger", "purekd")
 BETA = 0.5
@@ -107,29 +105,7 @@ def measure(which: str, tokens: int, hidden: int, vocab: int, repeats: int) -> d
     seconds = median_time(once, repeats=repeats, warmup=0)
     x["hidden_S"].grad = x["weight_S"].grad = None
     synchronize()
-    if device().type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        once()
-        synchronize()
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        base = rss_mib()
-        peak = [base]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], rss_mib())
-                time.sleep(0.002)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        fn_value = fn(x)
-        fn_value.backward()
-        done.set()
-        sampler.join()
-        extra = max(peak[0], rss_mib()) - base
+    extra = extra_peak_mib(lambda: fn(x).backward())
     return {"value": value, "seconds": seconds, "extra_peak_mib": extra}
 
 

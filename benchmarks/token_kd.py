@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
-from benchmarks._common import device, median_time, rss_mib, run_isolated, synchronize, write
+from benchmarks._common import device, extra_peak_mib, median_time, run_isolated, synchronize, write
 
 
 def _inputs(tokens: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,30 +46,7 @@ def measure_memory(which: str, tokens: int, classes: int) -> dict[str, float]:
         small_S, small_T = _inputs(DEFAULT_CHUNK_ROWS, classes)
         kd_ce_chunked(small_S, small_T, 2.0).backward()
     synchronize()
-    if device().type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn(logits_S, logits_T, 2.0).backward()
-        synchronize()
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        import threading
-
-        base = rss_mib()
-        peak = [base]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], rss_mib())
-                time.sleep(0.002)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        fn(logits_S, logits_T, 2.0).backward()
-        done.set()
-        sampler.join()
-        extra = max(peak[0], rss_mib()) - base
+    extra = extra_peak_mib(lambda: fn(logits_S, logits_T, 2.0).backward())
     return {"extra_peak_mib": extra}
 
 
