@@ -48,20 +48,27 @@ def state_files(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STATE.match(p.name)))
 
 
+def states_in(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """:func:`state_files` of ``directory`` (a ``resume_from`` that is not a file), raising
+    ``FileNotFoundError`` when it is not a directory or holds no state file."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"resume_from={str(directory)!r}: no such file or directory")
+    found = state_files(root)
+    if not found:
+        raise FileNotFoundError(
+            f"resume_from={str(directory)!r}: no gs<step>{STATE_SUFFIX} file in this directory; "
+            "full-state checkpoints are written when training with save_state=True"
+        )
+    return found
+
+
 def latest_state(path: str | os.PathLike[str]) -> Path:
     """``path`` itself if it is a state file, else the state file with the highest step in it."""
     candidate = Path(path)
     if candidate.is_file():
         return candidate
-    if not candidate.is_dir():
-        raise FileNotFoundError(f"resume_from={str(path)!r}: no such file or directory")
-    found = state_files(candidate)
-    if not found:
-        raise FileNotFoundError(
-            f"resume_from={str(path)!r}: no gs<step>{STATE_SUFFIX} file in this directory; "
-            "full-state checkpoints are written when training with save_state=True"
-        )
-    return found[-1][1]
+    return states_in(candidate)[-1][1]
 
 
 def remove_temporary_files(directory: str | os.PathLike[str]) -> list[Path]:

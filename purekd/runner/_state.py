@@ -43,7 +43,7 @@ import attrs
 import torch
 from torch import nn
 
-from ._checkpoint import STATE_SUFFIX, atomic_save, state_files, state_path
+from ._checkpoint import atomic_save, state_files, state_path, states_in
 from ._early_stopping import EarlyStoppingState
 from ._precision import Precision
 from ._rng import rng_state
@@ -299,14 +299,7 @@ def read(resume_from: str | os.PathLike[str], current: Mapping[str, Any]) -> tup
         saved = load_verified(root)
         check_fingerprint(saved, current, root)
         return saved, root
-    if not root.is_dir():
-        raise FileNotFoundError(f"resume_from={str(resume_from)!r}: no such file or directory")
-    found = state_files(root)
-    if not found:
-        raise FileNotFoundError(
-            f"resume_from={str(resume_from)!r}: no gs<step>{STATE_SUFFIX} file in this directory; "
-            "full-state checkpoints are written when training with save_state=True"
-        )
+    found = states_in(resume_from)
     owner = read_run_file(root)
     damaged: list[str] = []
     others: list[str] = []
