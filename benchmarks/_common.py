@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -42,23 +43,38 @@ def median_time(fn: Callable[[], Any], repeats: int = 9, warmup: int = 2) -> flo
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int = 9,
-                        warmup: int = 1) -> dict[str, float]:
-    """Median times of several functions measured in alternation (fair under drifting load)."""
+def interleaved_rounds(fns: dict[str, Callable[[], Any]], repeats: int = 9,
+                       warmup: int = 1) -> dict[str, list[float]]:
+    """Times of several functions measured in alternation: ``repeats`` rounds, each running
+    every function once; ``result[name][i]`` is its time in round ``i``.
+
+    Each round runs them in a fresh random order (seeded, so a rerun measures the same
+    schedule): nobody always runs first, and nobody always follows the same contender — what
+    one run leaves behind (allocator state, caches, idle worker threads) would otherwise tilt
+    the figures of the run after it by a few per cent."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     synchronize()
     times: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns.items())
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        order = order[1:] + order[:1]  # rotate: nobody always runs first
+        shuffle(order)
         for name, fn in order:
             start = time.perf_counter()
             fn()
             synchronize()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def paired_ratio(rounds: dict[str, list[float]], name: str, reference: str) -> dict[str, float]:
+    """``name``'s time over ``reference``'s, round by round (both ran in the same round, so a
+    slow spell of a shared machine slows both): the median ratio and its quartiles."""
+    ratios = sorted(a / b for a, b in zip(rounds[name], rounds[reference], strict=True))
+    q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"median": median, "q1": q1, "q3": q3}
 
 
 def peak_rss_mib() -> float:

@@ -24,13 +24,29 @@ def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
     """``sum(values * weights) / sum(weights)`` over all elements (0 when all weights are 0).
 
     ``weights`` broadcasts against ``values``; the denominator counts the weights after
-    broadcasting, so a mask of shape ``(B, L)`` against rows of shape ``(B, L)`` is the mean
-    over the selected rows. Values where the weight is 0 are dropped with ``torch.where`` first,
-    so a NaN or infinity in a masked position does not leak into the result.
+    broadcasting, so a mask of shape ``(B, L, 1)`` against values ``(B, L, D)`` is the mean
+    over the ``D`` entries of the selected rows. Values where the weight is 0 are dropped with
+    ``torch.where`` first, so a NaN or infinity in a masked position does not leak into the
+    result.
+
+    The weights are never expanded: ``values`` is first summed over the dimensions along which
+    ``weights`` broadcasts (the weight is constant there), so the masking and weighting run on
+    ``weights``' shape — ``(B, L)`` rows instead of ``(B, L, D)`` elements.
     """
-    weights = torch.broadcast_to(weights, values.shape)
-    kept = torch.where(weights != 0, values, torch.zeros_like(values))
-    return safe_divide((kept * weights).sum(), weights.sum())
+    trailing = zip(reversed(weights.shape), reversed(values.shape), strict=False)
+    if weights.dim() > values.dim() or any(w not in (1, v) for w, v in trailing):
+        raise ValueError(f"weights of shape {tuple(weights.shape)} do not broadcast to values "
+                         f"of shape {tuple(values.shape)}")
+    weights = weights.reshape((1,) * (values.dim() - weights.dim()) + tuple(weights.shape))
+    spread = [d for d in range(values.dim()) if weights.size(d) == 1 and values.size(d) != 1]
+    copies = 1
+    for d in spread:
+        copies *= values.size(d)
+    if spread:
+        values = values.sum(dim=spread, keepdim=True)
+    kept = torch.where(weights != 0, values, torch.zeros((), dtype=values.dtype,
+                                                         device=values.device))
+    return safe_divide((kept * weights).sum(), weights.sum() * copies)
 
 
 def zero_masked_rows(values: Tensor, mask: Tensor) -> Tensor:

@@ -3,7 +3,7 @@ never let non-finite weights reach a checkpoint."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +12,23 @@ from torch import Tensor, nn
 class NonFiniteLossError(FloatingPointError, ValueError):
     """The loss, a gradient or the weights became NaN or infinite; the message names the global
     step and the term or the parameter."""
+
+
+def sums_finite(tensors: Iterable[Tensor]) -> Tensor:
+    """``(n,)`` bool on the device, no synchronisation: whether each tensor's float32 sum is
+    finite — one cheap reduction per tensor instead of :func:`torch.isfinite`'s full-size mask.
+
+    A NaN or ±inf element makes the sum NaN or ±inf, so a ``True`` flag proves every element
+    finite. A ``False`` flag may also be an overflow of the sum (``|sum| > 3.4e38`` with finite
+    elements): :func:`non_finite_names` gives the exact verdict on the rare path.
+    """
+    return torch.isfinite(torch.stack([t.detach().sum(dtype=torch.float32) for t in tensors]))
+
+
+def non_finite_names(named: Sequence[tuple[str, Tensor]]) -> list[str]:
+    """The names whose tensors hold a NaN or ±inf element (one synchronisation)."""
+    flags = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu().tolist()
+    return [name for (name, _), ok in zip(named, flags, strict=True) if not ok]
 
 
 class NonFiniteGuard:
@@ -26,25 +43,24 @@ class NonFiniteGuard:
 
     def __init__(self) -> None:
         self._first: list[tuple[int, Tensor, tuple[str, ...], Tensor]] = []
-        self._gradients: list[tuple[int, tuple[str, ...], Tensor]] = []
+        self._gradients: list[tuple[int, tuple[tuple[str, Tensor], ...], Tensor]] = []
 
     def observe_gradients(self, global_step: int, named: Sequence[tuple[str, Tensor]]) -> None:
         """Queue a check that every gradient in ``named`` (``(name, parameter)`` pairs) is
-        finite, before the optimizer step of ``global_step`` (no synchronisation)."""
+        finite, before the optimizer step of ``global_step`` (no synchronisation). Call
+        :meth:`raise_if_tripped` before the gradients change, as the runner does: where a cheap
+        flag trips, the exact check reads the gradients kept here (a sum that overflowed with
+        finite elements is not an error)."""
         present = [(name, p.grad) for name, p in named if p.grad is not None]
         if present:
-            flags = torch.stack([torch.isfinite(g).all() for _, g in present])
-            self._gradients.append((global_step, tuple(n for n, _ in present), flags))
+            self._gradients.append((global_step, tuple(present), sums_finite(g for _, g in present)))
 
     @staticmethod
     def check_weights(global_step: int, module: nn.Module) -> None:
         """Raise :class:`NonFiniteLossError` naming the first non-finite floating-point weight
         or buffer of ``module`` (one synchronisation); called before a checkpoint is written."""
         named = [(k, v) for k, v in module.state_dict().items() if v.is_floating_point()]
-        if not named:
-            return
-        flags = torch.stack([torch.isfinite(v).all() for _, v in named]).cpu().tolist()
-        bad = [name for (name, _), ok in zip(named, flags, strict=True) if not ok]
+        bad = non_finite_names(named) if named else []
         if bad:
             raise NonFiniteLossError(
                 f"the weights are not finite after global step {global_step} (first: {bad[0]!r}"
@@ -69,9 +85,9 @@ class NonFiniteGuard:
             return
         records, self._gradients = self._gradients, []
         verdicts = torch.stack([flags.all() for *_, flags in records]).cpu().tolist()
-        for ok, (step, names, flags) in zip(verdicts, records, strict=True):
-            if not ok:
-                bad = [n for n, f in zip(names, flags.cpu().tolist(), strict=True) if not f]
+        for ok, (step, present, _) in zip(verdicts, records, strict=True):
+            bad = [] if ok else non_finite_names(present)
+            if bad:
                 raise NonFiniteLossError(
                     f"the gradient is not finite at global step {step} (parameter {bad[0]!r}"
                     f"{f', and {len(bad) - 1} more' if len(bad) > 1 else ''}) although the loss "
@@ -132,14 +148,11 @@ class AllRanksNonFiniteGuard(NonFiniteGuard):
     def observe_gradients(self, global_step: int, named: Sequence[tuple[str, Tensor]]) -> None:
         present = [(name, _local(p.grad)) for name, p in named if p.grad is not None]
         if present:
-            flags = torch.stack([torch.isfinite(g).all() for _, g in present])
-            self._gradients.append((global_step, tuple(n for n, _ in present), flags))
+            self._gradients.append((global_step, tuple(present), sums_finite(g for _, g in present)))
 
     def check_weights(self, global_step: int, module: nn.Module) -> None:  # type: ignore[override]
         named = [(k, _local(v)) for k, v in module.state_dict().items() if v.is_floating_point()]
-        flags = (torch.stack([torch.isfinite(v).all() for _, v in named]).cpu().tolist()
-                 if named else [])
-        bad = [name for (name, _), ok in zip(named, flags, strict=True) if not ok]
+        bad = non_finite_names(named) if named else []
         (anywhere,) = self._first_everywhere([global_step if bad else _NONE])
         if anywhere == _NONE:
             return
@@ -159,8 +172,9 @@ class AllRanksNonFiniteGuard(NonFiniteGuard):
         gradient = _NONE
         if self._gradients:
             verdicts = torch.stack([flags.all() for *_, flags in self._gradients]).cpu().tolist()
-            gradient = next((step for ok, (step, *_rest) in
-                             zip(verdicts, self._gradients, strict=True) if not ok), _NONE)
+            gradient = next((step for ok, (step, present, _) in
+                             zip(verdicts, self._gradients, strict=True)
+                             if not ok and non_finite_names(present)), _NONE)
         first_loss, first_gradient = self._first_everywhere([loss, gradient])
         if first_loss != _NONE:
             if loss == first_loss:

@@ -125,3 +125,35 @@ def test_guard_names_the_total_when_no_term_is_bad() -> None:
     guard.observe(7, torch.tensor(math.nan), {"a": torch.tensor(1.0)})
     with pytest.raises(purekd.NonFiniteLossError, match="global step 7 \\(term 'total loss'"):
         guard.raise_if_tripped()
+
+
+def _named_with_gradients(**grads: torch.Tensor) -> list[tuple[str, torch.nn.Parameter]]:
+    named = []
+    for name, grad in grads.items():
+        parameter = torch.nn.Parameter(torch.zeros_like(grad))
+        parameter.grad = grad
+        named.append((name, parameter))
+    return named
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_gradient_check_names_every_non_finite_parameter(bad: float) -> None:
+    guard = NonFiniteGuard()
+    named = _named_with_gradients(w=torch.ones(3, 4), b=torch.tensor([1.0, bad]),
+                                  h=torch.tensor([bad, 0.0], dtype=torch.float16))
+    guard.observe_gradients(5, named)
+    with pytest.raises(purekd.NonFiniteLossError,
+                       match=r"gradient is not finite at global step 5 \(parameter 'b', and 1 more"):
+        guard.raise_if_tripped()
+    guard.raise_if_tripped()  # the record was cleared
+
+
+def test_gradient_check_is_not_fooled_by_a_sum_that_overflows() -> None:
+    # finite elements whose float32 sum overflows (and a float16 gradient whose float16 sum
+    # would): the cheap flag trips, the exact check clears it
+    huge = torch.full((4,), 3e38)
+    half = torch.full((8,), 60000.0, dtype=torch.float16)
+    assert not torch.isfinite(huge.sum()) and not torch.isfinite(half.sum())
+    guard = NonFiniteGuard()
+    guard.observe_gradients(1, _named_with_gradients(huge=huge, half=half))
+    guard.raise_if_tripped()
