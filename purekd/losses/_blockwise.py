@@ -142,7 +142,7 @@ Target = DenseTarget | TopkTarget
 def _kernel(s: Tensor, teacher: tuple[Tensor, ...], inv_tau: Tensor, weights: Tensor,
             scale: Tensor, labels: Tensor | None, ce_scale: Tensor | None, *, target: Target,
             grad_S: bool, grad_T: bool, ignore_index: int, grad_dtype: torch.dtype | None,
-            unit_temperature: bool = False
+            unit_temperature: bool = False, gradient_into_logits: bool = False
             ) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor | None, ...]]:
     """One block: ``(sum_r w_r D_r, sum_r CE_r, dL/ds, dL/dteacher)``.
 
@@ -152,6 +152,9 @@ def _kernel(s: Tensor, teacher: tuple[Tensor, ...], inv_tau: Tensor, weights: Te
     the CE sum, or None. Gradients are of ``scale * KD sum + ce_scale * CE sum``, 0 in rows of
     weight 0; ``grad_dtype`` None keeps the accumulation dtype. ``unit_temperature``: the
     temperature is known to be 1, so the KD and the CE share one log-softmax of the block.
+    ``gradient_into_logits``: ``dL/ds`` is written into ``s`` itself and ``s`` returned (the
+    fused driver's logits block is scratch space; compiled, the last pass stores straight into
+    it, so no block-sized output is allocated).
     """
     accumulate = weights.dtype
     keep = (weights != 0).unsqueeze(-1)
@@ -180,6 +183,8 @@ def _kernel(s: Tensor, teacher: tuple[Tensor, ...], inv_tau: Tensor, weights: Te
             g_ce = torch.where(valid, (log_p1.exp() - one_hot) * ce_scale, 0.0)
             out_S = g_ce if out_S is None else out_S + g_ce
     dtype = grad_dtype or accumulate
+    if gradient_into_logits and out_S is not None:
+        out_S = s.copy_(out_S)
     return (kd, ce, out_S.to(dtype) if out_S is not None else None,
             tuple(g.to(dtype) if g is not None else None for g in out_T))
 
@@ -189,16 +194,18 @@ _KERNELS: dict[tuple[object, ...], Compiled] = {}
 
 def block_kernel(target: Target, *, grad_S: bool, grad_T: bool = False,
                  ignore_index: int = -100, grad_dtype: torch.dtype | None = None,
-                 unit_temperature: bool = False,
+                 unit_temperature: bool = False, gradient_into_logits: bool = False,
                  compile_blocks: bool = True) -> Callable[..., Any]:
     """The kernel for ``target`` with these options: compiled (once per block shape) when
     ``compile_blocks`` and not already inside a compiled region, else eager."""
     eager = functools.partial(_kernel, target=target, grad_S=grad_S, grad_T=grad_T,
                               ignore_index=ignore_index, grad_dtype=grad_dtype,
-                              unit_temperature=unit_temperature)
+                              unit_temperature=unit_temperature,
+                              gradient_into_logits=gradient_into_logits)
     if torch.compiler.is_compiling() or not (compile_blocks and COMPILE_BLOCKS):
         return eager
-    key = (target.key, grad_S, grad_T, ignore_index, grad_dtype, unit_temperature)
+    key = (target.key, grad_S, grad_T, ignore_index, grad_dtype, unit_temperature,
+           gradient_into_logits)
     if key not in _KERNELS:
         _KERNELS[key] = compiled(eager, dynamic=True)
     return _KERNELS[key]
@@ -274,21 +281,35 @@ class Teacher(NamedTuple):
     kind: str
     tensors: tuple[Tensor | None, ...]
 
-    def block(self, rows: slice, accumulate: torch.dtype) -> tuple[Tensor, ...]:
+    def cast(self, accumulate: torch.dtype) -> Teacher:
+        """The dense teacher's weight and bias in the accumulation dtype (cast once per call,
+        not once per block)."""
+        if self.kind == "topk":
+            return self
+        hidden, weight, bias = self.tensors
+        assert weight is not None
+        return Teacher(self.kind, (hidden, weight.to(accumulate),
+                                   None if bias is None else bias.to(accumulate)))
+
+    def block(self, rows: slice, accumulate: torch.dtype,
+              out: Tensor | None = None) -> tuple[Tensor, ...]:
+        """The block's teacher tensors; a dense teacher's logits go into ``out`` when given
+        (a reused ``(rows, V)`` buffer)."""
         if self.kind == "topk":
             ids, logprobs = self.tensors
             assert ids is not None and logprobs is not None
             return ids[rows], logprobs[rows]
         hidden, weight, bias = self.tensors
         assert hidden is not None and weight is not None
-        return (_linear(hidden[rows].to(accumulate), weight.to(accumulate),
-                        None if bias is None else bias.to(accumulate)),)
+        return (_linear(hidden[rows].to(accumulate), weight, bias, out),)
 
 
-def _linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _linear(hidden: Tensor, weight: Tensor, bias: Tensor | None,
+            out: Tensor | None = None) -> Tensor:
+    """``hidden @ weight.T (+ bias)``, into ``out`` when given."""
     if bias is None:
-        return hidden @ weight.t()
-    return torch.addmm(bias, hidden, weight.t())
+        return torch.mm(hidden, weight.t(), out=out)
+    return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
 class FusedOptions(NamedTuple):
@@ -314,7 +335,7 @@ class _FusedLinear(torch.autograd.Function):
         accumulate = weights.dtype
         kernel = block_kernel(options.target, grad_S=grad, ignore_index=options.ignore_index,
                               unit_temperature=options.unit_temperature and labels is not None,
-                              compile_blocks=options.compile_blocks)
+                              gradient_into_logits=True, compile_blocks=options.compile_blocks)
         weight = weight_S.to(accumulate)
         bias = None if bias_S is None else bias_S.to(accumulate)
         n, width = hidden_S.shape
@@ -329,14 +350,26 @@ class _FusedLinear(torch.autograd.Function):
             ce_denominator = _denominator(valid, options.sum_reduction)
             ce_scale = safe_divide(weights.new_tensor(options.ce_weight), ce_denominator)
         kd_total, ce_total = weights.new_zeros(()), weights.new_zeros(())
+        # two (chunk_rows, V) buffers serve every block: the student's logits, then the gradient
+        # for them (the kernel writes it in place), and a dense teacher's logits. Fresh
+        # block-sized allocations would each be page-faulted in anew (glibc returns large
+        # freed blocks to the system), which costs as much as a GEMM.
+        chunk = min(options.chunk_rows, n)
+        vocabulary = weight.size(0)
+        logits_buffer = hidden_S.new_empty(chunk, vocabulary, dtype=accumulate)
+        teacher = options.teacher.cast(accumulate)
+        teacher_buffer = (logits_buffer.new_empty(chunk, vocabulary) if teacher.kind == "dense"
+                          else None)
         for start in range(0, n, options.chunk_rows):
             rows = slice(start, start + options.chunk_rows)
+            count = min(n, start + options.chunk_rows) - start
             h = hidden_S[rows].to(accumulate)
-            s = _linear(h, weight, bias)
-            kd, ce, g, _ = kernel(s, options.teacher.block(rows, accumulate), inv_tau[rows],
-                                  weights[rows], kd_scale, None if labels is None else labels[rows],
-                                  ce_scale)
-            del s
+            s = _linear(h, weight, bias, logits_buffer[:count])
+            block_T = teacher.block(rows, accumulate,
+                                    None if teacher_buffer is None else teacher_buffer[:count])
+            kd, ce, g, _ = kernel(s, block_T, inv_tau[rows], weights[rows], kd_scale,
+                                  None if labels is None else labels[rows], ce_scale)
+            del s, block_T
             kd_total, ce_total = kd_total + kd, ce_total + ce
             if g is None:
                 continue
