@@ -131,7 +131,7 @@ def fused_linear_distill(
 
     ``shared_vocab``: when the student's and the teacher's output layers have different
     numbers of rows, compare on the shared first ones (otherwise a ``ValueError``).
-    ``chunk_rows``: rows per block (default: about 8 Mi logits a block).
+    ``chunk_rows``: rows per block (default: about 16 Mi logits a block, at least 128 rows).
     """
     where = "fused_linear_distill"
     sum_reduction = check_reduction(reduction, where)
@@ -187,9 +187,10 @@ def fused_linear_distill(
     if vocabulary != weight_S.size(0):
         weight_S = weight_S[:vocabulary]
         bias_S = None if bias_S is None else bias_S[:vocabulary]
-    options = FusedOptions(target, source, chunk_rows or default_chunk_rows(rows, vocabulary),
-                           sum_reduction, compile_blocks, float(kd_weight), float(ce_weight),
-                           ignore_index, unit_temperature=_is_one(temperature))
+    chunk = chunk_rows or default_chunk_rows(rows, vocabulary, fused=True)
+    options = FusedOptions(target, source, chunk, sum_reduction, compile_blocks,
+                           float(kd_weight), float(ce_weight), ignore_index,
+                           unit_temperature=_is_one(temperature))
     inv_tau = inverse_temperature(temperature, rows_shape, accumulate, device)
     total, kd, ce = fused_linear(options, hidden_S.reshape(rows, -1), weight_S, bias_S,
                                  inv_tau, weights, flat_labels)
