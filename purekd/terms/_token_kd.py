@@ -19,6 +19,7 @@ a teacher's ``topk_mask`` (rows its cache has) further removes rows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -80,6 +81,8 @@ def token_kd(
     params: Mapping[str, Any] | None = None,
     shared_vocab: bool = False,
     shift_probability: bool = False,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
     weight: Weight = 1.0,
     name: str = "kd_loss",
 ) -> Term:
@@ -91,6 +94,15 @@ def token_kd(
     different sizes on their shared first entries (padded output layers); without it a
     mismatch raises before the loss path, naming both sizes. ``shift_probability``: TextBrewer's
     probability shift of the teacher's logits (logits only).
+
+    ``ce_weight`` ``c``: the term's value is :math:`D + c\,\mathrm{CE}`, with CE the student's
+    cross-entropy on its ``labels`` (temperature 1, mean over the kept rows with a label other
+    than ``ignore_index``; with ``hf_adaptor(causal=True, labels_key="input_ids")`` the labels
+    are the next tokens). On the fused forms the CE comes out of the same pass over the
+    vocabulary as the divergence (:func:`~purekd.losses.fused_linear_distill`): mixing in the
+    text's own next tokens costs no second pass over the output layer — with a separate
+    hard-label term it would cost one. The term's weight multiplies both: ``weight=0.5,
+    ce_weight=1`` is half KD, half CE.
 
     The dispatch on the adaptors' keys is in the module docstring. The term's ``kept_rows`` is the
     number of kept rows, for token-correct normalisation. Returns ``{}`` when either side has no
@@ -105,6 +117,16 @@ def token_kd(
                          f"parameters: {sorted(TOKEN_KD_LOSSES[loss]) or 'none'}")
     tail = bool(args.pop("tail", False))
     dense = getattr(losses, loss)
+    if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)) or not (
+            math.isfinite(ce_weight) and ce_weight >= 0):
+        raise ValueError(f"token_kd: ce_weight={ce_weight!r}; expected a number >= 0 (0: no "
+                         "cross-entropy in the term)")
+    with_ce = ce_weight != 0
+
+    def labels_for(adapted_S: Adapted, mask: Tensor | None) -> Tensor:
+        """The student's labels, ``ignore_index`` in the rows the KD leaves out."""
+        labels = adapted_S.labels[0]
+        return labels if mask is None else torch.where(mask != 0, labels, ignore_index)
 
     def pieces(adapted_S: Adapted, adapted_T: Adapted, *, rows_only: bool = False
                ) -> tuple[Adapted, Rows, Rows, Tensor | None]:
@@ -150,6 +172,9 @@ def token_kd(
                               **args)
                 total = value if total is None else total + value
             assert total is not None
+            if with_ce:
+                total = total + ce_weight * _cross_entropy(
+                    adapted_S.logits[0], labels_for(adapted_S, mask), ignore_index)
             return {name: total}
         if side_T.form == "topk":
             ids, logprobs = teacher.topk_ids, teacher.topk_logprobs
@@ -158,20 +183,37 @@ def token_kd(
                 topk_loss = getattr(losses, TOPK_FORMS[loss])
                 value = topk_loss(adapted_S.logits[0], ids, logprobs, tail=tail, **common,
                                   **args)
+                if with_ce:
+                    value = value + ce_weight * _cross_entropy(
+                        adapted_S.logits[0], labels_for(adapted_S, mask), ignore_index)
             else:
                 hidden_S, weight_S = adapted_S.lm_hidden, adapted_S.lm_weight
                 assert hidden_S is not None and weight_S is not None
-                value = losses.fused_linear_topk_kl(
-                    hidden_S, weight_S, ids, logprobs, loss=TOPK_FORMS[loss], tail=tail,
-                    bias_S=adapted_S.lm_bias, **common, **args)
+                if with_ce:
+                    value = losses.fused_linear_distill(
+                        hidden_S, weight_S, losses.TopkTeacher(ids, logprobs),
+                        loss=TOPK_FORMS[loss], tail=tail, bias_S=adapted_S.lm_bias,
+                        labels=labels_for(adapted_S, mask), kd_weight=1.0,
+                        ce_weight=ce_weight, ignore_index=ignore_index, **common, **args).loss
+                else:
+                    value = losses.fused_linear_topk_kl(
+                        hidden_S, weight_S, ids, logprobs, loss=TOPK_FORMS[loss], tail=tail,
+                        bias_S=adapted_S.lm_bias, **common, **args)
             return {name: value}
         hidden_S, weight_S = adapted_S.lm_hidden, adapted_S.lm_weight
         hidden_T, weight_T = teacher.lm_hidden, teacher.lm_weight
         assert hidden_S is not None and weight_S is not None
         assert hidden_T is not None and weight_T is not None
-        value = losses.fused_linear_kd(
-            hidden_S, weight_S, hidden_T, weight_T, loss=loss, bias_S=adapted_S.lm_bias,
-            bias_T=teacher.lm_bias, shared_vocab=shared_vocab, **common, **args)
+        if with_ce:
+            value = losses.fused_linear_distill(
+                hidden_S, weight_S, losses.DenseTeacher(hidden_T, weight_T, teacher.lm_bias),
+                loss=loss, bias_S=adapted_S.lm_bias, labels=labels_for(adapted_S, mask),
+                kd_weight=1.0, ce_weight=ce_weight, ignore_index=ignore_index,
+                shared_vocab=shared_vocab, **common, **args).loss
+        else:
+            value = losses.fused_linear_kd(
+                hidden_S, weight_S, hidden_T, weight_T, loss=loss, bias_S=adapted_S.lm_bias,
+                bias_T=teacher.lm_bias, shared_vocab=shared_vocab, **common, **args)
         return {name: value}
 
     def check(adapted_S: Adapted, adapted_T: Adapted) -> None:
@@ -222,6 +264,17 @@ def token_kd(
             raise ValueError(
                 f"the teacher's topk_mask has shape {tuple(adapted_T.topk_mask.shape)} but its "
                 f"topk_ids have rows {tuple(side_T.rows.shape[:-1])}")
+        if with_ce:
+            if not adapted_S.labels:
+                raise ValueError(
+                    f"token_kd(ce_weight={ce_weight}) needs the student's labels: return "
+                    "'labels' from the student's adaptor (for a causal LM, "
+                    "hf_adaptor(causal=True, labels_key='input_ids') gives the next tokens)")
+            if not fits(adapted_S.labels[0], side_S.rows):
+                raise ValueError(
+                    f"token_kd(ce_weight={ce_weight}): the student's labels have shape "
+                    f"{tuple(adapted_S.labels[0].shape)} but its rows "
+                    f"{tuple(side_S.rows.shape[:-1])}; one label per row")
         if shift_probability and not adapted_S.labels:
             raise ValueError(
                 "probability_shift=True needs the ground truth: return 'labels' from the "
@@ -238,6 +291,15 @@ def token_kd(
         return (mask != 0).sum().to(dtype)
 
     return Term(term, weight, check, name, kept_rows=count)
+
+
+def _cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """Mean cross-entropy over the rows with a label (0 when none has one)."""
+    flat = logits.reshape(-1, logits.size(-1)).float()
+    targets = labels.reshape(-1).long()
+    summed = torch.nn.functional.cross_entropy(flat, targets, ignore_index=ignore_index,
+                                               reduction="sum")
+    return summed / (targets != ignore_index).sum().clamp_min(1)
 
 
 def _check_forms(side_S: Rows, side_T: Rows, loss: str, shift_probability: bool,
