@@ -52,6 +52,7 @@ class Settings(NamedTuple):
     warmup: float = 0.1
     temperature: float = 1.0
     tail: bool = False
+    ce_weight: float = 1.0
     freeze_embeddings: bool = True
     seed: int = 0
 
@@ -70,6 +71,8 @@ class Settings(NamedTuple):
             raise ValueError(f"warmup={self.warmup!r}: the warm-up fraction must be in [0, 1)")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature!r}: expected > 0")
+        if not self.ce_weight >= 0:
+            raise ValueError(f"ce_weight={self.ce_weight!r}: expected >= 0 (0: KD alone)")
         if self.tail and self.temperature != 1:
             raise ValueError("tail=True needs temperature=1 (the tail bucket is at T=1)")
 
@@ -250,11 +253,19 @@ def train_text_only(student: nn.Module, rows: Tensor, out: Path, settings: Setti
 
 
 def distill_config(settings: Settings) -> purekd.DistillationConfig:
-    """Forward KL against the cached top-k (``tail``: plus one bucket for the mass outside it),
-    nothing else: the distilled student never sees the text's own next tokens."""
+    """Forward KL against the cached top-k (``tail``: plus one bucket for the mass outside it).
+    The text's own next tokens join in :func:`kd_and_text_term`."""
     loss: Any = ["forward_kl", {"tail": True}] if settings.tail else "forward_kl"
     return purekd.DistillationConfig(kd_loss_type=loss, temperature=settings.temperature,
                                      kd_loss_weight=1, hard_label_weight=0)
+
+
+def kd_and_text_term(settings: Settings) -> purekd.terms.Term:
+    """The config's KD term with ``ce_weight`` x the student's next-token cross-entropy added,
+    computed in the same pass over the output layer as the KD (``token_kd(ce_weight=...)``):
+    the loss is ``KD + ce_weight * CE``."""
+    return purekd.terms.token_kd("forward_kl", temperature=settings.temperature,
+                                 params={"tail": settings.tail}, ce_weight=settings.ce_weight)
 
 
 def train_distilled(student: Any, rows: Tensor, cache: Any, out: Path, settings: Settings,
@@ -268,9 +279,15 @@ def train_distilled(student: Any, rows: Tensor, cache: Any, out: Path, settings:
     from purekd.teacher_cache import CachedCollate, CachedTeacherDataset
 
     data = CachedTeacherDataset(Rows(rows), cache)
+    # the student's labels are its next input tokens (no labels reach the model, whose own
+    # loss would need the full logits)
+    adaptor_S = hf_adaptor(causal=True, lm_head=student.get_output_embeddings(),
+                           labels_key="input_ids")
     distiller = purekd.GeneralDistiller(
         _train_config(out, settings), distill_config(settings), None, student,
-        hf_adaptor(causal=True), hf_adaptor(causal=True, lm_head=student.get_output_embeddings()))
+        hf_adaptor(causal=True), adaptor_S)
+    if settings.ce_weight:
+        distiller.step = distiller.step.replace_term("kd_loss", kd_and_text_term(settings))
     with distiller:
         distiller.train(_optimizer(student, settings), _loader(data, settings, CachedCollate()),
                         num_steps=settings.steps, max_grad_norm=1.0,

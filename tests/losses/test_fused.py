@@ -314,3 +314,22 @@ def test_an_outer_factor_scales_every_gradient():
     once = _grads(fn, student, bias=True)
     scaled = _grads(lambda **s: -2.5 * fn(**s), student, bias=True)
     _assert_close(scaled, [-2.5 * g for g in once])
+
+
+def test_default_blocks_are_large_enough_for_the_weight_gradient_product():
+    # about 16 Mi logits a block, a multiple of 8 rows, never below 128 rows (the weight
+    # gradient's product reduces over them), never more rows than there are
+    assert _blockwise.default_chunk_rows(4096, 49152, fused=True) == 336
+    assert _blockwise.default_chunk_rows(2048, 128256, fused=True) == 128
+    assert _blockwise.default_chunk_rows(4096, 256000, fused=True) == 128
+    assert _blockwise.default_chunk_rows(50, 128256, fused=True) == 50
+    assert _blockwise.default_chunk_rows(4096, 49152) == 168  # the on-logits losses: 8 Mi
+
+
+def test_a_last_block_shorter_than_the_others_reuses_the_buffers_correctly():
+    student, teacher, mask, labels, _, _ = _inputs(11)
+    rows = student["hidden_S"].shape[0]
+    results = [_grads(lambda c=c, **st: fused_linear_distill(
+        st["hidden_S"], st["weight_S"], teacher, loss="jsd", beta=0.3, mask=mask, labels=labels,
+        bias_S=st["bias_S"], chunk_rows=c).loss, student, bias=True) for c in (rows, 5)]
+    _assert_close(results[1], results[0])
