@@ -57,10 +57,15 @@ def test_a_compressed_student_holds_copies_of_the_kept_layers_and_ties_its_outpu
 
 
 def test_spread_layers_keeps_the_first_and_the_last():
-    assert lm.spread_layers(30, 6) == [0, 6, 12, 17, 23, 29]
+    assert lm.spread_layers(30, 6) == [0, 6, 12, 18, 24, 29]
     assert lm.spread_layers(30, 2) == [0, 29]
     assert lm.spread_layers(4, 4) == [0, 1, 2, 3]
     assert lm.spread_layers(30, 1) == [29]
+    for total in range(1, 41):
+        for keep in range(1, total + 1):
+            layers = lm.spread_layers(total, keep)
+            assert len(layers) == keep and layers[-1] == total - 1
+            assert layers == sorted(set(layers)) and layers[0] == (0 if keep > 1 else total - 1)
 
 
 @pytest.mark.parametrize("layers", [[], [2, 1], [0, 0], [0, 4], [-1, 2]])

@@ -48,12 +48,12 @@ class Settings(NamedTuple):
     steps: int = 60
     layers: int = 6
     k: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-3
     warmup: float = 0.1
     temperature: float = 1.0
     tail: bool = False
     ce_weight: float = 1.0
-    freeze_embeddings: bool = True
+    freeze_embeddings: bool = False
     seed: int = 0
 
     def check(self) -> None:
@@ -261,11 +261,12 @@ def distill_config(settings: Settings) -> purekd.DistillationConfig:
 
 
 def kd_and_text_term(settings: Settings) -> purekd.terms.Term:
-    """The config's KD term with ``ce_weight`` x the student's next-token cross-entropy added,
-    computed in the same pass over the output layer as the KD (``token_kd(ce_weight=...)``):
-    the loss is ``KD + ce_weight * CE``."""
+    """The config's KD term with the student's next-token cross-entropy mixed in, computed in
+    the same pass over the output layer as the KD (``token_kd(ce_weight=...)``): the loss is
+    ``(KD + c CE) / (1 + c)``, ``c = ce_weight`` (``c = 1``: half KD, half CE)."""
     return purekd.terms.token_kd("forward_kl", temperature=settings.temperature,
-                                 params={"tail": settings.tail}, ce_weight=settings.ce_weight)
+                                 params={"tail": settings.tail}, ce_weight=settings.ce_weight,
+                                 weight=1 / (1 + settings.ce_weight))
 
 
 def train_distilled(student: Any, rows: Tensor, cache: Any, out: Path, settings: Settings,
