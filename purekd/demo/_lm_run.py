@@ -454,9 +454,11 @@ def plot_curves(out: Path, path: Path) -> Path:
     text_steps, text_values = _series(out / "text_only" / "metrics.jsonl").get("loss", ([], []))
     left.plot(text_steps, text_values, label="text only: cross-entropy")
     distilled = _series(out / "distilled" / "metrics.jsonl")
+    mixed = results.get("settings", {}).get("ce_weight", 0)
+    names = {"loss": "total", "kd_loss": "forward KL + cross-entropy" if mixed else "forward KL"}
     for key, (steps, values) in distilled.items():
         if key != "loss" or len(distilled) > 2:  # with one term the total is that term
-            left.plot(steps, values, label=f"distilled: {'total' if key == 'loss' else key}")
+            left.plot(steps, values, label=f"distilled: {names.get(key, key)}")
     left.set_xlabel("optimizer step")
     left.set_ylabel("training loss (nats / token)")
     left.set_yscale("log")
