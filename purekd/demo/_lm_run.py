@@ -455,10 +455,10 @@ def plot_curves(out: Path, path: Path) -> Path:
     left.plot(text_steps, text_values, label="text only: cross-entropy")
     distilled = _series(out / "distilled" / "metrics.jsonl")
     mixed = results.get("settings", {}).get("ce_weight", 0)
-    names = {"loss": "total", "kd_loss": "forward KL + cross-entropy" if mixed else "forward KL"}
+    labels = {"loss": "total", "kd_loss": "forward KL + cross-entropy" if mixed else "forward KL"}
     for key, (steps, values) in distilled.items():
         if key != "loss" or len(distilled) > 2:  # with one term the total is that term
-            left.plot(steps, values, label=f"distilled: {names.get(key, key)}")
+            left.plot(steps, values, label=f"distilled: {labels.get(key, key)}")
     left.set_xlabel("optimizer step")
     left.set_ylabel("training loss (nats / token)")
     left.set_yscale("log")
