@@ -4,9 +4,6 @@ over both halves. Only rank 0 writes checkpoints and metrics."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -18,9 +15,9 @@ from torch.utils.data import DataLoader
 
 import purekd
 
+from .._torchrun import torchrun
 from ._helpers import adaptor, checkpoints, dataset, models, train_config
 
-REPO = Path(__file__).resolve().parents[2]
 SAMPLES, PER_RANK_BATCH, EPOCHS = 16, 2, 2
 
 DISTILL = {
@@ -99,15 +96,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[s
     script = tmp_path / "ddp.py"
     script.write_text(SCRIPT)
     out, result = tmp_path / "out", tmp_path / "result"
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-         str(script), str(out), str(result)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    torchrun(script, str(out), str(result))
     return out, [torch.load(f"{result}.rank{r}", weights_only=True) for r in (0, 1)]
 
 

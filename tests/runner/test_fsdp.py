@@ -17,9 +17,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ from torch.utils.data import DataLoader
 
 import purekd
 
+from .._torchrun import torchrun
 from ._helpers import assert_state_equal
 
 pytest.importorskip("transformers")
@@ -38,7 +36,6 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 from . import _fsdp_worker as worker  # noqa: E402  (needs transformers)
 
-REPO = Path(__file__).resolve().parents[2]
 ATOL, LOGITS_ATOL = 1e-4, 2e-4
 
 
@@ -47,15 +44,8 @@ def launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, li
     """One torchrun launch of two processes with one restart; the work directory and what each
     run's ranks reported."""
     work = tmp_path_factory.mktemp("fsdp")
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
-         "--max-restarts=1", str(Path(worker.__file__)), str(work)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    torchrun(Path(worker.__file__), str(work), launcher=("--max-restarts=1",), timeout=400,
+             stderr_tail=5000)
     reports = {name: [torch.load(work / f"{name}.rank{r}.pt", weights_only=True) for r in (0, 1)]
                for name in ("full", "resumed")}
     return work, reports

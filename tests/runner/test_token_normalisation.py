@@ -5,9 +5,6 @@ gradient-accumulation bug). TextBrewer's per-batch mean stays the default for it
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,8 @@ from torch import nn
 import purekd
 from purekd.combinators import StepOutput, token_normalised, token_share
 
-REPO = Path(__file__).resolve().parents[2]
+from .._torchrun import torchrun
+
 IN, VOCAB, LENGTH = 3, 5, 6
 KEPT = [6, 1, 4, 2, 5, 3, 6, 2]  # kept tokens per sample: micro-batches of unequal counts
 
@@ -164,15 +162,7 @@ def test_two_processes_normalise_by_the_global_token_count(tmp_path):
     script = tmp_path / "ddp_tokens.py"
     script.write_text(DDP_SCRIPT)
     result = tmp_path / "result"
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-         str(script), str(tmp_path / "out"), str(result)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    torchrun(script, str(tmp_path / "out"), str(result))
     expected = sgd_step_on_one_batch(lr=0.7)
     for rank in (0, 1):
         got = torch.load(f"{result}.rank{rank}", weights_only=True)

@@ -4,9 +4,6 @@ holding every sample once, each under its own id."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,9 +13,9 @@ import torch.distributed as dist
 
 from purekd.teacher_cache import TeacherCache
 
+from .._torchrun import torchrun
 from ._helpers import TinyLM, Tokens, exact_topk
 
-REPO = Path(__file__).resolve().parents[2]
 SAMPLES, K = 15, 6
 
 SCRIPT = textwrap.dedent(f'''
@@ -48,14 +45,7 @@ def test_two_ranks_write_one_cache(tmp_path: Path) -> None:
     script = tmp_path / "write.py"
     script.write_text(SCRIPT)
     out = tmp_path / "cache"
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-         str(script), str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    torchrun(script, str(out))
 
     cache = TeacherCache(out)
     assert cache.manifest["world_size"] == 2
