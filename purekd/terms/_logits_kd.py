@@ -168,12 +168,17 @@ def _check_separately_masked(adapted_S: Adapted, adapted_T: Adapted, index: int,
         if tuple(mask.shape) != shape[:-1]:
             raise ValueError(f"the {side}'s logits_mask[{index}] has shape {tuple(mask.shape)} "
                              f"but its logits[{index}] have shape {shape}")
+    check_paired_rows(f"logits[{index}]", mask_S, mask_T)
+
+
+def check_paired_rows(what: str, mask_S: Tensor, mask_T: Tensor) -> None:
+    """Two masks pair their kept rows in order, so both must keep as many (one host sync)."""
     kept_S, kept_T = int((mask_S != 0).sum()), int((mask_T != 0).sum())
     if kept_S != kept_T:
         raise ValueError(
-            f"logits[{index}]: the student's logits_mask keeps {kept_S} rows but the teacher's "
-            f"keeps {kept_T}; the selected rows are paired in order, so both masks must keep "
-            "the same number")
+            f"{what}: the student's logits_mask keeps {kept_S} rows but the teacher's keeps "
+            f"{kept_T}; the kept rows are paired in order, so both masks must keep the same "
+            "number")
 
 
 def _positional_capacity(fn: Callable[..., Any]) -> int:

@@ -31,7 +31,13 @@ from purekd.presets import TOKEN_KD_LOSSES, TOPK_FORMS
 from purekd.stages import Adapted, probability_shift
 
 from ._context import Context, Term, Weight
-from ._logits_kd import align_teacher_rows, fits, row_masks, vocabulary_mismatch
+from ._logits_kd import (
+    align_teacher_rows,
+    check_paired_rows,
+    fits,
+    row_masks,
+    vocabulary_mismatch,
+)
 
 SHARED_VOCAB_OPTION = ("set DistillationConfig(shared_vocab=True) (token_kd(shared_vocab=True)) "
                        "to compare on the first min(V_S, V_T) entries")
@@ -249,12 +255,7 @@ def token_kd(
                         f"({what}) have shape {tuple(rows.shape[:-1])}: a logits mask selects "
                         f"rows, so its shape must be {tuple(rows.shape[:-1])}")
             if mask is not None and mask_T is not None:
-                kept_S, kept_T = int((mask != 0).sum()), int((mask_T != 0).sum())
-                if kept_S != kept_T:
-                    raise ValueError(
-                        f"{what}: the student's logits_mask keeps {kept_S} rows but the "
-                        f"teacher's keeps {kept_T}; the kept rows are paired in order, so both "
-                        "masks must keep the same number")
+                check_paired_rows(what, mask, mask_T)
             elif tuple(rows_S.shape[:-1]) != tuple(rows_T.shape[:-1]):
                 raise ValueError(
                     f"{what}: the student has rows {tuple(rows_S.shape[:-1])} but the teacher "

@@ -85,3 +85,11 @@ def test_no_graph_break():
     term = token_kd("jsd", temperature=1.5)
     explanation = torch._dynamo.explain(term.fn)(s, t, CTX)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_masks_keeping_different_numbers_of_rows_are_refused():
+    s = normalise({"logits": randn(0, 1, 4, 6), "logits_mask": torch.tensor([[1, 1, 0, 1]])})
+    t = normalise({"logits": randn(1, 1, 4, 6), "logits_mask": torch.tensor([[0, 1, 0, 1]])})
+    with pytest.raises(ValueError, match=r"logits\[0\]: the student's logits_mask keeps 3 rows "
+                                         r"but the teacher's keeps 2; the kept rows are paired"):
+        token_kd("forward_kl").check(s, t)
