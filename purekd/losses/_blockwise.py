@@ -294,16 +294,6 @@ class Teacher(NamedTuple):
     kind: str
     tensors: tuple[Tensor | None, ...]
 
-    def cast(self, accumulate: torch.dtype) -> Teacher:
-        """The dense teacher's weight and bias in the accumulation dtype (cast once per call,
-        not once per block)."""
-        if self.kind == "topk":
-            return self
-        hidden, weight, bias = self.tensors
-        assert weight is not None
-        return Teacher(self.kind, (hidden, weight.to(accumulate),
-                                   None if bias is None else bias.to(accumulate)))
-
     def block(self, rows: slice, accumulate: torch.dtype,
               out: Tensor | None = None) -> tuple[Tensor, ...]:
         """The block's teacher tensors; a dense teacher's logits go into ``out`` when given
@@ -314,7 +304,8 @@ class Teacher(NamedTuple):
             return ids[rows], logprobs[rows]
         hidden, weight, bias = self.tensors
         assert hidden is not None and weight is not None
-        return (_linear(hidden[rows].to(accumulate), weight, bias, out),)
+        return (_linear(hidden[rows].to(accumulate), weight.to(accumulate),
+                        None if bias is None else bias.to(accumulate), out),)
 
 
 def _linear(hidden: Tensor, weight: Tensor, bias: Tensor | None,
@@ -370,7 +361,7 @@ class _FusedLinear(torch.autograd.Function):
         chunk = min(options.chunk_rows, n)
         vocabulary = weight.size(0)
         logits_buffer = hidden_S.new_empty(chunk, vocabulary, dtype=accumulate)
-        teacher = options.teacher.cast(accumulate)
+        teacher = options.teacher
         teacher_buffer = (logits_buffer.new_empty(chunk, vocabulary) if teacher.kind == "dense"
                           else None)
         for start in range(0, n, options.chunk_rows):
