@@ -361,19 +361,17 @@ class _FusedLinear(torch.autograd.Function):
         chunk = min(options.chunk_rows, n)
         vocabulary = weight.size(0)
         logits_buffer = hidden_S.new_empty(chunk, vocabulary, dtype=accumulate)
-        teacher = options.teacher
-        teacher_buffer = (logits_buffer.new_empty(chunk, vocabulary) if teacher.kind == "dense"
-                          else None)
+        teacher_buffer = (logits_buffer.new_empty(chunk, vocabulary)
+                          if options.teacher.kind == "dense" else None)
         for start in range(0, n, options.chunk_rows):
             rows = slice(start, start + options.chunk_rows)
-            count = min(n, start + options.chunk_rows) - start
             h = hidden_S[rows].to(accumulate)
+            count = h.size(0)
             s = _linear(h, weight, bias, logits_buffer[:count])
-            block_T = teacher.block(rows, accumulate,
-                                    None if teacher_buffer is None else teacher_buffer[:count])
+            block_T = options.teacher.block(
+                rows, accumulate, None if teacher_buffer is None else teacher_buffer[:count])
             kd, ce, g, _ = kernel(s, block_T, inv_tau[rows], weights[rows], kd_scale,
                                   None if labels is None else labels[rows], ce_scale)
-            del s, block_T
             kd_total, ce_total = kd_total + kd, ce_total + ce
             if g is None:
                 continue
@@ -414,5 +412,6 @@ def fused_linear(options: FusedOptions, hidden_S: Tensor, weight_S: Tensor,
     return result
 
 
-__all__ = ["DEFAULT_BLOCK_ELEMENTS", "FUSED_BLOCK_ELEMENTS", "FUSED_MIN_BLOCK_ROWS", "DenseTarget", "FusedOptions", "Teacher", "TopkTarget",
+__all__ = ["DEFAULT_BLOCK_ELEMENTS", "FUSED_BLOCK_ELEMENTS", "FUSED_MIN_BLOCK_ROWS", "DenseTarget",
+           "FusedOptions", "Teacher", "TopkTarget",
            "block_kernel", "blockwise_on_logits", "default_chunk_rows", "fused_linear"]
