@@ -134,6 +134,17 @@ def token_kd(
         labels = adapted_S.labels[0]
         return labels if mask is None else torch.where(mask != 0, labels, ignore_index)
 
+    def fused(adapted_S: Adapted, source: losses.DenseTeacher | losses.TopkTeacher,
+              **options: Any) -> Tensor:
+        """The fused form against ``source`` (``options`` include the ``mask``), with the CE
+        in the same pass when ``with_ce``."""
+        hidden_S, weight_S = adapted_S.lm_hidden, adapted_S.lm_weight
+        assert hidden_S is not None and weight_S is not None
+        labels = labels_for(adapted_S, options["mask"]) if with_ce else None
+        return losses.fused_linear_distill(
+            hidden_S, weight_S, source, bias_S=adapted_S.lm_bias, labels=labels, kd_weight=1.0,
+            ce_weight=ce_weight, ignore_index=ignore_index, **options).loss
+
     def pieces(adapted_S: Adapted, adapted_T: Adapted, *, rows_only: bool = False
                ) -> tuple[Adapted, Rows, Rows, Tensor | None]:
         """The teacher with its rows aligned to the student's (only its ``topk_mask`` when
@@ -193,33 +204,13 @@ def token_kd(
                     value = value + ce_weight * _cross_entropy(
                         adapted_S.logits[0], labels_for(adapted_S, mask), ignore_index)
             else:
-                hidden_S, weight_S = adapted_S.lm_hidden, adapted_S.lm_weight
-                assert hidden_S is not None and weight_S is not None
-                if with_ce:
-                    value = losses.fused_linear_distill(
-                        hidden_S, weight_S, losses.TopkTeacher(ids, logprobs),
-                        loss=TOPK_FORMS[loss], tail=tail, bias_S=adapted_S.lm_bias,
-                        labels=labels_for(adapted_S, mask), kd_weight=1.0,
-                        ce_weight=ce_weight, ignore_index=ignore_index, **common, **args).loss
-                else:
-                    value = losses.fused_linear_topk_kl(
-                        hidden_S, weight_S, ids, logprobs, loss=TOPK_FORMS[loss], tail=tail,
-                        bias_S=adapted_S.lm_bias, **common, **args)
+                value = fused(adapted_S, losses.TopkTeacher(ids, logprobs),
+                              loss=TOPK_FORMS[loss], tail=tail, **common, **args)
             return {name: value}
-        hidden_S, weight_S = adapted_S.lm_hidden, adapted_S.lm_weight
         hidden_T, weight_T = teacher.lm_hidden, teacher.lm_weight
-        assert hidden_S is not None and weight_S is not None
         assert hidden_T is not None and weight_T is not None
-        if with_ce:
-            value = losses.fused_linear_distill(
-                hidden_S, weight_S, losses.DenseTeacher(hidden_T, weight_T, teacher.lm_bias),
-                loss=loss, bias_S=adapted_S.lm_bias, labels=labels_for(adapted_S, mask),
-                kd_weight=1.0, ce_weight=ce_weight, ignore_index=ignore_index,
-                shared_vocab=shared_vocab, **common, **args).loss
-        else:
-            value = losses.fused_linear_kd(
-                hidden_S, weight_S, hidden_T, weight_T, loss=loss, bias_S=adapted_S.lm_bias,
-                bias_T=teacher.lm_bias, shared_vocab=shared_vocab, **common, **args)
+        value = fused(adapted_S, losses.DenseTeacher(hidden_T, weight_T, teacher.lm_bias),
+                      loss=loss, shared_vocab=shared_vocab, **common, **args)
         return {name: value}
 
     def check(adapted_S: Adapted, adapted_T: Adapted) -> None:
