@@ -134,6 +134,13 @@ def token_kd(
         labels = adapted_S.labels[0]
         return labels if mask is None else torch.where(mask != 0, labels, ignore_index)
 
+    def plus_text(value: Tensor, adapted_S: Adapted, mask: Tensor | None) -> Tensor:
+        """``value + c CE`` on the student's logits (``value`` itself without ``ce_weight``)."""
+        if not with_ce:
+            return value
+        return value + ce_weight * _cross_entropy(adapted_S.logits[0],
+                                                  labels_for(adapted_S, mask), ignore_index)
+
     def fused(adapted_S: Adapted, source: losses.DenseTeacher | losses.TopkTeacher,
               **options: Any) -> Tensor:
         """The fused form against ``source`` (``options`` include the ``mask``), with the CE
@@ -189,20 +196,14 @@ def token_kd(
                               **args)
                 total = value if total is None else total + value
             assert total is not None
-            if with_ce:
-                total = total + ce_weight * _cross_entropy(
-                    adapted_S.logits[0], labels_for(adapted_S, mask), ignore_index)
-            return {name: total}
+            return {name: plus_text(total, adapted_S, mask)}
         if side_T.form == "topk":
             ids, logprobs = teacher.topk_ids, teacher.topk_logprobs
             assert ids is not None and logprobs is not None
             if side_S.form == "logits":
                 topk_loss = getattr(losses, TOPK_FORMS[loss])
-                value = topk_loss(adapted_S.logits[0], ids, logprobs, tail=tail, **common,
-                                  **args)
-                if with_ce:
-                    value = value + ce_weight * _cross_entropy(
-                        adapted_S.logits[0], labels_for(adapted_S, mask), ignore_index)
+                value = plus_text(topk_loss(adapted_S.logits[0], ids, logprobs, tail=tail,
+                                            **common, **args), adapted_S, mask)
             else:
                 value = fused(adapted_S, losses.TopkTeacher(ids, logprobs),
                               loss=TOPK_FORMS[loss], tail=tail, **common, **args)
