@@ -31,7 +31,7 @@ import attrs
 import torch
 from torch import nn
 
-from purekd.configs import FSDPConfig
+from purekd.configs._training import FSDPConfig
 
 if TYPE_CHECKING:  # torch.distributed's FSDP, DTensor and DCP take seconds to import: on use
     from torch.distributed.device_mesh import DeviceMesh

@@ -34,7 +34,7 @@ import attrs
 import torch
 from torch import nn
 
-from purekd.configs import TrainingConfig
+from purekd.configs._training import TrainingConfig
 
 from . import _distributed as distributed
 from . import _fsdp as fsdp
