@@ -12,6 +12,7 @@ Top-k teacher: :func:`topk_kl`, :func:`topk_reverse_kl`, :func:`topk_jsd`
 ``(logits_S, ids_T, logprobs_T, *, tail=False, ...)``. From hidden states and output-layer
 weights, never holding the logits: :func:`fused_linear_kd`, :func:`fused_linear_topk_kl`,
 :func:`fused_linear_distill` (with the student's hard-label cross-entropy).
+Different tokenizers (aligned spans): :func:`uld`, :func:`gold`.
 Features: each ``(feature_S, feature_T, mask=None) -> 0-dim Tensor``.
 """
 
@@ -34,15 +35,20 @@ from ._fused import (
     fused_linear_kd,
     fused_linear_topk_kl,
 )
+from ._gold import VocabularyMap, gold
 from ._hidden import cos, hidden_mse, pkd
 from ._logits import kd_ce, kd_mse
 from ._similarity import fsp, gram, mmd, nst
+from ._spans import AlignedSpans, merged_log_probs
 from ._topk import topk_jsd, topk_kl, topk_reverse_kl
+from ._uld import sorted_l1, uld
 
 __all__ = [
+    "AlignedSpans",
     "DenseTeacher",
     "FusedLoss",
     "TopkTeacher",
+    "VocabularyMap",
     "attention_ce",
     "attention_ce_mean",
     "attention_mse",
@@ -53,12 +59,14 @@ __all__ = [
     "fused_linear_distill",
     "fused_linear_kd",
     "fused_linear_topk_kl",
+    "gold",
     "gram",
     "hidden_mse",
     "jsd",
     "kd_ce",
     "kd_ce_chunked",
     "kd_mse",
+    "merged_log_probs",
     "mmd",
     "nst",
     "pkd",
@@ -66,8 +74,10 @@ __all__ = [
     "scaled_jsd",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "sorted_l1",
     "topk_jsd",
     "topk_kl",
     "topk_reverse_kl",
     "tvd",
+    "uld",
 ]
