@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import operator
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -107,8 +108,11 @@ def fingerprint(vocab_S: Mapping[str, int], vocab_T: Mapping[str, int], scheme_S
     digest = hashlib.sha256()
     for vocab, scheme, special in ((vocab_S, scheme_S, special_S), (vocab_T, scheme_T,
                                                                     special_T)):
-        digest.update(json.dumps([scheme, sorted(special), sorted(vocab.items())],
-                                 ensure_ascii=False).encode())
+        ordered = sorted(vocab.items(), key=operator.itemgetter(1))  # ids are unique
+        digest.update(json.dumps([scheme, sorted(special), len(ordered)]).encode())
+        digest.update("\x00".join(f"{index}\x01{token}" for token, index in ordered)
+                      .encode("utf-8", "surrogatepass"))
+        digest.update(b"\x02")
     return digest.hexdigest()
 
 
@@ -163,7 +167,7 @@ def tokenizer_scheme(tokenizer: Any) -> str:
         raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer (no "
                         f"backend_tokenizer): load it with AutoTokenizer.from_pretrained(..., "
                         f"use_fast=True)")
-    decoder = json.dumps(json.loads(backend.to_str()).get("decoder"), ensure_ascii=False)
+    decoder = repr(backend.decoder)  # e.g. Sequence(decoders=[Replace(...), ByteFallback()])
     if "ByteLevel" in decoder:
         return "byte_level"
     if "WordPiece" in decoder:
