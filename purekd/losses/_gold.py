@@ -58,7 +58,7 @@ class _WithGradient(torch.autograd.Function):
     def forward(ctx: Any, rows: Callable[..., Any], log_p_S: Tensor, log_p_T: Tensor) -> Tensor:
         value, a_S, _ = rows(log_p_S, log_p_T, True, False)
         ctx.save_for_backward(a_S)
-        return value  # type: ignore[no-any-return]
+        return value
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:

@@ -100,11 +100,13 @@ def check_spans(spans: AlignedSpans, rows_S: int, rows_T: int, vocab_S: int, voc
                                  f"spans.rows_{side} {shape}: they must be equal")
         if torch.compiler.is_compiling():
             continue  # the value checks below read tensors: eager only
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        used = rows[mask]  # padding entries hold 0 and are never read
+        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= n):
             raise ValueError(f"{where}: spans.rows_{side} holds a row outside [0, {n}): the "
                              f"spans were aligned for other logits (rows of logits_{side} "
                              f"flattened to ({n}, {v}))")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
+        used = ids[mask]
+        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= v):
             raise ValueError(f"{where}: spans.ids_{side} holds a token id outside [0, {v}), the "
                              f"vocabulary of logits_{side}: the tokenizer and the model differ")
 
@@ -216,6 +218,8 @@ def span_loss(per_span: SpanFunction, logits_S: Tensor, logits_T: Tensor, spans:
     flat_S, flat_T = logits_S.reshape(-1, vocab_S), logits_T.reshape(-1, vocab_T)
     check_spans(spans, flat_S.size(0), flat_T.size(0), vocab_S, vocab_T, where)
     inv_tau = 1.0 / float(temperature)
+    if flat_S.size(0) == 0 or flat_T.size(0) == 0:  # no rows at all: no span either
+        return flat_S.sum().to(accumulation_dtype(flat_S, flat_T)) * 0.0
     if not blockwise:
         dtype = accumulation_dtype(flat_S, flat_T)
         total = _block_value(per_span, flat_S, flat_T, spans, slice(None), inv_tau, dtype)

@@ -85,8 +85,9 @@ def align_batches(batch_S: Mapping[str, Any], batch_T: Mapping[str, Any], *, tok
                                    ("teacher", batch_T, tokenizer_T)):
         if "offset_mapping" not in batch:
             raise ValueError(
-                f"the {side}'s batch has no 'offset_mapping': tokenise with "
-                f"{_describe(tokenizer)}(..., return_offsets_mapping=True) (a fast tokenizer)")
+                f"the {side}'s batch has no 'offset_mapping': call its tokenizer, "
+                f"{_describe(tokenizer)}, with return_offsets_mapping=True (a fast tokenizer "
+                f"gives each token's character offsets)")
     if texts is None:
         check_same_texts(batch_S["input_ids"], tokenizer_S, batch_T["input_ids"], tokenizer_T,
                          sample=sample)

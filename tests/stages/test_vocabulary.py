@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from purekd.losses import VocabularyMap
-from purekd.stages import match_vocabularies, normalise_token, tokenizer_scheme, vocabulary_map
-from purekd.stages import _vocabulary
+from purekd.stages import (
+    _vocabulary,
+    match_vocabularies,
+    normalise_token,
+    tokenizer_scheme,
+    vocabulary_map,
+)
 
 from . import _tokenizers
 
