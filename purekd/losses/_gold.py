@@ -55,13 +55,18 @@ class _WithGradient(torch.autograd.Function):
     (guarded where a probability is 0, which autograd through ``0 * log 0`` is not)."""
 
     @staticmethod
-    def forward(ctx: Any, rows: Callable[..., Any], log_p_S: Tensor, log_p_T: Tensor) -> Tensor:
+    def forward(rows: Callable[..., Any], log_p_S: Tensor, log_p_T: Tensor
+                ) -> tuple[Tensor, Tensor]:
         value, a_S, _ = rows(log_p_S, log_p_T, True, False)
-        ctx.save_for_backward(a_S)
-        return value
+        return value, a_S
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _grad_a: Tensor) -> tuple[Tensor | None, ...]:
         (a_S,) = ctx.saved_tensors
         return None, grad.unsqueeze(-1) * a_S, None
 
@@ -72,16 +77,16 @@ def divergence_rows(name: str, where: str, **params: float) -> Callable[[Tensor,
     chosen = _divergence(name, where, **params)
 
     def rows(log_p_S: Tensor, log_p_T: Tensor) -> Tensor:
-        value: Tensor = _WithGradient.apply(chosen.rows, log_p_S, log_p_T)
+        value: Tensor = _WithGradient.apply(chosen.rows, log_p_S, log_p_T)[0]
         return value
 
     return rows
 
 
-def _unmatched(matched: Tensor, vocabulary: int) -> Tensor:
-    keep = torch.ones(vocabulary, dtype=torch.bool, device=matched.device)
-    keep[matched] = False
-    return keep.nonzero().squeeze(-1)
+def _is_matched(matched: Tensor, vocabulary: int) -> Tensor:
+    """``(V,)`` bool: True at the matched ids (no data-dependent shape, unlike ``nonzero``)."""
+    flags = torch.zeros(vocabulary, dtype=torch.bool, device=matched.device)
+    return flags.index_fill(0, matched, True)
 
 
 def check_vocabulary_map(vocabulary_map: VocabularyMap, vocab_S: int, vocab_T: int,
@@ -93,6 +98,8 @@ def check_vocabulary_map(vocabulary_map: VocabularyMap, vocab_S: int, vocab_T: i
     if m_S.dim() != 1 or tuple(m_S.shape) != tuple(m_T.shape):
         raise ValueError(f"{where}: vocabulary_map.matched_S {tuple(m_S.shape)} and matched_T "
                          f"{tuple(m_T.shape)} must be 1-d of one length")
+    if torch.compiler.is_compiling():
+        return  # the value checks below read tensors: eager only
     for side, ids, size in (("S", m_S, vocab_S), ("T", m_T, vocab_T)):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
             raise ValueError(f"{where}: vocabulary_map.matched_{side} holds an id outside "
@@ -139,13 +146,17 @@ def gold(logits_S: Tensor, logits_T: Tensor, spans: AlignedSpans,
     matched_rows = divergence_rows(loss, where, **loss_params)
     device_S, device_T = logits_S.device, logits_T.device
     m_S, m_T = vocabulary_map.matched_S.to(device_S), vocabulary_map.matched_T.to(device_T)
-    u_S, u_T = _unmatched(m_S, vocab_S), _unmatched(m_T, vocab_T)
+    # the unmatched columns as the full vectors with the matched ones at probability 0: they
+    # sort after every unmatched entry, so the sorted L1 (zero-padded) is that of the
+    # unmatched columns alone, with no data-dependent shape
+    in_S, in_T = _is_matched(m_S, vocab_S), _is_matched(m_T, vocab_T)
 
     def per_span(log_q_S: Tensor, log_q_T: Tensor) -> Tensor:
         matched = matched_rows(log_q_S.index_select(-1, m_S), log_q_T.index_select(-1, m_T))
         if w_u == 0:
             return w_m * matched
-        rest = sorted_l1(log_q_S.index_select(-1, u_S), log_q_T.index_select(-1, u_T), top_k)
+        rest = sorted_l1(torch.where(in_S, float("-inf"), log_q_S),
+                         torch.where(in_T, float("-inf"), log_q_T), top_k)
         return w_m * matched + w_u * rest
 
     return span_loss(per_span, logits_S, logits_T, spans, temperature=temperature,

@@ -178,17 +178,19 @@ class _Blockwise(torch.autograd.Function):
             for start in range(0, spans.weight.size(0), chunk):
                 block = slice(start, start + chunk)
                 rows = spans.rows_S[block]
-                picked = logits_S.index_select(0, rows.reshape(-1)).detach().requires_grad_()
-                with torch.enable_grad():
-                    # the block's rows as a (C * L, V) leaf: rows[c, j] is row c * L + j
-                    local = torch.arange(rows.numel(), device=rows.device).view(rows.shape)
-                    value = _block_value(per_span, picked, logits_T,
-                                         spans._replace(rows_S=local, **{
-                                             f: getattr(spans, f)[block]
-                                             for f in ("ids_S", "mask_S", "rows_T", "ids_T",
-                                                       "mask_T", "weight")}),
-                                         slice(None), inv_tau, dtype)
-                    (g,) = torch.autograd.grad(value * scale, picked)
+                picked = logits_S.index_select(0, rows.reshape(-1)).detach()
+                # the block's rows as a (C * L, V) tensor of their own: rows[c, j] is c * L + j
+                local = torch.arange(rows.numel(), device=rows.device).view(rows.shape)
+                block_spans = spans._replace(rows_S=local, **{
+                    f: getattr(spans, f)[block]
+                    for f in ("ids_S", "mask_S", "rows_T", "ids_T", "mask_T", "weight")})
+
+                def block_loss(z: Tensor, block_spans: AlignedSpans = block_spans) -> Tensor:
+                    return _block_value(per_span, z, logits_T, block_spans, slice(None),
+                                        inv_tau, dtype) * scale
+
+                # torch.func.grad, not torch.autograd.grad: it also traces under torch.compile
+                g = torch.func.grad(block_loss)(picked)
                 grad_S.index_add_(0, rows.reshape(-1), g.to(grad_S.dtype))
         return (None, None, None, None, grad_S, None, *([None] * len(fields)))
 

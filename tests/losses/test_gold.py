@@ -172,3 +172,28 @@ def test_bad_input(logits):
         losses.gold(logits_S, logits_T, spans, VOCABULARY_MAP, beta=2)
     with pytest.raises(TypeError, match=r"^gold: vocabulary_map must be a VocabularyMap"):
         losses.gold(logits_S, logits_T, spans, (torch.tensor([0]), torch.tensor([0])))
+
+
+def test_compiled_equals_eager_without_graph_breaks(logits):
+    # the blockwise path (the default): its backward recomputes each block under torch.func.grad
+    blockwise = True
+    from tests.conftest import count_graph_breaks
+
+    logits_S, logits_T = (t.float() for t in logits)
+    spans = make_spans(PAIRS)
+
+    def both(student, teacher, spans):
+        return (losses.uld(student, teacher, spans, blockwise=blockwise, chunk_spans=2),
+                losses.gold(student, teacher, spans, VOCABULARY_MAP, blockwise=blockwise,
+                            chunk_spans=2, top_k=3))
+
+    assert count_graph_breaks(both, logits_S, logits_T, spans) == 0
+    results = []
+    for fn in (both, torch.compile(both, fullgraph=True)):
+        student = logits_S.clone().requires_grad_()
+        values = fn(student, logits_T, spans)
+        grads = torch.autograd.grad(values[0] + 2 * values[1], student)
+        results.append((*values, *grads))
+    torch._dynamo.reset()
+    for compiled, eager in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
