@@ -30,21 +30,27 @@ from ._checks import (
     inverse_temperature,
     row_weights,
 )
-from ._divergences import divergence
+from ._divergences import declared, resolve, topk_forms
 
-TOPK_LOSSES = {"topk_kl": "forward_kl", "topk_reverse_kl": "reverse_kl", "topk_jsd": "jsd"}
-"""Each top-k loss and the divergence it takes on the teacher's support."""
+
+def topk_losses() -> dict[str, str]:
+    """Each top-k loss (``topk_kl``, ...; those of registered divergences declared with
+    ``topk``) and the divergence it takes on the teacher's support."""
+    return {form: name for name, form in topk_forms().items()}
 
 
 def topk_target(loss: str, tail: bool, where: str, **params: float) -> TopkTarget:
-    """The block target of the top-k loss called ``loss`` (one of :data:`TOPK_LOSSES`)."""
-    if loss not in TOPK_LOSSES:
+    """The block target of the top-k loss called ``loss`` (one of :func:`topk_losses`)."""
+    losses = topk_losses()
+    if loss not in losses:
         raise ValueError(f"{where}: unknown top-k loss={loss!r}; choose one of "
-                         f"{sorted(TOPK_LOSSES)}")
+                         f"{sorted(losses)}")
     if not isinstance(tail, bool):
         raise TypeError(f"{where}: tail must be True or False, got {tail!r}")
-    chosen = divergence(TOPK_LOSSES[loss], where, **params)
-    mode = "tail" if tail else ("support" if loss == "topk_kl" else "renormalised")
+    name = losses[loss]
+    chosen = resolve(name, where, **params)
+    mode = "tail" if tail else declared(name, where).topk
+    assert mode is not None
     return TopkTarget(chosen, mode)
 
 
@@ -159,4 +165,4 @@ def topk_jsd(logits_S: Tensor, ids_T: Tensor, logprobs_T: Tensor, *, beta: float
                      temperature=temperature, mask=mask, reduction=reduction, beta=beta)
 
 
-__all__ = ["TOPK_LOSSES", "topk_jsd", "topk_kl", "topk_loss", "topk_reverse_kl"]
+__all__ = ["topk_jsd", "topk_kl", "topk_loss", "topk_losses", "topk_reverse_kl"]

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from purekd import losses
+from purekd.losses._topk import topk_loss
 from purekd.presets import TOKEN_KD_LOSSES, TOPK_FORMS
 from purekd.stages import Adapted, probability_shift
 
@@ -122,7 +123,7 @@ def token_kd(
         raise ValueError(f"token_kd: loss {loss!r} takes no parameter(s) {unknown}; its "
                          f"parameters: {sorted(TOKEN_KD_LOSSES[loss]) or 'none'}")
     tail = bool(args.pop("tail", False))
-    dense = getattr(losses, loss)
+    dense = losses.divergence(loss)
     if isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)) or not (
             math.isfinite(ce_weight) and ce_weight >= 0):
         raise ValueError(f"token_kd: ce_weight={ce_weight!r}; expected a number >= 0 (0: no "
@@ -201,9 +202,8 @@ def token_kd(
             ids, logprobs = teacher.topk_ids, teacher.topk_logprobs
             assert ids is not None and logprobs is not None
             if side_S.form == "logits":
-                topk_loss = getattr(losses, TOPK_FORMS[loss])
-                value = plus_text(topk_loss(adapted_S.logits[0], ids, logprobs, tail=tail,
-                                            **common, **args), adapted_S, mask)
+                value = plus_text(topk_loss(TOPK_FORMS[loss], adapted_S.logits[0], ids, logprobs,
+                                            tail=tail, **common, **args), adapted_S, mask)
             else:
                 value = fused(adapted_S, losses.TopkTeacher(ids, logprobs),
                               loss=TOPK_FORMS[loss], tail=tail, **common, **args)
