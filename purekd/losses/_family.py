@@ -35,6 +35,7 @@ from ._blockwise import DenseTarget, blockwise_on_logits, default_chunk_rows
 from ._checks import (
     Temperature,
     accumulation_dtype,
+    check_logits_rank,
     check_mask,
     check_reduction,
     check_temperature,
@@ -65,6 +66,8 @@ def divergence_loss(
     where = name
     chosen = resolve(name, where, **params)
     sum_reduction = check_reduction(reduction, where)
+    check_logits_rank(logits_S, where, "logits_S")
+    check_logits_rank(logits_T, where, "logits_T")
     if logits_S.shape[:-1] != logits_T.shape[:-1]:
         raise ValueError(f"{where}: student logits {tuple(logits_S.shape)} and teacher logits "
                          f"{tuple(logits_T.shape)} have different rows")
@@ -103,9 +106,15 @@ def _dense(chosen: Divergence, logits_S: Tensor, logits_T: Tensor, inv_tau: Tens
             temperature.to(weights.dtype)
     else:
         scale = inv_tau.new_tensor(float(temperature))
-    log_p_S = (torch.where(keep, logits_S.to(weights.dtype), 0.0) / scale).log_softmax(-1)
-    log_p_T = (torch.where(keep, logits_T.to(weights.dtype), 0.0) / scale).log_softmax(-1)
-    per_row, _, _ = chosen.rows(log_p_S, log_p_T, False, False)
+    z_S = torch.where(keep, logits_S.to(weights.dtype), 0.0) / scale
+    z_T = torch.where(keep, logits_T.to(weights.dtype), 0.0) / scale
+    per_row, _, _ = chosen.rows(z_S.log_softmax(-1), z_T.log_softmax(-1), False, False)
+    # a row that is no distribution (a NaN, a +inf, or only -inf) on either side: NaN value and
+    # NaN gradient alike (as the block kernels); a single -inf is probability 0, not an error
+    broken = ~(z_S.amax(-1).isfinite() & z_T.amax(-1).isfinite())
+    nan_there = torch.where(broken, float("nan"), 0.0).unsqueeze(-1)  # d poison/dz: NaN there, 0 elsewhere
+    poison = torch.where(broken.unsqueeze(-1), z_S * nan_there, 0.0).sum(-1)
+    per_row = torch.where(broken, 0.0, per_row) + poison
     total = (torch.where(keep.squeeze(-1), per_row, 0.0) * weights).sum()
     if sum_reduction:
         return total
