@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._divergences import divergence as _divergence
+from ._divergences import resolve as _resolve
 from ._spans import AlignedSpans, span_loss
 from ._uld import check_top_k, sorted_l1
 
@@ -74,7 +74,7 @@ class _WithGradient(torch.autograd.Function):
 def divergence_rows(name: str, where: str, **params: float) -> Callable[[Tensor, Tensor], Tensor]:
     """``(log_p_S (C, K), log_p_T (C, K)) -> (C,)``: the divergence called ``name`` per row,
     its parameters validated (``ValueError`` naming the bad one)."""
-    chosen = _divergence(name, where, **params)
+    chosen = _resolve(name, where, **params)
 
     def rows(log_p_S: Tensor, log_p_T: Tensor) -> Tensor:
         value: Tensor = _WithGradient.apply(chosen.rows, log_p_S, log_p_T)[0]

@@ -79,9 +79,10 @@ class AlignedSpans(NamedTuple):
 def check_spans(spans: AlignedSpans, rows_S: int, rows_T: int, vocab_S: int, vocab_T: int,
                 where: str) -> None:
     """Raise a ``ValueError`` naming the field when ``spans`` does not fit the logits."""
-    if not isinstance(spans, AlignedSpans):
+    if not isinstance(spans, tuple) or len(spans) != len(AlignedSpans._fields):
         raise TypeError(f"{where}: spans must be an AlignedSpans (from purekd.stages.align_spans)"
                         f", got {type(spans).__name__}")
+    spans = AlignedSpans(*spans)
     count = spans.weight.shape[0] if spans.weight.dim() == 1 else -1
     if count < 1:
         raise ValueError(f"{where}: spans.weight must have shape (spans,) with at least one "
@@ -219,6 +220,7 @@ def span_loss(per_span: SpanFunction, logits_S: Tensor, logits_T: Tensor, spans:
     vocab_S, vocab_T = logits_S.size(-1), logits_T.size(-1)
     flat_S, flat_T = logits_S.reshape(-1, vocab_S), logits_T.reshape(-1, vocab_T)
     check_spans(spans, flat_S.size(0), flat_T.size(0), vocab_S, vocab_T, where)
+    spans = AlignedSpans(*spans)  # a plain tuple after a runner moved the batch to a device
     inv_tau = 1.0 / float(temperature)
     if flat_S.size(0) == 0 or flat_T.size(0) == 0:  # no rows at all: no span either
         return flat_S.sum().to(accumulation_dtype(flat_S, flat_T)) * 0.0

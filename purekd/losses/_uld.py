@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ._family import register_divergence
 from ._spans import AlignedSpans, span_loss
 
 
@@ -47,10 +48,11 @@ def sorted_l1(log_q_S: Tensor, log_q_T: Tensor, top_k: int | None = None) -> Ten
     return value if rest is None else value + rest
 
 
-def check_top_k(top_k: int | None, where: str) -> int | None:
+def check_top_k(top_k: int | None, where: str | None) -> int | None:
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
                               or top_k < 1):
-        raise ValueError(f"{where}: top_k={top_k!r} must be a positive int, or None to sort "
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}top_k={top_k!r} must be a positive int, or None to sort "
                          f"the whole vocabulary")
     return top_k
 
@@ -80,5 +82,18 @@ def uld(logits_S: Tensor, logits_T: Tensor, spans: AlignedSpans, *, temperature:
                      reduction=reduction, chunk_spans=chunk_spans, blockwise=blockwise,
                      where=where)
 
+
+def _uld_per_row(log_p_S: Tensor, log_p_T: Tensor, top_k: int | None = None) -> Tensor:
+    r"""\(\sum_i \lvert p^S_{(i)} - p^T_{(i)}\rvert\), each side sorted in decreasing order"""
+    return sorted_l1(log_p_S, log_p_T, top_k)
+
+
+def _check_uld(top_k: int | None = None) -> None:
+    check_top_k(top_k, None)
+
+
+# kd_loss_type="uld": the sorted-probability L1 of row t against row t (one tokenizer on both
+# sides, as the other divergences); two tokenizers need the aligned spans of ``uld`` above
+register_divergence("uld", _uld_per_row, defaults={"top_k": None}, check=_check_uld)
 
 __all__ = ["sorted_l1", "uld"]

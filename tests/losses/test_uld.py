@@ -182,8 +182,12 @@ def test_bad_input(logits):
     with pytest.raises(ValueError, match=r"^uld: spans.mask_S has shape \(5, 2\), spans.rows_S "
                                          r"\(5, 3\): they must be equal$"):
         losses.uld(logits_S, logits_T, spans._replace(mask_S=spans.mask_S[:, :2]))
-    with pytest.raises(TypeError, match=r"^uld: spans must be an AlignedSpans"):
-        losses.uld(logits_S, logits_T, tuple(spans))
+    with pytest.raises(TypeError, match=r"^uld: spans must be an AlignedSpans \(from "
+                                        r"purekd.stages.align_spans\), got tuple$"):
+        losses.uld(logits_S, logits_T, tuple(spans)[:6])
+    # a plain 7-tuple (what a runner's move_to_device makes of the NamedTuple) is accepted
+    torch.testing.assert_close(losses.uld(logits_S, logits_T, tuple(spans)),
+                               losses.uld(logits_S, logits_T, spans))
 
 
 # --------------------------------------------------------------------------- memory
