@@ -3,6 +3,8 @@ every bad input with its message."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -180,3 +182,48 @@ def test_labels_mask_a_prompt():
                                tokenizer_T=tokenizer, texts=[text])
     assert completion.ids_S.reshape(-1).tolist() == ids(["be", "light"])
     assert completion.rows_S.reshape(-1).tolist() == [1, 2]
+
+
+def characters() -> Any:
+    """A character-level fast tokenizer over lower-case letters, space and punctuation."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = ["[UNK]", "[PAD]", *"abcdefghijklmnopqrstuvwxyz .,:"]
+    backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(alphabet)},
+                                         unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
+                                   pad_token="[PAD]")
+
+
+@pytest.mark.parametrize("loss", ["uld", "gold"])
+def test_a_student_learns_from_a_teacher_with_another_tokenizer(loss):
+    # student: WordPiece words; teacher: characters, confident of each next character (as a
+    # trained model is inside a word), so a word's merged teacher vector keeps most of its mass
+    tokenizer_S, tokenizer_T = _tokenizers.wordpiece(), characters()
+    collated = CrossTokenizerCollator(tokenizer_S, tokenizer_T)(
+        ["in the beginning god created the heaven and the earth.", "let there be light."])
+    spans = collated["spans"]
+    # "the" is one student token and three teacher tokens: a multi-token span
+    assert int(spans.mask_T.sum(1).max()) > 1
+    generator = torch.Generator().manual_seed(0)
+    ids_T = collated["teacher"]["input_ids"]
+    following = torch.cat([ids_T[:, 1:], ids_T[:, :1]], dim=1)
+    logits_T = torch.randn(*ids_T.shape, len(tokenizer_T), generator=generator)
+    logits_T.scatter_add_(-1, following.unsqueeze(-1), torch.full_like(logits_T[..., :1], 9.0))
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Embedding(len(tokenizer_S), 16),
+                                  torch.nn.Linear(16, len(tokenizer_S)))
+    optimizer = torch.optim.Adam(student.parameters(), lr=0.05)
+    extra = (vocabulary_map(tokenizer_S, tokenizer_T),) if loss == "gold" else ()
+    values = []
+    for _ in range(40):
+        logits_S = student(collated["student"]["input_ids"])
+        value = getattr(losses, loss)(logits_S, logits_T, spans, *extra)
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        values.append(value.item())
+    assert values[-1] < 0.5 * values[0], values
