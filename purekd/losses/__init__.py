@@ -14,7 +14,8 @@ Top-k teacher: :func:`topk_kl`, :func:`topk_reverse_kl`, :func:`topk_jsd`
 ``(logits_S, ids_T, logprobs_T, *, tail=False, ...)``. From hidden states and output-layer
 weights, never holding the logits: :func:`fused_linear_kd`, :func:`fused_linear_topk_kl`,
 :func:`fused_linear_distill` (with the student's hard-label cross-entropy).
-Different tokenizers (aligned spans): :func:`uld`, :func:`gold`.
+Different tokenizers (aligned spans): :func:`aligned_uld`, :func:`aligned_gold`; :func:`uld`
+is the sorted-probability L1 row against row (``kd_loss_type="uld"``).
 Features: each ``(feature_S, feature_T, mask=None) -> 0-dim Tensor``.
 """
 
@@ -41,13 +42,13 @@ from ._fused import (
     fused_linear_kd,
     fused_linear_topk_kl,
 )
-from ._gold import VocabularyMap, gold
+from ._gold import VocabularyMap, aligned_gold
 from ._hidden import cos, hidden_mse, pkd
 from ._logits import kd_ce, kd_mse
 from ._similarity import fsp, gram, mmd, nst
 from ._spans import AlignedSpans, merged_log_probs
 from ._topk import topk_jsd, topk_kl, topk_reverse_kl
-from ._uld import sorted_l1, uld
+from ._uld import aligned_uld, sorted_l1, uld
 
 __all__ = [
     "AlignedSpans",
@@ -55,6 +56,8 @@ __all__ = [
     "FusedLoss",
     "TopkTeacher",
     "VocabularyMap",
+    "aligned_gold",
+    "aligned_uld",
     "attention_ce",
     "attention_ce_mean",
     "attention_mse",
@@ -67,7 +70,6 @@ __all__ = [
     "fused_linear_distill",
     "fused_linear_kd",
     "fused_linear_topk_kl",
-    "gold",
     "gram",
     "hidden_mse",
     "jsd",

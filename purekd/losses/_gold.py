@@ -1,4 +1,4 @@
-r"""``gold``: TRL's GOLD loss — matched token strings as distributions, the rest as ULD.
+r"""``aligned_gold``: TRL's GOLD loss — matched token strings as distributions, the rest as ULD.
 
 GOLD (TRL's ``GOLDTrainer``, ``uld_use_hybrid_loss``) splits each vocabulary in two with a
 :class:`VocabularyMap`: the ``M`` token strings both tokenizers have (matched, one student id
@@ -19,7 +19,7 @@ the aligned spans (``reduction="mean"``: the sum over spans divided by their cou
 averages per sequence first, then over the batch).
 
 With one tokenizer on both sides every token matches (``M = V``, :math:`w_u = 0`) and every
-span is one token, so GOLD is exactly ``D`` on the rows: ``gold(..., loss="jsd")`` equals
+span is one token, so GOLD is exactly ``D`` on the rows: ``aligned_gold(..., loss="jsd")`` equals
 :func:`~purekd.losses.jsd` row for row.
 """
 
@@ -110,7 +110,7 @@ def check_vocabulary_map(vocabulary_map: VocabularyMap, vocab_S: int, vocab_T: i
                              f"must be matched at most once")
 
 
-def gold(logits_S: Tensor, logits_T: Tensor, spans: AlignedSpans,
+def aligned_gold(logits_S: Tensor, logits_T: Tensor, spans: AlignedSpans,
          vocabulary_map: VocabularyMap, *, loss: str = "jsd", temperature: float = 1.0,
          matched_weight: float | None = None, unmatched_weight: float | None = None,
          top_k: int | None = None, reduction: str = "mean", chunk_spans: int | None = None,
@@ -124,9 +124,9 @@ def gold(logits_S: Tensor, logits_T: Tensor, spans: AlignedSpans,
     0.5). ``matched_weight`` / ``unmatched_weight``: both ``None`` (TRL's matched share
     ``M / V_T`` and its complement) or both numbers >= 0. ``top_k``: the ULD part sorts only
     each side's ``k`` largest unmatched probabilities. ``chunk_spans``, ``blockwise``,
-    ``reduction`` as for :func:`~purekd.losses.uld`. Gradients flow into ``logits_S`` only.
+    ``reduction`` as for :func:`~purekd.losses.aligned_uld`. Gradients flow into ``logits_S`` only.
     """
-    where = "gold"
+    where = "aligned_gold"
     check_top_k(top_k, where)
     vocab_S, vocab_T = logits_S.size(-1), logits_T.size(-1)
     check_vocabulary_map(vocabulary_map, vocab_S, vocab_T, where)
@@ -164,4 +164,4 @@ def gold(logits_S: Tensor, logits_T: Tensor, spans: AlignedSpans,
                      where=where)
 
 
-__all__ = ["VocabularyMap", "divergence_rows", "gold"]
+__all__ = ["VocabularyMap", "aligned_gold", "divergence_rows"]

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._family import register_divergence
+from . import _divergences
+from ._checks import Temperature
+from ._family import divergence_loss, register_divergence
 from ._spans import AlignedSpans, span_loss
 
 
@@ -57,7 +59,7 @@ def check_top_k(top_k: int | None, where: str | None) -> int | None:
     return top_k
 
 
-def uld(logits_S: Tensor, logits_T: Tensor, spans: AlignedSpans, *, temperature: float = 1.0,
+def aligned_uld(logits_S: Tensor, logits_T: Tensor, spans: AlignedSpans, *, temperature: float = 1.0,
         top_k: int | None = None, reduction: str = "mean", chunk_spans: int | None = None,
         blockwise: bool = True) -> Tensor:
     r"""ULD over the aligned spans: :math:`\frac{1}{\sum_s w_s}\sum_s w_s
@@ -72,7 +74,7 @@ def uld(logits_S: Tensor, logits_T: Tensor, spans: AlignedSpans, *, temperature:
     0-dim tensor; gradients flow into ``logits_S`` only. No span of weight 1 → 0 with zero
     gradients.
     """
-    where = "uld"
+    where = "aligned_uld"
     check_top_k(top_k, where)
 
     def per_span(log_q_S: Tensor, log_q_T: Tensor) -> Tensor:
@@ -92,8 +94,20 @@ def _check_uld(top_k: int | None = None) -> None:
     check_top_k(top_k, None)
 
 
-# kd_loss_type="uld": the sorted-probability L1 of row t against row t (one tokenizer on both
-# sides, as the other divergences); two tokenizers need the aligned spans of ``uld`` above
-register_divergence("uld", _uld_per_row, defaults={"top_k": None}, check=_check_uld)
+def uld(logits_S: Tensor, logits_T: Tensor, *, temperature: Temperature = 1.0,
+        mask: Tensor | None = None, reduction: str = "mean", shared_vocab: bool = False,
+        top_k: int | None = None) -> Tensor:
+    r"""``kd_loss_type="uld"``: the sorted-probability L1 of row ``t`` against row ``t``,
+    :math:`\sum_i |p^S_{(i)} - p^T_{(i)}|` (one tokenizer on both sides, like the other
+    divergences of the family; shapes and options: :mod:`purekd.losses`). Two tokenizers need
+    the aligned spans: :func:`aligned_uld`."""
+    params = {} if top_k is None else {"top_k": top_k}
+    return divergence_loss("uld", logits_S, logits_T, temperature=temperature, mask=mask,
+                           reduction=reduction, shared_vocab=shared_vocab, **params)
 
-__all__ = ["sorted_l1", "uld"]
+
+# registered once: DistillationConfig(kd_loss_type="uld"), the chunked and fused forms, the docs
+register_divergence("uld", _uld_per_row, defaults={"top_k": None}, check=_check_uld)
+_divergences.set_function("uld", uld)
+
+__all__ = ["aligned_uld", "sorted_l1", "uld"]

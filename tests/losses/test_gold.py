@@ -1,4 +1,4 @@
-"""losses.gold: a float64 reference in value and gradient, TRL's weighting, one tokenizer on both
+"""losses.aligned_gold: a float64 reference in value and gradient, TRL's weighting, one tokenizer on both
 sides == the chosen divergence exactly, underflow, bad input."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ VOCABULARY_MAP = VocabularyMap(torch.tensor(MATCHED_S), torch.tensor(MATCHED_T))
 def test_matches_float64_reference_in_value_and_gradient(logits, beta, options):
     logits_S, logits_T = logits
     student = logits_S.clone().requires_grad_()
-    value = losses.gold(student, logits_T, make_spans(PAIRS), VOCABULARY_MAP, beta=beta,
+    value = losses.aligned_gold(student, logits_T, make_spans(PAIRS), VOCABULARY_MAP, beta=beta,
                         **options)
     (grad,) = torch.autograd.grad(value, student)
     reference_input = logits_S.reshape(-1, 6).clone().requires_grad_()
@@ -76,14 +76,14 @@ def test_configured_weights_and_the_parts(logits):
     logits_S, logits_T = logits
     spans = make_spans(PAIRS)
     flat_S, flat_T = logits_S.reshape(-1, 6), logits_T.reshape(-1, 11)
-    both = losses.gold(logits_S, logits_T, spans, VOCABULARY_MAP, matched_weight=0.3,
+    both = losses.aligned_gold(logits_S, logits_T, spans, VOCABULARY_MAP, matched_weight=0.3,
                        unmatched_weight=2.0)
     torch.testing.assert_close(both, gold_reference(flat_S, flat_T, PAIRS, w_m=0.3, w_u=2.0))
     # the default is TRL's matched share of the teacher's vocabulary, M / V_T = 4 / 11
-    default = losses.gold(logits_S, logits_T, spans, VOCABULARY_MAP)
-    matched = losses.gold(logits_S, logits_T, spans, VOCABULARY_MAP, matched_weight=1,
+    default = losses.aligned_gold(logits_S, logits_T, spans, VOCABULARY_MAP)
+    matched = losses.aligned_gold(logits_S, logits_T, spans, VOCABULARY_MAP, matched_weight=1,
                           unmatched_weight=0)
-    rest = losses.gold(logits_S, logits_T, spans, VOCABULARY_MAP, matched_weight=0,
+    rest = losses.aligned_gold(logits_S, logits_T, spans, VOCABULARY_MAP, matched_weight=0,
                        unmatched_weight=1)
     torch.testing.assert_close(default, 4 / 11 * matched + 7 / 11 * rest)
 
@@ -96,7 +96,7 @@ def test_hand_computed_matched_columns_are_not_renormalised():
     vocabulary_map = VocabularyMap(torch.tensor([0]), torch.tensor([1]))
     # forward KL on the matched column alone: .4 log(.4 / .5); ULD on the rest: [.3, .2] vs
     # [.6]: .3 + .2 = .5; weights 1/2 and 1/2
-    value = losses.gold(logits_S, logits_T, spans, vocabulary_map, loss="forward_kl")
+    value = losses.aligned_gold(logits_S, logits_T, spans, vocabulary_map, loss="forward_kl")
     expected = 0.5 * 0.4 * torch.log(torch.tensor(0.4 / 0.5, dtype=torch.float64)) + 0.5 * 0.5
     torch.testing.assert_close(value, expected)
 
@@ -114,7 +114,7 @@ def test_one_tokenizer_on_both_sides_is_the_divergence_exactly(loss, params):
     offsets = [[(2 * t, 2 * t + 2) for t in range(length)]] * batch
     spans = align_spans(ids, offsets, ids, offsets)  # shift=1: rows 0..L-2 predict tokens 1..
     identity = VocabularyMap(torch.arange(vocab), torch.arange(vocab))
-    value = losses.gold(logits_S, logits_T, spans, identity, loss=loss, **params)
+    value = losses.aligned_gold(logits_S, logits_T, spans, identity, loss=loss, **params)
     mask = torch.ones(batch, length)
     mask[:, -1] = 0  # the last row predicts nothing
     divergence = getattr(losses, loss)
@@ -133,7 +133,7 @@ def test_underflowing_merged_probabilities_keep_gradients_finite():
     worst_S = logits_S.detach().argmin(-1).tolist()
     worst_T = logits_T.argmin(-1).tolist()
     spans = make_spans([((list(range(8)), worst_S), (list(range(8)), worst_T))])
-    value = losses.gold(logits_S, logits_T, spans, VOCABULARY_MAP)
+    value = losses.aligned_gold(logits_S, logits_T, spans, VOCABULARY_MAP)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(logits_S.grad).all()
 
@@ -142,7 +142,7 @@ def test_no_span_is_zero_with_finite_gradients(logits):
     logits_S, logits_T = logits
     student = logits_S.clone().requires_grad_()
     padding = make_spans([(([0], [0]), ([0], [0]))], weight=[0.0])
-    value = losses.gold(student, logits_T, padding, VOCABULARY_MAP)
+    value = losses.aligned_gold(student, logits_T, padding, VOCABULARY_MAP)
     (grad,) = torch.autograd.grad(value, student)
     assert value.item() == 0.0 and torch.isfinite(grad).all() and not grad.any()
 
@@ -150,28 +150,28 @@ def test_no_span_is_zero_with_finite_gradients(logits):
 def test_bad_input(logits):
     logits_S, logits_T = logits
     spans = make_spans(PAIRS)
-    with pytest.raises(ValueError, match=r"^gold: matched_weight=0.5 and unmatched_weight=None: "
+    with pytest.raises(ValueError, match=r"^aligned_gold: matched_weight=0.5 and unmatched_weight=None: "
                                          r"give both \(numbers >= 0\) or neither \(TRL's "
                                          r"matched share M / V_T and 1 - M / V_T\)$"):
-        losses.gold(logits_S, logits_T, spans, VOCABULARY_MAP, matched_weight=0.5)
-    with pytest.raises(ValueError, match=r"^gold: unmatched_weight=-1 must be a number >= 0$"):
-        losses.gold(logits_S, logits_T, spans, VOCABULARY_MAP, matched_weight=1,
+        losses.aligned_gold(logits_S, logits_T, spans, VOCABULARY_MAP, matched_weight=0.5)
+    with pytest.raises(ValueError, match=r"^aligned_gold: unmatched_weight=-1 must be a number >= 0$"):
+        losses.aligned_gold(logits_S, logits_T, spans, VOCABULARY_MAP, matched_weight=1,
                     unmatched_weight=-1)
-    with pytest.raises(ValueError, match=r"^gold: vocabulary_map.matched_T holds an id outside "
+    with pytest.raises(ValueError, match=r"^aligned_gold: vocabulary_map.matched_T holds an id outside "
                                          r"\[0, 9\), the width of logits_T: the map was built "
                                          r"for other tokenizers$"):
-        losses.gold(logits_S, logits_T[..., :9], spans._replace(ids_T=spans.ids_T % 9),
+        losses.aligned_gold(logits_S, logits_T[..., :9], spans._replace(ids_T=spans.ids_T % 9),
                     VOCABULARY_MAP)
-    with pytest.raises(ValueError, match=r"^gold: vocabulary_map.matched_S repeats an id; each "
+    with pytest.raises(ValueError, match=r"^aligned_gold: vocabulary_map.matched_S repeats an id; each "
                                          r"id must be matched at most once$"):
-        losses.gold(logits_S, logits_T, spans,
+        losses.aligned_gold(logits_S, logits_T, spans,
                     VocabularyMap(torch.tensor([1, 1]), torch.tensor([0, 2])))
-    with pytest.raises(ValueError, match=r"^gold: unknown loss='kl'; choose one of "):
-        losses.gold(logits_S, logits_T, spans, VOCABULARY_MAP, loss="kl")
-    with pytest.raises(ValueError, match=r"^gold: beta=2 is outside \[0, 1\]"):
-        losses.gold(logits_S, logits_T, spans, VOCABULARY_MAP, beta=2)
-    with pytest.raises(TypeError, match=r"^gold: vocabulary_map must be a VocabularyMap"):
-        losses.gold(logits_S, logits_T, spans, (torch.tensor([0]), torch.tensor([0])))
+    with pytest.raises(ValueError, match=r"^aligned_gold: unknown loss='kl'; choose one of "):
+        losses.aligned_gold(logits_S, logits_T, spans, VOCABULARY_MAP, loss="kl")
+    with pytest.raises(ValueError, match=r"^aligned_gold: beta=2 is outside \[0, 1\]"):
+        losses.aligned_gold(logits_S, logits_T, spans, VOCABULARY_MAP, beta=2)
+    with pytest.raises(TypeError, match=r"^aligned_gold: vocabulary_map must be a VocabularyMap"):
+        losses.aligned_gold(logits_S, logits_T, spans, (torch.tensor([0]), torch.tensor([0])))
 
 
 def test_compiled_equals_eager_without_graph_breaks(logits):
@@ -183,8 +183,8 @@ def test_compiled_equals_eager_without_graph_breaks(logits):
     spans = make_spans(PAIRS)
 
     def both(student, teacher, spans):
-        return (losses.uld(student, teacher, spans, blockwise=blockwise, chunk_spans=2),
-                losses.gold(student, teacher, spans, VOCABULARY_MAP, blockwise=blockwise,
+        return (losses.aligned_uld(student, teacher, spans, blockwise=blockwise, chunk_spans=2),
+                losses.aligned_gold(student, teacher, spans, VOCABULARY_MAP, blockwise=blockwise,
                             chunk_spans=2, top_k=3))
 
     assert count_graph_breaks(both, logits_S, logits_T, spans) == 0

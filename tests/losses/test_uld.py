@@ -1,4 +1,4 @@
-"""losses.uld: hand-computed values, a float64 reference in value and gradient, blockwise ==
+"""losses.aligned_uld: hand-computed values, a float64 reference in value and gradient, blockwise ==
 dense, top-k, no span, bad input, and the memory it holds (measured)."""
 
 from __future__ import annotations
@@ -63,15 +63,15 @@ def test_hand_computed_single_and_merged_spans():
     logits_T = torch.tensor([[0.4, 0.6]]).log()
     single = make_spans([(([0], [1]), ([0], [1]))])
     # sorted: [.5, .3, .2] vs [.6, .4, 0]: .1 + .1 + .2
-    assert losses.uld(logits_S, logits_T, single).item() == pytest.approx(0.4, abs=1e-6)
+    assert losses.aligned_uld(logits_S, logits_T, single).item() == pytest.approx(0.4, abs=1e-6)
     # a two-token student span whose second token is id 2 (probability .5 at row 1):
     # q = [.25, .15, .1] vs [.6, .4, 0]: .35 + .25 + .1
     merged = make_spans([(([0, 1], [1, 2]), ([0], [1]))])
-    assert losses.uld(logits_S, logits_T, merged).item() == pytest.approx(0.7, abs=1e-6)
+    assert losses.aligned_uld(logits_S, logits_T, merged).item() == pytest.approx(0.7, abs=1e-6)
     # both spans: the mean over spans, or their sum
     both = make_spans([(([0], [1]), ([0], [1])), (([0, 1], [1, 2]), ([0], [1]))])
-    assert losses.uld(logits_S, logits_T, both).item() == pytest.approx(0.55, abs=1e-6)
-    assert losses.uld(logits_S, logits_T, both, reduction="sum").item() == pytest.approx(1.1,
+    assert losses.aligned_uld(logits_S, logits_T, both).item() == pytest.approx(0.55, abs=1e-6)
+    assert losses.aligned_uld(logits_S, logits_T, both, reduction="sum").item() == pytest.approx(1.1,
                                                                                          abs=1e-6)
 
 
@@ -98,7 +98,7 @@ def logits():
 def test_matches_float64_reference_in_value_and_gradient(logits, temperature, options):
     logits_S, logits_T = logits
     student = logits_S.clone().requires_grad_()
-    value = losses.uld(student, logits_T, make_spans(PAIRS), temperature=temperature, **options)
+    value = losses.aligned_uld(student, logits_T, make_spans(PAIRS), temperature=temperature, **options)
     (grad,) = torch.autograd.grad(value, student)
     reference_input = logits_S.reshape(-1, 6).clone().requires_grad_()
     reference = uld_reference(reference_input, logits_T.reshape(-1, 11), PAIRS, temperature)
@@ -114,7 +114,7 @@ def test_float32_blockwise_equals_dense(logits):
     results = []
     for options in (dict(blockwise=False), dict(chunk_spans=2), dict(chunk_spans=1)):
         student = logits_S.clone().requires_grad_()
-        value = losses.uld(student, logits_T, spans, **options)
+        value = losses.aligned_uld(student, logits_T, spans, **options)
         results.append((value, torch.autograd.grad(value, student)[0]))
     for value, grad in results[1:]:
         torch.testing.assert_close(value, results[0][0])
@@ -124,9 +124,9 @@ def test_float32_blockwise_equals_dense(logits):
 def test_top_k(logits):
     logits_S, logits_T = logits
     spans = make_spans(PAIRS)
-    full = losses.uld(logits_S, logits_T, spans)
+    full = losses.aligned_uld(logits_S, logits_T, spans)
     # k at least both vocabularies: the full value
-    torch.testing.assert_close(losses.uld(logits_S, logits_T, spans, top_k=11), full)
+    torch.testing.assert_close(losses.aligned_uld(logits_S, logits_T, spans, top_k=11), full)
     # k = 3: the sorted heads, plus the difference of the remaining masses
     values = []
     for s, t in PAIRS:
@@ -135,7 +135,7 @@ def test_top_k(logits):
         head_S, head_T = q_S.topk(3).values, q_T.topk(3).values
         values.append((head_S - head_T).abs().sum()
                       + ((q_S.sum() - head_S.sum()) - (q_T.sum() - head_T.sum())).abs())
-    top3 = losses.uld(logits_S, logits_T, spans, top_k=3)
+    top3 = losses.aligned_uld(logits_S, logits_T, spans, top_k=3)
     torch.testing.assert_close(top3, torch.stack(values).mean(), rtol=1e-12, atol=1e-12)
     assert top3 <= full  # a lower bound of the full value
 
@@ -145,7 +145,7 @@ def test_no_span_is_zero_with_finite_zero_gradients(logits):
     student = logits_S.clone().requires_grad_()
     padding = make_spans([(([0], [0]), ([0], [0]))], weight=[0.0])
     for options in (dict(), dict(blockwise=False)):
-        value = losses.uld(student, logits_T, padding, **options)
+        value = losses.aligned_uld(student, logits_T, padding, **options)
         (grad,) = torch.autograd.grad(value, student)
         assert value.item() == 0.0
         assert torch.isfinite(grad).all() and not grad.any()
@@ -154,7 +154,7 @@ def test_no_span_is_zero_with_finite_zero_gradients(logits):
 def test_teacher_gets_no_gradient(logits):
     logits_S, logits_T = logits
     teacher = logits_T.clone().requires_grad_()
-    value = losses.uld(logits_S.clone().requires_grad_(), teacher, make_spans(PAIRS))
+    value = losses.aligned_uld(logits_S.clone().requires_grad_(), teacher, make_spans(PAIRS))
     value.backward()
     assert teacher.grad is None
 
@@ -162,32 +162,32 @@ def test_teacher_gets_no_gradient(logits):
 def test_bad_input(logits):
     logits_S, logits_T = logits
     spans = make_spans(PAIRS)
-    with pytest.raises(ValueError, match=r"^uld: top_k=0 must be a positive int, or None to "
+    with pytest.raises(ValueError, match=r"^aligned_uld: top_k=0 must be a positive int, or None to "
                                          r"sort the whole vocabulary$"):
-        losses.uld(logits_S, logits_T, spans, top_k=0)
-    with pytest.raises(ValueError, match=r"^uld: temperature=0 must be a number > 0$"):
-        losses.uld(logits_S, logits_T, spans, temperature=0)
-    with pytest.raises(ValueError, match=r"^uld: reduction='none'; choose 'mean' or 'sum'$"):
-        losses.uld(logits_S, logits_T, spans, reduction="none")
-    with pytest.raises(ValueError, match=r"^uld: chunk_spans=0 must be a positive int"):
-        losses.uld(logits_S, logits_T, spans, chunk_spans=0)
-    with pytest.raises(ValueError, match=r"^uld: spans.rows_S holds a row outside \[0, 4\): the "
+        losses.aligned_uld(logits_S, logits_T, spans, top_k=0)
+    with pytest.raises(ValueError, match=r"^aligned_uld: temperature=0 must be a number > 0$"):
+        losses.aligned_uld(logits_S, logits_T, spans, temperature=0)
+    with pytest.raises(ValueError, match=r"^aligned_uld: reduction='none'; choose 'mean' or 'sum'$"):
+        losses.aligned_uld(logits_S, logits_T, spans, reduction="none")
+    with pytest.raises(ValueError, match=r"^aligned_uld: chunk_spans=0 must be a positive int"):
+        losses.aligned_uld(logits_S, logits_T, spans, chunk_spans=0)
+    with pytest.raises(ValueError, match=r"^aligned_uld: spans.rows_S holds a row outside \[0, 4\): the "
                                          r"spans were aligned for other logits \(rows of "
                                          r"logits_S flattened to \(4, 6\)\)$"):
-        losses.uld(logits_S[:1], logits_T, spans)
-    with pytest.raises(ValueError, match=r"^uld: spans.ids_T holds a token id outside \[0, 9\), "
+        losses.aligned_uld(logits_S[:1], logits_T, spans)
+    with pytest.raises(ValueError, match=r"^aligned_uld: spans.ids_T holds a token id outside \[0, 9\), "
                                          r"the vocabulary of logits_T: the tokenizer and the "
                                          r"model differ$"):
-        losses.uld(logits_S, logits_T[..., :9], spans)
-    with pytest.raises(ValueError, match=r"^uld: spans.mask_S has shape \(5, 2\), spans.rows_S "
+        losses.aligned_uld(logits_S, logits_T[..., :9], spans)
+    with pytest.raises(ValueError, match=r"^aligned_uld: spans.mask_S has shape \(5, 2\), spans.rows_S "
                                          r"\(5, 3\): they must be equal$"):
-        losses.uld(logits_S, logits_T, spans._replace(mask_S=spans.mask_S[:, :2]))
-    with pytest.raises(TypeError, match=r"^uld: spans must be an AlignedSpans \(from "
+        losses.aligned_uld(logits_S, logits_T, spans._replace(mask_S=spans.mask_S[:, :2]))
+    with pytest.raises(TypeError, match=r"^aligned_uld: spans must be an AlignedSpans \(from "
                                         r"purekd.stages.align_spans\), got tuple$"):
-        losses.uld(logits_S, logits_T, tuple(spans)[:6])
+        losses.aligned_uld(logits_S, logits_T, tuple(spans)[:6])
     # a plain 7-tuple (what a runner's move_to_device makes of the NamedTuple) is accepted
-    torch.testing.assert_close(losses.uld(logits_S, logits_T, tuple(spans)),
-                               losses.uld(logits_S, logits_T, spans))
+    torch.testing.assert_close(losses.aligned_uld(logits_S, logits_T, tuple(spans)),
+                               losses.aligned_uld(logits_S, logits_T, spans))
 
 
 # --------------------------------------------------------------------------- memory
@@ -236,11 +236,11 @@ def test_blockwise_holds_no_rows_by_vocabulary_tensor():
     full_bytes = rows * (vocab_S + vocab_T) * 4
 
     with PeakMemory(logits_S, logits_T) as dense:
-        value_dense = losses.uld(logits_S, logits_T, spans, blockwise=False)
+        value_dense = losses.aligned_uld(logits_S, logits_T, spans, blockwise=False)
         value_dense.backward()
     grad_dense, logits_S.grad = logits_S.grad, None
     with PeakMemory(logits_S, logits_T) as blockwise:
-        value = losses.uld(logits_S, logits_T, spans, chunk_spans=chunk)
+        value = losses.aligned_uld(logits_S, logits_T, spans, chunk_spans=chunk)
         value.backward()
     torch.testing.assert_close(value, value_dense)
     torch.testing.assert_close(logits_S.grad, grad_dense)

@@ -24,6 +24,11 @@ def test_registered_uld_dense_matches_the_reference():
                             for b, t in rows]).mean()
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
     assert "uld" in losses.divergence_table()
+    # the registered loss is losses.uld itself, with its options
+    assert losses.divergence("uld") is losses.uld
+    torch.testing.assert_close(losses.uld(logits_S, logits_T, mask=mask), value)
+    torch.testing.assert_close(losses.uld(logits_S, logits_T, top_k=3),
+                               losses.divergence("uld", top_k=3)(logits_S, logits_T))
 
 
 def test_registered_uld_fused_equals_dense():
@@ -63,7 +68,7 @@ def test_gold_takes_a_registered_divergence():
         pairs = [(([0, 1], [2, 3]), ([0], [1])), (([2], [5]), ([1, 2, 3], [0, 7, 4]))]
         vocabulary_map = VocabularyMap(torch.tensor([0, 4]), torch.tensor([6, 1]))
         student = logits_S.clone().requires_grad_()
-        value = losses.gold(student, logits_T, make_spans(pairs), vocabulary_map,
+        value = losses.aligned_gold(student, logits_T, make_spans(pairs), vocabulary_map,
                             loss="half_l2_xtok", scale=3.0, matched_weight=1.0,
                             unmatched_weight=0.0)
         (grad,) = torch.autograd.grad(value, student)

@@ -72,7 +72,7 @@ def test_real_pair_spans_are_the_same_text():
     length_T = collated["teacher"]["input_ids"].size(1)
     logits_S = torch.randn(batch, length_S, len(smollm2), generator=generator)
     logits_T = torch.randn(batch, length_T, len(gemma3), generator=generator)
-    value = losses.gold(logits_S.requires_grad_(), logits_T, collated["spans"],
+    value = losses.aligned_gold(logits_S.requires_grad_(), logits_T, collated["spans"],
                         vocabulary_map(smollm2, gemma3), top_k=256)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(logits_S.grad).all()
@@ -159,8 +159,9 @@ def test_batch_without_any_span_gives_zero_loss_and_a_warning():
         length = collated["student"]["input_ids"].size(1)
         logits_S = torch.randn(len(texts), length, len(tokenizer), requires_grad=True)
         logits_T = torch.randn(len(texts), length, len(tokenizer))
-        for loss in (losses.uld, losses.gold):
-            extra = (vocabulary_map(tokenizer, tokenizer),) if loss is losses.gold else ()
+        for loss in (losses.aligned_uld, losses.aligned_gold):
+            extra = ((vocabulary_map(tokenizer, tokenizer),) if loss is losses.aligned_gold
+                     else ())
             value = loss(logits_S, logits_T, collated["spans"], *extra)
             (grad,) = torch.autograd.grad(value, logits_S)
             assert value.item() == 0.0 and torch.isfinite(grad).all() and not grad.any()
@@ -221,7 +222,7 @@ def test_a_student_learns_from_a_teacher_with_another_tokenizer(loss):
     values = []
     for _ in range(40):
         logits_S = student(collated["student"]["input_ids"])
-        value = getattr(losses, loss)(logits_S, logits_T, spans, *extra)
+        value = getattr(losses, f"aligned_{loss}")(logits_S, logits_T, spans, *extra)
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
