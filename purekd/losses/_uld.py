@@ -24,6 +24,8 @@ side's ``k`` largest entries are sorted and the rest enters through its total ma
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from . import _divergences
@@ -101,7 +103,7 @@ def uld(logits_S: Tensor, logits_T: Tensor, *, temperature: Temperature = 1.0,
     :math:`\sum_i |p^S_{(i)} - p^T_{(i)}|` (one tokenizer on both sides, like the other
     divergences of the family; shapes and options: :mod:`purekd.losses`). Two tokenizers need
     the aligned spans: :func:`aligned_uld`."""
-    params = {} if top_k is None else {"top_k": top_k}
+    params: dict[str, Any] = {} if top_k is None else {"top_k": top_k}
     return divergence_loss("uld", logits_S, logits_T, temperature=temperature, mask=mask,
                            reduction=reduction, shared_vocab=shared_vocab, **params)
 
