@@ -125,6 +125,7 @@ KD_LOSS_MAP = PresetMap("kd_loss_type", {
     "skew_forward_kl": losses.skew_forward_kl,
     "skew_reverse_kl": losses.skew_reverse_kl,
     "tvd": losses.tvd,
+    "sampled_reverse_kl": losses.sampled_reverse_kl,  # on-policy only (OnPolicyConfig)
 })
 """Logits KD losses: TextBrewer's ``'ce'`` (soft cross-entropy) and ``'mse'``, and the
 token-level divergences of :data:`TOKEN_KD_LOSSES`."""
@@ -137,6 +138,7 @@ TOKEN_KD_LOSSES: dict[str, dict[str, Any]] = {
     "skew_forward_kl": {"alpha": 0.1},
     "skew_reverse_kl": {"alpha": 0.1},
     "tvd": {},
+    "sampled_reverse_kl": {"gamma": 0.0},
 }
 """The token-level divergences (``kd_loss_type`` names), each with its parameters and their
 defaults, in positional order. ``beta`` in [0, 1], ``alpha`` in (0, 1); ``tail`` (True/False) is
@@ -160,6 +162,9 @@ def _check_kd_parameter(name: str, parameter: str, value: Any, field: str) -> No
     if parameter == "beta" and not 0.0 <= value <= 1.0:
         raise ValueError(f"{given}: beta must be in [0, 1] (0 is forward KL, 1 reverse KL), "
                          f"e.g. [{name!r}, {{'beta': 0.5}}]")
+    if parameter == "gamma" and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{given}: gamma must be in [0, 1] (the discount of the sampled-token "
+                         f"advantage over later tokens), e.g. [{name!r}, {{'gamma': 0.0}}]")
     if parameter == "alpha" and not 0.0 < value < 1.0:
         raise ValueError(f"{given}: alpha must be in (0, 1), e.g. [{name!r}, {{'alpha': 0.1}}]")
 
