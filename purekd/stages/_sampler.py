@@ -129,7 +129,8 @@ class HFGenerateSampler:
         columns = []
         for t, scores in enumerate(out.scores[:completions.size(1)]):
             chosen = completions[:, t:t + 1]
-            columns.append(torch.log_softmax(scores.float(), -1).gather(1, chosen).squeeze(1))
+            scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+            columns.append(torch.log_softmax(scores, -1).gather(1, chosen).squeeze(1))
         logprobs = (torch.stack(columns, 1) if columns
                     else completions.new_zeros(completions.shape, dtype=torch.float32))
         logprobs = torch.where(mask != 0, logprobs, 0.0)
