@@ -20,9 +20,11 @@ sampled sequences ``{'input_ids', 'attention_mask'}`` (plus ``'labels'`` — the
 ``-100`` on prompt and padding — when the batch had labels); both models' outputs are then
 restricted to the completion rows (:func:`~purekd.stages.completion_rows`).
 
-The stage is an ``nn.Module`` without parameters whose ``state_dict`` holds its generator's
-state (``_extra_state``): the ``lmbda`` draws and the per-batch sampling seeds come from it, so a
-step's ``state_dict`` — which the runner saves — resumes the same rollouts.
+The ``lmbda`` draws and the per-batch sampling seeds come from the stage's generator, held by
+``stage.state`` (a :class:`GeneratorState`, an ``nn.Module`` without parameters whose
+``state_dict`` is the generator's state). A :class:`~purekd.Step` built on the stage registers
+it (``step.outputs_state``), so the step's ``state_dict`` — which the runner saves and
+restores — resumes the same rollouts.
 """
 
 from __future__ import annotations
@@ -59,7 +61,22 @@ def _is_split(batch: Mapping[str, Any]) -> bool:
     return "teacher" in batch or "student" in batch
 
 
-class OnPolicyStage(nn.Module):
+class GeneratorState(nn.Module):
+    """A ``torch.Generator`` as module state: ``state_dict()`` holds its state (a uint8 tensor,
+    ``_extra_state``), ``load_state_dict`` restores it."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def get_extra_state(self) -> Tensor:
+        return self.generator.get_state()
+
+    def set_extra_state(self, state: Any) -> None:
+        self.generator.set_state(torch.as_tensor(state, dtype=torch.uint8).cpu())
+
+
+class OnPolicyStage:
     """``stage(batch, *, teacher_outputs=None, **args) -> Outputs`` on sampled completions.
 
     ``config``: the :class:`~purekd.OnPolicyConfig`; ``models``: the
@@ -77,7 +94,6 @@ class OnPolicyStage(nn.Module):
     def __init__(self, config: OnPolicyConfig, models: ModelsStage, *, teacher: Any = None,
                  sampler: Sampler | None = None,
                  tokenizers: Sequence[Any] | None = None):
-        super().__init__()
         if not isinstance(config, OnPolicyConfig):
             raise TypeError(f"OnPolicyStage(config=...): expected a purekd.OnPolicyConfig, got "
                             f"{type(config).__name__}")
@@ -92,13 +108,13 @@ class OnPolicyStage(nn.Module):
                 raise ValueError("OnPolicyStage(tokenizers=...): give (tokenizer_T, tokenizer_S)")
             check_same_tokenizer(*tokenizers)
         self.config = config
-        self._models = models  # a plain attribute: the student is not registered twice
-        self._teachers = (teacher,)  # a tuple: the teacher is not registered (nor trained)
+        self._models = models
+        self._teacher = teacher
         self.sampler: Sampler = sampler if sampler is not None else HFGenerateSampler(
             max_new_tokens=config.max_new_tokens, temperature=config.temperature,
             top_p=config.top_p, top_k=config.top_k, stop_token_ids=config.stop_token_ids,
             pad_token_id=config.pad_token_id)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.state = GeneratorState(config.seed)
         self.empty_rollouts = 0
         self.last_rollout: Rollout | None = None
 
@@ -109,19 +125,13 @@ class OnPolicyStage(nn.Module):
         return self._models.student
 
     @property
-    def _teacher(self) -> Any:
-        return self._teachers[0]
-
-    @property
     def models(self) -> ModelsStage:
         return self._models
 
-    def get_extra_state(self) -> Tensor:
-        """The generator's state (a uint8 tensor), saved with the step's ``state_dict``."""
-        return self.generator.get_state()
-
-    def set_extra_state(self, state: Any) -> None:
-        self.generator.set_state(torch.as_tensor(state, dtype=torch.uint8).cpu())
+    @property
+    def generator(self) -> torch.Generator:
+        """The generator of the ``lmbda`` draws and the sampling seeds (``state.generator``)."""
+        return self.state.generator
 
     # -- one batch ---------------------------------------------------------------------------
     def draw(self) -> tuple[bool, int]:
@@ -169,7 +179,7 @@ class OnPolicyStage(nn.Module):
                 "'input_ids'; give the full sequences ('input_ids', 'attention_mask', "
                 "'labels' with -100 on the prompt) beside 'prompts', or set lmbda=1.0")
 
-    def forward(self, batch: Any, *, teacher_outputs: Adapted | None = None,
+    def __call__(self, batch: Any, *, teacher_outputs: Adapted | None = None,
                 **args: Any) -> Outputs:
         if teacher_outputs is not None:
             raise ValueError("on-policy: teacher_outputs (cached teacher outputs) cannot score "
@@ -209,4 +219,4 @@ class OnPolicyStage(nn.Module):
         return Outputs(student, share_equal_masks(student, teacher))
 
 
-__all__ = ["OnPolicyStage"]
+__all__ = ["GeneratorState", "OnPolicyStage"]

@@ -181,6 +181,11 @@ class CheckedOutputs:
         self.calls += 1
         return outputs
 
+    @property
+    def state(self) -> Any:
+        """The wrapped stage's state module (an on-policy stage's generator), if any."""
+        return getattr(self.inner, "state", None)
+
 
 def install_output_checks(steps: Iterable[Any], config: DistillationConfig,
                           device: str | torch.device) -> None:
