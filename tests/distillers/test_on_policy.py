@@ -1,8 +1,16 @@
-"""On-policy distillation through the distillers: trains on prompts (every parameter moves, the
-loss is finite, the teacher stays fixed); the generator state is saved and resumed with the run
-state; a teacher that cannot score new sequences raises at construction."""
+"""On-policy distillation through the distillers: trains on prompts (the student moves, the
+teacher stays fixed); the generator state is in the step's state; a SIGKILLed run resumes in a
+fresh process to bit-identical weights; a teacher that cannot score new sequences raises at
+construction."""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +20,8 @@ from purekd.integrations import hf_adaptor
 from tests._on_policy import prompt_batch, tiny_llama
 
 pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _config(**on_policy):
@@ -69,38 +79,68 @@ def test_a_teacher_that_runs_no_forward_cannot_score_rollouts(tmp_path):
                 hf_adaptor(causal=True), compile=False)
 
 
-class _Stop(Exception):
-    pass
 
+SCRIPT = textwrap.dedent('''
+    import os, random, signal, sys
+    import numpy as np
+    import torch
+    import purekd
+    from purekd.integrations import hf_adaptor
+    from tests._on_policy import full_batch, tiny_llama
 
-def _run(out, *, resume: bool, stop_at: int | None = None):
-    """GeneralDistiller, lmbda=0.5 over 6 steps, Adam, checkpoints (with the run state) every 2
-    steps. The resumed run starts from other weights and another global seed: its weights, its
-    optimizer and its rollouts can only come from the state file."""
+    # argv: output dir, result file, "resume" or "fresh", the step to SIGKILL at (0: never)
+    out, result, start, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    resume = start == "resume"
+    torch.set_num_threads(1)
+    seed = 99 if resume else 7  # other seeds when resuming: the state restores the generators
+    torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
     teacher = tiny_llama(2, 16, seed=0).eval()
-    student = tiny_llama(1, 8, seed=5 if resume else 1)
-    torch.manual_seed(99 if resume else 0)
-    train = purekd.TrainingConfig(device="cpu", output_dir=str(out), ckpt_steps=2)
-    config = _config(lmbda=0.5, seed=4).replace(kd_loss_type="reverse_kl")
+    student = tiny_llama(1, 8, seed=5 if resume else 1, dropout=0.2)  # resumed: other weights
+    train = purekd.TrainingConfig(device="cpu", output_dir=out, ckpt_steps=2)
+    config = purekd.DistillationConfig(
+        kd_loss_type="reverse_kl", temperature=1,
+        on_policy=purekd.OnPolicyConfig(lmbda=0.5, max_new_tokens=4, seed=4, temperature=0.9))
     distiller = purekd.GeneralDistiller(train, config, teacher, student, hf_adaptor(causal=True),
                                         hf_adaptor(causal=True), compile=False)
-    from tests._on_policy import full_batch
 
     def callback(model, step):
-        if step == stop_at:
-            raise _Stop(step)
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     with distiller:
         distiller.train(torch.optim.Adam(student.parameters(), lr=1e-2), [full_batch()] * 6,
                         num_steps=6, callback=callback, save_state=True,
                         resume_from=out if resume else None)
-    return student
+    torch.save(student.state_dict(), result)
+''')
 
 
-def test_an_interrupted_on_policy_run_resumes_to_bit_identical_weights(tmp_path):
-    straight = _run(tmp_path / "straight", resume=False)
-    with pytest.raises(_Stop):
-        _run(tmp_path / "cut", resume=False, stop_at=4)
-    resumed = _run(tmp_path / "cut", resume=True)
-    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+def _launch(script, out, result, start, kill_at):
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(script), str(out), str(result), start,
+                           str(kill_at)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_a_sigkilled_on_policy_run_resumes_to_bit_identical_weights(tmp_path):
+    """lmbda=0.5 (on- and off-policy batches), sampling at 0.9 with dropout in the student:
+    killed at step 4 (its state is never written), resumed in a fresh process with other
+    weights and other global seeds from the state of step 2, the run ends with the weights of
+    the uninterrupted run: the rollouts after the resume are the same."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    full = _launch(script, tmp_path / "full", tmp_path / "full.pt", "fresh", 0)
+    assert full.returncode == 0, full.stderr[-3000:]
+    out, result = tmp_path / "out", tmp_path / "resumed.pt"
+    killed = _launch(script, out, result, "fresh", 4)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("gs*.state.pt")) == ["gs2.state.pt"]
+    done = _launch(script, out, result, "resume", 0)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = torch.load(tmp_path / "full.pt", weights_only=True)
+    got = torch.load(result, weights_only=True)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
