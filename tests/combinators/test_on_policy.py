@@ -286,3 +286,15 @@ def test_sampled_reverse_kl_without_the_on_policy_stage_says_what_to_do(models):
     with pytest.raises(ValueError, match=r"with a teacher top-k cache"):
         term.check(adapted, purekd.stages.Adapted(topk_ids=torch.zeros(1, 2, 3, dtype=torch.long),
                                                   topk_logprobs=torch.zeros(1, 2, 3)))
+
+
+def test_a_compiled_sampled_token_loss_path_equals_the_eager_one(models):
+    teacher, student = models
+    config = purekd.DistillationConfig(kd_loss_type=["sampled_reverse_kl", {"gamma": 0.5}],
+                                       temperature=1,
+                                       on_policy={"max_new_tokens": 4})
+    adaptors = _adaptors(teacher, student, True)
+    eager = purekd.make_step(config, teacher, student, *adaptors, compile=False)
+    compiled = purekd.make_step(config, teacher, student, *adaptors, compile=True)
+    torch.testing.assert_close(compiled(prompt_batch(), **_args(True)).loss,
+                               eager(prompt_batch(), **_args(True)).loss, rtol=1e-10, atol=1e-12)
