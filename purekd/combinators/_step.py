@@ -55,8 +55,9 @@ class Step(nn.Module):
     The step is an :class:`torch.nn.Module` whose parameters are exactly what training updates:
     the student's and the projections' (``step.projections``); teachers are held but not
     registered. Pass ``step.parameters()`` to an optimizer, wrap it in DDP, or call it through
-    :func:`torch.func.functional_call`. It never changes a model's train/eval mode, a config, or
-    its inputs.
+    :func:`torch.func.functional_call`. It never changes a config or its inputs, nor a model's
+    train/eval mode (an on-policy stage puts the sampling model in eval mode while it samples,
+    and restores it).
 
     Terms are edited by name without taking the step apart: ``step.objective`` is the loss
     path's :class:`~purekd.combinators.Objective`; ``step.reweight(name, w)``,

@@ -158,7 +158,8 @@ def completion_rows(adapted: Adapted, rollout: Rollout, pad_token_id: int = 0) -
     row_logprobs = (None if rollout.sampler_logprobs is None
                     else shift_left(rollout.sampler_logprobs, 0.0))
     own_mask = adapted.logits_mask[0] if adapted.logits_mask else None
-    if adapted.lm_hidden is not None and adapted.lm_hidden.dim() == 3:
+    if adapted.lm_hidden is not None and tuple(adapted.lm_hidden.shape[:2]) == tuple(
+            rollout.input_ids.shape):
         width = max(int(rollout.completion_lengths.max()), 1)
         length = adapted.lm_hidden.size(1)
         start = (rollout.prompt_lengths - 1).unsqueeze(1)
@@ -178,9 +179,18 @@ def completion_rows(adapted: Adapted, rollout: Rollout, pad_token_id: int = 0) -
             lm_hidden=hidden, logits_mask=(keep,), labels=tuple(cut(t) for t in adapted.labels),
             next_ids=cut(next_ids), sampler_logprobs=None if row_logprobs is None
             else cut(row_logprobs))
-    keep = keep_rows if own_mask is None else keep_rows * (own_mask != 0).to(torch.int64)
     if not adapted.logits and adapted.lm_hidden is None:
         return adapted
+    rows = adapted.logits[0] if adapted.logits else adapted.lm_hidden
+    assert rows is not None
+    if rows.dim() != 3 or tuple(rows.shape[:2]) != tuple(rollout.input_ids.shape):
+        what = "logits" if adapted.logits else "lm_hidden"
+        raise ValueError(
+            f"on-policy: the adaptor's {what} have shape {tuple(rows.shape)}, but the sampled "
+            f"sequences are {tuple(rollout.input_ids.shape)}: return one row per position "
+            "(batch, length, ...), unshifted (row t predicts token t + 1), as "
+            "hf_adaptor(causal=True) does")
+    keep = keep_rows if own_mask is None else keep_rows * (own_mask != 0).to(torch.int64)
     return adapted._replace(logits_mask=(keep,), next_ids=next_ids,
                             sampler_logprobs=row_logprobs)
 

@@ -46,7 +46,8 @@ def _grads(model):
 
 
 def _args(fused):
-    return {"output_hidden_states": True} if fused else {}
+    """The fused path reads the last hidden states; the models need not build their logits."""
+    return {"output_hidden_states": True, "logits_to_keep": 1} if fused else {}
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -64,7 +65,9 @@ def test_kd_on_a_rollout_equals_the_same_kd_on_the_same_sequences_as_data(models
             "labels": torch.where(sampled.completion_mask != 0, sampled.input_ids, -100)}
     plain = purekd.make_step(purekd.DistillationConfig(kd_loss_type=kd, temperature=1), teacher,
                              student, *_adaptors(teacher, student, fused), compile=False)
-    reference = plain(data, **_args(fused))
+    # the data carries labels, so the model computes its own loss: it needs every position's
+    # logits there (no logits_to_keep)
+    reference = plain(data, **({"output_hidden_states": True} if fused else {}))
     reference.loss.backward()
     torch.testing.assert_close(out.loss, reference.loss, rtol=1e-12, atol=1e-12)
     assert out.tokens == reference.tokens == sampled.completion_lengths.sum()
@@ -76,7 +79,8 @@ def test_kd_on_a_rollout_equals_the_same_kd_on_the_same_sequences_as_data(models
 def test_lmbda_zero_is_the_off_policy_step_exactly(models, fused):
     teacher, student = models
     step = _step(models, fused=fused, lmbda=0.0)
-    out = step(full_batch(), **_args(fused))
+    args = {"output_hidden_states": True} if fused else {}  # labels: every position's logits
+    out = step(full_batch(), **args)
     out.loss.backward()
     on_grads = _grads(student)
     student.zero_grad()
@@ -84,7 +88,7 @@ def test_lmbda_zero_is_the_off_policy_step_exactly(models, fused):
     plain = purekd.make_step(purekd.DistillationConfig(kd_loss_type="forward_kl", temperature=1),
                              teacher, student, *_adaptors(teacher, student, fused), compile=False)
     batch = {k: v for k, v in full_batch().items() if not k.startswith("prompt")}
-    reference = plain(batch, **_args(fused))
+    reference = plain(batch, **args)
     reference.loss.backward()
     assert torch.equal(out.loss, reference.loss)
     for got, want in zip(on_grads, _grads(student), strict=True):
@@ -234,6 +238,21 @@ def test_bad_batches(models):
     with pytest.raises(ValueError, match=r"OnPolicyConfig\(lmbda=0.5\) uses the batch's own "
                                          r"sequences .* but the batch has no 'input_ids'"):
         mixed(prompt_batch())
+
+
+def test_an_adaptor_with_shifted_rows_is_told_to_return_one_row_per_position(models):
+    teacher, student = models
+
+    def shifted(batch, outputs):
+        return {"logits": outputs.logits[:, :-1]}
+
+    config = purekd.DistillationConfig(kd_loss_type="forward_kl", temperature=1,
+                                       on_policy={"max_new_tokens": 2})
+    step = purekd.make_step(config, teacher, student, shifted, shifted, compile=False)
+    with pytest.raises(ValueError, match=r"on-policy: the adaptor's logits have shape "
+                                         r"\(3, \d+, 24\), but the sampled sequences are "
+                                         r"\(3, \d+\): return one row per position"):
+        step(prompt_batch())
 
 
 def test_prompts_longer_than_the_context_raise_before_sampling(models):
