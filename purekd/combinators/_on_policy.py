@@ -57,6 +57,18 @@ PROMPT_KEYS = ("prompts", "prompt_attention_mask")
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
 
 
+_RANK_STRIDE = 0x9E3779B97F4A7C15
+"""Added to the sampling seed once per process rank: every rank takes the same ``lmbda``
+decision (one generator, one seed), but draws its own samples."""
+
+
+def _rank() -> int:
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        return int(distributed.get_rank())
+    return 0
+
+
 def _is_split(batch: Mapping[str, Any]) -> bool:
     return "teacher" in batch or "student" in batch
 
@@ -136,10 +148,12 @@ class OnPolicyStage:
     # -- one batch ---------------------------------------------------------------------------
     def draw(self) -> tuple[bool, int]:
         """``(on_policy, seed)`` for the next batch, from ``generator``: one uniform draw
-        compared with ``lmbda``, then one sampling seed (both are drawn every batch)."""
+        compared with ``lmbda`` (the same on every process), then one sampling seed (both are
+        drawn every batch), offset by the process's rank under ``torch.distributed`` so that
+        ranks do not share their random draws."""
         u = float(torch.rand((), generator=self.generator))
         seed = int(torch.randint(0, 2**62, (), generator=self.generator))
-        return u < self.config.lmbda, seed
+        return u < self.config.lmbda, (seed + _RANK_STRIDE * _rank()) % 2**62
 
     def _pad_id(self, model: Any) -> int:
         stops_and_pad = getattr(self.sampler, "stops_and_pad", None)

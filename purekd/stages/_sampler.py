@@ -78,11 +78,17 @@ class HFGenerateSampler:
     with ``seed``, and restored after ``generate`` (which draws from the global generator).
     ``synced_gpus`` (``None``: on when ``torch.distributed`` runs with more than one process):
     every rank keeps stepping until all are done, as FSDP needs (each step all-gathers).
+
+    ``logprobs=False``: no log-probabilities (``Sample.logprobs`` is ``None``), and ``generate``
+    keeps no scores — with them it holds one ``(B, V)`` float32 tensor per sampled position
+    until it returns (``B * max_new_tokens * V * 4`` bytes: 400 MB at 8 x 256 x 49k). The
+    sampled-token loss then takes the sampler to be the student (importance ratio 1).
     """
 
     def __init__(self, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, stop_token_ids: Sequence[int] = (),
-                 pad_token_id: int | None = None, synced_gpus: bool | None = None):
+                 pad_token_id: int | None = None, synced_gpus: bool | None = None,
+                 logprobs: bool = True):
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
@@ -90,6 +96,7 @@ class HFGenerateSampler:
         self.stop_token_ids = tuple(stop_token_ids)
         self.pad_token_id = pad_token_id
         self.synced_gpus = synced_gpus
+        self.logprobs = logprobs
 
     def stops_and_pad(self, model: Any) -> tuple[tuple[int, ...], int]:
         """The stop ids and the pad id this sampler uses for ``model``."""
@@ -113,7 +120,7 @@ class HFGenerateSampler:
             do_sample=True, temperature=float(self.temperature), top_p=float(self.top_p),
             top_k=int(self.top_k), max_new_tokens=self.max_new_tokens,
             eos_token_id=list(stops) or None, pad_token_id=pad, use_cache=True,
-            return_dict_in_generate=True, output_scores=True)
+            return_dict_in_generate=True, output_scores=self.logprobs)
         synced = self.synced_gpus
         if synced is None:
             synced = (torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -126,6 +133,9 @@ class HFGenerateSampler:
                                  generation_config=config, synced_gpus=synced)
         completions = out.sequences[:, prompt_ids.size(1):]
         mask = completion_mask(completions, stops)
+        completions_out = torch.where(mask != 0, completions, pad)
+        if not self.logprobs:
+            return Sample(completions_out, mask, None)
         columns = []
         for t, scores in enumerate(out.scores[:completions.size(1)]):
             chosen = completions[:, t:t + 1]
@@ -133,9 +143,7 @@ class HFGenerateSampler:
             columns.append(torch.log_softmax(scores, -1).gather(1, chosen).squeeze(1))
         logprobs = (torch.stack(columns, 1) if columns
                     else completions.new_zeros(completions.shape, dtype=torch.float32))
-        logprobs = torch.where(mask != 0, logprobs, 0.0)
-        completions = torch.where(mask != 0, completions, pad)
-        return Sample(completions, mask, logprobs)
+        return Sample(completions_out, mask, torch.where(mask != 0, logprobs, 0.0))
 
 
 __all__ = ["HFGenerateSampler", "Sample", "Sampler", "completion_mask"]

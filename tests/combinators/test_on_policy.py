@@ -317,3 +317,17 @@ def test_a_compiled_sampled_token_loss_path_equals_the_eager_one(models):
     compiled = purekd.make_step(config, teacher, student, *adaptors, compile=True)
     torch.testing.assert_close(compiled(prompt_batch(), **_args(True)).loss,
                                eager(prompt_batch(), **_args(True)).loss, rtol=1e-10, atol=1e-12)
+
+
+def test_each_rank_samples_with_its_own_seed_but_takes_the_same_decision(models, monkeypatch):
+    from purekd.combinators import _on_policy
+
+    draws = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(_on_policy, "_rank", lambda rank=rank: rank)
+        step = _step(models, lmbda=0.5, seed=11)
+        draws[rank] = [step.outputs.draw() for _ in range(6)]
+    assert [d for d, _ in draws[0]] == [d for d, _ in draws[1]]
+    assert all(s0 != s1 for (_, s0), (_, s1) in zip(draws[0], draws[1], strict=True))
+    assert all(s1 == (s0 + _on_policy._RANK_STRIDE) % 2**62
+               for (_, s0), (_, s1) in zip(draws[0], draws[1], strict=True))

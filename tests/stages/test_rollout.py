@@ -206,3 +206,10 @@ def test_sampler_defaults_come_from_the_generation_config():
     assert HFGenerateSampler(max_new_tokens=1).stops_and_pad(model) == ((2, 7), 2)
     assert HFGenerateSampler(max_new_tokens=1, stop_token_ids=[5],
                              pad_token_id=9).stops_and_pad(model) == ((5,), 9)
+
+
+def test_without_logprobs_the_same_tokens_are_sampled(student):
+    with_scores, without = _roll(student, 21), _roll(student, 21, logprobs=False)
+    assert without.sampler_logprobs is None and with_scores.sampler_logprobs is not None
+    assert torch.equal(with_scores.input_ids, without.input_ids)
+    assert torch.equal(with_scores.completion_mask, without.completion_mask)
