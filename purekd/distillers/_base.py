@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from purekd.configs import DistillationConfig, TrainingConfig
 from purekd.runner import (
     EarlyStopping,
     EpochPlan,
+    MetricSink,
     Micro,
     PassLog,
     Runner,
@@ -218,6 +219,7 @@ class Distiller(ModeContext):
         progress_bar: bool | None = None,
         keep_last_states: int | None = None,
         overwrite_output_dir: bool | None = None,
+        metric_sinks: Sequence[MetricSink] = (),
         **args: Any,
     ) -> None:
         """Train the student, TextBrewer's way.
@@ -233,7 +235,10 @@ class Distiller(ModeContext):
         tqdm bar on or off (default: on when stderr is a terminal, on rank 0);
         ``keep_last_states=N`` keeps only the run's last N state files; ``overwrite_output_dir``
         decides what a fresh run does in a directory holding an earlier run's files (``None``:
-        warn and set its ``metrics.jsonl`` aside; ``False``: refuse; ``True``: delete them).
+        warn and set its ``metrics.jsonl`` aside; ``False``: refuse; ``True``: delete them);
+        ``metric_sinks`` are more places the metrics go besides ``metrics.jsonl`` and
+        TensorBoard (:class:`~purekd.runner.WandbSink`, :class:`~purekd.runner.MlflowSink`,
+        your own object with ``log(step, metrics)`` and ``close()``).
         """
         if num_epochs is None and num_steps is None:
             raise ValueError("train() needs num_epochs or num_steps")
@@ -273,7 +278,7 @@ class Distiller(ModeContext):
                      callback=callback, batch_postprocessor=batch_postprocessor, model_args=args,
                      resume_from=resume_from, save_state=save_state,
                      early_stopping=early_stopping, keep_last_states=keep_last_states,
-                     overwrite_output_dir=overwrite_output_dir)
+                     overwrite_output_dir=overwrite_output_dir, metric_sinks=metric_sinks)
 
 
 def describe_data(data: Any) -> Any:

@@ -24,7 +24,7 @@ from purekd.combinators import (
     single_teacher,
 )
 from purekd.configs import DistillationConfig, TrainingConfig
-from purekd.runner import EarlyStopping, StepPlan, sampled_tasks
+from purekd.runner import EarlyStopping, MetricSink, StepPlan, sampled_tasks
 from purekd.stages import Adapted, Split
 from purekd.terms import hard_label
 
@@ -142,6 +142,7 @@ class MultiTaskDistiller(GeneralDistiller):
         progress_bar: bool | None = None,
         keep_last_states: int | None = None,
         overwrite_output_dir: bool | None = None,
+        metric_sinks: Sequence[MetricSink] = (),
         **args: Any,
     ) -> None:
         """Train for ``num_steps`` optimizer steps over tasks sampled from ``dataloaders``
@@ -171,7 +172,7 @@ class MultiTaskDistiller(GeneralDistiller):
                      batch_postprocessor={t: posts.get(t, _identity) for t in self.step.tasks},
                      model_args=args, resume_from=resume_from, save_state=save_state,
                      early_stopping=early_stopping, keep_last_states=keep_last_states,
-                     overwrite_output_dir=overwrite_output_dir)
+                     overwrite_output_dir=overwrite_output_dir, metric_sinks=metric_sinks)
 
 
 def _identity(batch: Any) -> Any:

@@ -1,6 +1,6 @@
 """Layer 6 — the runner, the only stateful layer: epochs or step counts, accumulation,
 clipping, LR scheduler, mixed precision, atomic checkpoints and exact resume, callbacks,
-logging, progress bars, teacher-logit caching, DistributedDataParallel and FSDP2 sharding;
+logging to metric sinks (JSONL, TensorBoard, Weights & Biases, MLflow, your own), progress bars, teacher-logit caching, DistributedDataParallel and FSDP2 sharding;
 states that name their run and are verified, validated and fallen back from on resume."""
 
 from ._checkpoint import atomic_save, latest_state, state_path, weights_path
@@ -13,6 +13,7 @@ from ._metrics import MetricsLogger
 from ._plan import EpochPlan, StepPlan, progress
 from ._precision import Precision
 from ._rng import rng_state, set_rng_state
+from ._sinks import JsonlSink, MetricSink, MlflowSink, TensorBoardSink, WandbSink, metric_sink
 from ._sources import (
     Micro,
     PassLog,
@@ -30,8 +31,11 @@ __all__ = [
     "EarlyStopping",
     "EarlyStoppingState",
     "EpochPlan",
+    "JsonlSink",
+    "MetricSink",
     "MetricsLogger",
     "Micro",
+    "MlflowSink",
     "NonFiniteGuard",
     "NonFiniteLossError",
     "PassLog",
@@ -39,6 +43,8 @@ __all__ = [
     "Runner",
     "StateError",
     "StepPlan",
+    "TensorBoardSink",
+    "WandbSink",
     "atomic_save",
     "block_modules",
     "cached_epochs",
@@ -48,6 +54,7 @@ __all__ = [
     "latest_state",
     "local_numel",
     "local_rank_from",
+    "metric_sink",
     "move_to_device",
     "progress",
     "rng_state",

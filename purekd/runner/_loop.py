@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from ._metrics import MetricsLogger, set_aside_metrics, truncate_metrics
 from ._plan import EpochPlan, StepPlan, progress
 from ._precision import Precision
 from ._rng import rng_state, set_rng_state
+from ._sinks import MetricSink, check_sinks
 from ._sources import Micro, PassLog
 from ._state import RunIdentity
 from ._tokens import TokenWindow, scale_gradients, token_sum
@@ -330,9 +331,10 @@ class Runner:
                                 teacher_outputs=teacher, **run.model_args)
         loss, terms = _reduce_replicas(out.loss, out.terms)
         run.guard.observe(counters.global_step + 1, loss, terms)
-        run.metrics.record(counters.writer_step, counters.global_step, loss, terms)
-        counters.writer_step += 1
         tokens = getattr(out, "tokens", None)
+        run.metrics.record(counters.writer_step, counters.global_step, loss, terms,
+                           None if tokens is None else torch.as_tensor(tokens, device=loss.device).sum())
+        counters.writer_step += 1
         run.precision.backward(self._scale_for_accumulation(
             run, out.loss if tokens is not None else loss, micro, tokens))
 
@@ -357,8 +359,8 @@ class Runner:
         if run.window.active:  # token-normalised: divide by the step's kept tokens, globally
             scale_gradients(optimizer, run.window.gradient_scale())
             run.window.reset()
-        if run.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(run.student_params, run.max_grad_norm)
+        run.metrics.record_step(counters.global_step, run.learning_rates(),
+                                self._gradient_norm(run))
         run.precision.step(optimizer)
         if run.scheduler is not None:
             run.scheduler.step()
@@ -368,7 +370,20 @@ class Runner:
             run.bar.update(1)
         if counters.global_step % self.log_every == 0:
             run.guard.raise_if_tripped()
-            run.metrics.flush(run.learning_rates())
+            run.metrics.flush()
+
+    def _gradient_norm(self, run: _Run) -> torch.Tensor | None:
+        """The student's gradient norm (L2, all ranks), clipped to ``max_grad_norm`` when that
+        is > 0; ``None`` without gradients. On the device, no synchronisation."""
+        grads = [p.grad for p in run.student_params if p.grad is not None]
+        if not grads:
+            return None
+        if run.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(run.student_params, run.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads)
+        full_tensor = getattr(norm, "full_tensor", None)  # a DTensor under FSDP
+        return full_tensor() if callable(full_tensor) else norm
 
     def _save_weights(self) -> Path | None:
         step = self.counters.global_step
@@ -395,7 +410,7 @@ class Runner:
         counters = self.counters
         run.guard.raise_if_tripped()
         run.guard.check_weights(counters.global_step, self.step)  # never save non-finite weights
-        run.metrics.flush(run.learning_rates())
+        run.metrics.flush()
         path = self._save_weights()
         value = None
         if run.callback is not None:
@@ -452,6 +467,7 @@ class Runner:
         describe: Mapping[str, Any] | None = None,
         keep_last_states: int | None = None,
         overwrite_output_dir: bool | None = None,
+        metric_sinks: Sequence[MetricSink] = (),
     ) -> Counters:
         """Train to the end of ``plan``; returns the final :class:`Counters`.
 
@@ -461,6 +477,8 @@ class Runner:
         resume. ``keep_last_states``: delete this run's older state files but the last N.
         ``overwrite_output_dir``: what a fresh run does in a directory holding an earlier run's
         files (``None`` warns, ``False`` refuses, ``True`` deletes them first).
+        ``metric_sinks``: more sinks for the metrics (:mod:`._sinks`), besides ``metrics.jsonl``
+        and TensorBoard; logged to on rank 0, closed on every rank at the end.
         """
         config = self.config
         if self.local_rank != -1 or self.sharded:  # before anything asks for the rank
@@ -497,7 +515,8 @@ class Runner:
 
         run = _Run(model=self._wrap_model(), optimizer=optimizer, scheduler=scheduler, plan=plan,
                    precision=precision,
-                   metrics=MetricsLogger(output_dir, config.log_dir, enabled=is_main),
+                   metrics=MetricsLogger(output_dir, config.log_dir, enabled=is_main,
+                                         sinks=check_sinks(metric_sinks)),
                    guard=(AllRanksNonFiniteGuard(config.device) if self.sharded
                           else NonFiniteGuard()),
                    stopping=stopping, pass_log=pass_log,
@@ -530,7 +549,7 @@ class Runner:
                     if isinstance(plan, StepPlan) and counters.global_step >= total:
                         break
             run.guard.raise_if_tripped()
-            run.metrics.flush(run.learning_rates())
+            run.metrics.flush()
         finally:
             run.metrics.close()
             if self.sharding is not None:
