@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from purekd._devices import move_to_device
 from purekd.combinators import Step, TaskRouter, TeacherStage
 from purekd.configs import DistillationConfig, TrainingConfig
 from purekd.runner import (
@@ -25,7 +26,6 @@ from purekd.runner import (
     cycled,
     epochs,
     local_rank_from,
-    move_to_device,
 )
 from purekd.stages import Adapted, batch_split
 

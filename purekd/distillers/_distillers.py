@@ -76,7 +76,6 @@ class GeneralDistiller(Distiller):
                           stacklevel=2)
         self.adaptor_T, self.adaptor_S = adaptor_T, adaptor_S
         self.projs: list[nn.Module | None] = build_projections(self.d_config, self.t_config.device)
-        self.projs_group = [m.proj[3] if m.proj else None for m in self.d_config.intermediate_matches]
         self.custom_matches = list(custom_matches or ())
         self.step = make_step(self.d_config, model_T, model_S, adaptor_T, adaptor_S,
                               custom_matches=custom_matches, compile=compile,

@@ -3,12 +3,14 @@ clipping, LR scheduler, mixed precision, atomic checkpoints and exact resume, ca
 logging to metric sinks (JSONL, TensorBoard, Weights & Biases, MLflow, your own), progress bars, teacher-logit caching, DistributedDataParallel and FSDP2 sharding;
 states that name their run and are verified, validated and fallen back from on resume."""
 
+from purekd._devices import move_to_device
+
 from ._checkpoint import atomic_save, latest_state, state_path, weights_path
 from ._distributed import local_rank_from
 from ._early_stopping import EarlyStopping, EarlyStoppingState
 from ._fsdp import block_modules, full_state_dict, local_numel
 from ._guard import AllRanksNonFiniteGuard, NonFiniteGuard, NonFiniteLossError
-from ._loop import Counters, Runner, move_to_device
+from ._loop import Counters, Runner
 from ._metrics import MetricsLogger
 from ._plan import EpochPlan, StepPlan, progress
 from ._precision import Precision

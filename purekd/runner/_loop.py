@@ -34,6 +34,7 @@ import attrs
 import torch
 from torch import nn
 
+from purekd._devices import move_to_device
 from purekd.configs._training import TrainingConfig
 
 from . import _distributed as distributed
@@ -58,24 +59,6 @@ from ._state import RunIdentity
 from ._tokens import TokenWindow, scale_gradients, token_sum
 
 logger = logging.getLogger("purekd")
-
-STATE_VERSION = state.STATE_VERSION
-
-
-def move_to_device(batch: Any, device: torch.device | str) -> Any:
-    """Every tensor in a (nested) batch moved to ``device``; lists and tuples become tuples,
-    mappings dicts (TextBrewer's rule)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return tuple(move_to_device(item, device) for item in batch)
-    if isinstance(batch, Mapping):
-        return {key: move_to_device(value, device) for key, value in batch.items()}
-    return batch
-
-
-_truncate_metrics = truncate_metrics
-
 
 def _reduce_replicas(loss: torch.Tensor,
                      terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -554,8 +537,7 @@ class Runner:
             run.metrics.close()
             if self.sharding is not None:
                 self.sharding.close()
-        self.early_stopping_state = stopping
         return counters
 
 
-__all__ = ["Counters", "Runner", "move_to_device"]
+__all__ = ["Counters", "Runner"]
