@@ -3,5 +3,5 @@
 # Extra arguments go to pytest, e.g. scripts/test.sh tests/losses -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup-env.sh test,dev,demo,integrations,docs,tracking
+scripts/setup-env.sh test,dev,demo,integrations,docs
 exec .venv/bin/python -m pytest "$@"

@@ -12,6 +12,15 @@ from ._fsdp import block_modules, full_state_dict, local_numel
 from ._guard import AllRanksNonFiniteGuard, NonFiniteGuard, NonFiniteLossError
 from ._loop import Counters, Runner
 from ._metrics import MetricsLogger
+from ._options import RunOptions
+from ._placement import (
+    Distributed,
+    OneProcess,
+    Placement,
+    Sharded,
+    join_process_group,
+    placement_for,
+)
 from ._plan import EpochPlan, StepPlan, progress
 from ._precision import Precision
 from ._rng import rng_state, set_rng_state
@@ -30,6 +39,7 @@ from ._state import StateError
 __all__ = [
     "AllRanksNonFiniteGuard",
     "Counters",
+    "Distributed",
     "EarlyStopping",
     "EarlyStoppingState",
     "EpochPlan",
@@ -40,9 +50,13 @@ __all__ = [
     "MlflowSink",
     "NonFiniteGuard",
     "NonFiniteLossError",
+    "OneProcess",
     "PassLog",
+    "Placement",
     "Precision",
+    "RunOptions",
     "Runner",
+    "Sharded",
     "StateError",
     "StepPlan",
     "TensorBoardSink",
@@ -53,11 +67,13 @@ __all__ = [
     "cycled",
     "epochs",
     "full_state_dict",
+    "join_process_group",
     "latest_state",
     "local_numel",
     "local_rank_from",
     "metric_sink",
     "move_to_device",
+    "placement_for",
     "progress",
     "rng_state",
     "sampled_tasks",
