@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -231,35 +232,40 @@ class Distiller(ModeContext):
         if caching and num_steps is not None:
             raise ValueError("is_caching_logits=True needs epoch-based training: pass num_epochs "
                              "and num_steps=None (or set is_caching_logits=False)")
-        plan: EpochPlan | StepPlan
-        make_source: Callable[[PassLog], Iterator[Micro]]
         length = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore[arg-type]
+        make_source: Callable[[PassLog], Iterator[Micro]]
         if num_steps is not None:
-            plan = StepPlan(positive_count("num_steps", num_steps), self.t_config.ckpt_steps)
+            plan: EpochPlan | StepPlan = StepPlan(positive_count("num_steps", num_steps),
+                                                  self.t_config.ckpt_steps)
             preflight.check_schedule(self.t_config, epochs_mode=False, loader_length=length)
-
-            def make_source(log: PassLog) -> Iterator[Micro]:
-                return cycled(dataloader, log)
+            make_source = functools.partial(cycled, dataloader)
         else:
-            assert num_epochs is not None
-            if not hasattr(dataloader, "__len__"):
-                raise ValueError("num_epochs needs a dataloader with a length; use num_steps")
-            epochs_ = positive_count("num_epochs", num_epochs)
-            preflight.check_schedule(self.t_config, epochs_mode=True, loader_length=length)
-            plan = EpochPlan(len(dataloader) // self.t_config.gradient_accumulation_steps,  # type: ignore[arg-type]
-                             epochs_, self.t_config.ckpt_frequency,
-                             self.t_config.ckpt_epoch_frequency)
-            distributed = (local_rank_from(self.t_config.local_rank) != -1
-                           or self.t_config.fsdp is not None)
-
-            def make_source(log: PassLog) -> Iterator[Micro]:
-                if caching:
-                    return cached_epochs(self._cache(dataloader, batch_postprocessor,
-                                                 options.model_args), epochs_, log)
-                return epochs(dataloader, epochs_, distributed, log)
+            plan, make_source = self._epochs(dataloader, num_epochs, caching, options)
         self._launch(optimizer, plan, make_source, options, data=dataloader,
                      scheduler_class=scheduler_class, scheduler_args=scheduler_args,
                      scheduler=scheduler)
+
+    def _epochs(self, dataloader: Iterable[Any], num_epochs: Any, caching: bool,
+                options: RunOptions) -> tuple[EpochPlan, Callable[[PassLog], Iterator[Micro]]]:
+        """The plan of ``num_epochs`` epochs over ``dataloader`` and its micro-batch source
+        (the teacher's logits cached first with ``caching``)."""
+        if not hasattr(dataloader, "__len__"):
+            raise ValueError("num_epochs needs a dataloader with a length; use num_steps")
+        count = positive_count("num_epochs", num_epochs)
+        length = len(dataloader)  # type: ignore[arg-type]
+        preflight.check_schedule(self.t_config, epochs_mode=True, loader_length=length)
+        plan = EpochPlan(length // self.t_config.gradient_accumulation_steps, count,
+                         self.t_config.ckpt_frequency, self.t_config.ckpt_epoch_frequency)
+        distributed = (local_rank_from(self.t_config.local_rank) != -1
+                       or self.t_config.fsdp is not None)
+
+        def make_source(log: PassLog) -> Iterator[Micro]:
+            if caching:
+                return cached_epochs(self._cache(dataloader, options.batch_postprocessor,  # type: ignore[arg-type]
+                                                 options.model_args), count, log)
+            return epochs(dataloader, count, distributed, log)
+
+        return plan, make_source
 
 
 def describe_data(data: Any) -> Any:

@@ -159,9 +159,10 @@ GUARD_SCRIPT = textwrap.dedent(f'''
         return result
 
     teacher, student = models(seed=0)
-    distiller = purekd.GeneralDistiller(
-        purekd.TrainingConfig(device="cpu", output_dir=out, ckpt_steps=2), {DISTILL!r},
-        teacher, student, adaptor, poisoned, compile=False)
+    config = purekd.TrainingConfig(device="cpu", output_dir=out, ckpt_steps=2)
+    purekd.runner.join_process_group(config)  # for the DistributedSampler
+    distiller = purekd.GeneralDistiller(config, {DISTILL!r}, teacher, student, adaptor,
+                                        poisoned, compile=False)
     data = dataset({SAMPLES})
     sampler = DistributedSampler(data, shuffle=False)
     try:

@@ -13,7 +13,8 @@ import torch
 from purekd.runner import StateError
 
 from ._helpers import Stop, assert_state_equal, stop_at
-from .test_integrity import _metrics, _resumed, _run, _seed, reference  # noqa: F401
+from .test_integrity import _metrics, _resumed, _run, _seed
+from .test_integrity import reference as reference  # the fixture
 
 
 def _pkl(path: Path) -> dict[str, torch.Tensor]:
