@@ -1,7 +1,14 @@
 """Layer 6 — the runner, the only stateful layer: epochs or step counts, accumulation,
 clipping, LR scheduler, mixed precision, atomic checkpoints and exact resume, callbacks,
-logging to metric sinks (JSONL, TensorBoard, Weights & Biases, MLflow, your own), progress bars, teacher-logit caching, DistributedDataParallel and FSDP2 sharding;
-states that name their run and are verified, validated and fallen back from on resume."""
+logging to metric sinks (JSONL, TensorBoard, Weights & Biases, MLflow, your own), progress
+bars, teacher-logit caching; one process, DistributedDataParallel or FSDP2 sharding as
+placements of one interface; states that name their run and are verified, validated and fallen
+back from on resume.
+
+Imports from the layers above: the stages (3, ``Adapted``), the training config's own module
+(``purekd.configs._training``: data, no losses or presets) and two leaf modules
+(``purekd._atomic``, ``purekd._devices``); never the losses, the distillation config or the
+distillers. The step it drives is any callable returning ``.loss`` and ``.terms``."""
 
 from purekd._devices import move_to_device
 
