@@ -4,6 +4,7 @@ over both halves. Only rank 0 writes checkpoints and metrics."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,20 @@ def test_only_rank_0_writes_state_files_and_metrics(ddp_run) -> None:
     assert ranks[0]["loggers"] == [True]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == STEPS_PER_EPOCH * EPOCHS  # rank 0's micro-batches only
+
+
+def test_the_logged_gradient_norm_is_that_of_the_combined_batch(ddp_run, tmp_path: Path) -> None:
+    """Rank 0's records: the gradient norm after DDP's averaging equals one process's on the
+    combined batch, step by step; so do the learning rates."""
+    out, _ = ddp_run
+    _single_process(tmp_path / "single")
+    ddp = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(line) for line in
+           (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in ddp] == [r["global_step"] for r in one]
+    assert [r["lr"] for r in ddp] == [r["lr"] for r in one]
+    assert [r["grad_norm"] for r in ddp] == pytest.approx([r["grad_norm"] for r in one],
+                                                          rel=1e-5)
 
 
 GUARD_SCRIPT = textwrap.dedent(f'''
