@@ -331,3 +331,16 @@ def test_each_rank_samples_with_its_own_seed_but_takes_the_same_decision(models,
     assert all(s0 != s1 for (_, s0), (_, s1) in zip(draws[0], draws[1], strict=True))
     assert all(s1 == (s0 + _on_policy._RANK_STRIDE) % 2**62
                for (_, s0), (_, s1) in zip(draws[0], draws[1], strict=True))
+
+
+def test_an_immediate_stop_token_is_the_one_completion_token_learned(models):
+    """Every id a stop token: each completion is its first sampled token, which is kept (the
+    student learns where to stop), so the loss is over exactly one token per prompt."""
+    _, student = models
+    step = _step(models, "reverse_kl", stop_token_ids=list(range(24)))
+    out = step(prompt_batch())
+    out.loss.backward()
+    sampled = step.outputs.last_rollout
+    assert sampled.completion_lengths.tolist() == [1, 1, 1]
+    assert out.tokens == 3 and torch.isfinite(out.loss) and out.loss > 0
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
