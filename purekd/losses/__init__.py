@@ -16,6 +16,8 @@ weights, never holding the logits: :func:`fused_linear_kd`, :func:`fused_linear_
 :func:`fused_linear_distill` (with the student's hard-label cross-entropy).
 Different tokenizers (aligned spans): :func:`aligned_uld`, :func:`aligned_gold`; :func:`uld`
 is the sorted-probability L1 row against row (``kd_loss_type="uld"``).
+Sampled tokens (on-policy): :func:`sampled_reverse_kl` on per-token log-probabilities, and
+:func:`token_logprobs` (a token's log-probability from hidden states, without the logits).
 Features: each ``(feature_S, feature_T, mask=None) -> 0-dim Tensor``.
 """
 
@@ -45,8 +47,10 @@ from ._fused import (
 from ._gold import VocabularyMap, aligned_gold
 from ._hidden import cos, hidden_mse, pkd
 from ._logits import kd_ce, kd_mse
+from ._sampled import discounted_suffix_sum, sampled_reverse_kl
 from ._similarity import fsp, gram, mmd, nst
 from ._spans import AlignedSpans, merged_log_probs
+from ._token_logprob import token_logprobs
 from ._topk import topk_jsd, topk_kl, topk_reverse_kl
 from ._uld import aligned_uld, sorted_l1, uld
 
@@ -63,6 +67,7 @@ __all__ = [
     "attention_mse",
     "attention_mse_sum",
     "cos",
+    "discounted_suffix_sum",
     "divergence",
     "divergence_table",
     "forward_kl",
@@ -82,10 +87,12 @@ __all__ = [
     "pkd",
     "register_divergence",
     "reverse_kl",
+    "sampled_reverse_kl",
     "scaled_jsd",
     "skew_forward_kl",
     "skew_reverse_kl",
     "sorted_l1",
+    "token_logprobs",
     "topk_jsd",
     "topk_kl",
     "topk_reverse_kl",
