@@ -251,3 +251,16 @@ def test_blockwise_holds_no_rows_by_vocabulary_tensor():
     assert blockwise.peak < full_bytes
     assert blockwise.largest <= grad_bytes
     assert math.isfinite(value.item())
+
+
+def test_bfloat16_logits_are_computed_in_float32(logits):
+    logits_S, logits_T = logits
+    spans = make_spans(PAIRS)
+    student = logits_S.bfloat16().requires_grad_()
+    value = losses.aligned_uld(student, logits_T.bfloat16(), spans)
+    (grad,) = torch.autograd.grad(value, student)
+    assert value.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    # the same as float32 on the bfloat16 values
+    reference = losses.aligned_uld(logits_S.bfloat16().float(), logits_T.bfloat16().float(),
+                                   spans)
+    torch.testing.assert_close(value, reference)
