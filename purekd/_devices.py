@@ -11,9 +11,12 @@ import torch
 
 def move_to_device(batch: Any, device: torch.device | str) -> Any:
     """Every tensor in a (nested) batch moved to ``device``; lists and tuples become tuples,
-    mappings dicts (TextBrewer's rule)."""
+    mappings dicts (TextBrewer's rule); a NamedTuple (e.g. a cross-tokenizer batch's
+    ``AlignedSpans``) stays that NamedTuple."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to_device(item, device) for item in batch))
     if isinstance(batch, (list, tuple)):
         return tuple(move_to_device(item, device) for item in batch)
     if isinstance(batch, Mapping):

@@ -137,10 +137,12 @@ def registered_divergences() -> list[str]:
 
 
 KD_LOSS_MAP = KDLossMap("kd_loss_type", {"ce": losses.kd_ce, "mse": losses.kd_mse,
-                                        "sampled_reverse_kl": losses.sampled_reverse_kl})
+                                        "sampled_reverse_kl": losses.sampled_reverse_kl,
+                                        "gold": losses.aligned_gold})
 """Logits KD losses: TextBrewer's ``'ce'`` (soft cross-entropy) and ``'mse'``, the
 token-level divergences of :data:`TOKEN_KD_LOSSES`, and the sampled-token loss of
-:data:`SAMPLED_KD_LOSSES` (on-policy only)."""
+:data:`SAMPLED_KD_LOSSES` (on-policy only), and the cross-tokenizer loss of
+:data:`CROSS_TOKENIZER_KD_LOSSES`."""
 
 SAMPLED_KD_LOSSES: dict[str, dict[str, Any]] = {"sampled_reverse_kl": {"gamma": 0.0}}
 """Losses on *sampled* tokens (on-policy distillation, ``DistillationConfig(on_policy=...)``):
@@ -162,6 +164,54 @@ def _sampled_parameters(name: str, rest: list[Any], value: Any, field: str) -> d
         raise ValueError(f"{field}={list(value)!r}: gamma must be in [0, 1] (the discount of "
                          f"the sampled-token advantage over later tokens), e.g. "
                          f"[{name!r}, {{'gamma': 0.0}}]")
+    return params
+
+
+# -- cross-tokenizer distillation (issue 20) ---------------------------------------------------
+CROSS_TOKENIZER_KD_LOSSES: dict[str, dict[str, Any]] = {
+    "gold": {"loss": "jsd", "matched_weight": None, "unmatched_weight": None, "top_k": None}}
+"""Losses over the aligned spans of two tokenisations (a teacher and a student with different
+tokenizers; docs/cross-tokenizer.md): not a divergence of two distributions over one
+vocabulary, so not in :data:`TOKEN_KD_LOSSES` (nor in the divergence registry). Each with its
+parameters and defaults (:func:`~purekd.losses.aligned_gold`): ``loss``, the divergence on the
+matched tokens (a name of :data:`TOKEN_KD_LOSSES`), and that divergence's own parameters
+(``beta`` for ``"jsd"``); ``matched_weight`` / ``unmatched_weight`` (both or neither, numbers
+>= 0); ``top_k`` (the ULD part's sorted head). ``"uld"`` is in :data:`TOKEN_KD_LOSSES` (one
+tokenizer, row against row) and runs over the spans when the batch carries them."""
+
+
+def _gold_parameters(name: str, rest: list[Any], value: Any, field: str) -> dict[str, Any]:
+    """The parameters of a cross-tokenizer loss, ``[name, {keyword: value}]``, validated."""
+    given = f"{field}={list(value)!r}"
+    if len(rest) != 1 or not isinstance(rest[0], Mapping):
+        raise ValueError(f"{given}: {name!r} takes its parameters as one dict, e.g. "
+                         f"[{name!r}, {{'loss': 'jsd', 'beta': 0.5}}]")
+    params = dict(rest[0])
+    known = CROSS_TOKENIZER_KD_LOSSES[name]
+    loss = params.get("loss", known["loss"])
+    if not isinstance(loss, str) or loss not in TOKEN_KD_LOSSES or loss == "uld":
+        raise ValueError(f"{given}: loss={loss!r} is the divergence on the matched tokens; "
+                         f"choose one of {sorted(n for n in TOKEN_KD_LOSSES if n != 'uld')}")
+    own = {k: v for k, v in params.items() if k not in known}
+    try:
+        _divergences.parameters(loss, "", own)
+    except (ValueError, TypeError) as error:
+        reason = str(error).removeprefix(": ")
+        raise ValueError(f"{given}: {reason}; {name!r} takes {sorted(known)} and the "
+                         f"parameters of its loss {loss!r}: "
+                         f"{sorted(_divergences.declared(loss, field).defaults)}") from None
+    w_m, w_u = params.get("matched_weight"), params.get("unmatched_weight")
+    if (w_m is None) != (w_u is None):
+        raise ValueError(f"{given}: give both matched_weight and unmatched_weight (numbers >= "
+                         f"0) or neither (TRL's matched share M / V_T and 1 - M / V_T)")
+    for key, weight in (("matched_weight", w_m), ("unmatched_weight", w_u)):
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                                   or not weight >= 0 or weight == float("inf")):
+            raise ValueError(f"{given}: {key}={weight!r} must be a finite number >= 0")
+    top_k = params.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"{given}: top_k={top_k!r} must be a positive int, or None to sort the "
+                         f"whole vocabulary")
     return params
 
 
@@ -245,6 +295,8 @@ def kd_loss_spec(value: Any, field: str = "kd_loss_type") -> tuple[str, dict[str
     KD_LOSS_MAP[name]
     if name in SAMPLED_KD_LOSSES:
         return name, _sampled_parameters(name, rest, value, field)
+    if name in CROSS_TOKENIZER_KD_LOSSES:
+        return name, _gold_parameters(name, rest, value, field)
     if name not in TOKEN_KD_LOSSES:
         raise ValueError(f"{field}={list(value)!r}: {name!r} takes no parameters; parameters go "
                          f"with the token-level losses {sorted(TOKEN_KD_LOSSES)}")
@@ -355,6 +407,7 @@ def check_layer_spec(loss: str, layer: Any, field: str) -> None:
 
 __all__ = [
     "ADAPTOR_KEYS",
+    "CROSS_TOKENIZER_KD_LOSSES",
     "FEATURES",
     "KD_LOSS_MAP",
     "LM_KEYS",

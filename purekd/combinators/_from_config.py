@@ -12,8 +12,10 @@ from torch import nn
 from purekd import losses, presets
 from purekd._compiling import compiled
 from purekd.configs import DistillationConfig, IntermediateMatch
+from purekd.terms._cross_tokenizer_kd import by_spans, forbid_spans
 from purekd.terms import (
     Term,
+    cross_tokenizer_kd,
     custom_match,
     hard_label,
     intermediate_match,
@@ -112,7 +114,7 @@ def _match_term(match: IntermediateMatch, projection: nn.Module | None) -> Term:
 
 
 def _terms(config: DistillationConfig, projections: Sequence[nn.Module | None],
-           customs: Sequence[CustomMatch]) -> list[Term]:
+           customs: Sequence[CustomMatch], vocabulary_map: Any = None) -> list[Term]:
     temperature_schedule: Callable[..., Any] = (
         presets.TEMPERATURE_SCHEDULER["constant"] if config.temperature_scheduler == "none"
         else presets.TEMPERATURE_SCHEDULER[config.temperature_scheduler])
@@ -129,11 +131,29 @@ def _terms(config: DistillationConfig, projections: Sequence[nn.Module | None],
     else:  # TextBrewer's losses, and any registered under a name of its own
         terms = [logits_kd(kd_loss, config.temperature, temperature_schedule,
                            config.probability_shift, weight=kd_weight)]
+    terms = [_cross_tokenizer(config, terms[0], vocabulary_map)]
     terms += [_match_term(m, p) for m, p in zip(config.intermediate_matches, projections, strict=True)]
     terms += [custom_match(i, c.loss, c.proj_func, weight=c.weight) for i, c in enumerate(customs)]
     terms.append(hard_label(weight=_weight(config.hard_label_weight,
                                            config.hard_label_weight_scheduler)))
     return terms
+
+
+def _cross_tokenizer(config: DistillationConfig, kd_term: Term, vocabulary_map: Any) -> Term:
+    """The KD term for two tokenizers (issue 20): ``'gold'`` over the aligned spans; ``'uld'``
+    over them when the batch has spans (else row against row); any other loss refuses a batch
+    with spans. A vocabulary map is for ``'gold'`` only."""
+    name, params = config.kd_loss
+    if name == "gold" or (name == "uld" and vocabulary_map is None):
+        cross = cross_tokenizer_kd(name, vocabulary_map=vocabulary_map, params=params,
+                                   temperature=config.temperature, weight=kd_term.weight,
+                                   name=kd_term.name)
+        return cross if name == "gold" else by_spans(kd_term, cross)
+    if vocabulary_map is not None:
+        raise ValueError(f"make_step(vocabulary_map=...) with kd_loss_type={name!r}: the "
+                         "vocabulary map is for kd_loss_type='gold' (docs/cross-tokenizer.md); "
+                         "set it, or leave vocabulary_map out")
+    return forbid_spans(kd_term, name)
 
 
 def make_step(
@@ -148,6 +168,7 @@ def make_step(
     projections: Sequence[nn.Module | None] | None = None,
     sampler: Any = None,
     tokenizers: Sequence[Any] | None = None,
+    vocabulary_map: Any = None,
 ) -> Step | TaskRouter:
     """The distillation step a :class:`~purekd.DistillationConfig` describes.
 
@@ -181,6 +202,12 @@ def make_step(
     front of the models stage; batches carry ``'prompts'`` (see its docstring). ``sampler``:
     a :class:`~purekd.stages.Sampler` in place of ``transformers``' ``generate``;
     ``tokenizers``: ``(tokenizer_T, tokenizer_S)``, checked to be one vocabulary.
+
+    Cross-tokenizer (a teacher and a student with different tokenizers, batches
+    ``{'student': ..., 'teacher': ..., 'spans': AlignedSpans}`` from
+    :class:`~purekd.stages.CrossTokenizerCollator`): ``kd_loss_type='gold'`` with
+    ``vocabulary_map`` (:func:`~purekd.stages.vocabulary_map` of the two tokenizers), or
+    ``'uld'``, builds :func:`~purekd.terms.cross_tokenizer_kd`; see docs/cross-tokenizer.md.
     """
     config = _config(distill_config)
     device = _device_of(model_S)
@@ -198,7 +225,7 @@ def make_step(
                 if isinstance(c.proj_func, nn.Module)]
     trainable = nn.ModuleList([module for module, _ in matched])
     loss = compiled(cast(Callable[..., Any], objective(
-        *_terms(config, projs, customs), count_tokens=config.normalises_by_tokens)),
+        *_terms(config, projs, customs, vocabulary_map), count_tokens=config.normalises_by_tokens)),
         enabled=compile)
 
     def one(teacher_model: Any, teacher_adaptor: Any, student_adaptor: Adaptor) -> Step:

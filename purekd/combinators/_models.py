@@ -129,7 +129,7 @@ class ModelsStage:
         with capture_outputs(self.capture_S) as captured:
             outputs_S = forward(self.student, parts.student, **args)
         adapted_S = adapt(self.adaptor_S, parts.student, outputs_S)._replace(
-            captured=tuple(captured))
+            captured=tuple(captured), spans=getattr(parts, "spans", None))
         if teacher_outputs is not None and adapted_S.logits_mask and not adapted_T.logits_mask:
             adapted_T = adapted_T._replace(logits_mask=adapted_S.logits_mask)
         return Outputs(adapted_S, share_equal_masks(adapted_S, adapted_T))

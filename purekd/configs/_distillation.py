@@ -209,6 +209,10 @@ class DistillationConfig(_ConfigIO):
       of the batch's prompts are sampled and distilled (see ``docs/on-policy.md``); with it,
       ``kd_loss_type='sampled_reverse_kl'`` (``['sampled_reverse_kl', {'gamma': 0.9}]``) is the
       sampled-token form, which needs ``lmbda=1``.
+    * ``kd_loss_type='gold'`` (``['gold', {'loss': 'jsd', 'beta': 0.5, 'matched_weight': w,
+      'unmatched_weight': u, 'top_k': k}]``) and ``'uld'`` on a cross-tokenizer batch (a teacher
+      and a student with different tokenizers, ``'spans'`` in the batch): the losses over the
+      aligned spans, token-normalised over the spans (docs/cross-tokenizer.md).
     """
 
     temperature: float = attrs.field(default=4, validator=_temperature)
@@ -241,7 +245,7 @@ class DistillationConfig(_ConfigIO):
     def __attrs_post_init__(self) -> None:
         name, _ = self.kd_loss
         token_level = name in presets.TOKEN_KD_LOSSES
-        if token_level and self.temperature_scheduler not in ("none", "constant"):
+        if (token_level or name in presets.CROSS_TOKENIZER_KD_LOSSES) and self.temperature_scheduler not in ("none", "constant"):
             raise ValueError(
                 f"DistillationConfig.temperature_scheduler={self.temperature_scheduler!r} with "
                 f"kd_loss_type={name!r}: the token-level divergences take a constant "
@@ -263,7 +267,8 @@ class DistillationConfig(_ConfigIO):
         (``loss_normalisation``, with ``'auto'`` resolved)."""
         if self.loss_normalisation == "auto":
             name = self.kd_loss[0]
-            return name in presets.TOKEN_KD_LOSSES or name in presets.SAMPLED_KD_LOSSES
+            return (name in presets.TOKEN_KD_LOSSES or name in presets.SAMPLED_KD_LOSSES
+                    or name in presets.CROSS_TOKENIZER_KD_LOSSES)
         return self.loss_normalisation == "tokens"
 
 

@@ -64,12 +64,16 @@ class GeneralDistiller(Distiller):
     ``custom_matches`` match outputs of arbitrary submodules (captured with forward hooks that
     exist only during the forward pass). ``is_caching_logits`` is ignored, as in TextBrewer:
     intermediate matches need the teacher's features at every step.
+
+    ``vocabulary_map``: for ``kd_loss_type='gold'`` with a teacher and a student of different
+    tokenizers (:func:`~purekd.stages.vocabulary_map`; docs/cross-tokenizer.md).
     """
 
     def __init__(self, train_config: TrainingConfig | Mapping[str, Any],
                  distill_config: DistillationConfig | Mapping[str, Any] | None,
                  model_T: Any, model_S: nn.Module, adaptor_T: Any, adaptor_S: Any,
-                 custom_matches: Sequence[Any] | None = None, *, compile: bool | Literal["auto"] = "auto"):
+                 custom_matches: Sequence[Any] | None = None, *, compile: bool | Literal["auto"] = "auto",
+                 vocabulary_map: Any = None):
         super().__init__(train_config, distill_config, model_T, model_S)
         preflight.check_on_policy(self.t_config, self.d_config)
         if self.d_config.is_caching_logits:
@@ -81,7 +85,7 @@ class GeneralDistiller(Distiller):
         self.custom_matches = list(custom_matches or ())
         self.step = make_step(self.d_config, model_T, model_S, adaptor_T, adaptor_S,
                               custom_matches=custom_matches, compile=compile,
-                              projections=self.projs)
+                              projections=self.projs, vocabulary_map=vocabulary_map)
 
     def _extra_param_groups(self) -> list[tuple[nn.Module, dict[str, Any]]]:
         step: Step = (self.step if isinstance(self.step, Step)

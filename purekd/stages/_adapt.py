@@ -37,6 +37,7 @@ class _AdaptedFields(NamedTuple):
     topk_mask: Tensor | None = None
     next_ids: Tensor | None = None
     sampler_logprobs: Tensor | None = None
+    spans: Any = None  # cross-tokenizer: the batch's AlignedSpans (set by the models stage)
 
     @property
     def row_outputs(self) -> int:
@@ -90,6 +91,10 @@ class Adapted(_AdaptedFields):
     Set by the on-policy stage (:class:`~purekd.combinators.OnPolicyStage`), never by an
     adaptor: ``next_ids`` ``rows`` int64, the sampled token each row predicts, and
     ``sampler_logprobs`` ``rows`` (or ``None``), the sampler's log-probability of it.
+
+    Set by the models stage on the student's outputs, never by an adaptor: ``spans``, the
+    batch's :class:`~purekd.losses.AlignedSpans` (a cross-tokenizer batch, ``'spans'`` beside
+    ``'teacher'`` and ``'student'``; see docs/cross-tokenizer.md), else ``None``.
     """
 
     __slots__ = ()

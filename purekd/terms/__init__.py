@@ -5,6 +5,7 @@ of progress) and an eager precondition check.
 """
 
 from ._context import Check, Context, Count, Term, TermFn, Weight, as_term, make_context
+from ._cross_tokenizer_kd import cross_tokenizer_kd
 from ._hard_label import hard_label
 from ._logits_kd import check_logits, kd_loss_caller, logits_kd, logits_mask_for
 from ._match import custom_match, intermediate_match, match_name, select_layers
@@ -20,6 +21,7 @@ __all__ = [
     "Weight",
     "as_term",
     "check_logits",
+    "cross_tokenizer_kd",
     "custom_match",
     "hard_label",
     "intermediate_match",

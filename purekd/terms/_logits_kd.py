@@ -124,6 +124,11 @@ def check_logits(adapted_S: Adapted, adapted_T: Adapted, shift_probability: bool
                 )
 
 
+CROSS_TOKENIZER_HINT = (" If the two models have different tokenizers, distil across tokenizers "
+                        "instead: batches from purekd.stages.CrossTokenizerCollator and "
+                        "kd_loss_type='gold' or 'uld' (docs/cross-tokenizer.md)")
+
+
 def vocabulary_mismatch(what: str, size_S: int, size_T: int, option: str | None = None) -> str:
     """The message for teacher and student distributions over vocabularies of different sizes."""
     fix = (f" If the two models share a tokenizer and one output layer is padded (e.g. Qwen2.5's "
@@ -132,7 +137,7 @@ def vocabulary_mismatch(what: str, size_S: int, size_T: int, option: str | None 
            if option else "")
     return (f"{what}: the student's vocabulary has {size_S} entries but the teacher's has "
             f"{size_T}; the KD loss compares the two distributions entry by entry, so both "
-            f"models must score the same vocabulary.{fix}")
+            f"models must score the same vocabulary.{fix}{'.' if fix else ''}{CROSS_TOKENIZER_HINT}")
 
 
 def _check_masks_fit(adapted_S: Adapted, adapted_T: Adapted, index: int) -> None:
