@@ -23,7 +23,9 @@ def registered():
 def test_kd_loss_map():
     assert set(tb.KD_LOSS_MAP) == {"ce", "mse"}
     assert set(presets.KD_LOSS_MAP) == {"ce", "mse", *presets.TOKEN_KD_LOSSES,
-                                        *presets.SAMPLED_KD_LOSSES}
+                                        *presets.SAMPLED_KD_LOSSES,
+                                        *presets.CROSS_TOKENIZER_KD_LOSSES}
+    assert presets.KD_LOSS_MAP["gold"] is losses.aligned_gold
     for name in [*presets.TOKEN_KD_LOSSES, *presets.SAMPLED_KD_LOSSES]:
         assert presets.KD_LOSS_MAP[name] is getattr(losses, name)
     assert presets.KD_LOSS_MAP["ce"] is losses.kd_ce

@@ -12,7 +12,6 @@ from torch import nn
 from purekd import losses, presets
 from purekd._compiling import compiled
 from purekd.configs import DistillationConfig, IntermediateMatch
-from purekd.terms._cross_tokenizer_kd import by_spans, forbid_spans
 from purekd.terms import (
     Term,
     cross_tokenizer_kd,
@@ -23,6 +22,7 @@ from purekd.terms import (
     sampled_token_kd,
     token_kd,
 )
+from purekd.terms._cross_tokenizer_kd import by_spans, forbid_spans
 
 from ._models import Adaptor, mean_of_teachers, models_stage, single_teacher
 from ._objective import objective, scheduled_after_start

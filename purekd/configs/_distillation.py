@@ -245,7 +245,8 @@ class DistillationConfig(_ConfigIO):
     def __attrs_post_init__(self) -> None:
         name, _ = self.kd_loss
         token_level = name in presets.TOKEN_KD_LOSSES
-        if (token_level or name in presets.CROSS_TOKENIZER_KD_LOSSES) and self.temperature_scheduler not in ("none", "constant"):
+        constant_only = token_level or name in presets.CROSS_TOKENIZER_KD_LOSSES
+        if constant_only and self.temperature_scheduler not in ("none", "constant"):
             raise ValueError(
                 f"DistillationConfig.temperature_scheduler={self.temperature_scheduler!r} with "
                 f"kd_loss_type={name!r}: the token-level divergences take a constant "
