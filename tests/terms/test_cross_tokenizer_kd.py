@@ -284,3 +284,19 @@ def test_gold_config_parameters():
     assert purekd.presets.KD_LOSS_MAP["gold"] is losses.aligned_gold
     with pytest.raises(ValueError, match="temperature"):
         purekd.DistillationConfig(kd_loss_type="gold", temperature_scheduler=["cwsm", 1.0])
+
+
+def test_the_compiled_loss_path_is_the_same_loss(pair):
+    tokenizer_S, tokenizer_T, vmap = pair
+    teacher, student = models(pair)
+    batch = CrossTokenizerCollator(tokenizer_S, tokenizer_T)(TEXTS)
+    step = purekd.make_step({"kd_loss_type": "gold", "temperature": TEMPERATURE}, teacher,
+                            student, adaptor, adaptor, compile=True, vocabulary_map=vmap)
+    out = step(batch)
+    assert step.loss.fallback_reason is None  # compiled, no eager fallback
+    want = by_hand("gold", student, teacher, batch, vmap, {})
+    torch.testing.assert_close(out.loss, want, rtol=1e-12, atol=0)
+    got = torch.autograd.grad(out.loss, list(student.parameters()))
+    expected = torch.autograd.grad(want, list(student.parameters()))
+    for g, w in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
