@@ -39,6 +39,9 @@ class BasicDistiller(Distiller):
     matches — use :class:`GeneralDistiller` for those). Supports ``is_caching_logits``.
 
     ``compile`` puts the loss path under ``torch.compile`` (eager fallback on failure): ``True``, ``False`` or ``"auto"`` (default: compile only a loss path that dominates the step, decided by measuring the first steps).
+
+    ``vocabulary_map``: for ``kd_loss_type='gold'`` with a teacher and a student of different
+    tokenizers (:func:`~purekd.stages.vocabulary_map`; docs/cross-tokenizer.md).
     """
 
     caches_logits = True
@@ -46,12 +49,13 @@ class BasicDistiller(Distiller):
     def __init__(self, train_config: TrainingConfig | Mapping[str, Any],
                  distill_config: DistillationConfig | Mapping[str, Any] | None,
                  model_T: nn.Module, model_S: nn.Module, adaptor_T: Adaptor, adaptor_S: Adaptor,
-                 *, compile: bool | Literal["auto"] = "auto"):
+                 *, compile: bool | Literal["auto"] = "auto", vocabulary_map: Any = None):
         super().__init__(train_config, distill_config, model_T, model_S)
         preflight.check_on_policy(self.t_config, self.d_config)
         self.adaptor_T, self.adaptor_S = adaptor_T, adaptor_S
         config = attrs.evolve(self.d_config, intermediate_matches=())
-        self.step = make_step(config, model_T, model_S, adaptor_T, adaptor_S, compile=compile)
+        self.step = make_step(config, model_T, model_S, adaptor_T, adaptor_S, compile=compile,
+                              vocabulary_map=vocabulary_map)
 
     def _teacher_stage(self) -> TeacherStage | None:
         return single_teacher(self.model_T, self.adaptor_T)

@@ -144,6 +144,19 @@ def test_the_micro_batches_have_unequal_span_counts(tmp_path, pair):
     assert max((means[k] - expected[k]).abs().max().item() for k in expected) > 1e-6
 
 
+def test_the_basic_distiller_takes_the_vocabulary_map(tmp_path, pair):
+    tokenizer_S, tokenizer_T, vmap = pair
+    teacher, student = models(pair)
+    distiller = purekd.BasicDistiller(
+        purekd.TrainingConfig(device="cpu", output_dir=str(tmp_path)),
+        purekd.DistillationConfig(kd_loss_type="gold", temperature=TEMPERATURE), teacher,
+        student, adaptor, adaptor, compile=False, vocabulary_map=vmap)
+    batch = CrossTokenizerCollator(tokenizer_S, tokenizer_T)(TEXTS)
+    torch.testing.assert_close(distiller.step(batch).loss,
+                               by_hand("gold", student, teacher, batch, vmap, {}),
+                               rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("loss", ["gold", "uld"])
 def test_a_few_distiller_steps_lower_the_loss(tmp_path, pair, loss):
     tokenizer_S, tokenizer_T, vmap = pair
