@@ -125,7 +125,7 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook_func(lambda tp: typing.get_origin(tp) is list, check_list)
     for cls in (*SECTIONS.values(), Match):
         attrs.resolve_types(cls)
-        hook = make_dict_structure_fn(cls, converter, _cattrs_forbid_extra_keys=True)
+        hook: Any = make_dict_structure_fn(cls, converter, _cattrs_forbid_extra_keys=True)
         converter.register_structure_hook(cls, _mapping_first(hook))
     return converter
 
@@ -155,8 +155,8 @@ def unknown_key(path: str, key: str, valid: list[str]) -> str:
     return f"{where}: unknown key; {hint}(valid keys: {', '.join(valid)})"
 
 
-def _walk(error: BaseException, path: str, cls: type | None) -> list[str]:
-    """``key.path: message`` lines for a cattrs error tree (``cls``: the class at ``path``)."""
+def _walk(error: BaseException, path: str) -> list[str]:
+    """``key.path: message`` lines for a cattrs error tree."""
     if isinstance(error, ForbiddenExtraKeysError):
         fields = _fields(error.cl)
         return [unknown_key(path, key, fields) for key in sorted(error.extra_fields)]
@@ -165,15 +165,11 @@ def _walk(error: BaseException, path: str, cls: type | None) -> list[str]:
         with_notes, without = error.group_exceptions()
         for sub, note in with_notes:
             name = getattr(note, "name", None)
-            if name is not None:
-                sub_path = f"{path}.{name}" if path else name
-                sub_cls = getattr(note, "type", None)
-            else:
-                sub_path = f"{path}[{getattr(note, 'index', '?')}]"
-                sub_cls = None
-            lines.extend(_walk(sub, sub_path, sub_cls if attrs.has(sub_cls) else None))
+            sub_path = (f"{path}.{name}" if path else name) if name is not None else \
+                f"{path}[{getattr(note, 'index', '?')}]"
+            lines.extend(_walk(sub, sub_path))
         for sub in without:
-            lines.extend(_walk(sub, path, cls))
+            lines.extend(_walk(sub, path))
         return lines
     if isinstance(error, KeyError):
         return [f"{path}: missing (required)"]
@@ -206,7 +202,7 @@ def structure(data: Any) -> tuple[Recipe | None, list[str]]:
             else:
                 values[field.name] = CONVERTER.structure(value, cls)
         except Exception as error:
-            problems.extend(_walk(error, field.name, cls))
+            problems.extend(_walk(error, field.name))
     recipe = None
     if not problems:
         recipe = Recipe(**values)

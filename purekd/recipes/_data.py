@@ -11,8 +11,8 @@ with label ``t + 1`` (:func:`purekd.stages.next_token`).
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -212,9 +212,14 @@ def build(data: Data, tokenizer: Any) -> Split:
         held_out = rows.slice(len(rows) - data.eval_rows, None)
     train = rows.slice(0, data.train_rows if data.train_rows is not None
                        else len(rows) - data.eval_rows)
-    if not any(bool((labels != IGNORE).any()) for labels in train.labels):
+    empty = sum(1 for labels in train.labels if not bool((labels[1:] != IGNORE).any()))
+    if empty == len(train):
         raise ValueError("data: no training row has a token to learn (every label is masked): "
                          "longer rows (data.seq_len), or data.completion_only: false")
+    if empty:
+        warnings.warn(f"data: {empty} of {len(train)} training rows have no token to learn (their "
+                      f"completion lies beyond data.seq_len={data.seq_len}, or is empty); they "
+                      "add nothing to the loss: raise data.seq_len", UserWarning, stacklevel=2)
     return Split(train, held_out, tokens)
 
 

@@ -210,7 +210,8 @@ def masked_perplexity(model: nn.Module, ids: Sequence[Tensor], labels: Sequence[
                       pad_id: int = 0, batch_size: int = 8) -> Perplexity:
     """``exp`` of the mean next-token cross-entropy over the positions whose next label is not
     ``-100`` (rows of any length, right-padded per batch): position ``t`` predicts
-    ``labels[t + 1]``. With every label the row's own token this is :func:`perplexity`."""
+    ``labels[t + 1]``. With every label the row's own token this is :func:`perplexity`; NaN
+    when no position counts."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -228,9 +229,9 @@ def masked_perplexity(model: nn.Module, ids: Sequence[Tensor], labels: Sequence[
                                        reduction="sum"))
         count += int((target[:, 1:] != -100).sum())
     model.train(was_training)
-    return Perplexity(math.exp(total / max(count, 1)), count)
+    return Perplexity(math.exp(total / count) if count else math.nan, count)
 
 
 __all__ = ["Perplexity", "bundled_teacher", "check_same_vocabulary", "compress",
-           "decoder_layers", "load_teacher", "masked_perplexity", "parameter_count", "perplexity", "spread_layers",
-           "vocabulary_size"]
+           "decoder_layers", "load_teacher", "masked_perplexity", "parameter_count", "perplexity",
+           "spread_layers", "vocabulary_size"]

@@ -39,6 +39,7 @@ class Progress:
         self._handles: list[Any] = []
 
     def attach(self, step: nn.Module, optimizer: Any = None) -> None:
+        self.start = time.perf_counter()
         self._handles.append(step.register_forward_hook(self._micro))
         if optimizer is not None:
             self.attach_optimizer(optimizer)

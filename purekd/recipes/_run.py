@@ -40,6 +40,8 @@ def load_models(recipe: Recipe, *, progress_bar: bool = True) -> tuple[Any, Any,
     vocabulary."""
     from ._models import check_same_vocabulary, compress, load_teacher, spread_layers
 
+    teacher: Any
+    student: Any
     teacher, tokenizer, _ = load_teacher(resolve(recipe.teacher.path), progress_bar=progress_bar)
     if recipe.tokenizer is not None:
         from transformers import AutoTokenizer

@@ -140,7 +140,9 @@ class Train:
     """``steps`` optimizer steps or ``epochs`` passes (one of them), ``batch_size`` rows a
     micro-batch, ``accumulation`` micro-batches a step, gradient-norm clipping
     (``max_grad_norm``; <= 0: none), bf16 autocast, FSDP2 under torchrun (``fsdp``), the
-    ``device`` (``auto``: CUDA when available) and the ``seed``."""
+    ``device`` (``auto``: CUDA when available), the ``seed``, and ``compile``: the loss path
+    under ``torch.compile`` (``true``), eager (``false``), or ``null`` — compiled only when
+    measuring the first steps shows it dominates the step."""
 
     steps: int | None = None
     epochs: int | None = None
@@ -151,6 +153,7 @@ class Train:
     fsdp: bool = False
     device: str = "auto"
     seed: int = 0
+    compile: bool | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -159,8 +159,8 @@ def loader_for(rows: Rows, recipe: Recipe, cache: Any, pad_id: int) -> DataLoade
                       collate_fn=collate)
 
 
-def train_student(student: nn.Module, rows: Rows, recipe: Recipe, output_dir: Path, *,
-                  teacher: nn.Module | None = None, cache: Any = None, pad_id: int = 0,
+def train_student(student: Any, rows: Rows, recipe: Recipe, output_dir: Path, *,
+                  teacher: Any = None, cache: Any = None, pad_id: int = 0,
                   callback: Callable[..., Any] | None = None,
                   on_start: Callable[[Any, Any], None] | None = None) -> Any:
     """Train ``student`` in place by ``recipe`` on ``rows``, from the live ``teacher`` or the
@@ -184,7 +184,8 @@ def train_student(student: nn.Module, rows: Rows, recipe: Recipe, output_dir: Pa
                             labels_key="labels", hidden=hidden))
     distiller = purekd.GeneralDistiller(training_config(recipe, output_dir, total),
                                         distill_config(recipe), teacher, student, adaptor_T,
-                                        adaptor_S)
+                                        adaptor_S,
+                                        compile="auto" if train.compile is None else train.compile)
     if recipe.loss.ce_weight:
         distiller.step = distiller.step.replace_term("kd_loss", kd_and_text_term(recipe.loss))
     optimizer = optimizer_for(student, recipe)
