@@ -53,13 +53,15 @@ def _scalar(text: str, tp: Any, key: str) -> Any:
     """``text`` as a value of type ``tp`` (the override's typing)."""
     import yaml
 
-    args = typing.get_args(tp)
-    optional = type(None) in args
-    if optional and text.strip().lower() in _NULLS:
-        return None
-    inner = [a for a in args if a is not type(None)]
-    if len(inner) == 1:
-        tp = inner[0]
+    import types
+
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and text.strip().lower() in _NULLS:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            tp = inner[0]
     if tp is bool:
         low = text.strip().lower()
         if low in _TRUE:
