@@ -33,3 +33,12 @@ def recipe_data(teacher_dir, data_files, tmp_path):
         "checkpoint": {"output_dir": str(tmp_path / "run"), "every": 2},
         "metrics": {"progress_bar": False},
     }
+
+
+@pytest.fixture(autouse=True)
+def _eager_blocks(monkeypatch):
+    """The fused loss's block kernels eager (compiling them takes ~30 s on CPU; the
+    compiled path is tested with the losses)."""
+    from purekd.losses import _blockwise
+
+    monkeypatch.setattr(_blockwise, "COMPILE_BLOCKS", False)
