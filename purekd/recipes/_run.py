@@ -25,6 +25,21 @@ from ._progress import Progress, Summary
 from ._schema import Recipe
 
 
+def check_loss(recipe: Recipe) -> None:
+    """The loss's own checks (``DistillationConfig``, the KD term; a divergence registered with
+    ``purekd.losses.register_divergence`` is known only here), before anything loads: a
+    :class:`RecipeError` naming ``loss``."""
+    from ._convert import RecipeError
+    from ._train import distill_config, kd_and_text_term
+
+    try:
+        distill_config(recipe)
+        if recipe.loss.ce_weight:
+            kd_and_text_term(recipe.loss)
+    except (ValueError, TypeError) as error:
+        raise RecipeError([f"loss: {error}"]) from None
+
+
 def seed_everything(seed: int) -> None:
     import numpy as np
     import torch
@@ -94,7 +109,7 @@ def run(recipe: Recipe, *, progress_bar: bool | None = None,
     from ._teacher import teacher_cache
     from ._train import device_of, distill_config, train_student, world
 
-    distill_config(recipe)  # the loss's own checks, before anything loads
+    check_loss(recipe)
     rank, size = world()
     say = echo if rank == 0 else (lambda _: None)
     if size > 1:
@@ -161,4 +176,4 @@ def run(recipe: Recipe, *, progress_bar: bool | None = None,
     return summary
 
 
-__all__ = ["load_models", "run", "seed_everything"]
+__all__ = ["check_loss", "load_models", "run", "seed_everything"]

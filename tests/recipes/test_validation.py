@@ -230,3 +230,15 @@ def test_validation_imports_neither_torch_nor_transformers(recipe_data, tmp_path
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout
     assert "steps: 5" in done.stdout
+
+
+def test_a_loss_name_purekd_does_not_know_is_refused_before_anything_loads(recipe_data):
+    from purekd.recipes._run import check_loss
+
+    data = _with(recipe_data, "loss", kd_loss_type="forward_kll")
+    recipe = validate(data)  # not a built-in name: it could be a registered divergence
+    with pytest.raises(RecipeError) as info:
+        check_loss(recipe)
+    (problem,) = info.value.problems
+    assert problem.startswith("loss: DistillationConfig.kd_loss_type='forward_kll': ")
+    assert "forward_kl" in problem
