@@ -51,9 +51,9 @@ def _field_type(path: list[str]) -> tuple[Any, str | None]:
 
 def _scalar(text: str, tp: Any, key: str) -> Any:
     """``text`` as a value of type ``tp`` (the override's typing)."""
-    import yaml
-
     import types
+
+    import yaml
 
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

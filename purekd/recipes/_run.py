@@ -107,7 +107,7 @@ def run(recipe: Recipe, *, progress_bar: bool | None = None,
     from ._export import save_pretrained_student
     from ._models import masked_perplexity
     from ._teacher import teacher_cache
-    from ._train import device_of, distill_config, train_student, world
+    from ._train import device_of, train_student, world
 
     check_loss(recipe)
     rank, size = world()

@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from . import _tiny  # noqa: E402
+from . import _tiny
 
 
 @pytest.fixture(scope="session")

@@ -68,7 +68,7 @@ def test_packed_text_is_the_separator_joined_text_cut_into_rows(tok, data_files)
     data = Data(path=str(data_files["text"]), format="text", separator="\n", seq_len=8,
                 limit=10, eval_rows=2)
     split = build(data, tok)
-    texts = [json.loads(line)["text"] for line in open(data_files["text"])][:10]
+    texts = [json.loads(line)["text"] for line in data_files["text"].read_text().splitlines()][:10]
     ids = tok("\n".join(texts), add_special_tokens=False)["input_ids"]
     rows = len(ids) // 8
     table = torch.tensor(ids[:rows * 8]).view(rows, 8)
