@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from purekd.presets import ADAPTOR_KEYS
+from purekd._keys import ADAPTOR_KEYS
 
 Tensors = tuple[Tensor, ...]
 
