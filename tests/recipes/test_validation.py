@@ -242,3 +242,14 @@ def test_a_loss_name_purekd_does_not_know_is_refused_before_anything_loads(recip
     (problem,) = info.value.problems
     assert problem.startswith("loss: DistillationConfig.kd_loss_type='forward_kll': ")
     assert "forward_kl" in problem
+
+
+def test_the_light_table_of_divergences_is_the_registrys_built_ins():
+    """The checks run without torch, from their own table: it must say what the registry
+    (purekd.losses.register_divergence) says of the built-in divergences."""
+    from purekd import presets
+    from purekd.recipes._checks import DIVERGENCES, TOPK_LOSSES
+
+    for name, params in DIVERGENCES.items():
+        assert set(params) == set(presets.TOKEN_KD_LOSSES[name]), name
+    assert set(TOPK_LOSSES) == set(presets.TOPK_FORMS)
