@@ -99,6 +99,22 @@ def load_teacher(teacher: str | os.PathLike[str] | None = None, *,
     return model, tokenizer, path
 
 
+def load_student(path: str | os.PathLike[str]) -> nn.Module:
+    """A causal LM from a ``.gguf`` file or a model folder (float32), in train mode with every
+    parameter trainable; no tokenizer is needed beside it."""
+    from transformers import AutoModelForCausalLM
+
+    options = _check_teacher_path(Path(path))
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(**options, dtype=torch.float32)
+    except Exception as error:
+        raise ValueError(f"student={str(path)!r} could not be loaded as a causal language model "
+                         f"({type(error).__name__}: {error})") from error
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # a GGUF file's; the student is plain float32
+    return model.train().requires_grad_(True)
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a Hugging Face causal LM (``model.model.layers``, as in Llama,
     Qwen, Mistral, SmolLM)."""
@@ -233,5 +249,5 @@ def masked_perplexity(model: nn.Module, ids: Sequence[Tensor], labels: Sequence[
 
 
 __all__ = ["Perplexity", "bundled_teacher", "check_same_vocabulary", "compress",
-           "decoder_layers", "load_teacher", "masked_perplexity", "parameter_count", "perplexity",
+           "decoder_layers", "load_student", "load_teacher", "masked_perplexity", "parameter_count", "perplexity",
            "spread_layers", "vocabulary_size"]

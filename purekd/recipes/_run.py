@@ -64,8 +64,9 @@ def load_models(recipe: Recipe, *, progress_bar: bool = True) -> tuple[Any, Any,
         tokenizer = AutoTokenizer.from_pretrained(str(resolve(recipe.tokenizer)))
     spec = recipe.student
     if spec.path is not None:
-        student, _, _ = load_teacher(resolve(spec.path), progress_bar=progress_bar)
-        student.train().requires_grad_(True)
+        from ._models import load_student
+
+        student = load_student(resolve(spec.path))
     else:
         from ._models import decoder_layers
 

@@ -78,3 +78,26 @@ def test_a_live_teacher_on_chat_data_trains_on_completion_tokens(recipe_data, da
     assert any((out / "tensorboard").iterdir())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3 and all(math.isfinite(r["kd_loss"]) for r in records)  # 3 batches
+
+
+def test_a_student_of_its_own_and_a_tokenizer_directory(recipe_data, teacher_dir, data_files,
+                                                        tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from . import _tiny
+
+    own = _tiny.llama(len(_tiny.tokenizer()), layers=1, seed=3)
+    own.save_pretrained(tmp_path / "own")
+    data = dict(recipe_data)
+    data["student"] = {"path": str(tmp_path / "own")}
+    data["tokenizer"] = str(teacher_dir)
+    data["teacher"] = {"path": str(teacher_dir), "source": "live"}
+    data["data"] = {"path": str(data_files["pc"]), "seq_len": 24, "packing": True}
+    data["train"] = {**recipe_data["train"], "steps": 2}
+    data["checkpoint"] = {"output_dir": str(tmp_path / "own-run"), "save_state": False}
+    summary = run(validate(data), echo=lambda _: None)
+    assert summary.steps == 2 and summary.perplexity is None  # no held-out rows asked for
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "own-run" / "student")
+    assert trained.config.num_hidden_layers == 1
+    assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight,
+                           own.model.layers[0].mlp.up_proj.weight)
