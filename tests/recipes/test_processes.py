@@ -45,6 +45,15 @@ def _distill(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]
     return done
 
 
+def _in_process(path: Path) -> None:
+    """The reference run, here (the block kernels eager, as TORCHDYNAMO_DISABLE makes them in
+    the other processes; the recipes say compile: false)."""
+    from purekd.recipes import load
+    from purekd.recipes._run import run
+
+    run(load(path), progress_bar=False, echo=lambda _: None)
+
+
 def _weights(folder: Path, step: int) -> dict[str, torch.Tensor]:
     return torch.load(folder / f"gs{step}.pkl", weights_only=True)
 
@@ -59,7 +68,7 @@ def test_two_gloo_ranks_train_the_student_one_process_trains(recipe_data, tmp_pa
     two = _write(recipe_data, tmp_path / "two.yaml",
                  train={"batch_size": 2, "steps": 3},
                  checkpoint={"output_dir": str(tmp_path / "two"), "every": 3})
-    _distill(str(one))
+    _in_process(one)
     done = torchrun(MAIN, "distill", str(two), "--quiet")
     assert "held-out ppl" in done.stdout and done.stdout.count("held-out ppl") == 1  # rank 0
     a, b = _weights(tmp_path / "one", 3), _weights(tmp_path / "two", 3)
@@ -103,7 +112,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights(recipe_d
                    checkpoint={"output_dir": str(tmp_path / "whole"), "every": 2}, **sections)
     cut = _write(recipe_data, tmp_path / "cut.yaml",
                  checkpoint={"output_dir": str(tmp_path / "cut"), "every": 2}, **sections)
-    _distill(str(whole))
+    _in_process(whole)
     script = tmp_path / "killing.py"
     script.write_text(KILLING)
     died = subprocess.run([sys.executable, str(script), "4", "distill", str(cut), "--quiet"],
@@ -137,7 +146,7 @@ def test_fsdp_on_two_gloo_ranks_writes_the_gathered_student(recipe_data, tmp_pat
                  train={"batch_size": 2, "steps": 2, "fsdp": True}, optimizer={"lr": 1e-3},
                  checkpoint={"output_dir": str(tmp_path / "two"), "every": 2,
                              "save_state": False})
-    _distill(str(one))
+    _in_process(one)
     torchrun(MAIN, "distill", str(two), "--quiet")
     a, b = _weights(tmp_path / "one", 2), _weights(tmp_path / "two", 2)
     for name in a:
