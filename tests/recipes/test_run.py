@@ -101,3 +101,18 @@ def test_a_student_of_its_own_and_a_tokenizer_directory(recipe_data, teacher_dir
     assert trained.config.num_hidden_layers == 1
     assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight,
                            own.model.layers[0].mlp.up_proj.weight)
+
+
+def test_bf16_autocast_and_epochs(recipe_data, tmp_path):
+    data = dict(recipe_data)
+    data["train"] = {**recipe_data["train"], "steps": None, "epochs": 1, "bf16": True,
+                     "batch_size": 32}
+    data["data"] = {**recipe_data["data"], "train_rows": 64}
+    data["checkpoint"] = {"output_dir": str(tmp_path / "bf16"), "save_state": False}
+    summary = run(validate(data), echo=lambda _: None)
+    assert summary.steps == 2  # 64 rows, batches of 32, one epoch
+    assert math.isfinite(summary.perplexity)
+    out = tmp_path / "bf16"
+    assert {"gs2.pkl", "student-gs2", "student"} <= {p.name for p in out.iterdir()}
+    weights = torch.load(out / "gs2.pkl", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in weights.values())  # autocast, fp32 weights
