@@ -3,7 +3,8 @@
 The bar (tqdm, rank 0) advances at every optimizer step and shows the tokens per second and
 the last micro-batch's loss and terms; it listens to the run without changing it: a forward
 hook on the step reads each micro-batch's tokens (the student batch's attention mask) and its
-``StepOutput``, a step hook on the optimizer counts the steps.
+``StepOutput``, a step hook on the optimizer counts the steps. The counts stay on the device;
+they are copied to the host at most once a second, for the bar (no synchronisation per step).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ class Progress:
         self.total = total_steps
         self.world = world_size
         self.enabled = (sys.stderr.isatty() if enabled is None else enabled) and rank == 0
-        self.tokens = 0
+        self._tokens: Any = 0  # a device tensor once counting starts
         self.steps = 0
+        self._shown = 0.0
         self.start = time.perf_counter()
         self.last: dict[str, Tensor] = {}
         self.bar: Any = None
@@ -57,19 +59,29 @@ class Progress:
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
         if isinstance(mask, Tensor):
-            self.tokens += int(mask.sum()) * self.world
+            self._tokens = self._tokens + mask.detach().sum() * self.world
         elif isinstance(ids, Tensor):
-            self.tokens += ids.numel() * self.world
+            self._tokens = self._tokens + ids.numel() * self.world
         terms = getattr(output, "terms", None)
         loss = getattr(output, "loss", None)
         self.last = {**({"loss": loss} if isinstance(loss, Tensor) else {}),
                      **(dict(terms) if isinstance(terms, Mapping) else {})}
 
+    @property
+    def tokens(self) -> int:
+        """Tokens of the student batches so far (all ranks)."""
+        return int(self._tokens)
+
     def _step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.steps += 1
         if self.bar is None:
             return
-        seconds = max(time.perf_counter() - self.start, 1e-9)
+        now = time.perf_counter()
+        if now - self._shown < 1.0 and self.steps != self.total:
+            self.bar.update(1)
+            return
+        self._shown = now
+        seconds = max(now - self.start, 1e-9)
         postfix = {"tok/s": f"{self.tokens / seconds:,.0f}"}
         for name, value in self.last.items():
             number = float(value.detach().float().mean())
