@@ -49,10 +49,6 @@ DIVERGENCES: dict[str, tuple[str, ...]] = {
 TOPK_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 """The divergences a top-k teacher cache supports."""
 
-WIRED_SINKS = ("jsonl", "tensorboard")
-"""The metric sinks a recipe run writes today."""
-
-
 def _number(value: float) -> str:
     return repr(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
 
@@ -228,16 +224,29 @@ def _checkpoint(p: _Problems, checkpoint: Checkpoint) -> None:
               "its saved states)")
 
 
+_SINK_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard"}
+
+
 def _metrics(p: _Problems, metrics: Metrics) -> None:
+    import importlib.util
+
     for index, sink in enumerate(metrics.sinks):
         p.one_of(f"metrics.sinks[{index}]", sink, SINKS)
-        if sink in SINKS and sink not in WIRED_SINKS:
-            p.add(f"metrics.sinks[{index}]", f"{sink!r} is not wired to recipe runs yet: use "
-                  f"{' or '.join(WIRED_SINKS)}")
+        package = _SINK_PACKAGES.get(sink)
+        if package is not None and importlib.util.find_spec(package) is None:
+            extra = "logging" if sink == "tensorboard" else "tracking"
+            p.add(f"metrics.sinks[{index}]", f"{sink!r} needs the {package} package (pip "
+                  f"install 'purekd[{extra}]')")
     if len(set(metrics.sinks)) != len(metrics.sinks):
         p.add("metrics.sinks", f"{metrics.sinks} names a sink twice")
-    if metrics.log_dir is not None and "tensorboard" not in metrics.sinks:
-        p.add("metrics.log_dir", "set, but 'tensorboard' is not in metrics.sinks")
+    if "jsonl" not in metrics.sinks:
+        p.add("metrics.sinks", "jsonl is always written (OUTPUT_DIR/metrics.jsonl, the run's "
+              "record that resume truncates): list it")
+    for key, sink in (("log_dir", "tensorboard"), ("wandb", "wandb"), ("mlflow", "mlflow")):
+        if getattr(metrics, key) and sink not in metrics.sinks:
+            p.add(f"metrics.{key}", f"set, but {sink!r} is not in metrics.sinks")
+    if metrics.project is not None and not {"wandb", "mlflow"} & set(metrics.sinks):
+        p.add("metrics.project", "set, but neither 'wandb' nor 'mlflow' is in metrics.sinks")
 
 
 def problems(sections: dict[str, Any], tokenizer: str | None = None) -> list[str]:
@@ -263,4 +272,4 @@ def problems(sections: dict[str, Any], tokenizer: str | None = None) -> list[str
     return p.lines
 
 
-__all__ = ["DIVERGENCES", "TOPK_LOSSES", "WIRED_SINKS", "problems"]
+__all__ = ["DIVERGENCES", "TOPK_LOSSES", "problems"]

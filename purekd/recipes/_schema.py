@@ -173,12 +173,17 @@ class Checkpoint:
 
 @attrs.frozen(kw_only=True)
 class Metrics:
-    """Where the per-step losses go: ``jsonl`` (``OUTPUT_DIR/metrics.jsonl``), ``tensorboard``
-    (``log_dir``, default ``OUTPUT_DIR/tensorboard``), ``wandb`` and ``mlflow`` (``project``)."""
+    """Where each micro-batch's loss, terms, tokens, learning rates and gradient norm go (the
+    runner's metric sinks): ``jsonl`` (``OUTPUT_DIR/metrics.jsonl``, always written),
+    ``tensorboard`` (``log_dir``, default ``OUTPUT_DIR/tensorboard``), ``wandb`` (the W&B
+    ``project``; ``wandb``: more ``wandb.init`` keywords, e.g. ``{mode: offline}``) and
+    ``mlflow`` (``project`` is the experiment; ``mlflow``: e.g. ``{tracking_uri: ...}``)."""
 
     sinks: list[str] = attrs.field(factory=lambda: ["jsonl"])
     log_dir: str | None = None
     project: str | None = None
+    wandb: dict[str, Any] = attrs.field(factory=dict)
+    mlflow: dict[str, Any] = attrs.field(factory=dict)
     progress_bar: bool | None = None
 
 

@@ -144,6 +144,25 @@ def training_config(recipe: Recipe, output_dir: Path, total_steps: int) -> Any:
         log_dir=log_dir)
 
 
+def metric_sinks(recipe: Recipe) -> list[Any]:
+    """The W&B and MLflow sinks the recipe names, built on rank 0 only (the runner writes
+    ``metrics.jsonl`` itself and TensorBoard from ``TrainingConfig.log_dir``)."""
+    from purekd.runner import metric_sink
+
+    metrics = recipe.metrics
+    if world()[0] != 0:
+        return []
+    sinks = []
+    if "wandb" in metrics.sinks:
+        options = {**({"project": metrics.project} if metrics.project else {}), **metrics.wandb}
+        sinks.append(metric_sink("wandb", **options))
+    if "mlflow" in metrics.sinks:
+        options = {**({"experiment": metrics.project} if metrics.project else {}),
+                   **metrics.mlflow}
+        sinks.append(metric_sink("mlflow", **options))
+    return sinks
+
+
 def loader_for(rows: Rows, recipe: Recipe, cache: Any, pad_id: int) -> DataLoader:
     """The training loader: this rank's batches (:class:`RankBatches`), padded, with the cached
     teacher beside each row when there is a cache."""
@@ -210,9 +229,10 @@ def train_student(student: Any, rows: Rows, recipe: Recipe, output_dir: Path, *,
             scheduler_args={"lr_lambda": lr_factor(recipe.schedule, total)},
             callback=callback, progress_bar=False, save_state=checkpoint.save_state,
             keep_last_states=checkpoint.keep_last,
-            resume_from=str(output_dir) if checkpoint.resume else None, **model_args)
+            resume_from=str(output_dir) if checkpoint.resume else None,
+            metric_sinks=metric_sinks(recipe), **model_args)
     return distiller
 
 
 __all__ = ["distill_config", "kd_and_text_term", "labels_kept_from", "loader_for", "lr_factor",
-           "optimizer_for", "train_student", "training_config", "world"]
+           "metric_sinks", "optimizer_for", "train_student", "training_config", "world"]

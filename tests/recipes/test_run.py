@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from purekd.recipes import validate
@@ -116,3 +117,26 @@ def test_bf16_autocast_and_epochs(recipe_data, tmp_path):
     assert {"gs2.pkl", "student-gs2", "student"} <= {p.name for p in out.iterdir()}
     weights = torch.load(out / "gs2.pkl", weights_only=True)
     assert all(v.dtype == torch.float32 for v in weights.values())  # autocast, fp32 weights
+
+
+def test_the_metrics_section_reaches_wandb_and_mlflow(recipe_data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as the runner's sink tests
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    data = dict(recipe_data)
+    data["metrics"] = {"sinks": ["jsonl", "wandb", "mlflow"], "project": "recipe-test",
+                       "wandb": {"mode": "offline", "dir": str(tmp_path / "wb")},
+                       "mlflow": {"tracking_uri": uri}, "progress_bar": False}
+    data["checkpoint"] = {"output_dir": str(tmp_path / "sinks"), "save_state": False}
+    run(validate(data), echo=lambda _: None)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("recipe-test")
+    (found,) = client.search_runs([experiment.experiment_id])
+    history = client.get_metric_history(found.info.run_id, "kd_loss")
+    records = [json.loads(line)
+               for line in (tmp_path / "sinks" / "metrics.jsonl").read_text().splitlines()]
+    assert [m.value for m in history] == pytest.approx([r["kd_loss"] for r in records])
+    assert list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -72,8 +72,17 @@ def test_a_valid_recipe_structures_into_the_schema(recipe_data):
     ("checkpoint", {"resume": True, "save_state": False},
      "checkpoint.resume: true needs checkpoint.save_state: true (a run resumes from its saved "
      "states)"),
-    ("metrics", {"sinks": ["jsonl", "wandb"]},
-     "metrics.sinks[1]: 'wandb' is not wired to recipe runs yet: use jsonl or tensorboard"),
+    ("metrics", {"sinks": ["jsonl", "wandb", "jsonl"]},
+     "metrics.sinks: ['jsonl', 'wandb', 'jsonl'] names a sink twice"),
+    ("metrics", {"sinks": ["tensorboard"]},
+     "metrics.sinks: jsonl is always written (OUTPUT_DIR/metrics.jsonl, the run's record that "
+     "resume truncates): list it"),
+    ("metrics", {"sinks": ["jsonl", "neptune"]},
+     "metrics.sinks[1]: 'neptune' is not one of jsonl, tensorboard, wandb, mlflow"),
+    ("metrics", {"wandb": {"mode": "offline"}},
+     "metrics.wandb: set, but 'wandb' is not in metrics.sinks"),
+    ("metrics", {"project": "kd"},
+     "metrics.project: set, but neither 'wandb' nor 'mlflow' is in metrics.sinks"),
 ])
 def test_each_problem_has_its_key_path_and_message(recipe_data, section, values, message):
     data = _with(recipe_data, section, **values)
