@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the names, for type checkers; at run time they load on first use
     from purekd import combinators, losses, presets, schedules, stages, terms, utils
     from purekd.combinators import CustomMatch, Step, StepOutput, make_step
-    from purekd.configs import DistillationConfig, FSDPConfig, IntermediateMatch, TrainingConfig
+    from purekd.configs import (
+        DistillationConfig,
+        FSDPConfig,
+        IntermediateMatch,
+        OnPolicyConfig,
+        TrainingConfig,
+    )
     from purekd.distillers import (
         BasicDistiller,
         BasicTrainer,
@@ -37,8 +43,8 @@ if TYPE_CHECKING:  # the names, for type checkers; at run time they load on firs
 _SUBMODULES = ("combinators", "losses", "presets", "schedules", "stages", "terms", "utils")
 _NAMES = {
     **dict.fromkeys(("CustomMatch", "Step", "StepOutput", "make_step"), "purekd.combinators"),
-    **dict.fromkeys(("DistillationConfig", "FSDPConfig", "IntermediateMatch", "TrainingConfig"),
-                    "purekd.configs"),
+    **dict.fromkeys(("DistillationConfig", "FSDPConfig", "IntermediateMatch", "OnPolicyConfig",
+                     "TrainingConfig"), "purekd.configs"),
     **dict.fromkeys(("BasicDistiller", "BasicTrainer", "GeneralDistiller", "MultiTaskDistiller",
                      "MultiTeacherDistiller"), "purekd.distillers"),
     **dict.fromkeys(("ADAPTOR_KEYS", "FEATURES", "KD_LOSS_MAP", "MATCH_LOSS_MAP", "PROJ_MAP",
@@ -94,6 +100,7 @@ __all__ = [
     "MultiTaskDistiller",
     "MultiTeacherDistiller",
     "NonFiniteLossError",
+    "OnPolicyConfig",
     "Step",
     "StepOutput",
     "TrainingConfig",
