@@ -138,7 +138,7 @@ def run(recipe: Recipe, *, progress_bar: bool | None = None,
         cache = teacher_cache(teacher, tokenizer, RowDataset(split.train), folder,
                               k=recipe.teacher.k, values=recipe.teacher.cache_values,
                               batch_size=recipe.train.batch_size, progress_bar=progress_bar,
-                              rank=rank, world_size=size)
+                              rank=rank, world_size=size, pad_id=pad_id(tokenizer))
         teacher = None  # training needs only the cache
     before = None
     held = split.held_out

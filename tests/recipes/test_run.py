@@ -140,3 +140,24 @@ def test_the_metrics_section_reaches_wandb_and_mlflow(recipe_data, tmp_path, mon
                for line in (tmp_path / "sinks" / "metrics.jsonl").read_text().splitlines()]
     assert [m.value for m in history] == pytest.approx([r["kd_loss"] for r in records])
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_a_cached_teacher_on_unpacked_chats_of_different_lengths(recipe_data, data_files,
+                                                                  tmp_path):
+    from purekd.teacher_cache import TeacherCache
+
+    data = dict(recipe_data)
+    data["data"] = {"path": str(data_files["chat"]), "packing": False, "seq_len": 64,
+                    "eval_rows": 2}
+    data["checkpoint"] = {"output_dir": str(tmp_path / "chat-cache"), "save_state": False}
+    data["train"] = {**recipe_data["train"], "steps": 2}
+    summary = run(validate(data), echo=lambda _: None)
+    assert summary.steps == 2 and math.isfinite(summary.perplexity)
+    cache = TeacherCache(tmp_path / "chat-cache" / "teacher_cache")
+    from purekd.recipes._data import build
+
+    from . import _tiny
+
+    split = build(validate(data).data, _tiny.tokenizer())
+    assert [len(cache[i].topk_ids) for i in range(len(split.train))] == \
+        [len(ids) for ids in split.train.ids]  # only real tokens stored, no padding
