@@ -269,6 +269,11 @@ def problems(sections: dict[str, Any], tokenizer: str | None = None) -> list[str
         if key in sections:
             check(p, sections[key], *extra)
     p.exists("tokenizer", tokenizer)
+    train, checkpoint = sections.get("train"), sections.get("checkpoint")
+    if train is not None and checkpoint is not None and train.epochs is not None \
+            and checkpoint.every is not None:
+        p.add("checkpoint.every", "set with train.epochs: an epochs run checkpoints at the end of "
+              "every epoch; give train.steps to checkpoint every N steps")
     return p.lines
 
 
