@@ -274,7 +274,7 @@ def train_distilled(student: Any, rows: Tensor, cache: Any, out: Path, settings:
     """``GeneralDistiller`` with no teacher model in memory: the batches carry the cached
     top-k as ``teacher_cache``, the teacher's adaptor passes it on, the student's returns its
     last hidden states and output layer, so the loss runs through the fused output layer
-    (``losses.fused_linear_topk_kl``) and the student's ``(rows, V)`` logits are never formed
+    (``losses.fused_linear_distill``) and the student's ``(rows, V)`` logits are never formed
     (``logits_to_keep=1``: the model's own forward forms one position's)."""
     from purekd.integrations import hf_adaptor
     from purekd.teacher_cache import CachedCollate, CachedTeacherDataset

@@ -3,6 +3,9 @@
 ``batch_split`` → ``forward`` → ``adapt`` (→ :class:`Adapted`), plus ``probability_shift`` and
 the shape checks that run before the loss path; ``next_token`` aligns a causal language model's
 logits with the tokens they predict.
+
+Imports: only the leaf ``purekd._keys`` (the adaptor key names) besides torch
+(``tests/test_layers.py``).
 """
 
 from ._adapt import (
