@@ -168,6 +168,8 @@ def logits_form(setup: Setup) -> FormFn:
 
     def form(adapted_S: Adapted, adapted_T: Adapted) -> Tensor:
         value = kd.fn(adapted_S, adapted_T, _NO_CONTEXT)[setup.name]
+        if not setup.ce_weight:
+            return value
         return _plus_text(setup, value, adapted_S, kept(adapted_S, adapted_T).mask)
 
     return form
