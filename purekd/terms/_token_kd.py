@@ -39,6 +39,7 @@ from purekd.stages import Adapted
 
 from ._context import Context, Term, Weight
 from ._logits_kd import (
+    FirstBatch,
     align_teacher_rows,
     check_logits,
     check_paired_rows,
@@ -369,6 +370,7 @@ def token_kd(
     setup = _setup(loss, temperature, params, shared_vocab, shift_probability, ce_weight,
                    ignore_index, name)
     on_logits, on_topk, fused = logits_form(setup), topk_form(setup), fused_form(setup)
+    first = FirstBatch(name)
 
     def term(adapted_S: Adapted, adapted_T: Adapted, ctx: Context) -> dict[str, Tensor]:
         del ctx
@@ -387,6 +389,8 @@ def token_kd(
         else:
             check_rows(setup, adapted_S, adapted_T)
         check_labels(setup, adapted_S)
+        if not first.seen:
+            first.warn_if_no_rows_kept(kept(adapted_S, adapted_T).mask)
 
     return Term(term, weight, check, name, kept_rows=count)
 

@@ -93,3 +93,21 @@ def test_masks_keeping_different_numbers_of_rows_are_refused():
     with pytest.raises(ValueError, match=r"logits\[0\]: the student's logits_mask keeps 3 rows "
                                          r"but the teacher's keeps 2; the kept rows are paired"):
         token_kd("forward_kl").check(s, t)
+
+
+@pytest.mark.parametrize("kind", ["token_kd", "logits_kd"])
+def test_a_first_batch_that_keeps_no_token_says_so(kind):
+    """Issue 18: every label -100 used to be reported only as 'no gradient ... detached'."""
+    from purekd.terms import logits_kd
+
+    s = normalise({"logits": randn(0, 2, 3, 7), "logits_mask": torch.zeros(2, 3, dtype=torch.long)})
+    t = normalise({"logits": randn(1, 2, 3, 7)})
+    term = token_kd("forward_kl") if kind == "token_kd" else logits_kd()
+    with pytest.warns(UserWarning, match="no tokens kept in the first batch.*every label -100"):
+        term.check(s, t)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        term.check(s, t)  # once: later batches are not synchronised for it
+    assert term(s, t, CTX)["kd_loss"].item() == 0.0
