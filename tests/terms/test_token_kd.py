@@ -111,3 +111,20 @@ def test_a_first_batch_that_keeps_no_token_says_so(kind):
         warnings.simplefilter("error")
         term.check(s, t)  # once: later batches are not synchronised for it
     assert term(s, t, CTX)["kd_loss"].item() == 0.0
+
+
+def test_a_run_whose_batches_keep_no_token_says_no_tokens_kept(tmp_path):
+    """Issue 18: every label -100 — the run warns on the first batch and stops at the first
+    optimizer step with an error that says 'no tokens kept' (it blamed detached outputs only)."""
+    import purekd
+    from tests.runner.test_token_normalisation import TokenLM, adaptor
+
+    teacher, student = TokenLM(7, 0), TokenLM(4, 1)
+    x, mask = torch.randn(2, 6, 3, dtype=torch.float64), torch.zeros(2, 6, dtype=torch.long)
+    config = purekd.DistillationConfig(kd_loss_type="forward_kl", temperature=1)
+    train = purekd.TrainingConfig(device="cpu", output_dir=str(tmp_path))
+    distiller = purekd.GeneralDistiller(train, config, teacher, student, adaptor, adaptor,
+                                        compile=False)
+    with distiller, pytest.warns(UserWarning, match="no tokens kept in the first batch"), \
+            pytest.raises(ValueError, match="no tokens kept"):
+        distiller.train(torch.optim.SGD(student.parameters(), lr=1.0), [(x, mask)], num_steps=1)
