@@ -306,6 +306,20 @@ def check_labels(setup: Setup, adapted_S: Adapted) -> None:
             "label per row")
 
 
+def _check_masks_fit(adapted_S: Adapted, adapted_T: Adapted) -> None:
+    """Every logits mask selects rows of its logits (TextBrewer's losses ignore a misfit on 2-d
+    logits with a warning; a token-level divergence refuses it)."""
+    for side, own in (("student", adapted_S), ("teacher", adapted_T)):
+        masks = own.logits_mask
+        for i, logits in enumerate(own.logits):
+            given = (masks[i] if len(masks) > 1 else masks[0]) if masks else None
+            if given is not None and not fits(given, logits):
+                raise ValueError(
+                    f"the {side}'s logits_mask has shape {tuple(given.shape)} but its rows "
+                    f"(logits[{i}]) have shape {tuple(logits.shape[:-1])}: a logits mask selects "
+                    f"rows, so its shape must be {tuple(logits.shape[:-1])}")
+
+
 # ----------------------------------------------------------------------- the term
 def _setup(loss: str, temperature: float, params: Mapping[str, Any] | None, shared_vocab: bool,
            shift_probability: bool, ce_weight: float, ignore_index: int, name: str) -> Setup:
@@ -384,6 +398,7 @@ def token_kd(
             return
         check_forms(setup, adapted_S, adapted_T)
         if adapted_S.logits and adapted_T.logits:
+            _check_masks_fit(adapted_S, adapted_T)  # token-level: a misfit is an error
             check_logits(adapted_S, adapted_T, shift_probability, shared_vocab=shared_vocab,
                          vocabulary_option=SHARED_VOCAB_OPTION)
         else:

@@ -128,3 +128,10 @@ def test_a_run_whose_batches_keep_no_token_says_no_tokens_kept(tmp_path):
     with distiller, pytest.warns(UserWarning, match="no tokens kept in the first batch"), \
             pytest.raises(ValueError, match="no tokens kept"):
         distiller.train(torch.optim.SGD(student.parameters(), lr=1.0), [(x, mask)], num_steps=1)
+
+
+def test_a_mask_that_does_not_fit_flat_token_logits_is_an_error():
+    s = normalise({"logits": randn(0, 6, 7), "logits_mask": torch.ones(2, 3)})
+    t = normalise({"logits": randn(1, 6, 7)})
+    with pytest.raises(ValueError, match=r"logits_mask has shape \(2, 3\).*must be \(6,\)"):
+        token_kd("forward_kl").check(s, t)
