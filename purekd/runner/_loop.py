@@ -330,9 +330,11 @@ class Runner:
                 torch.stack([g.detach().abs().sum() for g in grads]).sum().ne(0))):
             raise ValueError(
                 "no gradient reached the student's parameters in the first optimizer step "
-                "(all absent or exactly 0): "
-                "the loss does not depend on the student (its outputs detached or computed "
-                "under torch.no_grad(), or only frozen modules used). Nothing was updated")
+                "(all absent or exactly 0): either no tokens kept (every label -100 or every "
+                "logits_mask entry 0, so the KD loss is 0 — check the labels and the adaptor's "
+                "mask), or the loss does not depend on the student (its outputs detached or "
+                "computed under torch.no_grad(), or only frozen modules used). Nothing was "
+                "updated")
 
     def _optimizer_step(self, run: _Run) -> None:
         """Check, unscale, clip, step the optimizer and the scheduler, zero the gradients,

@@ -6,6 +6,9 @@ logits with the tokens they predict; ``rollout`` samples completions of prompts 
 :class:`Sampler`, e.g. :class:`HFGenerateSampler`) for on-policy distillation; ``align_spans``,
 ``vocabulary_map`` and ``CrossTokenizerCollator`` serve a teacher and a student with different
 tokenizers.
+
+Imports: only the leaf ``purekd._keys`` (the adaptor key names) besides torch
+(``tests/test_layers.py``).
 """
 
 from ._adapt import (
