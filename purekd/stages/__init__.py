@@ -7,8 +7,8 @@ logits with the tokens they predict; ``rollout`` samples completions of prompts 
 ``vocabulary_map`` and ``CrossTokenizerCollator`` serve a teacher and a student with different
 tokenizers.
 
-Imports: only the leaf ``purekd._keys`` (the adaptor key names) besides torch
-(``tests/test_layers.py``).
+Imports: the layers above (``purekd.losses``: the aligned-span record the cross-tokenizer
+losses take) and the leaf ``purekd._keys`` (the adaptor key names) (``tests/test_layers.py``).
 """
 
 from ._adapt import (
