@@ -291,7 +291,7 @@ def check_records(path: Path, rows: np.ndarray, vocab_size: int, values: str,
     names = rows.dtype.names or ()
     for begin in range(0, len(rows), chunk):
         block = rows[begin:begin + chunk]
-        problems: list[tuple[np.ndarray, str]] = [
+        problems: list[tuple[Any, str]] = [
             ((block["ids"] >= vocab_size).any(-1) | (block["ids"] < 0).any(-1),
              f"ids outside 0..{vocab_size - 1}")]
         if "token" in names:

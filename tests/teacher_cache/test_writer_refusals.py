@@ -14,7 +14,7 @@ import torch
 
 from purekd.teacher_cache import CacheError, TeacherCache, write_teacher_cache
 
-from ._helpers import TinyLM, Tokens, live_adaptor, pad, write
+from ._helpers import TinyLM, Tokens, live_adaptor, pad
 
 
 def batches(data: Tokens, ids: list[list[int]], items: list[list[int]] | None = None) -> list[Any]:
