@@ -169,7 +169,7 @@ class TeacherCache:
                 checks.append((self.path / f"{shard['name']}.{suffix}.npy",
                                shard["sha256"][suffix], f"shard {shard['name']}"))
         for path, expected, what in checks:
-            if not path.exists():
+            if not check.inside(self.root, path).exists():
                 raise fmt.CacheError(f"{what} is missing: {path} does not exist; the cache is "
                                      "incomplete (copy the whole folder, or write it again)")
             if fmt.sha256(path) != expected:

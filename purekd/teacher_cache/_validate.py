@@ -42,8 +42,9 @@ def load_json_object(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as file:
             value = json.load(file)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise fmt.CacheError(f"{path}: not valid JSON ({error})") from error
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise fmt.CacheError(f"{path}: not valid JSON ({type(error).__name__}: "
+                             f"{str(error)[:200]})") from error
     if not isinstance(value, dict):
         raise fmt.CacheError(f"{path}: not a JSON object (it holds {type(value).__name__})")
     return value
@@ -139,12 +140,20 @@ def check_manifest(path: Path, manifest: dict[str, Any]) -> Settings:
 
 
 def inside(root: Path, path: Path) -> Path:
-    """``path``, refused if it (or a link it goes through) leads outside ``root`` (resolved)."""
+    """``path``, refused if it (or a link it goes through) leads outside ``root`` (resolved),
+    or if it exists but is not a regular file (a folder, a pipe that would block, a device)."""
     resolved = path.resolve()
     if not resolved.is_relative_to(root):
         raise fmt.CacheError(f"{path}: a link to {resolved}, outside the cache folder {root}: "
                              "refusing to read it (copy the file into the folder instead)")
+    if path.exists() and not path.is_file():
+        raise fmt.CacheError(f"{path}: not a regular file (a folder, pipe, socket or device): "
+                             "refusing to read it")
     return path
+
+
+_REPAIR = ("write the cache again (or rerun the writer with the same arguments: it rewrites the "
+           "shards that fail their checksum)")
 
 
 class Header(NamedTuple):
@@ -173,17 +182,18 @@ def read_header(path: Path, what: str) -> Header:
     except FileNotFoundError as error:
         raise fmt.CacheError(f"{what} is missing: {path} does not exist; the cache is "
                              "incomplete (copy the whole folder, or write it again)") from error
+    except OSError as error:
+        raise fmt.CacheError(f"{path.name}: cannot be read ({error})") from error
     except (ValueError, EOFError, SyntaxError, TypeError) as error:
         raise fmt.CacheError(f"{path.name}: not a NumPy .npy file the writer wrote ({error})"
                              ) from error
+    if any(not isinstance(n, int) or n < 0 for n in shape):
+        raise fmt.CacheError(f"{path.name}: the header says shape {shape}, with a negative "
+                             f"dimension; {_REPAIR}")
     if dtype.hasobject:
         raise fmt.CacheError(f"{path.name}: dtype object, but a cache holds numbers only: an "
                              "object array holds pickled Python objects, which are never loaded")
     return Header(dtype, tuple(shape), offset, size - offset)
-
-
-_REPAIR = ("write the cache again (or rerun the writer with the same arguments: it rewrites the "
-           "shards that fail their checksum)")
 
 
 def require_size(path: Path, header: Header) -> None:

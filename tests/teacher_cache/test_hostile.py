@@ -381,3 +381,42 @@ def test_a_shard_swapped_with_another_of_the_same_size(tmp_path) -> None:
 def test_the_untouched_cache_opens(written) -> None:
     for opened in opens(written):
         assert len(opened) == 10 and opened[3].topk_ids.shape[1] == 4
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_or_a_folder_in_place_of_a_shard(cache) -> None:
+    """A named pipe would block the reader forever; a folder is no file: both refused."""
+    rows = cache / "rank00000-shard00001.rows.npy"
+    rows.unlink()
+    os.mkfifo(rows)
+    for verify in (True, False):
+        with pytest.raises(CacheError, match=r"rank00000-shard00001\.rows\.npy: not a regular "
+                                             r"file"):
+            TeacherCache(cache, verify=verify)
+    rows.unlink()
+    rows.mkdir()
+    with pytest.raises(CacheError, match=r"rank00000-shard00001\.rows\.npy: not a regular file"):
+        TeacherCache(cache, verify=False)
+
+
+def test_a_deeply_nested_manifest(cache) -> None:
+    (cache / "manifest.json").write_text("[" * 100_000)
+    with pytest.raises(CacheError, match=r"manifest\.json: not valid JSON \(RecursionError"):
+        TeacherCache(cache)
+
+
+def test_a_negative_dimension_in_a_header(cache) -> None:
+    raw_npy(cache / "index.npy", {"descr": "<i8", "fortran_order": False, "shape": (-1, 4)})
+    rewrite(cache)
+    with pytest.raises(CacheError, match=r"index\.npy: the header says shape \(-1, 4\), with a "
+                                         r"negative dimension"):
+        TeacherCache(cache, verify=False)
+
+
+@pytest.mark.parametrize("text", ["", "{\"format\": \"purekd-teacher-cache\", \"version\": 1}",
+                                  "[]"])
+def test_a_resumed_writer_refuses_a_garbled_progress_file(cache, text) -> None:
+    (cache / "rank00000.progress.json").write_text(text)
+    with pytest.raises(CacheError, match=r"rank00000\.progress\.json: (not valid JSON|not a JSON "
+                                         r"object|no 'config' object)"):
+        write(TinyLM(seed=0), Tokens(10), cache, k=4, shard_samples=4)
