@@ -233,7 +233,7 @@ def check_index(path: Path, index: np.ndarray, shard_records: Sequence[int],
     """``index`` ``(n, 4)`` rows ``[sample id, shard, first row, length]``: ids strictly
     increasing, shards that exist, rows ``first .. first + length`` inside the shard's
     ``shard_records[shard]`` records, no record shared by two samples."""
-    ids, shard, start, length = (index[:, c] for c in range(4))
+    ids, shard, start, length = (np.ascontiguousarray(index[:, c]) for c in range(4))
 
     def row(r: int) -> str:
         return f"{path.name}: row {r} (sample id {int(ids[r])})"
@@ -261,12 +261,27 @@ def check_index(path: Path, index: np.ndarray, shard_records: Sequence[int],
         s = int(shard[r])
         raise fmt.CacheError(f"{row(r)}: rows {int(start[r])}..{int(start[r]) + int(length[r])} "
                              f"of shard {s} ({names[s]}), which holds {int(capacity[r])} records")
-    rows = np.flatnonzero(length > 0)
-    order = rows[np.lexsort((start[rows], shard[rows]))]
-    same = shard[order[1:]] == shard[order[:-1]]
-    bad = np.flatnonzero(same & (start[order[1:]] < start[order[:-1]] + length[order[:-1]]))
-    if len(bad):
-        a, b = sorted((int(order[bad[0]]), int(order[bad[0] + 1])))
+    # The ranges laid on one line (shard after shard) are disjoint iff, with the starts and the
+    # ends sorted independently, no start falls before the end ahead of it (an empty range is
+    # a point and shares nothing): two plain sorts (none when the ranges are already in id
+    # order); the rows are looked for only on failure.
+    line = np.concatenate([[0], np.cumsum(shard_records, dtype=np.int64)])[shard]
+    line += start
+    ends = line + length
+    if len(line) < 2:
+        return
+    if bool((line[1:] >= line[:-1]).all()):  # written in id order: no sort needed
+        disjoint = ((line[1:] >= np.maximum.accumulate(ends)[:-1]) | (length[1:] == 0)).all()
+    else:
+        disjoint = (np.sort(line)[1:] >= np.sort(ends)[:-1]).all()
+    if not disjoint:
+        rows = np.flatnonzero(length > 0)
+        order = rows[np.argsort(line[rows], kind="stable")]
+        reach = np.maximum.accumulate(ends[order])
+        k = int(np.flatnonzero(line[order[1:]] < reach[:-1])[0]) + 1
+        later = int(order[k])
+        earlier = int(order[np.flatnonzero(ends[order[:k]] > line[later])[0]])
+        a, b = sorted((earlier, later))
         raise fmt.CacheError(f"{path.name}: rows {a} (sample id {int(ids[a])}) and {b} (sample "
                              f"id {int(ids[b])}) share records of shard {int(shard[a])}; the "
                              "index is corrupted: write the cache again")
@@ -294,35 +309,63 @@ def merge_shard_indexes(pieces: Sequence[np.ndarray]) -> tuple[np.ndarray, np.nd
     return np.ascontiguousarray(merged[order][keep]), pairs
 
 
+_FLOAT_BITS = {"float16": (np.uint16, 0x8000, 0x7C00), "bfloat16": (np.uint16, 0x8000, 0x7F80),
+               "float32": (np.uint32, 0x80000000, 0x7F800000)}
+
+
+def _out_of_range(values: np.ndarray, size: int) -> np.ndarray | None:
+    """Per record: an entry outside ``0 .. size - 1`` (``None`` when there is none; the
+    reductions first, the per-record mask only when one fails)."""
+    if not values.size:
+        return None
+    if values.max() < size and (values.dtype.kind == "u" or values.min() >= 0):
+        return None
+    bad = (values >= size) | (values < 0)
+    return bad.reshape(len(values), -1).any(-1)
+
+
+def _not_log_probabilities(raw: np.ndarray, values: str) -> np.ndarray | None:
+    """Per record: a log-probability that is NaN, ``+inf`` or ``> 0`` (``-inf`` and ``±0`` are
+    fine), from the IEEE bit patterns: a clear sign bit on a non-zero value, or an exponent of
+    all ones with a non-zero mantissa (NaN). ``None`` when there is none."""
+    unsigned, sign, infinity = _FLOAT_BITS[values]
+    bits = np.ascontiguousarray(raw).view(unsigned)
+    if not bits.size:
+        return None
+    magnitude = bits & (sign - 1)
+    if bits.min() >= sign and magnitude.max() <= infinity:
+        return None
+    bad = ((bits < sign) & (bits != 0)) | (magnitude > infinity)
+    return bad.reshape(len(bits), -1).any(-1)
+
+
 def check_records(path: Path, rows: np.ndarray, vocab_size: int, values: str,
                   chunk: int = 1 << 16) -> None:
     """Every record's ids and token in ``0 .. vocab_size - 1``, its log-probabilities ``<= 0``
-    (not NaN; for ``q8`` its top value and step finite, top ``<= 0``, step ``>= 0``)."""
+    and not NaN (for ``q8``: its top value ``<= 0``, its step finite and ``>= 0``). Vectorised
+    per block of ``chunk`` records, on the bit patterns (a cost of the order of the sha256)."""
     names = rows.dtype.names or ()
     for begin in range(0, len(rows), chunk):
         block = rows[begin:begin + chunk]
-        problems: list[tuple[Any, str]] = [
-            ((block["ids"] >= vocab_size).any(-1) | (block["ids"] < 0).any(-1),
-             f"ids outside 0..{vocab_size - 1}")]
+        problems: list[tuple[np.ndarray | None, str]] = [
+            (_out_of_range(block["ids"], vocab_size), f"ids outside 0..{vocab_size - 1}")]
         if "token" in names:
-            problems.append(((block["token"] >= vocab_size) | (block["token"] < 0),
+            problems.append((_out_of_range(block["token"], vocab_size),
                              f"input tokens outside 0..{vocab_size - 1}"))
         if values == "q8":
             top, step = block["top"].astype(np.float32), block["step"].astype(np.float32)
-            problems.append((~(top <= 0) | ~(step >= 0) | ~np.isfinite(step),
+            q8 = ~(top <= 0) | ~(step >= 0) | ~np.isfinite(step)
+            problems.append((q8 if q8.any() else None,
                              "a q8 top value that is NaN or positive, or a bad step"))
         else:
-            raw = block["logprobs"]
-            lp = ((raw.astype(np.uint32) << 16).view(np.float32) if values == "bfloat16"
-                  else raw)
-            problems.append(((~(lp <= 0)).any(-1), "log-probabilities that are NaN, +inf or "
-                                                   "positive"))
+            problems.append((_not_log_probabilities(block["logprobs"], values),
+                             "log-probabilities that are NaN, +inf or positive"))
         for bad, what in problems:
-            where = np.flatnonzero(bad)
-            if len(where):
-                raise fmt.CacheError(f"{path.name}: record {begin + int(where[0])} holds {what}; "
-                                     "the cache was not written by this version's writer (or "
-                                     "was altered): write it again")
+            if bad is not None:
+                where = int(np.flatnonzero(bad)[0])
+                raise fmt.CacheError(f"{path.name}: record {begin + where} holds {what}; the "
+                                     "cache was not written by this version's writer (or was "
+                                     "altered): write it again")
 
 
 __all__ = ["INT64", "MAX_K", "SHARD_NAME", "Header", "Settings", "check_index", "check_manifest",

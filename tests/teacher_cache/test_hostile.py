@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from purekd.teacher_cache import CacheError, TeacherCache
 
@@ -420,3 +423,77 @@ def test_a_resumed_writer_refuses_a_garbled_progress_file(cache, text) -> None:
     with pytest.raises(CacheError, match=r"rank00000\.progress\.json: (not valid JSON|not a JSON "
                                          r"object|no 'config' object)"):
         write(TinyLM(seed=0), Tokens(10), cache, k=4, shard_samples=4)
+
+
+@pytest.mark.parametrize("values", ["float32", "float16", "bfloat16"])
+def test_the_bit_pattern_check_equals_the_float_comparison(values) -> None:
+    """``verify``'s value check works on IEEE bit patterns (fast); it must flag exactly the
+    values a float comparison flags: NaN (either sign), +inf and positives — not -inf, -0, +0."""
+    import torch
+
+    from purekd.teacher_cache._validate import _not_log_probabilities
+
+    special = [0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan"), 1e-30,
+               -1e-30, 3.0, -3.0, 65504.0, -1e4]
+    gen = np.random.default_rng(0)
+    floats = np.concatenate([special, gen.normal(0, 50, 500)]).astype(np.float32)
+    tensor = torch.from_numpy(floats)
+    if values == "float32":
+        raw, decoded = floats, tensor
+    elif values == "float16":
+        raw, decoded = floats.astype(np.float16), tensor.half().float()
+    else:
+        raw = tensor.bfloat16().view(torch.int16).numpy().view(np.uint16)
+        decoded = tensor.bfloat16().float()
+    raw = raw.reshape(-1, 4)
+    expected = (~(decoded <= 0)).reshape(-1, 4).any(-1).numpy()
+    got = _not_log_probabilities(raw, values)
+    assert got is not None and np.array_equal(got, expected)
+    fine = raw[~expected]
+    assert _not_log_probabilities(fine, values) is None
+
+
+def test_q8_record_values_are_checked_by_verify(tmp_path) -> None:
+    write(TinyLM(seed=0), Tokens(4), tmp_path, k=4, values="q8")
+    path = tmp_path / "rank00000-shard00000.rows.npy"
+    rows = np.load(path)
+    rows["top"][5] = np.float16(np.nan)
+    np.save(path, rows)
+    rewrite(tmp_path)
+    with pytest.raises(CacheError, match=r"rank00000-shard00000\.rows\.npy: record 5 holds a q8 "
+                                         r"top value that is NaN or positive"):
+        TeacherCache(tmp_path)
+
+
+def _share(index: np.ndarray) -> set[tuple[int, int]]:
+    """Pairs of rows whose non-empty ranges of one shard overlap (brute force)."""
+    pairs = set()
+    for a in range(len(index)):
+        for b in range(a + 1, len(index)):
+            (_, sa, xa, na), (_, sb, xb, nb) = index[a], index[b]
+            if sa == sb and na and nb and xa < xb + nb and xb < xa + na:
+                pairs.add((a, b))
+    return pairs
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 12), st.integers(0, 5)),
+                min_size=1, max_size=9), st.booleans())
+def test_the_overlap_check_equals_brute_force(rows, in_order) -> None:
+    """The index check finds shared records with two sorts (or none when the ranges are in id
+    order); it must agree with comparing every pair, and name a pair that does share."""
+    from purekd.teacher_cache._validate import check_index
+
+    if in_order:  # the ranges in the order of the ids: the check's path without sorting
+        rows = sorted(rows)
+
+    index = np.array([(i, s, x, n) for i, (s, x, n) in enumerate(rows)], dtype=np.int64)
+    capacity = [20, 20, 20]
+    pairs = _share(index)
+    if not pairs:
+        check_index(Path("index.npy"), index, capacity, ["a", "b", "c"])
+        return
+    with pytest.raises(CacheError, match="share records") as error:
+        check_index(Path("index.npy"), index, capacity, ["a", "b", "c"])
+    a, b = (int(v) for v in re.findall(r"rows (\d+) .* and (\d+) ", str(error.value))[0])
+    assert (a, b) in pairs
