@@ -320,8 +320,8 @@ def _out_of_range(values: np.ndarray, size: int) -> np.ndarray | None:
         return None
     if values.max() < size and (values.dtype.kind == "u" or values.min() >= 0):
         return None
-    bad = (values >= size) | (values < 0)
-    return bad.reshape(len(values), -1).any(-1)
+    bad = np.asarray((values >= size) | (values < 0))
+    return np.asarray(bad.reshape(len(values), -1).any(-1))
 
 
 def _not_log_probabilities(raw: np.ndarray, values: str) -> np.ndarray | None:
@@ -335,8 +335,8 @@ def _not_log_probabilities(raw: np.ndarray, values: str) -> np.ndarray | None:
     magnitude = bits & (sign - 1)
     if bits.min() >= sign and magnitude.max() <= infinity:
         return None
-    bad = ((bits < sign) & (bits != 0)) | (magnitude > infinity)
-    return bad.reshape(len(bits), -1).any(-1)
+    bad = np.asarray(((bits < sign) & (bits != 0)) | (magnitude > infinity))
+    return np.asarray(bad.reshape(len(bits), -1).any(-1))
 
 
 def check_records(path: Path, rows: np.ndarray, vocab_size: int, values: str,
