@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset, default_collate
 
 from ._reader import CachedSample, TeacherCache
@@ -194,21 +195,24 @@ class CachedCollate:
                     f"looks padded on the left; {hint}")
         if tokens is None or tokens.dim() < 2 or tokens.shape[0] != rows:
             return
-        flat = tokens.reshape(rows, -1).cpu()
-        for row, item in enumerate(items):
+        references = []
+        for item in items:
             sample: CachedSample = item[TEACHER_CACHE]
             reference = sample.tokens if sample.tokens is not None else self.tokens(item[STUDENT])
             if reference is None:
-                continue
-            n = len(sample.topk_ids)
-            mine = flat[row, :n].to(torch.int64)
-            theirs = reference.reshape(-1)[:n].to(torch.int64).cpu()
-            if not torch.equal(mine, theirs):
-                raise ValueError(
-                    f"CachedCollate: row {row} of the student's batch does not hold its sample's "
-                    f"{n} tokens at positions 0..{n - 1} (it has {mine[:8].tolist()}…, the "
-                    f"sample {theirs[:8].tolist()}…): the batch looks padded on the left (or "
-                    f"its collate changed the tokens); {hint}")
+                return  # nothing to compare with
+            references.append(reference.reshape(-1)[:len(sample.topk_ids)].to(torch.int64))
+        expected = pad_sequence(references, batch_first=True, padding_value=-1).cpu()
+        mine = tokens.reshape(rows, -1)[:, :expected.shape[1]].cpu().to(torch.int64)
+        differs = ((mine != expected) & (cached_mask[:, :expected.shape[1]] != 0)).any(-1)
+        if bool(differs.any()):
+            row = int(differs.nonzero()[0, 0])
+            n = len(references[row])
+            raise ValueError(
+                f"CachedCollate: row {row} of the student's batch does not hold its sample's "
+                f"{n} tokens at positions 0..{n - 1} (it has {mine[row, :8].tolist()}…, the "
+                f"sample {references[row][:8].tolist()}…): the batch looks padded on the left "
+                f"(or its collate changed the tokens); {hint}")
 
 
 __all__ = ["CachedCollate", "CachedTeacherDataset", "WithSampleIds", "pad_teacher_cache"]

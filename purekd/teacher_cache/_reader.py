@@ -111,7 +111,7 @@ class TeacherCache:
         self.dtype = settings.dtype
         self.shards: list[dict[str, Any]] = settings.shards
         self._maps: dict[int, np.ndarray] = {}
-        for path, _ in self._files():  # no file the manifest names is read outside the folder
+        for path, _, _ in self._files():  # no file the manifest names is read outside the folder
             check.inside(self.root, path)
         if verify:
             self.verify(structure=False)
@@ -132,12 +132,12 @@ class TeacherCache:
         if verify:
             self._verify_structure()
 
-    def _files(self) -> list[tuple[Path, str]]:
-        """Every file of the cache with what it is, the index first."""
-        files = [(self.path / fmt.INDEX, "the index")]
+    def _files(self) -> list[tuple[Path, str, str]]:
+        """Every file of the cache: its path, its sha256 in the manifest and what it is."""
+        files = [(self.path / fmt.INDEX, self.manifest["index_sha256"], "the index")]
         for shard in self.shards:
-            files += [(self.path / f"{shard['name']}.{suffix}.npy", f"shard {shard['name']}")
-                      for suffix in ("rows", "index")]
+            files += [(self.path / f"{shard['name']}.{suffix}.npy", shard["sha256"][suffix],
+                       f"shard {shard['name']}") for suffix in ("rows", "index")]
         return files
 
     def _rows_header(self, number: int) -> check.Header:
@@ -163,12 +163,7 @@ class TeacherCache:
         """Check the sha256 of the index and every shard file; raise naming the first bad one.
         With ``structure`` (the default when called by hand) also what :meth:`_verify_structure`
         checks."""
-        checks = [(self.path / fmt.INDEX, self.manifest["index_sha256"], "the index")]
-        for shard in self.shards:
-            for suffix in ("rows", "index"):
-                checks.append((self.path / f"{shard['name']}.{suffix}.npy",
-                               shard["sha256"][suffix], f"shard {shard['name']}"))
-        for path, expected, what in checks:
+        for path, expected, what in self._files():
             if not check.inside(self.root, path).exists():
                 raise fmt.CacheError(f"{what} is missing: {path} does not exist; the cache is "
                                      "incomplete (copy the whole folder, or write it again)")
