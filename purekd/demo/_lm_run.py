@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import purekd
+from purekd.runner._sinks import is_term
 
 from . import _bible as bible
 from . import _language_model as lm
@@ -434,7 +435,7 @@ def _series(path: Path) -> dict[str, tuple[list[int], list[float]]]:
     for line in path.read_text().splitlines():
         record: dict[str, Any] = json.loads(line)
         for key, value in record.items():
-            if key not in ("step", "global_step", "lr") and isinstance(value, (int, float)):
+            if (key == "loss" or is_term(key)) and isinstance(value, (int, float)):
                 steps, values = series.setdefault(key, ([], []))
                 steps.append(int(record["global_step"]))
                 values.append(float(value))

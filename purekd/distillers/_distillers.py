@@ -24,7 +24,7 @@ from purekd.combinators import (
     single_teacher,
 )
 from purekd.configs import DistillationConfig, TrainingConfig
-from purekd.runner import EarlyStopping, StepPlan, sampled_tasks
+from purekd.runner import RunOptions, StepPlan, sampled_tasks
 from purekd.stages import Adapted, Split
 from purekd.terms import hard_label
 
@@ -48,6 +48,7 @@ class BasicDistiller(Distiller):
                  model_T: nn.Module, model_S: nn.Module, adaptor_T: Adaptor, adaptor_S: Adaptor,
                  *, compile: bool | Literal["auto"] = "auto"):
         super().__init__(train_config, distill_config, model_T, model_S)
+        preflight.check_on_policy(self.t_config, self.d_config)
         self.adaptor_T, self.adaptor_S = adaptor_T, adaptor_S
         config = attrs.evolve(self.d_config, intermediate_matches=())
         self.step = make_step(config, model_T, model_S, adaptor_T, adaptor_S, compile=compile)
@@ -70,13 +71,13 @@ class GeneralDistiller(Distiller):
                  model_T: Any, model_S: nn.Module, adaptor_T: Any, adaptor_S: Any,
                  custom_matches: Sequence[Any] | None = None, *, compile: bool | Literal["auto"] = "auto"):
         super().__init__(train_config, distill_config, model_T, model_S)
+        preflight.check_on_policy(self.t_config, self.d_config)
         if self.d_config.is_caching_logits:
             warnings.warn(f"{type(self).__name__} ignores is_caching_logits=True (as TextBrewer "
                           "does); use BasicDistiller or MultiTeacherDistiller to cache logits",
                           stacklevel=2)
         self.adaptor_T, self.adaptor_S = adaptor_T, adaptor_S
         self.projs: list[nn.Module | None] = build_projections(self.d_config, self.t_config.device)
-        self.projs_group = [m.proj[3] if m.proj else None for m in self.d_config.intermediate_matches]
         self.custom_matches = list(custom_matches or ())
         self.step = make_step(self.d_config, model_T, model_S, adaptor_T, adaptor_S,
                               custom_matches=custom_matches, compile=compile,
@@ -135,17 +136,11 @@ class MultiTaskDistiller(GeneralDistiller):
         tau: float = 1,
         callback: Callable[..., Any] | None = None,
         batch_postprocessors: Mapping[str, Callable[[Any], Any]] | None = None,
-        *,
-        resume_from: Any = None,
-        save_state: bool = False,
-        early_stopping: EarlyStopping | None = None,
-        progress_bar: bool | None = None,
-        keep_last_states: int | None = None,
-        overwrite_output_dir: bool | None = None,
         **args: Any,
     ) -> None:
         """Train for ``num_steps`` optimizer steps over tasks sampled from ``dataloaders``
-        (the options after ``*`` as in :meth:`Distiller.train`)."""
+        (TextBrewer's signature; purekd's options among ``**args`` as in
+        :meth:`Distiller.train`)."""
         assert isinstance(self.step, TaskRouter)
         if not isinstance(dataloaders, Mapping) or set(dataloaders) != set(self.step.tasks):
             raise ValueError(f"dataloaders must be a dict with the tasks {sorted(self.step.tasks)}, "
@@ -163,15 +158,12 @@ class MultiTaskDistiller(GeneralDistiller):
                              "(len(dataloader) == 0); check the datasets and drop_last")
         preflight.check_schedule(self.t_config, epochs_mode=False, loader_length=None)
         posts = dict(batch_postprocessors or {})
-        self._launch(optimizer, plan, lambda log: sampled_tasks(dataloaders, tau, log),
-                     data=dataloaders, describe={"tau": tau},
-                     scheduler_class=scheduler_class, scheduler_args=scheduler_args,
-                     scheduler=scheduler, progress_bar=progress_bar, max_grad_norm=max_grad_norm,
-                     callback=callback,
-                     batch_postprocessor={t: posts.get(t, _identity) for t in self.step.tasks},
-                     model_args=args, resume_from=resume_from, save_state=save_state,
-                     early_stopping=early_stopping, keep_last_states=keep_last_states,
-                     overwrite_output_dir=overwrite_output_dir)
+        options = RunOptions.split(
+            args, max_grad_norm=max_grad_norm, callback=callback,
+            batch_postprocessor={t: posts.get(t, _identity) for t in self.step.tasks})
+        self._launch(optimizer, plan, lambda log: sampled_tasks(dataloaders, tau, log), options,
+                     data=dataloaders, describe={"tau": tau}, scheduler_class=scheduler_class,
+                     scheduler_args=scheduler_args, scheduler=scheduler)
 
 
 def _identity(batch: Any) -> Any:
