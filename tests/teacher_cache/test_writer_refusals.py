@@ -142,3 +142,13 @@ def test_a_second_writer_on_the_same_rank_is_refused(tmp_path) -> None:
     assert not errors, errors
     assert TeacherCache(tmp_path).sample_ids.tolist() == [0, 1, 2, 3]
     run(batches(data, [[0, 1], [2, 3]]), tmp_path, shard_samples=1)  # the lock was released
+
+
+def test_sample_ids_and_k_the_format_cannot_hold(tmp_path) -> None:
+    data = Tokens(2)
+    loader = [{"sample_id": [2**63, 1], "teacher": pad([data[0], data[1]])}]
+    with pytest.raises(ValueError, match=r"sample id 9223372036854775808 does not fit in 64 bits"):
+        run(loader, tmp_path)
+    with pytest.raises(ValueError, match=r"k=1048577: at most 1048576"):
+        run(batches(data, [[0, 1]]), tmp_path, k=2**20 + 1)
+    assert list(tmp_path.glob("*.npy")) == []
