@@ -8,6 +8,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from purekd._sharded import whole
+
 from purekd.presets import ADAPTOR_KEYS
 
 Tensors = tuple[Tensor, ...]
@@ -150,7 +152,9 @@ def normalise(result: Any) -> Adapted:
         if value is not None and not isinstance(value, Tensor):
             raise AdaptorError(
                 f"adaptor key {key!r}: expected one tensor, got {type(value).__name__}")
-        fields[key] = value
+        # an output layer sharded by FSDP2, read after its forward: gathered whole (its gradient
+        # is reduce-scattered back to the shards, as FSDP2 does for the other parameters)
+        fields[key] = whole(value) if key in ("lm_weight", "lm_bias") else value
     adapted = Adapted(**fields)
     _check_language_model_keys(adapted)
     n = adapted.row_outputs
