@@ -23,6 +23,7 @@ from purekd.runner import (
     cached_epochs,
     cycled,
     epochs,
+    join_launched,
     local_rank_from,
     move_to_device,
 )
@@ -81,6 +82,9 @@ class Distiller(ModeContext):
             DistillationConfig() if distill_config is None
             else _check_config(distill_config, DistillationConfig, "distill_config"))
         preflight.check_device_exists(self.t_config)
+        # under torchrun: join the process group now, so the launch script's DistributedSampler
+        # (built after the distiller) finds it
+        join_launched(self.t_config.local_rank, self.t_config.device)
         if not isinstance(model_S, nn.Module):
             raise TypeError(f"model_S must be a torch.nn.Module, got {type(model_S).__name__}")
         self.model_T = model_T

@@ -4,7 +4,7 @@ logging, progress bars, teacher-logit caching, DistributedDataParallel and FSDP2
 states that name their run and are verified, validated and fallen back from on resume."""
 
 from ._checkpoint import atomic_save, latest_state, state_path, weights_path
-from ._distributed import local_rank_from
+from ._distributed import join_launched, local_rank_from
 from ._early_stopping import EarlyStopping, EarlyStoppingState
 from ._fsdp import block_modules, full_state_dict, local_numel
 from ._guard import AllRanksNonFiniteGuard, NonFiniteGuard, NonFiniteLossError
@@ -45,6 +45,7 @@ __all__ = [
     "cycled",
     "epochs",
     "full_state_dict",
+    "join_launched",
     "latest_state",
     "local_numel",
     "local_rank_from",
