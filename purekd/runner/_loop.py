@@ -206,6 +206,9 @@ class Runner:
             "fp16", "bf16")}
         if config.fsdp is not None:  # only then: the fingerprints of unsharded runs stay as they were
             training["fsdp"] = config.fsdp.to_dict()
+            # the global batch, not the per-process one: a sharded state resumes on another
+            # number of processes with the same global batches
+            describe = fsdp.global_batches(describe, distributed.world_size())
         return state.fingerprint(step=self.step, optimizer=optimizer, scheduler=scheduler,
                                  plan=plan, training=training, extra=describe)
 

@@ -37,7 +37,7 @@ import purekd
 from purekd.integrations.huggingface import hf_adaptor
 
 VOCAB, LENGTH, SAMPLES, K = 64, 8, 16, 8
-GLOBAL_BATCH, EPOCHS, LR = 8, 2, 0.5
+GLOBAL_BATCH, EPOCHS, LR, ADAMW_LR = 8, 2, 0.5, 1e-2
 STEPS = EPOCHS * SAMPLES // GLOBAL_BATCH  # 4, a checkpoint after each
 KILL_AT = 3  # SIGKILLed while the state of step 3 is written: resumes from step 2
 DISTILL = {"kd_loss_type": "forward_kl", "temperature": 2.0}
@@ -135,27 +135,34 @@ def distiller(combo: Combo, out: Path) -> tuple[purekd.GeneralDistiller, torch.n
                                     adaptor_T, adaptor_S, compile=False), student)
 
 
-def loader(combo: Combo, world: int, rank: int) -> DataLoader:
+def loader(combo: Combo, world: int, rank: int, per_micro: int | None = None) -> DataLoader:
+    """The global batches, split over ``world`` ranks and the micro-batches (``per_micro``:
+    another per-process batch size)."""
     data = dataset(combo)
-    per_micro = GLOBAL_BATCH // (world * combo.accumulation)
+    per_micro = per_micro or GLOBAL_BATCH // (world * combo.accumulation)
     sampler = (DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
                if combo.placement != "single" else None)
     return DataLoader(data, batch_size=per_micro, sampler=sampler)
 
 
-def train(combo: Combo, out: Path, *, world: int = 1, rank: int = 0,
-          resume: bool = False) -> dict[str, torch.Tensor]:
-    """One run to the end; the student's final weights (gathered, on rank 0; ``{}`` on the
-    others under FSDP)."""
+def train(combo: Combo, out: Path, *, world: int = 1, rank: int = 0, resume: bool = False,
+          resume_from: Path | None = None, adamw: bool = False, save_state: bool = False,
+          per_micro: int | None = None) -> dict[str, torch.Tensor]:
+    """One run to the end (``resume``: from its output directory; ``resume_from``: from that
+    state); the student's final weights (gathered, on rank 0; ``{}`` on the others under
+    FSDP). SGD at ``LR``, or AdamW at ``ADAMW_LR``."""
     from purekd.runner import full_state_dict
 
     distiller_, student = distiller(combo, out)
-    optimizer = torch.optim.SGD(student.parameters(), lr=LR)
+    optimizer = (torch.optim.AdamW(student.parameters(), lr=ADAMW_LR) if adamw
+                 else torch.optim.SGD(student.parameters(), lr=LR))
     args: dict[str, Any] = {"output_hidden_states": True} if combo.fused else {}
+    origin = resume_from if resume_from is not None else (out if resume else None)
     with distiller_:
-        distiller_.train(optimizer, loader(combo, world, rank), num_epochs=EPOCHS,
-                         save_state=combo.kill, resume_from=str(out) if resume else None,
-                         overwrite_output_dir=None if resume else True, **args)
+        distiller_.train(optimizer, loader(combo, world, rank, per_micro), num_epochs=EPOCHS,
+                         save_state=combo.kill or save_state,
+                         resume_from=None if origin is None else str(origin),
+                         overwrite_output_dir=None if origin is not None else True, **args)
     if combo.placement in ("shard", "replicate", "none"):
         return full_state_dict(student)
     return {k: v.detach().clone() for k, v in student.state_dict().items()}
