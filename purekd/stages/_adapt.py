@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from purekd._sharded import whole
-
 from purekd.presets import ADAPTOR_KEYS
 
 Tensors = tuple[Tensor, ...]
