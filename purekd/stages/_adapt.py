@@ -153,7 +153,9 @@ def normalise(result: Any) -> Adapted:
                 f"adaptor key {key!r}: expected one tensor, got {type(value).__name__}")
         # an output layer sharded by FSDP2, read after its forward: gathered whole (its gradient
         # is reduce-scattered back to the shards, as FSDP2 does for the other parameters)
-        fields[key] = whole(value) if key in ("lm_weight", "lm_bias") else value
+        if value is not None and key in ("lm_weight", "lm_bias"):
+            value = whole(value)
+        fields[key] = value
     adapted = Adapted(**fields)
     _check_language_model_keys(adapted)
     n = adapted.row_outputs

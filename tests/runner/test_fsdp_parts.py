@@ -400,3 +400,25 @@ def test_a_bf16_sharded_run_keeps_float32_weights_and_checkpoints(tmp_path: Path
     assert all(torch.isfinite(v).all() for v in saved.values())
     before = _llama(2).state_dict()
     assert any(not torch.equal(saved[k], before[k]) for k in before)  # it trained
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_a_sharded_output_layer_read_after_its_forward_is_gathered_with_its_gradient() -> None:
+    from purekd.stages import normalise
+
+    torch.manual_seed(0)
+    head = nn.Linear(4, 6, bias=True)
+    expected_weight, expected_bias = head.weight.detach().clone(), head.bias.detach().clone()
+    fully_shard(head, reshard_after_forward=True)
+    hidden = torch.randn(3, 4)
+    head(hidden)  # the forward gathers, then the parameters are shards again
+    assert isinstance(head.weight, DTensor)
+    adapted = normalise({"lm_hidden": hidden, "lm_weight": head.weight, "lm_bias": head.bias})
+    assert type(adapted.lm_weight) is torch.Tensor and type(adapted.lm_bias) is torch.Tensor
+    assert torch.equal(adapted.lm_weight, expected_weight)
+    assert torch.equal(adapted.lm_bias, expected_bias)
+    (hidden @ adapted.lm_weight.T + adapted.lm_bias).square().sum().backward()
+    logits = hidden @ expected_weight.T + expected_bias  # by hand: d/dW sum(z^2) = 2 z^T h
+    assert isinstance(head.weight.grad, DTensor)
+    torch.testing.assert_close(head.weight.grad.full_tensor(), 2 * logits.T @ hidden)
+    torch.testing.assert_close(head.bias.grad.full_tensor(), 2 * logits.sum(0))
