@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequenc
 from typing import Any
 
 from purekd import losses, projections, schedules
+from purekd._keys import ADAPTOR_KEYS, FEATURES, LM_KEYS, TOPK_KEYS
+from purekd.losses import _divergences
 
 
 class UnknownNameError(ValueError, KeyError):
@@ -33,7 +35,7 @@ class PresetMap(MutableMapping[str, Callable[..., Any]]):
             return self._entries[name]
         except (KeyError, TypeError):
             raise UnknownNameError(
-                f"unknown {self.title} {name!r}; valid names: {sorted(self._entries)}"
+                f"unknown {self.title} {name!r}; valid names: {sorted(self)}"
             ) from None
 
     def __setitem__(self, name: str, func: Callable[..., Any]) -> None:
@@ -98,70 +100,111 @@ class BuilderMap(PresetMap):
         return isinstance(name, str) and name in self._entries
 
 
-FEATURES: list[str] = ["hidden", "attention"]
-"""Intermediate features an adaptor may return, each a list of per-layer tensors."""
+class KDLossMap(PresetMap):
+    """:data:`KD_LOSS_MAP`: TextBrewer's ``'ce'`` and ``'mse'`` and the losses added with
+    :func:`register_new` (TextBrewer's meaning: ``fn(logits_S, logits_T, temperature)``, per
+    batch), in front of a live view of the divergences registered in :mod:`purekd.losses`
+    (:func:`~purekd.losses.register_divergence`): a name registered there is a name here."""
 
-LM_KEYS: list[str] = ["lm_hidden", "lm_weight", "lm_bias"]
-"""Adaptor keys of a fused output layer: the final hidden states ``lm_hidden`` ``(*rows, H)``,
-the output layer's ``lm_weight`` ``(V, H)`` and optional ``lm_bias`` ``(V,)``; given instead of
-``logits``, the KD loss is computed without materialising ``(rows, V)`` logits."""
+    def _divergences(self) -> dict[str, Callable[..., Any]]:
+        return {name: losses.divergence(name) for name in registered_divergences()}
 
-TOPK_KEYS: list[str] = ["topk_ids", "topk_logprobs", "topk_mask"]
-"""Adaptor keys of a teacher's top-k distribution (e.g. from a top-k cache): ``topk_ids``
-``(*rows, k)``, ``topk_logprobs`` ``(*rows, k)`` (log-softmax at temperature 1), optional
-``topk_mask`` ``rows`` 0/1; given instead of the teacher's ``logits``."""
+    def __getitem__(self, name: str) -> Callable[..., Any]:
+        if isinstance(name, str) and name not in self._entries and name in self._divergences():
+            return losses.divergence(name)
+        return super().__getitem__(name)
 
-ADAPTOR_KEYS: list[str] = ["logits", "logits_mask", "losses", "inputs_mask", "labels", *FEATURES,
-                           *LM_KEYS, *TOPK_KEYS]
-"""Keys an adaptor's dict may contain (TextBrewer's, then the language-model ones)."""
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]  # a registered divergence: losses.unregister_divergence
 
-KD_LOSS_MAP = PresetMap("kd_loss_type", {
-    "ce": losses.kd_ce,
-    "mse": losses.kd_mse,
-    "forward_kl": losses.forward_kl,
-    "reverse_kl": losses.reverse_kl,
-    "jsd": losses.jsd,
-    "scaled_jsd": losses.scaled_jsd,
-    "skew_forward_kl": losses.skew_forward_kl,
-    "skew_reverse_kl": losses.skew_reverse_kl,
-    "tvd": losses.tvd,
-})
+    def __iter__(self) -> Iterator[str]:
+        return iter({**dict.fromkeys(self._entries), **dict.fromkeys(registered_divergences())})
+
+    def __len__(self) -> int:
+        return len(set(self._entries) | set(registered_divergences()))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and (name in self._entries or
+                                          name in registered_divergences())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.title!r}, {sorted(self)})"
+
+
+def registered_divergences() -> list[str]:
+    """The names of the token-level divergences (:func:`~purekd.losses.register_divergence`)."""
+    return _divergences.names()
+
+
+KD_LOSS_MAP = KDLossMap("kd_loss_type", {"ce": losses.kd_ce, "mse": losses.kd_mse})
 """Logits KD losses: TextBrewer's ``'ce'`` (soft cross-entropy) and ``'mse'``, and the
 token-level divergences of :data:`TOKEN_KD_LOSSES`."""
 
-TOKEN_KD_LOSSES: dict[str, dict[str, Any]] = {
-    "forward_kl": {"tail": False},
-    "reverse_kl": {"tail": False},
-    "jsd": {"beta": 0.5, "tail": False},
-    "scaled_jsd": {"beta": 0.5},
-    "skew_forward_kl": {"alpha": 0.1},
-    "skew_reverse_kl": {"alpha": 0.1},
-    "tvd": {},
-}
+
+class _TokenKDLosses(Mapping[str, dict[str, Any]]):
+    """Live view: each registered divergence's parameters with their defaults, then ``tail``
+    (False) for those with a top-k form."""
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        if name not in registered_divergences():
+            raise KeyError(name)
+        entry = _divergences.declared(name, "TOKEN_KD_LOSSES")
+        return {**entry.defaults, **({"tail": False} if entry.topk else {})}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registered_divergences())
+
+    def __len__(self) -> int:
+        return len(registered_divergences())
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+class _TopkForms(Mapping[str, str]):
+    """Live view: ``{divergence: its top-k loss}``."""
+
+    def __getitem__(self, name: str) -> str:
+        forms = _divergences.topk_forms()
+        if name not in forms or name not in registered_divergences():
+            raise KeyError(name)
+        return forms[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([n for n in _divergences.topk_forms() if n in registered_divergences()])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+TOKEN_KD_LOSSES: Mapping[str, dict[str, Any]] = _TokenKDLosses()
 """The token-level divergences (``kd_loss_type`` names), each with its parameters and their
-defaults, in positional order. ``beta`` in [0, 1], ``alpha`` in (0, 1); ``tail`` (True/False) is
-the top-k form's extra bucket for the teacher's remaining mass, used with a top-k teacher only.
-Give parameters as ``kd_loss_type=['jsd', {'beta': 0.9}]`` or ``['jsd', 0.9]``."""
+defaults, in positional order — derived from the registry of :mod:`purekd.losses` (see the
+table in docs/losses.md). ``tail`` (True/False) is the top-k form's extra bucket for the
+teacher's remaining mass, used with a top-k teacher only. Give parameters as
+``kd_loss_type=['jsd', {'beta': 0.9}]`` or ``['jsd', 0.9]``."""
 
-TOPK_FORMS: dict[str, str] = {"forward_kl": "topk_kl", "reverse_kl": "topk_reverse_kl",
-                              "jsd": "topk_jsd"}
+TOPK_FORMS: Mapping[str, str] = _TopkForms()
 """The token-level divergences with a top-k form (a teacher's ``topk_ids``/``topk_logprobs``),
-and the name of that form in :mod:`purekd.losses`."""
+and the name of that form (:func:`purekd.losses._topk.topk_loss`)."""
 
 
-def _check_kd_parameter(name: str, parameter: str, value: Any, field: str) -> None:
-    given = f"{field}=[{name!r}, {{{parameter!r}: {value!r}}}]"
-    if parameter == "tail":
-        if not isinstance(value, bool):
-            raise TypeError(f"{given}: tail must be True or False")
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{given}: {parameter} must be a number")
-    if parameter == "beta" and not 0.0 <= value <= 1.0:
-        raise ValueError(f"{given}: beta must be in [0, 1] (0 is forward KL, 1 reverse KL), "
-                         f"e.g. [{name!r}, {{'beta': 0.5}}]")
-    if parameter == "alpha" and not 0.0 < value < 1.0:
-        raise ValueError(f"{given}: alpha must be in (0, 1), e.g. [{name!r}, {{'alpha': 0.1}}]")
+def _check_kd_parameters(name: str, params: dict[str, Any], value: Any, field: str) -> None:
+    given = f"{field}={list(value)!r}"
+    tail = params.pop("tail", False)
+    if not isinstance(tail, bool):
+        raise TypeError(f"{given}: tail must be True or False")
+    try:
+        _divergences.parameters(name, "", params)
+    except (ValueError, TypeError) as error:
+        defaults = dict(_divergences.declared(name, field).defaults)
+        reason = str(error).removeprefix(": ")
+        raise type(error)(f"{given}: {reason}; e.g. [{name!r}, {defaults}]") from None
+    if tail:
+        params["tail"] = True
 
 
 def kd_loss_spec(value: Any, field: str = "kd_loss_type") -> tuple[str, dict[str, Any]]:
@@ -192,9 +235,9 @@ def kd_loss_spec(value: Any, field: str = "kd_loss_type") -> tuple[str, dict[str
         if key in params:
             raise ValueError(f"{field}={list(value)!r}: {key!r} given twice")
         params[key] = item
-    for key, item in params.items():
-        _check_kd_parameter(name, key, item, field)
-    return name, params
+    given = dict(params)
+    _check_kd_parameters(name, params, value, field)
+    return name, given
 
 MATCH_LOSS_MAP = PresetMap(
     "intermediate match loss",
@@ -299,9 +342,11 @@ __all__ = [
     "TOPK_KEYS",
     "WEIGHT_SCHEDULER",
     "BuilderMap",
+    "KDLossMap",
     "PresetMap",
     "UnknownNameError",
     "check_layer_spec",
     "kd_loss_spec",
     "register_new",
+    "registered_divergences",
 ]

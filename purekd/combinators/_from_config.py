@@ -117,7 +117,7 @@ def _terms(config: DistillationConfig, projections: Sequence[nn.Module | None],
     kd_weight = _weight(config.kd_loss_weight, config.kd_loss_weight_scheduler)
     name, params = config.kd_loss
     kd_loss = presets.KD_LOSS_MAP[name]
-    if name in presets.TOKEN_KD_LOSSES and kd_loss is getattr(losses, name, None):
+    if name in presets.TOKEN_KD_LOSSES and kd_loss is losses.divergence(name):
         terms = [token_kd(name, temperature=config.temperature, params=params,
                           shared_vocab=config.shared_vocab,
                           shift_probability=config.probability_shift, weight=kd_weight)]

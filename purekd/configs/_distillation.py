@@ -152,11 +152,11 @@ class DistillationConfig(_ConfigIO):
 
     Beyond TextBrewer (token-level distillation of language models):
 
-    * ``kd_loss_type`` also takes the divergences of :data:`~purekd.presets.TOKEN_KD_LOSSES`
-      (``'forward_kl'``, ``'reverse_kl'``, ``'jsd'``, ``'scaled_jsd'``, ``'skew_forward_kl'``,
-      ``'skew_reverse_kl'``, ``'tvd'``), with parameters as ``['jsd', {'beta': 0.9}]`` (or
-      ``['jsd', 0.9]``), ``['skew_forward_kl', {'alpha': 0.1}]``, ``['forward_kl', {'tail':
-      True}]`` (top-k teacher). They work on logits, on fused output layers and on a top-k
+    * ``kd_loss_type`` also takes every token-level divergence registered in
+      :mod:`purekd.losses` (:data:`~purekd.presets.TOKEN_KD_LOSSES`: the built-ins and any
+      added with :func:`~purekd.losses.register_divergence`; the table in docs/losses.md), with
+      parameters as ``['jsd', {'beta': 0.9}]`` (or ``['jsd', 0.9]``), ``['forward_kl',
+      {'tail': True}]`` (top-k teacher). They work on logits, on fused output layers and on a top-k
       teacher (see :func:`~purekd.terms.token_kd`); their temperature is constant.
     * ``shared_vocab``: teacher and student vocabularies of different sizes (padded output
       layers) are compared on their first ``min(V_S, V_T)`` entries; without it a mismatch
@@ -165,7 +165,8 @@ class DistillationConfig(_ConfigIO):
       micro-batches (TextBrewer); ``'tokens'`` — the optimizer step's loss is normalised by
       its kept tokens over every micro-batch and process (``StepOutput.tokens``); ``'auto'``
       (default) — ``'tokens'`` for the token-level divergences, ``'batch'`` for ``'ce'``,
-      ``'mse'`` and registered losses.
+      ``'mse'`` and losses added with ``register_new('kd_loss', ...)`` (TextBrewer's
+      per-batch functions).
     """
 
     temperature: float = attrs.field(default=4, validator=_temperature)

@@ -7,7 +7,9 @@ and no input is modified. Values equal TextBrewer 0.2.1's for the same inputs.
 Logits: :func:`kd_ce`, :func:`kd_mse` ``(logits_S, logits_T, temperature=1, mask=None)``.
 Token-level divergences (language models): :func:`forward_kl`, :func:`reverse_kl`,
 :func:`jsd`, :func:`scaled_jsd`, :func:`skew_forward_kl`, :func:`skew_reverse_kl`, :func:`tvd`
-``(logits_S, logits_T, *, temperature=1.0, mask=None, reduction="mean", ...)``.
+``(logits_S, logits_T, *, temperature=1.0, mask=None, reduction="mean", ...)``; each declared
+once in a registry (:mod:`._divergences`), where :func:`register_divergence` adds one and
+:func:`divergence` ``(name, **params)`` fetches one by name.
 Top-k teacher: :func:`topk_kl`, :func:`topk_reverse_kl`, :func:`topk_jsd`
 ``(logits_S, ids_T, logprobs_T, *, tail=False, ...)``. From hidden states and output-layer
 weights, never holding the logits: :func:`fused_linear_kd`, :func:`fused_linear_topk_kl`,
@@ -18,13 +20,17 @@ Features: each ``(feature_S, feature_T, mask=None) -> 0-dim Tensor``.
 from ._attention import attention_ce, attention_ce_mean, attention_mse, attention_mse_sum
 from ._chunked import kd_ce_chunked
 from ._family import (
+    divergence,
+    divergence_table,
     forward_kl,
     jsd,
+    register_divergence,
     reverse_kl,
     scaled_jsd,
     skew_forward_kl,
     skew_reverse_kl,
     tvd,
+    unregister_divergence,
 )
 from ._fused import (
     DenseTeacher,
@@ -48,6 +54,8 @@ __all__ = [
     "attention_mse",
     "attention_mse_sum",
     "cos",
+    "divergence",
+    "divergence_table",
     "forward_kl",
     "fsp",
     "fused_linear_distill",
@@ -62,6 +70,7 @@ __all__ = [
     "mmd",
     "nst",
     "pkd",
+    "register_divergence",
     "reverse_kl",
     "scaled_jsd",
     "skew_forward_kl",
@@ -70,4 +79,5 @@ __all__ = [
     "topk_kl",
     "topk_reverse_kl",
     "tvd",
+    "unregister_divergence",
 ]

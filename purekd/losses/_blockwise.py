@@ -40,7 +40,9 @@ DEFAULT_BLOCK_ELEMENTS = 1 << 23
 COMPILE_BLOCKS = True
 """Whether block kernels may be compiled at all (tests switch it off to skip compile time)."""
 
-BlockOutput = tuple[Tensor, Tensor | None, tuple[Tensor | None, ...]]
+BlockOutput = tuple[Tensor, Tensor | None, tuple[Tensor | None, ...], Tensor]
+"""A target's block: per-row value, gradient for the student's (scaled) logits, gradients for
+the teacher's tensors, and whether each row of the teacher is a distribution (finite)."""
 
 
 FUSED_BLOCK_ELEMENTS = 1 << 24
@@ -65,8 +67,15 @@ def default_chunk_rows(rows: int, vocabulary: int, *, fused: bool = False) -> in
 def log_softmax(z: Tensor) -> Tensor:
     """``log_softmax(z, -1)`` written out (max, then log-sum-exp): compiles to fewer passes
     over the block than ``Tensor.log_softmax``'s decomposition, with the same values."""
-    shifted = z - z.amax(-1, keepdim=True)
-    return shifted - shifted.exp().sum(-1, keepdim=True).log()
+    return log_softmax_and_finite(z)[0]
+
+
+def log_softmax_and_finite(z: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`log_softmax` and, per row, whether it is a distribution: the row's maximum is
+    finite (False for a NaN or a +inf entry, or every entry -inf). A single -inf is fine."""
+    top = z.amax(-1, keepdim=True)
+    shifted = z - top
+    return shifted - shifted.exp().sum(-1, keepdim=True).log(), top.squeeze(-1).isfinite()
 
 
 # --------------------------------------------------------------------------------- targets
@@ -83,12 +92,12 @@ class DenseTarget:
     def block(self, z: Tensor, log_p_S: Tensor, teacher: tuple[Tensor, ...], inv_tau: Tensor,
               keep: Tensor, grad_S: bool, grad_T: bool) -> BlockOutput:
         (t,) = teacher
-        log_p_T = log_softmax(torch.where(keep, t.to(z.dtype), 0.0) * inv_tau)
+        log_p_T, finite_T = log_softmax_and_finite(torch.where(keep, t.to(z.dtype), 0.0) * inv_tau)
         value, a_S, a_T = self.divergence.rows(log_p_S, log_p_T, grad_S, grad_T)
         g_S = (through_log_softmax(a_S, log_p_S, self.divergence.student_total)
                if a_S is not None else None)
         g_T = through_log_softmax(a_T, log_p_T) if a_T is not None else None
-        return value, g_S, (g_T,)
+        return value, g_S, (g_T,), finite_T
 
 
 TOPK_MODES = ("support", "renormalised", "tail")
@@ -116,6 +125,10 @@ class TopkTarget:
         ids, logprobs = teacher
         ids = torch.where(keep, ids, 0)
         log_q = torch.where(keep, logprobs.to(z.dtype), 0.0)
+        # a distribution: no NaN, nothing above log 1 = 0 (the checks outside compiled code
+        # raise on these; inside, the row's value and gradient become NaN together)
+        top = log_q.amax(-1)
+        finite_T = (top.isfinite() & (top <= 0)) | ~keep.squeeze(-1)
         in_support = None
         if self.mode == "tail":
             tail_T = (1 - log_q.exp().sum(-1, keepdim=True)).clamp_min(0.0)
@@ -133,7 +146,7 @@ class TopkTarget:
             buckets_T = (log_q * inv_tau).log_softmax(-1)
         value, a, _ = self.divergence.rows(buckets_S, buckets_T, grad_S, False)
         if a is None:
-            return value, None, ()
+            return value, None, (), finite_T
         k = ids.size(-1)
         if self.mode == "renormalised":  # the gradient lives on the k ids only
             g = torch.zeros_like(z).scatter_add(1, ids, through_log_softmax(a, buckets_S))
@@ -145,7 +158,7 @@ class TopkTarget:
             outside = torch.where(in_support, 0.0, (log_p - buckets_S[:, k:]).exp())
             g = (torch.zeros_like(z).scatter_add(1, ids, a[:, :k]) + a[:, k:] * outside
                  - log_p.exp() * a.sum(-1, keepdim=True))
-        return value, g, ()
+        return value, g, (), finite_T
 
 
 Target = DenseTarget | TopkTarget
@@ -179,12 +192,19 @@ def _kernel(s: Tensor, teacher: tuple[Tensor, ...], inv_tau: Tensor, weights: Te
         z = torch.where(keep | valid, raw, 0.0)  # rows used by neither stay finite zeros
     else:
         z = torch.where(keep, raw, 0.0) * inv_tau
-    log_p_S = log_softmax(z)
-    value, g_S, g_T = target.block(z, log_p_S, teacher, inv_tau, keep, grad_S, grad_T)
+    log_p_S, finite_S = log_softmax_and_finite(z)
+    value, g_S, g_T, finite_T = target.block(z, log_p_S, teacher, inv_tau, keep, grad_S, grad_T)
+    # a row that is no distribution on either side: its value and its gradients are NaN alike
+    finite = (finite_S & finite_T).unsqueeze(-1)
+    value = torch.where(finite.squeeze(-1), value, float("nan"))
     kd = (torch.where(keep.squeeze(-1), value, 0.0) * weights).sum()
     row_scale = (weights * scale).unsqueeze(-1) * inv_tau
-    out_S = torch.where(keep, g_S * row_scale, 0.0) if g_S is not None else None
-    out_T = tuple(torch.where(keep, g * row_scale, 0.0) if g is not None else None for g in g_T)
+
+    def rows_out(g: Tensor) -> Tensor:
+        return torch.where(keep, torch.where(finite, g * row_scale, float("nan")), 0.0)
+
+    out_S = rows_out(g_S) if g_S is not None else None
+    out_T = tuple(rows_out(g) if g is not None else None for g in g_T)
     ce = weights.new_zeros(())
     if labels is not None:
         assert ce_scale is not None and valid is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -28,15 +30,19 @@ def check_temperature(temperature: Temperature, rows: tuple[int, ...], where: st
         if temperature.dim() > 0 and tuple(temperature.shape) != rows:
             raise ValueError(f"{where}: temperature of shape {tuple(temperature.shape)} must be "
                              f"a number or have the rows' shape {rows}")
-        if not torch.compiler.is_compiling() and bool((temperature <= 0).any()):
-            raise ValueError(f"{where}: temperature must be > 0, got a tensor with "
-                             f"min {temperature.min().item()!r}")
+        if not torch.compiler.is_compiling():
+            bad = ~(temperature.detach().isfinite() & (temperature.detach() > 0))
+            if bool(bad.any()):
+                value = temperature.detach()[bad].reshape(-1)[0].item()
+                raise ValueError(f"{where}: temperature must be finite and > 0, got a tensor "
+                                 f"holding {value!r}")
         return
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"{where}: temperature must be a number or a tensor, got "
                         f"{type(temperature).__name__}")
-    if not temperature > 0:
-        raise ValueError(f"{where}: temperature={temperature!r} must be > 0 (e.g. 1.0 or 2.0)")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{where}: temperature={temperature!r} must be finite and > 0 (e.g. 1.0 "
+                         f"or 2.0)")
 
 
 def check_mask(mask: Tensor | None, rows: tuple[int, ...], where: str,
@@ -44,6 +50,30 @@ def check_mask(mask: Tensor | None, rows: tuple[int, ...], where: str,
     if mask is not None and tuple(mask.shape) != rows:
         raise ValueError(f"{where}: {name} of shape {tuple(mask.shape)} must have the rows' "
                          f"shape {rows} (one 0/1 entry per token)")
+    if name == "mask":
+        check_mask_values(mask, where)
+
+
+def check_mask_values(mask: Tensor | None, where: str) -> None:
+    """A mask weights rows: a negative entry would subtract a row (one host sync; skipped for
+    bool and unsigned masks and inside a compiled region)."""
+    if (mask is None or mask.dtype in (torch.bool, torch.uint8)
+            or torch.compiler.is_compiling()):
+        return
+    negative = mask.detach() < 0
+    if bool(negative.any()):
+        index = [int(i) for i in negative.nonzero()[0]]
+        raise ValueError(f"{where}: mask holds a negative value "
+                         f"{mask.detach()[tuple(index)].item()!r} at {tuple(index)}; a mask is "
+                         f"0 (leave the row out) or 1 (keep it)")
+
+
+def check_logits_rank(logits: Tensor, where: str, name: str = "logits") -> None:
+    """Logits are ``(*rows, classes)``: 1-d ``(B,)`` would take the softmax over the batch."""
+    if logits.dim() < 2:
+        raise ValueError(f"{where}: 1-d {name} {tuple(logits.shape)}: the softmax is over the last "
+                         f"dimension, so logits must be (rows, classes), e.g. (B, C) or (B, L, V); "
+                         f"for one score per sample use unsqueeze(-1) and kd_mse")
 
 
 def shared_vocabulary(size_S: int, size_T: int, shared_vocab: bool, where: str,
@@ -75,6 +105,7 @@ def inverse_temperature(temperature: Temperature, rows_shape: tuple[int, ...], d
     return (1.0 / tau).expand(rows_shape).reshape(rows, 1)
 
 
-__all__ = ["SHARED_VOCAB_FIX", "Temperature", "accumulation_dtype", "check_mask",
+__all__ = ["SHARED_VOCAB_FIX", "Temperature", "accumulation_dtype", "check_logits_rank",
+           "check_mask", "check_mask_values",
            "check_reduction", "check_temperature", "inverse_temperature", "row_weights",
            "shared_vocabulary"]

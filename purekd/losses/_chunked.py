@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ._blockwise import DenseTarget, blockwise_on_logits
-from ._divergences import divergence
+from ._divergences import resolve
 
 DEFAULT_CHUNK_ROWS = 256
 
@@ -59,7 +59,7 @@ def kd_ce_chunked(
     inv_tau = (1.0 / tau).to(accumulate).expand(logits_S.shape[:-1]).reshape(rows, 1)
     weights = (torch.ones(rows, dtype=accumulate, device=logits_S.device) if mask is None
                else mask.detach().reshape(rows).to(device=logits_S.device, dtype=accumulate))
-    target = DenseTarget(divergence("soft_cross_entropy", "kd_ce_chunked"))
+    target = DenseTarget(resolve("soft_cross_entropy", "kd_ce_chunked"))
     result = blockwise_on_logits(target, flat_S, (flat_T,), inv_tau, weights,
                                  chunk_rows=chunk_rows, sum_reduction=False,
                                  compile_blocks=compile_blocks)

@@ -21,6 +21,8 @@ require a gradient get one on both paths).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -28,11 +30,12 @@ from torch import Tensor
 
 from purekd._masked import safe_divide
 
-from . import _logits
+from . import _divergences, _logits
 from ._blockwise import DenseTarget, blockwise_on_logits, default_chunk_rows
 from ._checks import (
     Temperature,
     accumulation_dtype,
+    check_logits_rank,
     check_mask,
     check_reduction,
     check_temperature,
@@ -40,7 +43,7 @@ from ._checks import (
     row_weights,
     shared_vocabulary,
 )
-from ._divergences import Divergence, divergence
+from ._divergences import Divergence, PerRow, resolve
 
 
 def divergence_loss(
@@ -56,14 +59,15 @@ def divergence_loss(
     compile_blocks: bool = True,
     **params: float,
 ) -> Tensor:
-    """The divergence called ``name`` (``"forward_kl"``, ``"reverse_kl"``, ``"jsd"``,
-    ``"scaled_jsd"``, ``"skew_forward_kl"``, ``"skew_reverse_kl"``, ``"tvd"``) with its
+    """The registered divergence called ``name`` (:func:`register_divergence`) with its
     parameters. ``chunk_rows`` forces the row-block computation with that many rows per
     block (``None``: only from :data:`CHUNKED_KD_MIN_ELEMENTS` logits on, with a block of
     about 8 Mi logits); ``compile_blocks`` compiles its block kernels."""
     where = name
-    chosen = divergence(name, where, **params)
+    chosen = resolve(name, where, **params)
     sum_reduction = check_reduction(reduction, where)
+    check_logits_rank(logits_S, where, "logits_S")
+    check_logits_rank(logits_T, where, "logits_T")
     if logits_S.shape[:-1] != logits_T.shape[:-1]:
         raise ValueError(f"{where}: student logits {tuple(logits_S.shape)} and teacher logits "
                          f"{tuple(logits_T.shape)} have different rows")
@@ -102,9 +106,15 @@ def _dense(chosen: Divergence, logits_S: Tensor, logits_T: Tensor, inv_tau: Tens
             temperature.to(weights.dtype)
     else:
         scale = inv_tau.new_tensor(float(temperature))
-    log_p_S = (torch.where(keep, logits_S.to(weights.dtype), 0.0) / scale).log_softmax(-1)
-    log_p_T = (torch.where(keep, logits_T.to(weights.dtype), 0.0) / scale).log_softmax(-1)
-    per_row, _, _ = chosen.rows(log_p_S, log_p_T, False, False)
+    z_S = torch.where(keep, logits_S.to(weights.dtype), 0.0) / scale
+    z_T = torch.where(keep, logits_T.to(weights.dtype), 0.0) / scale
+    per_row, _, _ = chosen.rows(z_S.log_softmax(-1), z_T.log_softmax(-1), False, False)
+    # a row that is no distribution (a NaN, a +inf, or only -inf) on either side: NaN value and
+    # NaN gradient alike (as the block kernels); a single -inf is probability 0, not an error
+    broken = ~(z_S.amax(-1).isfinite() & z_T.amax(-1).isfinite())
+    nan_there = torch.where(broken, float("nan"), 0.0).unsqueeze(-1)  # d poison/dz: NaN there, 0 elsewhere
+    poison = torch.where(broken.unsqueeze(-1), z_S * nan_there, 0.0).sum(-1)
+    per_row = torch.where(broken, 0.0, per_row) + poison
     total = (torch.where(keep.squeeze(-1), per_row, 0.0) * weights).sum()
     if sum_reduction:
         return total
@@ -194,5 +204,106 @@ def tvd(logits_S: Tensor, logits_T: Tensor, *, temperature: Temperature = 1.0,
                            reduction=reduction, shared_vocab=shared_vocab)
 
 
-__all__ = ["divergence_loss", "forward_kl", "jsd", "reverse_kl", "scaled_jsd",
-           "skew_forward_kl", "skew_reverse_kl", "tvd"]
+for _function in (forward_kl, reverse_kl, jsd, scaled_jsd, skew_forward_kl, skew_reverse_kl, tvd):
+    _divergences.set_function(_function.__name__, _function)
+
+
+def register_divergence(name: str, per_row: PerRow, *, defaults: Mapping[str, Any] | None = None,
+                        check: Callable[..., None] | None = None, topk: bool | str = False,
+                        gradient: Callable[..., Any] | None = None,
+                        student_total: float | None = None) -> Callable[..., Tensor]:
+    r"""Declare a token-level divergence once; from then on ``name`` works everywhere a
+    built-in does.
+
+    ``per_row(log_p_S, log_p_T, **params) -> (rows,)``: its value per row, from the two sides'
+    float32 (or float64) log-softmaxes ``(rows, V)`` at the temperature; a side may hold
+    ``-inf`` (probability 0). ``defaults``: ``{param: default}`` (the parameters it takes);
+    ``check(**params)`` raises ``ValueError`` / ``TypeError`` naming a bad parameter (it is
+    called on the defaults at once, and on every value given later). ``topk``: whether it has a
+    top-k form, ``topk_<name>`` (``True``: both sides renormalised over the teacher's k ids;
+    ``"support"``: the teacher renormalised, the student's full-vocabulary log-probabilities at
+    those ids, as ``topk_kl``), also with ``tail`` (k+1 buckets, temperature 1).
+
+    ``gradient`` (optional, for speed): ``gradient(log_p_S, log_p_T, grad_S, grad_T, **params)
+    -> (value, a_S or None, a_T or None)`` with :math:`a = \partial D/\partial\log p` per side;
+    ``student_total`` the constant :math:`\sum_v a^S_v` if there is one. Without it the
+    chunked and fused forms take the gradient by ``torch.func.vjp`` of ``per_row`` inside each
+    block of rows, so they still never hold ``(N, V)`` logits.
+
+    After the call: ``DistillationConfig(kd_loss_type=name)`` (or ``[name, {param: value}]``),
+    :func:`divergence` ``(name, **params)``, ``fused_linear_kd(..., loss=name)``, the top-k
+    forms, token normalisation (``loss_normalisation='auto'``) and
+    :func:`divergence_table` (the docs' table). Returns the dense loss with the defaults.
+    """
+    rows_for = None
+    if gradient is not None:
+        if not callable(gradient):
+            raise TypeError(f"register_divergence({name!r}): gradient must be callable, got "
+                            f"{type(gradient).__name__}")
+        hand = gradient
+
+        def rows_for(**params: Any) -> Any:
+            return functools.partial(_row_result, hand, params)
+
+    _divergences.declare(name, per_row, defaults=defaults, check=check, topk=topk,
+                         rows_for=rows_for, student_total=student_total)
+    function = _named_loss(name, {})
+    _divergences.set_function(name, function)
+    return function
+
+
+def _row_result(gradient: Callable[..., Any], params: Mapping[str, Any], log_p_S: Tensor,
+                log_p_T: Tensor, grad_S: bool = False, grad_T: bool = False) -> Any:
+    return gradient(log_p_S, log_p_T, grad_S, grad_T, **params)
+
+
+def unregister_divergence(name: str) -> None:
+    """Remove a divergence added by :func:`register_divergence` (the built-ins stay)."""
+    _divergences.unregister(name)
+
+
+def _named_loss(name: str, params: Mapping[str, Any]) -> Callable[..., Tensor]:
+    fixed = dict(params)
+
+    def loss(logits_S: Tensor, logits_T: Tensor, *, temperature: Temperature = 1.0,
+             mask: Tensor | None = None, reduction: str = "mean", shared_vocab: bool = False,
+             **more: Any) -> Tensor:
+        return divergence_loss(name, logits_S, logits_T, temperature=temperature, mask=mask,
+                               reduction=reduction, shared_vocab=shared_vocab,
+                               **{**fixed, **more})
+
+    loss.__name__ = loss.__qualname__ = name
+    loss.__doc__ = (f"The registered divergence {name!r} ({_divergences.declared(name, name).formula})"
+                    f" per row, parameters {fixed or 'as declared'}; see "
+                    ":func:`~purekd.losses.divergence`.")
+    return loss
+
+
+def divergence(name: str, **params: Any) -> Callable[..., Tensor]:
+    """The loss ``(logits_S, logits_T, *, temperature=1.0, mask=None, reduction="mean",
+    shared_vocab=False) -> 0-dim`` of the registered divergence ``name`` with ``params``
+    (validated now; unknown names and parameters raise, listing the valid ones)."""
+    where = f"divergence({name!r})"
+    entry = _divergences.declared(name, where)
+    _divergences.parameters(name, where, params)
+    if not params and entry.function is not None:
+        return entry.function
+    return _named_loss(name, params)
+
+
+def divergence_table() -> str:
+    """The Markdown table of every registered divergence (the docs' table is this text)."""
+    lines = ["| `kd_loss_type` | per-row value | top-k form | notes |", "| --- | --- | --- | --- |"]
+    for entry in _divergences.entries():
+        if not entry.listed:
+            continue
+        params = ", ".join(f"{k}={v!r}" for k, v in entry.defaults.items())
+        name = f"`{entry.name}({params})`" if params else f"`{entry.name}`"
+        topk = f"`{entry.topk_name}`" if entry.topk_name else "—"
+        lines.append(f"| {name} | {entry.formula} | {topk} | {entry.notes} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["divergence", "divergence_loss", "divergence_table", "forward_kl", "jsd",
+           "register_divergence", "reverse_kl", "scaled_jsd", "skew_forward_kl",
+           "skew_reverse_kl", "tvd", "unregister_divergence"]

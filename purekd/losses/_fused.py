@@ -49,7 +49,7 @@ from ._checks import (
     row_weights,
     shared_vocabulary,
 )
-from ._divergences import divergence
+from ._divergences import resolve
 from ._topk import check_topk, topk_target
 
 
@@ -158,7 +158,7 @@ def fused_linear_distill(
         vocabulary = shared_vocabulary(weight_S.size(0), teacher.weight.size(0), shared_vocab,
                                        where, what="output layers")
         target: DenseTarget | TopkTarget = DenseTarget(
-            divergence(loss or "forward_kl", where, **loss_args))
+            resolve(loss or "forward_kl", where, **loss_args))
         with torch.no_grad():
             teacher_weight = teacher.weight.detach()[:vocabulary].to(accumulate)
             teacher_bias = (None if teacher.bias is None

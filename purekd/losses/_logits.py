@@ -14,6 +14,7 @@ from torch import Tensor
 
 from purekd._masked import as_weights, weighted_mean, zero_masked_rows
 
+from ._checks import check_logits_rank, check_mask_values
 from ._chunked import kd_ce_chunked
 
 Temperature = float | Tensor
@@ -45,6 +46,8 @@ def kd_ce(
     same value is computed by :func:`~purekd.losses.kd_ce_chunked`, which never holds both full
     softmaxes; the temperature then carries no gradient.
     """
+    check_logits_rank(logits_S, "kd_ce", "logits_S")
+    check_mask_values(mask, "kd_ce")
     if logits_S.numel() >= CHUNKED_KD_MIN_ELEMENTS:
         return kd_ce_chunked(logits_S, logits_T, temperature, mask)
     if mask is not None:
@@ -68,6 +71,7 @@ def kd_mse(
 
     over all rows and classes, or over the classes of the rows where ``mask == 1``.
     """
+    check_mask_values(mask, "kd_mse")
     if mask is not None:
         logits_S, logits_T = zero_masked_rows(logits_S, mask), zero_masked_rows(logits_T, mask)
     squared = (_scale(logits_S, temperature) - _scale(logits_T, temperature)).pow(2)

@@ -24,27 +24,34 @@ from ._blockwise import TopkTarget, blockwise_on_logits, default_chunk_rows
 from ._checks import (
     Temperature,
     accumulation_dtype,
+    check_logits_rank,
     check_mask,
     check_reduction,
     check_temperature,
     inverse_temperature,
     row_weights,
 )
-from ._divergences import divergence
+from ._divergences import declared, resolve, topk_forms
 
-TOPK_LOSSES = {"topk_kl": "forward_kl", "topk_reverse_kl": "reverse_kl", "topk_jsd": "jsd"}
-"""Each top-k loss and the divergence it takes on the teacher's support."""
+
+def topk_losses() -> dict[str, str]:
+    """Each top-k loss (``topk_kl``, ...; those of registered divergences declared with
+    ``topk``) and the divergence it takes on the teacher's support."""
+    return {form: name for name, form in topk_forms().items()}
 
 
 def topk_target(loss: str, tail: bool, where: str, **params: float) -> TopkTarget:
-    """The block target of the top-k loss called ``loss`` (one of :data:`TOPK_LOSSES`)."""
-    if loss not in TOPK_LOSSES:
+    """The block target of the top-k loss called ``loss`` (one of :func:`topk_losses`)."""
+    losses = topk_losses()
+    if loss not in losses:
         raise ValueError(f"{where}: unknown top-k loss={loss!r}; choose one of "
-                         f"{sorted(TOPK_LOSSES)}")
+                         f"{sorted(losses)}")
     if not isinstance(tail, bool):
         raise TypeError(f"{where}: tail must be True or False, got {tail!r}")
-    chosen = divergence(TOPK_LOSSES[loss], where, **params)
-    mode = "tail" if tail else ("support" if loss == "topk_kl" else "renormalised")
+    name = losses[loss]
+    chosen = resolve(name, where, **params)
+    mode = "tail" if tail else declared(name, where).topk
+    assert mode is not None
     return TopkTarget(chosen, mode)
 
 
@@ -83,6 +90,42 @@ def check_topk(ids_T: Tensor, logprobs_T: Tensor, rows_shape: tuple[int, ...], v
         raise ValueError(f"{where}: ids_T holds ids outside the student's vocabulary "
                          f"[0, {vocabulary}) (e.g. {bad[0].item()}, min {bad.min().item()}, "
                          f"max {bad.max().item()}); a cache for another vocabulary?")
+    check_topk_distribution(wide, logprobs_T, kept.squeeze(-1), where)
+
+
+def _first_row(bad: Tensor) -> str:
+    index = [int(i) for i in bad.nonzero()[0]]
+    return f"row {index[0]}" if len(index) == 1 else f"row {tuple(index)}"
+
+
+def check_topk_distribution(ids: Tensor, logprobs: Tensor, kept: Tensor, where: str) -> None:
+    """On the kept rows (``kept`` ``rows``, bool): no id twice in a row, log-probabilities that
+    are no NaN and at most 0 (beyond rounding), probabilities summing to at most 1 (beyond
+    rounding: ``4 eps`` of the log-probabilities' dtype, at least 1e-3). One host sync."""
+    tolerance = max(1e-3, 4 * torch.finfo(logprobs.dtype).eps)
+    values = logprobs.detach().float()
+    ordered = ids.sort(-1).values
+    twice = (ordered[..., 1:] == ordered[..., :-1]).any(-1) & kept
+    wrong = (values.isnan() | (values > tolerance)).any(-1) & kept
+    total = torch.where(values.isnan(), 0.0, values.exp()).sum(-1)
+    heavy = (total > 1 + tolerance) & kept
+    found = torch.stack([twice.any(), wrong.any(), heavy.any()]).tolist()
+    if found[0]:
+        row = _first_row(twice)
+        raise ValueError(f"{where}: ids_T holds an id twice in {row}; a top-k row lists k "
+                         f"different ids (a cache written with duplicates, or ids and "
+                         f"log-probabilities misaligned?)")
+    if found[1]:
+        row = _first_row(wrong)
+        raise ValueError(f"{where}: logprobs_T in {row} holds NaN, +inf or a positive "
+                         f"log-probability (max {values[wrong].max().item()!r}); logprobs_T must "
+                         f"be the teacher's log-softmax at temperature 1 (<= 0), not its logits")
+    if found[2]:
+        row = _first_row(heavy)
+        raise ValueError(f"{where}: logprobs_T: the probabilities in {row} sum to "
+                         f"{total[heavy][0].item():.4g} > 1; logprobs_T must be the teacher's "
+                         f"log-softmax at temperature 1 over the whole vocabulary, not its logits "
+                         f"or a softmax over the k entries alone")
 
 
 def topk_loss(loss: str, logits_S: Tensor, ids_T: Tensor, logprobs_T: Tensor, *,
@@ -95,6 +138,7 @@ def topk_loss(loss: str, logits_S: Tensor, ids_T: Tensor, logprobs_T: Tensor, *,
     where = loss
     target = topk_target(loss, tail, where, **params)
     sum_reduction = check_reduction(reduction, where)
+    check_logits_rank(logits_S, where, "logits_S")
     rows_shape = tuple(logits_S.shape[:-1])
     vocabulary = logits_S.size(-1)
     check_temperature(temperature, rows_shape, where)
@@ -159,4 +203,5 @@ def topk_jsd(logits_S: Tensor, ids_T: Tensor, logprobs_T: Tensor, *, beta: float
                      temperature=temperature, mask=mask, reduction=reduction, beta=beta)
 
 
-__all__ = ["TOPK_LOSSES", "topk_jsd", "topk_kl", "topk_loss", "topk_reverse_kl"]
+__all__ = ["check_topk", "check_topk_distribution", "topk_jsd", "topk_kl", "topk_loss",
+           "topk_losses", "topk_reverse_kl"]

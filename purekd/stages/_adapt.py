@@ -8,8 +8,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from purekd._keys import ADAPTOR_KEYS
 from purekd._sharded import whole
-from purekd.presets import ADAPTOR_KEYS
 
 Tensors = tuple[Tensor, ...]
 

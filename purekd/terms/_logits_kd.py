@@ -55,13 +55,6 @@ def logits_mask_for(adapted_S: Adapted, adapted_T: Adapted, index: int) -> Tenso
     return mask if mask is not None else _own_mask(adapted_T, index)
 
 
-def separate_masks(adapted_S: Adapted, adapted_T: Adapted, index: int) -> bool:
-    """Whether the ``index``-th logits pair is masked on each side by its own mask (two distinct
-    mask tensors), so the sides' selected rows must be paired in order."""
-    mask_S, mask_T = _own_mask(adapted_S, index), _own_mask(adapted_T, index)
-    return mask_S is not None and mask_T is not None and mask_S is not mask_T
-
-
 def align_teacher_rows(logits_T: Tensor, mask_T: Tensor, mask_S: Tensor) -> Tensor:
     """Teacher rows rearranged so that the k-th row the student's mask keeps faces the k-th row
     the teacher's mask keeps (TextBrewer selects each side with its own mask and pairs the
@@ -84,8 +77,13 @@ def align_teacher_rows(logits_T: Tensor, mask_T: Tensor, mask_S: Tensor) -> Tens
     return by_rank.index_select(0, source).reshape(*mask_S.shape, classes)
 
 
-def check_logits(adapted_S: Adapted, adapted_T: Adapted, shift_probability: bool = False) -> None:
-    """Teacher and student logits must pair up one to one with equal shapes."""
+def check_logits(adapted_S: Adapted, adapted_T: Adapted, shift_probability: bool = False, *,
+                 shared_vocab: bool | None = None, vocabulary_option: str | None = None) -> None:
+    """Teacher and student logits must pair up one to one with equal shapes.
+
+    ``shared_vocab`` (the token-level divergences): ``None`` — a class dimension that differs is
+    an error (TextBrewer's losses); ``False`` — likewise, said as a vocabulary mismatch that
+    names ``vocabulary_option``, the fix; ``True`` — the class dimensions may differ."""
     if not adapted_S.logits or not adapted_T.logits:
         return
     shapes_S = [tuple(t.shape) for t in adapted_S.logits]
@@ -99,14 +97,18 @@ def check_logits(adapted_S: Adapted, adapted_T: Adapted, shift_probability: bool
         _check_masks_fit(adapted_S, adapted_T, i)
         mask_S, mask_T = row_masks(adapted_S, adapted_T, i, adapted_S.logits[i],
                                    adapted_T.logits[i])
+        if shared_vocab is False and s[-1] != t[-1]:
+            raise ValueError(vocabulary_mismatch(f"logits[{i}]", s[-1], t[-1], vocabulary_option))
+        classes_agree = s[-1] == t[-1] or bool(shared_vocab)  # shared: compared on the first
         if mask_S is not None and mask_T is not None:
-            _check_separately_masked(adapted_S, adapted_T, i, s, t)
+            _check_separately_masked(adapted_S, adapted_T, i, s, t, classes_agree)
             continue
-        if s != t:
+        if s[:-1] != t[:-1] or not classes_agree:
             what = "class dimension" if s[:-1] == t[:-1] else "shape"
             raise ValueError(
                 f"logits[{i}] differ in {what}: student {s}, teacher {t}; the KD loss compares "
-                "them entry by entry, so both must have the same shape"
+                "them row by row and entry by entry, so both must have the same rows and the "
+                "same shape"
             )
     if shift_probability:
         if not adapted_S.labels:
@@ -158,10 +160,11 @@ def _check_masks_fit(adapted_S: Adapted, adapted_T: Adapted, index: int) -> None
 
 
 def _check_separately_masked(adapted_S: Adapted, adapted_T: Adapted, index: int,
-                             shape_S: tuple[int, ...], shape_T: tuple[int, ...]) -> None:
+                             shape_S: tuple[int, ...], shape_T: tuple[int, ...],
+                             classes_agree: bool) -> None:
     mask_S, mask_T = _own_mask(adapted_S, index), _own_mask(adapted_T, index)
     assert mask_S is not None and mask_T is not None
-    if shape_S[-1] != shape_T[-1]:
+    if not classes_agree:
         raise ValueError(f"logits[{index}] differ in class dimension: student {shape_S}, "
                          f"teacher {shape_T}")
     for side, mask, shape in (("student", mask_S, shape_S), ("teacher", mask_T, shape_T)):
@@ -223,11 +226,13 @@ def kd_loss_caller(kd_loss: KDLoss) -> Callable[[Tensor, Tensor, Any, Tensor | N
     return call
 
 
-def _kept_rows(logits: Tensor, mask: Tensor | None) -> Tensor:
-    """How many rows of ``logits`` the mask keeps (all of them without one), as a 0-dim float."""
-    dtype = torch.promote_types(logits.dtype, torch.float32)
+def kept_rows(rows: Tensor, mask: Tensor | None) -> Tensor:
+    """How many rows of ``rows`` (``(*rows, X)``: logits, hidden states or top-k ids) the mask
+    keeps (all of them without one), as a 0-dim float: float32 at least, float64 for float64
+    ``rows`` (the dtype every KD term counts its tokens in)."""
+    dtype = torch.promote_types(rows.dtype, torch.float32)
     if mask is None:
-        return torch.full((), logits[..., 0].numel(), dtype=dtype, device=logits.device)
+        return torch.full((), rows[..., 0].numel(), dtype=dtype, device=rows.device)
     return (mask != 0).sum().to(dtype)
 
 
@@ -286,10 +291,10 @@ def logits_kd(
         if not adapted_S.logits or not adapted_T.logits:
             return None
         l_S = adapted_S.logits[0]
-        return _kept_rows(l_S, row_masks(adapted_S, adapted_T, 0, l_S, adapted_T.logits[0])[0])
+        return kept_rows(l_S, row_masks(adapted_S, adapted_T, 0, l_S, adapted_T.logits[0])[0])
 
     return Term(term, weight, check, name, kept_rows=count)
 
 
-__all__ = ["align_teacher_rows", "check_logits", "fits", "kd_loss_caller", "logits_kd",
-           "logits_mask_for", "row_masks", "separate_masks", "vocabulary_mismatch"]
+__all__ = ["align_teacher_rows", "check_logits", "fits", "kd_loss_caller", "kept_rows",
+           "logits_kd", "logits_mask_for", "row_masks", "vocabulary_mismatch"]
