@@ -3,7 +3,10 @@
 * KD form — ``logits``, ``topk`` (a top-k teacher cache in the batches), ``fused`` (the output
   layer fused with the loss, ``hf_adaptor(lm_head=...)``), ``fused+topk``;
 * placement — ``single`` (one process), ``ddp``, ``shard`` / ``replicate`` / ``none`` (FSDP2
-  with the teacher sharded, replicated or absent);
+  with the teacher sharded, replicated or absent), ``keep`` (FSDP2, teacher sharded, the
+  student's blocks and root kept gathered from the forward to the backward:
+  ``reshard_after_forward=False``, so the fused path reads the gathered output layer, not a
+  shard);
 * precision — ``fp32``, ``bf16``; gradient accumulation — 1 or 2 micro-batches per step;
 * an optional SIGKILL while a state is written, and a resume from the output directory.
 
@@ -43,7 +46,7 @@ KILL_AT = 3  # SIGKILLed while the state of step 3 is written: resumes from step
 DISTILL = {"kd_loss_type": "forward_kl", "temperature": 2.0}
 
 FORMS = ("logits", "topk", "fused", "fused+topk")
-PLACEMENTS = ("single", "ddp", "shard", "replicate", "none")
+PLACEMENTS = ("single", "ddp", "shard", "replicate", "none", "keep")
 DISTRIBUTED = PLACEMENTS[1:]
 
 
@@ -119,6 +122,8 @@ def dataset(combo: Combo) -> list[dict[str, Any]]:
 def training_config(combo: Combo, out: Path) -> purekd.TrainingConfig:
     fsdp = (purekd.FSDPConfig(teacher=combo.placement)
             if combo.placement in ("shard", "replicate", "none") else None)
+    if combo.placement == "keep":
+        fsdp = purekd.FSDPConfig(teacher="shard", reshard_after_forward=False)
     return purekd.TrainingConfig(device="cpu", output_dir=str(out), fsdp=fsdp,
                                  bf16=combo.precision == "bf16",
                                  gradient_accumulation_steps=combo.accumulation,
@@ -163,7 +168,7 @@ def train(combo: Combo, out: Path, *, world: int = 1, rank: int = 0, resume: boo
                          save_state=combo.kill or save_state,
                          resume_from=None if origin is None else str(origin),
                          overwrite_output_dir=None if origin is not None else True, **args)
-    if combo.placement in ("shard", "replicate", "none"):
+    if combo.placement in ("shard", "replicate", "none", "keep"):
         return full_state_dict(student)
     return {k: v.detach().clone() for k, v in student.state_dict().items()}
 

@@ -50,6 +50,7 @@ DEFAULT = [
     *(f"{form}-ddp-bf16-acc2" for form in matrix.FORMS),
     "topk-none-fp32-acc1", "fused+topk-none-bf16-acc2",
     "logits-none-fp32-acc1", "fused-none-fp32-acc1",
+    "logits-keep-fp32-acc1", "fused-keep-fp32-acc2", "fused+topk-keep-bf16-acc1",
 ]
 KILLED = ["logits-ddp-fp32-acc1+kill", "topk-shard-fp32-acc2+kill", "fused-shard-fp32-acc2+kill",
           "fused+topk-none-bf16-acc2+kill"]
