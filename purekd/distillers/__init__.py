@@ -1,4 +1,7 @@
-"""Layer 7 — the TextBrewer-compatible distillers: thin facades over make_step and the runner."""
+"""Layer 7 — the TextBrewer-compatible distillers: thin facades over make_step and the runner.
+
+Imports the terms and stages (3), the combinators (4), the runner (6), the configs and the
+leaf module ``purekd._devices``."""
 
 from ._base import Distiller, ModeContext
 from ._distillers import (

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -11,21 +11,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from purekd._devices import move_to_device
 from purekd.combinators import Step, TaskRouter, TeacherStage
 from purekd.configs import DistillationConfig, TrainingConfig
 from purekd.runner import (
-    EarlyStopping,
     EpochPlan,
     Micro,
     PassLog,
     Runner,
+    RunOptions,
     StepPlan,
     cached_epochs,
     cycled,
     epochs,
-    join_launched,
+    join_process_group,
     local_rank_from,
-    move_to_device,
 )
 from purekd.stages import Adapted, batch_split
 
@@ -82,9 +82,10 @@ class Distiller(ModeContext):
             DistillationConfig() if distill_config is None
             else _check_config(distill_config, DistillationConfig, "distill_config"))
         preflight.check_device_exists(self.t_config)
-        # under torchrun: join the process group now, so the launch script's DistributedSampler
-        # (built after the distiller) finds it
-        join_launched(self.t_config.local_rank, self.t_config.device)
+        if local_rank_from(self.t_config.local_rank) != -1:
+            # under torchrun: join the process group now, so the launch script's
+            # DistributedSampler (built after the distiller) finds it
+            join_process_group(self.t_config)
         if not isinstance(model_S, nn.Module):
             raise TypeError(f"model_S must be a torch.nn.Module, got {type(model_S).__name__}")
         self.model_T = model_T
@@ -172,36 +173,28 @@ class Distiller(ModeContext):
         return Runner(self.step, self.t_config, student=self.model_S, progress_bar=progress_bar)
 
     def _launch(self, optimizer: torch.optim.Optimizer, plan: EpochPlan | StepPlan,
-                make_source: Callable[[PassLog], Iterator[Micro]], *, data: Any,
-                scheduler_class: Any, scheduler_args: Mapping[str, Any] | None, scheduler: Any,
-                progress_bar: bool | None, describe: Mapping[str, Any] | None = None,
-                **run_options: Any) -> None:
+                make_source: Callable[[PassLog], Iterator[Micro]], options: RunOptions, *,
+                data: Any, scheduler_class: Any, scheduler_args: Mapping[str, Any] | None,
+                scheduler: Any, describe: Mapping[str, Any] | None = None) -> None:
         """Add the projections to the optimizer, build the LR scheduler, run the runner.
 
         The run's fingerprint (checked on resume) gets the distillation config and ``data``'s
         description (:func:`describe_data`) besides what the runner adds itself."""
         self._prepare_optimizer(optimizer)
         preflight.check_optimizer(optimizer, self.student)
-        preflight.check_options(**{k: run_options.get(k) for k in (
-            "max_grad_norm", "callback", "batch_postprocessor", "early_stopping", "resume_from",
-            "overwrite_output_dir", "keep_last_states")}, save_state=run_options.get("save_state", False))
         preflight.check_weights(self.d_config, len(getattr(self, "custom_matches", None) or ()))
         preflight.check_device(self.t_config, self.student, self.teacher_modules)
         preflight.check_modes(self.teacher_modules, self.student)
         steps = self.step.steps.values() if isinstance(self.step, TaskRouter) else [self.step]
         preflight.install_output_checks(steps, self.d_config, self.t_config.device)
         lr_scheduler = self._scheduler(optimizer, scheduler_class, scheduler_args, scheduler)
-        self.runner = self._runner(progress_bar)
+        self.runner = self._runner(options.progress_bar)
         teachers = {str(i): {k: list(v.shape) for k, v in t.state_dict().items()}
                     for i, t in enumerate(self.teacher_modules)}
-        stopping = run_options.get("early_stopping")
-        options = {"max_grad_norm": run_options.get("max_grad_norm"),
-                   "early_stopping": None if stopping is None else {
-                       k: getattr(stopping, k) for k in ("patience", "mode", "keep_best", "min_delta")}}
         parts = {"distillation": self.d_config.to_dict(), "data": describe_data(data),
-                 "teachers": teachers, "options": options, **dict(describe or {})}
-        self.runner.run(optimizer, plan, make_source, scheduler=lr_scheduler, describe=parts,
-                        **run_options)
+                 "teachers": teachers, "options": options.describe(), **dict(describe or {})}
+        self.runner.run(optimizer, plan, make_source, scheduler=lr_scheduler, options=options,
+                        describe=parts)
 
     def train(
         self,
@@ -215,69 +208,69 @@ class Distiller(ModeContext):
         num_steps: int | None = None,
         callback: Callable[..., Any] | None = None,
         batch_postprocessor: Callable[[Any], Any] | None = None,
-        *,
-        resume_from: str | os.PathLike[str] | None = None,
-        save_state: bool = False,
-        early_stopping: EarlyStopping | None = None,
-        progress_bar: bool | None = None,
-        keep_last_states: int | None = None,
-        overwrite_output_dir: bool | None = None,
         **args: Any,
     ) -> None:
-        """Train the student, TextBrewer's way.
+        """Train the student, TextBrewer's way (TextBrewer's signature).
 
         ``num_steps`` (cycling the loader, a checkpoint every ``ckpt_steps``) takes precedence
         over ``num_epochs`` (``ckpt_frequency`` checkpoints per epoch every
         ``ckpt_epoch_frequency`` epochs). ``callback(model=student, step=global_step)`` runs
-        after each checkpoint. ``**args`` go to every model call.
-
-        Beyond TextBrewer: ``save_state=True`` writes the full training state beside each
-        checkpoint, ``resume_from`` (a state file or the output directory) continues such a run
-        exactly; ``early_stopping`` tracks a metric at checkpoints; ``progress_bar`` forces the
-        tqdm bar on or off (default: on when stderr is a terminal, on rank 0);
-        ``keep_last_states=N`` keeps only the run's last N state files; ``overwrite_output_dir``
-        decides what a fresh run does in a directory holding an earlier run's files (``None``:
-        warn and set its ``metrics.jsonl`` aside; ``False``: refuse; ``True``: delete them).
+        after each checkpoint. ``**args`` go to every model call, except purekd's own options,
+        keywords named as the fields of :class:`~purekd.runner.RunOptions` (checked there,
+        once): ``save_state=True`` writes the full training state beside each checkpoint,
+        ``resume_from`` (a state file or the output directory) continues such a run exactly,
+        ``extend_run=True`` with it continues the run for more ``num_steps``/``num_epochs``;
+        ``early_stopping`` tracks a metric at checkpoints; ``progress_bar`` forces the tqdm bar
+        on or off (default: on when stderr is a terminal, on rank 0); ``keep_last_states=N``
+        keeps only the run's last N state files; ``overwrite_output_dir`` decides what a fresh
+        run does in a directory holding an earlier run's files (``None``: warn and set its
+        ``metrics.jsonl`` aside; ``False``: refuse; ``True``: delete them); ``metric_sinks``
+        are more places the metrics go besides ``metrics.jsonl`` and TensorBoard
+        (:class:`~purekd.runner.WandbSink`, :class:`~purekd.runner.MlflowSink`, your own object
+        with ``log(step, metrics)`` and ``close()``).
         """
+        options = RunOptions.split(args, max_grad_norm=max_grad_norm, callback=callback,
+                                   batch_postprocessor=batch_postprocessor)
         if num_epochs is None and num_steps is None:
             raise ValueError("train() needs num_epochs or num_steps")
         caching = self.caches_logits and self.d_config.is_caching_logits
         if caching and num_steps is not None:
             raise ValueError("is_caching_logits=True needs epoch-based training: pass num_epochs "
                              "and num_steps=None (or set is_caching_logits=False)")
-        plan: EpochPlan | StepPlan
-        make_source: Callable[[PassLog], Iterator[Micro]]
         length = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore[arg-type]
+        make_source: Callable[[PassLog], Iterator[Micro]]
         if num_steps is not None:
-            plan = StepPlan(positive_count("num_steps", num_steps), self.t_config.ckpt_steps)
+            plan: EpochPlan | StepPlan = StepPlan(positive_count("num_steps", num_steps),
+                                                  self.t_config.ckpt_steps)
             preflight.check_schedule(self.t_config, epochs_mode=False, loader_length=length)
-
-            def make_source(log: PassLog) -> Iterator[Micro]:
-                return cycled(dataloader, log)
+            make_source = functools.partial(cycled, dataloader)
         else:
-            assert num_epochs is not None
-            if not hasattr(dataloader, "__len__"):
-                raise ValueError("num_epochs needs a dataloader with a length; use num_steps")
-            epochs_ = positive_count("num_epochs", num_epochs)
-            preflight.check_schedule(self.t_config, epochs_mode=True, loader_length=length)
-            plan = EpochPlan(len(dataloader) // self.t_config.gradient_accumulation_steps,  # type: ignore[arg-type]
-                             epochs_, self.t_config.ckpt_frequency,
-                             self.t_config.ckpt_epoch_frequency)
-            distributed = (local_rank_from(self.t_config.local_rank) != -1
-                           or self.t_config.fsdp is not None)
-
-            def make_source(log: PassLog) -> Iterator[Micro]:
-                if caching:
-                    return cached_epochs(self._cache(dataloader, batch_postprocessor, args),
-                                         epochs_, log)
-                return epochs(dataloader, epochs_, distributed, log)
-        self._launch(optimizer, plan, make_source, data=dataloader,
+            plan, make_source = self._epochs(dataloader, num_epochs, caching, options)
+        self._launch(optimizer, plan, make_source, options, data=dataloader,
                      scheduler_class=scheduler_class, scheduler_args=scheduler_args,
-                     scheduler=scheduler, progress_bar=progress_bar, max_grad_norm=max_grad_norm,
-                     callback=callback, batch_postprocessor=batch_postprocessor, model_args=args,
-                     resume_from=resume_from, save_state=save_state,
-                     early_stopping=early_stopping, keep_last_states=keep_last_states,
-                     overwrite_output_dir=overwrite_output_dir)
+                     scheduler=scheduler)
+
+    def _epochs(self, dataloader: Iterable[Any], num_epochs: Any, caching: bool,
+                options: RunOptions) -> tuple[EpochPlan, Callable[[PassLog], Iterator[Micro]]]:
+        """The plan of ``num_epochs`` epochs over ``dataloader`` and its micro-batch source
+        (the teacher's logits cached first with ``caching``)."""
+        if not hasattr(dataloader, "__len__"):
+            raise ValueError("num_epochs needs a dataloader with a length; use num_steps")
+        count = positive_count("num_epochs", num_epochs)
+        length = len(dataloader)  # type: ignore[arg-type]
+        preflight.check_schedule(self.t_config, epochs_mode=True, loader_length=length)
+        plan = EpochPlan(length // self.t_config.gradient_accumulation_steps, count,
+                         self.t_config.ckpt_frequency, self.t_config.ckpt_epoch_frequency)
+        distributed = (local_rank_from(self.t_config.local_rank) != -1
+                       or self.t_config.fsdp is not None)
+
+        def make_source(log: PassLog) -> Iterator[Micro]:
+            if caching:
+                return cached_epochs(self._cache(dataloader, options.batch_postprocessor,  # type: ignore[arg-type]
+                                                 options.model_args), count, log)
+            return epochs(dataloader, count, distributed, log)
+
+        return plan, make_source
 
 
 def describe_data(data: Any) -> Any:

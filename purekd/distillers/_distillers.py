@@ -24,7 +24,7 @@ from purekd.combinators import (
     single_teacher,
 )
 from purekd.configs import DistillationConfig, TrainingConfig
-from purekd.runner import EarlyStopping, StepPlan, sampled_tasks
+from purekd.runner import RunOptions, StepPlan, sampled_tasks
 from purekd.stages import Adapted, Split
 from purekd.terms import hard_label
 
@@ -76,7 +76,6 @@ class GeneralDistiller(Distiller):
                           stacklevel=2)
         self.adaptor_T, self.adaptor_S = adaptor_T, adaptor_S
         self.projs: list[nn.Module | None] = build_projections(self.d_config, self.t_config.device)
-        self.projs_group = [m.proj[3] if m.proj else None for m in self.d_config.intermediate_matches]
         self.custom_matches = list(custom_matches or ())
         self.step = make_step(self.d_config, model_T, model_S, adaptor_T, adaptor_S,
                               custom_matches=custom_matches, compile=compile,
@@ -135,17 +134,11 @@ class MultiTaskDistiller(GeneralDistiller):
         tau: float = 1,
         callback: Callable[..., Any] | None = None,
         batch_postprocessors: Mapping[str, Callable[[Any], Any]] | None = None,
-        *,
-        resume_from: Any = None,
-        save_state: bool = False,
-        early_stopping: EarlyStopping | None = None,
-        progress_bar: bool | None = None,
-        keep_last_states: int | None = None,
-        overwrite_output_dir: bool | None = None,
         **args: Any,
     ) -> None:
         """Train for ``num_steps`` optimizer steps over tasks sampled from ``dataloaders``
-        (the options after ``*`` as in :meth:`Distiller.train`)."""
+        (TextBrewer's signature; purekd's options among ``**args`` as in
+        :meth:`Distiller.train`)."""
         assert isinstance(self.step, TaskRouter)
         if not isinstance(dataloaders, Mapping) or set(dataloaders) != set(self.step.tasks):
             raise ValueError(f"dataloaders must be a dict with the tasks {sorted(self.step.tasks)}, "
@@ -163,15 +156,12 @@ class MultiTaskDistiller(GeneralDistiller):
                              "(len(dataloader) == 0); check the datasets and drop_last")
         preflight.check_schedule(self.t_config, epochs_mode=False, loader_length=None)
         posts = dict(batch_postprocessors or {})
-        self._launch(optimizer, plan, lambda log: sampled_tasks(dataloaders, tau, log),
-                     data=dataloaders, describe={"tau": tau},
-                     scheduler_class=scheduler_class, scheduler_args=scheduler_args,
-                     scheduler=scheduler, progress_bar=progress_bar, max_grad_norm=max_grad_norm,
-                     callback=callback,
-                     batch_postprocessor={t: posts.get(t, _identity) for t in self.step.tasks},
-                     model_args=args, resume_from=resume_from, save_state=save_state,
-                     early_stopping=early_stopping, keep_last_states=keep_last_states,
-                     overwrite_output_dir=overwrite_output_dir)
+        options = RunOptions.split(
+            args, max_grad_norm=max_grad_norm, callback=callback,
+            batch_postprocessor={t: posts.get(t, _identity) for t in self.step.tasks})
+        self._launch(optimizer, plan, lambda log: sampled_tasks(dataloaders, tau, log), options,
+                     data=dataloaders, describe={"tau": tau}, scheduler_class=scheduler_class,
+                     scheduler_args=scheduler_args, scheduler=scheduler)
 
 
 def _identity(batch: Any) -> Any:

@@ -14,9 +14,8 @@ value and the fix, or — where it can be intended — a ``UserWarning``.
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -268,43 +267,6 @@ def check_optimizer(optimizer: torch.optim.Optimizer, student: nn.Module) -> Non
                       "change", UserWarning, stacklevel=4)
 
 
-def check_options(*, max_grad_norm: Any, callback: Any, batch_postprocessor: Any,
-                  early_stopping: Any, resume_from: Any, overwrite_output_dir: Any,
-                  keep_last_states: Any, save_state: Any) -> None:
-    """The keyword options of ``train`` have the right kinds and values."""
-    from purekd.runner import EarlyStopping
-
-    if (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
-            or math.isnan(max_grad_norm)):
-        raise ValueError(f"max_grad_norm={max_grad_norm!r}: must be a number (> 0 clips the "
-                         "student's gradient norm to it; <= 0 means no clipping)")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback={callback!r}: must be a function callback(model=..., step=...)")
-    posts = batch_postprocessor.values() if isinstance(batch_postprocessor, Mapping) else [batch_postprocessor]
-    for post in posts:
-        if post is not None and not callable(post):
-            raise TypeError(f"batch_postprocessor={post!r}: must be a function of the batch")
-    if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
-        raise TypeError(f"early_stopping must be a purekd.EarlyStopping, got "
-                        f"{type(early_stopping).__name__}")
-    if not isinstance(save_state, bool):
-        raise TypeError(f"save_state={save_state!r}: must be True or False")
-    if overwrite_output_dir not in (None, True, False):
-        raise TypeError(f"overwrite_output_dir={overwrite_output_dir!r}: must be None (warn), "
-                        "False (refuse) or True (delete the earlier run's files)")
-    if resume_from is not None and overwrite_output_dir is True:
-        raise ValueError("resume_from with overwrite_output_dir=True: resuming continues the "
-                         "run in the directory, overwriting would delete it; choose one")
-    if keep_last_states is not None and (isinstance(keep_last_states, bool)
-                                         or not isinstance(keep_last_states, int)
-                                         or keep_last_states < 1):
-        raise ValueError(f"keep_last_states={keep_last_states!r}: must be None (keep every "
-                         "state) or an int >= 1")
-    if keep_last_states is not None and not save_state:
-        warnings.warn(f"keep_last_states={keep_last_states!r} without save_state=True: no state "
-                      "file is written, so there is nothing to keep", UserWarning, stacklevel=4)
-
-
 def check_weights(config: DistillationConfig, customs: int = 0) -> None:
     """Some term has a nonzero weight; a negative weight is warned about."""
     weights = {"kd_loss_weight": config.kd_loss_weight,
@@ -366,5 +328,5 @@ def check_modes(teachers: list[nn.Module], student: nn.Module) -> None:
 
 
 __all__ = ["CheckedOutputs", "check_device", "check_device_exists", "check_modes", "check_optimizer",
-           "check_options", "check_outputs", "check_schedule", "check_weights",
+           "check_outputs", "check_schedule", "check_weights",
            "install_output_checks"]

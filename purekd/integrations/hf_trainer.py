@@ -30,6 +30,15 @@ What it does beyond a plain ``Trainer(model=step)``:
   ``prediction_loss_only`` semantics: no logits are gathered);
 * the data collator keeps the columns the *student's* forward takes (the step's own signature,
   ``batch, progress, ...``, would make ``remove_unused_columns`` drop everything);
+* the step's unweighted terms (``kd_loss``, ``hard_label_loss``, each match), averaged over the
+  logging window, are added to the Trainer's logs beside ``loss``, ``learning_rate`` and
+  ``grad_norm``, so they reach every ``report_to`` integration; ``metric_sinks=[...]`` (purekd's
+  :class:`~purekd.runner.MetricSink` objects) get the same logs at the global step, on the main
+  process, and are closed when ``train()`` ends;
+* a non-finite loss, term or gradient stops training with purekd's
+  :class:`~purekd.runner.NonFiniteLossError` naming the global step and the term or the
+  parameter, before the optimizer step (as purekd's runner does; not under fp16, whose gradient
+  scaler skips such steps itself);
 * ``save_model`` writes the student with its ``save_pretrained`` (or its ``state_dict`` as
   ``model.safetensors`` for a plain module) and the projections beside it in
   ``purekd_projections.safetensors``; checkpoints hold the same, and resuming from one loads both.
@@ -42,16 +51,20 @@ LMs), for every term of the objective.
 from __future__ import annotations
 
 import inspect
+import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import safetensors.torch
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from purekd.combinators import Step
+from purekd.runner import MetricSink, NonFiniteLossError
+from purekd.runner._guard import non_finite_names, sums_finite
+from purekd.runner._sinks import check_sinks
 
 PROJECTIONS_FILE = "purekd_projections.safetensors"
 _SPLIT_KEYS = ["teacher", "student", "teacher_cache"]
@@ -83,11 +96,12 @@ class DistillationTrainer(Trainer):
     ``model`` (the step is the model) and ``compute_loss_func`` (the step computes the loss).
     ``self.train_losses`` holds each training micro-batch's loss (as computed, before any
     scaling) and ``self.last_terms`` the unweighted terms of the last one.
+    ``metric_sinks``: purekd metric sinks that get the Trainer's logs (with the terms).
     """
 
     def __init__(self, step: Step, args: Any = None, *, token_level: bool = False,
                  count_tokens: Callable[[Any], Any] | None = None, shift_labels: bool = True,
-                 **kwargs: Any):
+                 metric_sinks: Sequence[MetricSink] = (), **kwargs: Any):
         if not isinstance(step, Step):
             raise TypeError(f"DistillationTrainer(step=...): expected a purekd Step (from "
                             f"purekd.make_step or Step(...)), got {type(step).__name__}")
@@ -107,6 +121,10 @@ class DistillationTrainer(Trainer):
         self.loss_is_scaled_for_ga = token_level
         self.train_losses: list[float] = []
         self.last_terms: dict[str, float] = {}
+        self.metric_sinks = check_sinks(metric_sinks)
+        self._term_sums: dict[str, float] = {}
+        self._term_counts: dict[str, int] = {}
+        self.add_callback(_Guard(self))
         for teacher in step.teachers.values():
             if isinstance(teacher, nn.Module):
                 teacher.to(self.args.device)
@@ -135,8 +153,7 @@ class DistillationTrainer(Trainer):
         out = model(inputs, progress=self._progress(), step=self.state.global_step)
         loss = out.loss
         if model.training:
-            self.train_losses.append(float(loss.detach()))
-            self.last_terms = {k: float(v.detach()) for k, v in out.terms.items()}
+            self._observe(float(loss.detach()), {k: float(v.detach()) for k, v in out.terms.items()})
         if self.token_level and model.training:
             if num_items_in_batch is None:
                 raise ValueError(
@@ -150,6 +167,64 @@ class DistillationTrainer(Trainer):
                 # DDP averages gradients over processes; num_items_in_batch is the global count
                 loss = loss * self.accelerator.num_processes
         return (loss, out) if return_outputs else loss
+
+    def _observe(self, loss: float, terms: dict[str, float]) -> None:
+        """Keep a training micro-batch's loss and terms; a non-finite one stops training."""
+        self.train_losses.append(loss)
+        self.last_terms = terms
+        bad = [name for name, value in {"total loss": loss, **terms}.items()
+               if not math.isfinite(value)]
+        if bad:
+            culprit = next((n for n in bad if n != "total loss"), bad[0])
+            raise NonFiniteLossError(
+                f"the loss is not finite at global step {self.state.global_step + 1} (term "
+                f"{culprit!r}; values total loss={loss}, "
+                + ", ".join(f"{n}={v}" for n, v in terms.items())
+                + "). Training stopped before the optimizer step. Lower the learning rate, clip "
+                "gradients (max_grad_norm) or check the inputs.")
+        for name, value in terms.items():
+            self._term_sums[name] = self._term_sums.get(name, 0.0) + value
+            self._term_counts[name] = self._term_counts.get(name, 0) + 1
+
+    def check_gradients(self) -> None:
+        """Raise :class:`~purekd.runner.NonFiniteLossError` naming the first parameter of the
+        step whose gradient holds a NaN or an inf (one synchronisation)."""
+        named = [(name, p.grad) for name, p in self.step.named_parameters() if p.grad is not None]
+        if not named or bool(sums_finite(g for _, g in named).all()):
+            return  # one cheap sum per gradient; the exact check only when one is not finite
+        bad = non_finite_names(named)
+        if bad:
+            raise NonFiniteLossError(
+                f"the gradient is not finite at global step {self.state.global_step + 1} "
+                f"(parameter {bad[0]!r}{f', and {len(bad) - 1} more' if len(bad) > 1 else ''}) "
+                "although the loss is finite. Training stopped before that optimizer step: the "
+                "weights are those of earlier steps, all finite. Check the model's backward "
+                "(e.g. sqrt or log at 0, a division by 0) or the inputs (a NaN teacher logit).")
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's logs; a training log (one with ``loss``) gets the mean of each term over
+        the micro-batches since the last one. The metric sinks get them too."""
+        if "loss" in logs and self._term_sums:
+            for name, total in self._term_sums.items():
+                logs.setdefault(name, total / self._term_counts[name])
+            self._term_sums, self._term_counts = {}, {}
+        super().log(logs, start_time)
+        if self.metric_sinks and self.is_world_process_zero():
+            numbers = {k: float(v) for k, v in logs.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for sink in self.metric_sinks:
+                sink.log(self.state.global_step, numbers)
+                flush = getattr(sink, "flush", None)
+                if callable(flush):
+                    flush()
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; the metric sinks are closed when it ends, by an error or not."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            for sink in self.metric_sinks:
+                sink.close()
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
         if not self.token_level:
@@ -224,3 +299,15 @@ class DistillationTrainer(Trainer):
         if best is None:
             raise ValueError("load_best_model_at_end: no best checkpoint was recorded")
         self._load_from_checkpoint(best)
+
+
+class _Guard(TrainerCallback):
+    """Checks the gradients before each optimizer step (not under fp16, whose scaler skips a
+    step with inf gradients itself)."""
+
+    def __init__(self, trainer: DistillationTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not args.fp16:
+            self.trainer.check_gradients()

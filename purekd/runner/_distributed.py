@@ -24,17 +24,6 @@ def ensure_process_group(device: str | torch.device) -> None:
         dist.init_process_group(backend=backend)
 
 
-def join_launched(config_rank: int, device: str | torch.device) -> bool:
-    """Join the default process group now if this process was launched by torchrun (its
-    ``LOCAL_RANK`` is set, or ``TrainingConfig.local_rank`` >= 0) and nobody has joined yet —
-    NCCL for a CUDA ``device``, gloo otherwise. Returns whether this process is in a process
-    group afterwards. The distillers call it when they are built, so that what a launch script
-    does next (a ``DistributedSampler``, a rank check) finds the group."""
-    if local_rank_from(config_rank) != -1:
-        ensure_process_group(device)
-    return is_initialized()
-
-
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -78,4 +67,4 @@ def broadcast_flag(flag: bool, device: str | torch.device) -> bool:
 
 
 __all__ = ["all_reduce_sum", "barrier", "broadcast_flag", "ensure_process_group",
-           "is_initialized", "join_launched", "local_rank_from", "rank", "world_size", "wrap"]
+           "is_initialized", "local_rank_from", "rank", "world_size", "wrap"]

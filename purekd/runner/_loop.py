@@ -3,26 +3,25 @@
 * :meth:`Runner._micro_step` — one micro-batch: post-process, move to the device, run the step
   under autocast, record the losses (on the device), back-propagate the loss scaled for
   accumulation.
-* :meth:`Runner._optimizer_step` — every ``accumulation``-th micro-batch: clip the student's
-  gradients, step the optimizer and the LR scheduler, zero the gradients.
+* :meth:`Runner._optimizer_step` — every ``accumulation``-th micro-batch: check the gradients,
+  unscale, clip the student's gradients, step the optimizer and the LR scheduler, zero the
+  gradients.
 * :meth:`Runner._checkpoint` — at TextBrewer's checkpoint steps: save ``gs{step}.pkl``
   atomically, call the callback, track early stopping, write the full state when asked.
 
-The full training state (its layout, the run's fingerprint, writing, reading, verification,
-validation and fallback) lives in :mod:`._state`; the output directory's files in
-:mod:`._checkpoint`.
-
-With ``TrainingConfig.fsdp`` the step is sharded by FSDP2 before anything else (:mod:`._fsdp`):
-the weights ``gs{step}.pkl`` are gathered to rank 0, the full state is a sharded
-``torch.distributed.checkpoint`` directory every rank writes its part of, and the non-finite
-guard and early stopping decide for all ranks at once.
+Where the step runs — one process, DDP, FSDP2 — is a :class:`~._placement.Placement` the loop
+asks for what differs (wrapping, sharding, the non-finite guard, gathering the weights, the
+state's form, agreeing on a decision); the loop itself has no branch on it. What one
+``train()`` call asks for is one validated :class:`~._options.RunOptions` record. The full
+training state (its layout, the run's fingerprint, writing, reading, verification, validation
+and fallback) lives in :mod:`._state`; the output directory's files in :mod:`._checkpoint`;
+where the metrics go in :mod:`._sinks`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import sys
 import warnings
@@ -34,21 +33,21 @@ import attrs
 import torch
 from torch import nn
 
+from purekd._devices import move_to_device
 from purekd.configs._training import TrainingConfig
 
-from . import _distributed as distributed
-from . import _fsdp as fsdp
 from . import _state as state
 from ._checkpoint import (
     atomic_save,
-    remove_temporary_files,
     run_files,
     state_files,
     weights_path,
 )
-from ._early_stopping import EarlyStopping, EarlyStoppingState, evaluate
-from ._guard import AllRanksNonFiniteGuard, NonFiniteGuard
+from ._early_stopping import EarlyStoppingState, evaluate
+from ._guard import NonFiniteGuard
 from ._metrics import MetricsLogger, set_aside_metrics, truncate_metrics
+from ._options import RunOptions
+from ._placement import Placement, placement_for
 from ._plan import EpochPlan, StepPlan, progress
 from ._precision import Precision
 from ._rng import rng_state, set_rng_state
@@ -57,24 +56,6 @@ from ._state import RunIdentity
 from ._tokens import TokenWindow, scale_gradients, token_sum
 
 logger = logging.getLogger("purekd")
-
-STATE_VERSION = state.STATE_VERSION
-
-
-def move_to_device(batch: Any, device: torch.device | str) -> Any:
-    """Every tensor in a (nested) batch moved to ``device``; lists and tuples become tuples,
-    mappings dicts (TextBrewer's rule)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return tuple(move_to_device(item, device) for item in batch)
-    if isinstance(batch, Mapping):
-        return {key: move_to_device(value, device) for key, value in batch.items()}
-    return batch
-
-
-_truncate_metrics = truncate_metrics
-
 
 def _reduce_replicas(loss: torch.Tensor,
                      terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -94,38 +75,56 @@ class Counters:
     epoch: int = 0
 
 
-@attrs.define(kw_only=True)
-class _Run:
-    """What one call of :meth:`Runner.run` works with: its arguments and its helpers."""
+@attrs.frozen
+class _Setup:
+    """What trains and how: the step as the loop calls it (wrapped), the optimizer and the LR
+    scheduler, the plan, the precision, and the parameters the loop checks and clips."""
 
     model: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
     plan: EpochPlan | StepPlan
     precision: Precision
-    metrics: MetricsLogger
-    guard: NonFiniteGuard
-    stopping: EarlyStoppingState
-    pass_log: PassLog
-    start_rng: dict[str, Any]
     student_params: list[nn.Parameter]
     named_params: list[tuple[str, nn.Parameter]]
-    identity: RunIdentity
-    keep_last_states: int | None
-    output_dir: Path
-    is_main: bool
-    max_grad_norm: float
-    callback: Callable[..., Any] | None
-    batch_postprocessor: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None
-    model_args: dict[str, Any]
-    save_state: bool
-    early_stopping: EarlyStopping | None
+
+    def learning_rates(self) -> list[float]:
+        return [float(group["lr"]) for group in self.optimizer.param_groups]
+
+
+@attrs.define
+class _Watch:
+    """What watches the loop: the metrics on their way to the sinks, the non-finite guard, the
+    progress bar, the token window of the optimizer step, whether a gradient was seen."""
+
+    metrics: MetricsLogger
+    guard: NonFiniteGuard
     bar: Any = None
     gradient_seen: bool = False
     window: TokenWindow = attrs.field(factory=TokenWindow)
 
-    def learning_rates(self) -> list[float]:
-        return [float(group["lr"]) for group in self.optimizer.param_groups]
+
+@attrs.frozen
+class _Memory:
+    """What a state file records besides the objects' own states: the run's identity, the
+    random generators at the start of training, each pass's random state, early stopping's
+    memory."""
+
+    identity: RunIdentity
+    start_rng: dict[str, Any]
+    pass_log: PassLog
+    stopping: EarlyStoppingState
+
+
+@attrs.frozen
+class _Run:
+    """One call of :meth:`Runner.run`: what trains, what watches, what is remembered, and the
+    options it was given."""
+
+    setup: _Setup
+    watch: _Watch
+    memory: _Memory
+    options: RunOptions
 
 
 class Runner:
@@ -133,7 +132,8 @@ class Runner:
 
     ``step(batch, progress=..., step=..., teacher_outputs=..., **args)`` (or
     ``step(batch, task, ...)`` for task sources) must return an object with ``.loss`` and
-    ``.terms``. ``student`` is the module whose weights are checkpointed and clipped.
+    ``.terms`` (and optionally ``.tokens``). ``student`` is the module whose weights are
+    checkpointed and clipped. Where it runs is chosen from ``config`` (:func:`placement_for`).
     """
 
     def __init__(self, step: nn.Module, config: TrainingConfig, *, student: nn.Module,
@@ -147,50 +147,16 @@ class Runner:
                                         if check_finite_every_step is None
                                         else check_finite_every_step)
         self.progress_bar = progress_bar
-        self.local_rank = distributed.local_rank_from(config.local_rank)
+        self.placement: Placement = placement_for(config)
         self.counters = Counters()
-        self.sharding: fsdp.ShardedModels | None = None
-
-    @property
-    def sharded(self) -> bool:
-        """Whether the step is sharded with FSDP2 (``TrainingConfig.fsdp``)."""
-        return self.config.fsdp is not None
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def _join_process_group(self) -> None:
-        """Join torchrun's process group (DDP, FSDP); FSDP without one is an error."""
-        if self.sharded and self.local_rank == -1 and not distributed.is_initialized():
-            raise ValueError(
-                "TrainingConfig.fsdp is set but this process is not part of a distributed run: "
-                "launch it with torchrun --nproc-per-node N (which sets LOCAL_RANK), or call "
-                "torch.distributed.init_process_group first")
-        distributed.ensure_process_group(self.config.device)
-
-    def _shard(self, optimizer: torch.optim.Optimizer) -> None:
-        """Shard the step and the teachers with FSDP2 and point the optimizer at the shards."""
-        assert self.config.fsdp is not None
-        names = fsdp.parameter_names(self.step)
-        self.sharding = fsdp.shard_models(self.step, self.student, self.config.fsdp,
-                                          device=torch.device(self.config.device),
-                                          bf16=self.config.bf16)
-        fsdp.rebind_optimizer(optimizer, names, self.step)
-
-    def _wrap_model(self) -> Any:
-        """The step as the loop calls it: wrapped for data parallelism (DataParallel, DDP);
-        under FSDP, the step itself (sharded by :meth:`_shard`)."""
-        if self.sharded:
-            return self.step
-        if self.local_rank == -1:
-            if self.config.data_parallel and torch.cuda.device_count() > 1:
-                return nn.DataParallel(self.step)
-            return self.step
-        return distributed.wrap(self.step, self.config.device, self.local_rank)
-
-    def _progress_bar(self, total: int) -> Any:
-        enabled = self.progress_bar
+    def _progress_bar(self, total: int, enabled: bool | None) -> Any:
         if enabled is None:
-            enabled = sys.stderr.isatty() and distributed.rank() == 0
+            enabled = self.progress_bar
+        if enabled is None:
+            enabled = sys.stderr.isatty() and self.placement.is_main
         if not enabled:
             return contextlib.nullcontext(None)
         from tqdm.auto import tqdm
@@ -204,13 +170,10 @@ class Runner:
         training = {name: getattr(config, name) for name in (
             "gradient_accumulation_steps", "ckpt_frequency", "ckpt_epoch_frequency", "ckpt_steps",
             "fp16", "bf16")}
-        if config.fsdp is not None:  # only then: the fingerprints of unsharded runs stay as they were
-            training["fsdp"] = config.fsdp.to_dict()
-            # the global batch, not the per-process one: a sharded state resumes on another
-            # number of processes with the same global batches
-            describe = fsdp.global_batches(describe, distributed.world_size())
+        training.update(self.placement.fingerprint())
         return state.fingerprint(step=self.step, optimizer=optimizer, scheduler=scheduler,
-                                 plan=plan, training=training, extra=describe)
+                                 plan=plan, training=training,
+                                 extra=self.placement.fingerprint_parts(describe))
 
     @staticmethod
     def _claim_output_dir(output_dir: Path, overwrite: bool | None) -> None:
@@ -244,31 +207,41 @@ class Runner:
 
     def _open_run(self, optimizer: torch.optim.Optimizer, scheduler: Any,
                   plan: EpochPlan | StepPlan, describe: Mapping[str, Any] | None,
-                  resume_from: str | os.PathLike[str] | None, save_state: bool,
-                  overwrite_output_dir: bool | None, output_dir: Path,
-                  is_main: bool) -> tuple[dict[str, Any] | None, RunIdentity]:
+                  options: RunOptions, output_dir: Path) -> tuple[dict[str, Any] | None, RunIdentity]:
         """The state to resume from (read, verified, checked against this run's fingerprint and
         validated against its objects — all before anything is loaded), or ``None`` for a fresh
         run (which claims the output directory); and the run's identity, recorded in
         ``run.json``."""
         current = self._fingerprint(optimizer, scheduler, plan, describe)
+        is_main = self.placement.is_main
         saved: dict[str, Any] | None = None
-        if resume_from is not None and self.sharded:  # checks, then loads the shards in place
-            saved, _ = state.read_sharded(resume_from, current, self.step, optimizer, scheduler)
-        elif resume_from is not None:
-            saved, path = state.read(resume_from, current)
-            state.validate(saved, path, self.step, optimizer, scheduler)
+        if options.resume_from is not None:
+            saved = self.placement.read_state(options.resume_from, current, self.step, optimizer,
+                                              scheduler, options.extend_run)
         elif is_main:
-            self._claim_output_dir(output_dir, overwrite_output_dir)
+            self._claim_output_dir(output_dir, options.overwrite_output_dir)
         run_info = saved.get("run") if saved is not None else None
         identity = (RunIdentity(run_info["id"], run_info["started"], current)
                     if isinstance(run_info, dict) else RunIdentity.new(current))
-        if is_main and (save_state or state_files(output_dir)):
+        if is_main and (options.save_state or state_files(output_dir)):
             state.write_run_file(output_dir, identity)
         return saved, identity
 
+    def _restore(self, saved: dict[str, Any] | None, identity: RunIdentity,
+                 optimizer: torch.optim.Optimizer, scheduler: Any,
+                 precision: Precision) -> _Memory:
+        """Load ``saved`` into the run's objects and take the run's memory from it (fresh for a
+        fresh run)."""
+        stopping = EarlyStoppingState()
+        if saved is not None:
+            stopping = state.restore(saved, self.step, optimizer, scheduler, precision)
+            set_rng_state(saved["start_rng"])
+        return _Memory(identity=identity, start_rng=rng_state(),
+                       pass_log=PassLog(saved["passes"] if saved is not None else None),
+                       stopping=stopping)
+
     def _resume_position(self, source: Iterator[Micro], saved: dict[str, Any] | None,
-                         pass_log: PassLog, output_dir: Path, is_main: bool) -> Counters:
+                         pass_log: PassLog, output_dir: Path) -> Counters:
         """The counters to start from: zero for a fresh run; for a resumed one, the saved ones,
         after passing over the data to the saved position (no compute; index-level skipping
         where the loader allows, :class:`PassLog`) and restoring the random generators as they
@@ -283,263 +256,244 @@ class Runner:
             pass_log.replaying = False
         counters = Counters(**saved["counters"])
         set_rng_state(saved["rng"])
-        if is_main:
+        if self.placement.is_main:
             truncate_metrics(output_dir / "metrics.jsonl", counters.writer_step)
         return counters
 
+    def _setup(self, optimizer: torch.optim.Optimizer, scheduler: Any,
+               plan: EpochPlan | StepPlan, precision: Precision) -> _Setup:
+        return _Setup(model=self.placement.wrap(self.step), optimizer=optimizer,
+                      scheduler=scheduler, plan=plan, precision=precision,
+                      student_params=[p for p in self.student.parameters() if p.requires_grad],
+                      named_params=[(n, p) for n, p in self.step.named_parameters()
+                                    if p.requires_grad])
+
     # -- the phases --------------------------------------------------------------------------
 
-    def _scale_for_accumulation(self, run: _Run, loss: torch.Tensor, micro: Micro,
+    def _scale_for_accumulation(self, run: _Run, loss: torch.Tensor,
                                 tokens: torch.Tensor | None = None) -> torch.Tensor:
         """The micro-batch's share of the optimizer step's loss: ``loss / accumulation``
         (TextBrewer's per-batch mean); for a token-normalised step (``tokens`` given), the
         token sum ``loss * tokens``, normalised by the window's kept tokens at the optimizer
         step (:mod:`._tokens`)."""
-        del micro
+        window = run.watch.window
         if tokens is None:
-            if run.window.active:
+            if window.active:
                 raise ValueError(
                     "a step returned StepOutput.tokens for some micro-batches of an optimizer "
                     "step and None for others: a token-normalised step reports its tokens on "
                     "every micro-batch")
             return loss / self.config.gradient_accumulation_steps
         summed, count = token_sum(loss, tokens)
-        run.window.add(count)
+        window.add(count)
         return summed
 
     def _micro_step(self, run: _Run, micro: Micro) -> None:
         """Forward and backward on one micro-batch; the gradients accumulate."""
         counters, device = self.counters, self.config.device
+        setup, watch, options = run.setup, run.watch, run.options
         counters.consumed += 1
         counters.epoch = micro.epoch
         if micro.first_in_epoch:  # TextBrewer drops unfinished accumulation here
-            run.optimizer.zero_grad()
-            run.window.reset()
+            setup.optimizer.zero_grad()
+            watch.window.reset()
         batch = micro.batch
-        post = run.batch_postprocessor
+        post = options.batch_postprocessor
         if post is not None and not micro.postprocessed:
             batch = (post[str(micro.task)] if isinstance(post, Mapping) else post)(batch)
         batch = move_to_device(batch, device)
         teacher = micro.teacher_outputs
         if teacher is not None:
             teacher = teacher._replace(logits=tuple(t.to(device) for t in teacher.logits))
-        fraction = progress(counters.global_step, run.plan.total_steps)
-        with run.precision.autocast():
+        fraction = progress(counters.global_step, setup.plan.total_steps)
+        with setup.precision.autocast():
             if micro.task is not None:
-                out = run.model(batch, micro.task, progress=fraction, step=counters.global_step,
-                                **run.model_args)
+                out = setup.model(batch, micro.task, progress=fraction, step=counters.global_step,
+                                  **options.model_args)
             else:
-                out = run.model(batch, progress=fraction, step=counters.global_step,
-                                teacher_outputs=teacher, **run.model_args)
+                out = setup.model(batch, progress=fraction, step=counters.global_step,
+                                  teacher_outputs=teacher, **options.model_args)
         loss, terms = _reduce_replicas(out.loss, out.terms)
-        run.guard.observe(counters.global_step + 1, loss, terms)
-        run.metrics.record(counters.writer_step, counters.global_step, loss, terms)
-        counters.writer_step += 1
+        watch.guard.observe(counters.global_step + 1, loss, terms)
         tokens = getattr(out, "tokens", None)
-        run.precision.backward(self._scale_for_accumulation(
-            run, out.loss if tokens is not None else loss, micro, tokens))
+        watch.metrics.record(counters.writer_step, counters.global_step, loss, terms,
+                             None if tokens is None else torch.as_tensor(tokens, device=loss.device).sum())
+        counters.writer_step += 1
+        setup.precision.backward(self._scale_for_accumulation(
+            run, out.loss if tokens is not None else loss, tokens))
+
+    def _check_gradient_reached(self, run: _Run) -> None:
+        """Once per run (one synchronisation): some gradient reached the student."""
+        run.watch.gradient_seen = True
+        params = run.setup.student_params
+        grads = [p.grad for p in params if p.grad is not None]
+        if params and (not grads or not bool(
+                torch.stack([g.detach().abs().sum() for g in grads]).sum().ne(0))):
+            raise ValueError(
+                "no gradient reached the student's parameters in the first optimizer step "
+                "(all absent or exactly 0): "
+                "the loss does not depend on the student (its outputs detached or computed "
+                "under torch.no_grad(), or only frozen modules used). Nothing was updated")
 
     def _optimizer_step(self, run: _Run) -> None:
-        """Clip, step the optimizer and the scheduler, zero the gradients, count the step."""
-        counters, optimizer = self.counters, run.optimizer
-        if not run.gradient_seen:  # once per run: one synchronisation
-            run.gradient_seen = True
-            grads = [p.grad for p in run.student_params if p.grad is not None]
-            if run.student_params and (not grads or not bool(
-                    torch.stack([g.detach().abs().sum() for g in grads]).sum().ne(0))):
-                raise ValueError(
-                    "no gradient reached the student's parameters in the first optimizer step "
-                    "(all absent or exactly 0): "
-                    "the loss does not depend on the student (its outputs detached or computed "
-                    "under torch.no_grad(), or only frozen modules used). Nothing was updated")
+        """Check, unscale, clip, step the optimizer and the scheduler, zero the gradients,
+        count the step."""
+        counters, setup, watch = self.counters, run.setup, run.watch
+        if not watch.gradient_seen:
+            self._check_gradient_reached(run)
         if self.check_finite_every_step:
-            if not run.precision.scaler.is_enabled():  # fp16's scaler skips inf steps itself
-                run.guard.observe_gradients(counters.global_step + 1, run.named_params)
-            run.guard.raise_if_tripped()
-        run.precision.unscale(optimizer)
-        if run.window.active:  # token-normalised: divide by the step's kept tokens, globally
-            scale_gradients(optimizer, run.window.gradient_scale())
-            run.window.reset()
-        if run.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(run.student_params, run.max_grad_norm)
-        run.precision.step(optimizer)
-        if run.scheduler is not None:
-            run.scheduler.step()
-        optimizer.zero_grad()
+            if not setup.precision.scaler.is_enabled():  # fp16's scaler skips inf steps itself
+                watch.guard.observe_gradients(counters.global_step + 1, setup.named_params)
+            watch.guard.raise_if_tripped()
+        setup.precision.unscale(setup.optimizer)
+        if watch.window.active:  # token-normalised: divide by the step's kept tokens, globally
+            scale_gradients(setup.optimizer, watch.window.gradient_scale())
+            watch.window.reset()
+        watch.metrics.record_step(counters.global_step, setup.learning_rates(),
+                                  self._gradient_norm(run))
+        setup.precision.step(setup.optimizer)
+        if setup.scheduler is not None:
+            setup.scheduler.step()
+        setup.optimizer.zero_grad()
         counters.global_step += 1
-        if run.bar is not None:
-            run.bar.update(1)
+        if watch.bar is not None:
+            watch.bar.update(1)
         if counters.global_step % self.log_every == 0:
-            run.guard.raise_if_tripped()
-            run.metrics.flush(run.learning_rates())
+            watch.guard.raise_if_tripped()
+            watch.metrics.flush()
+
+    @staticmethod
+    def _gradient_norm(run: _Run) -> torch.Tensor | None:
+        """The student's gradient norm (L2, over every rank), clipped to ``max_grad_norm`` when
+        that is > 0; ``None`` without gradients. On the device, no synchronisation."""
+        params, limit = run.setup.student_params, run.options.max_grad_norm
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return None
+        norm = (torch.nn.utils.clip_grad_norm_(params, limit) if limit > 0
+                else torch.nn.utils.get_total_norm(grads))
+        full_tensor = getattr(norm, "full_tensor", None)  # a sharded DTensor's whole value
+        return full_tensor() if callable(full_tensor) else norm
 
     def _save_weights(self) -> Path | None:
-        step = self.counters.global_step
-        if self.sharded:  # every rank gathers; rank 0 writes the student as one state dict
-            weights = fsdp.full_state_dict(self.student)
-            path = None
-            if distributed.rank() == 0:
-                logger.info("saving at global step %d", step)
-                path = atomic_save(weights, weights_path(self.config.output_dir, step))
-            distributed.barrier()
-            return path
-        if distributed.rank() != 0:
-            distributed.barrier()
-            return None
-        logger.info("saving at global step %d", step)
-        path = atomic_save(self.student.state_dict(), weights_path(self.config.output_dir, step))
-        if self.local_rank != -1:
-            distributed.barrier()
+        """``gs{step}.pkl``, written by the process that holds the whole weights; every
+        process waits for it."""
+        weights = self.placement.weights_to_save(self.student)
+        path = None
+        if weights is not None:
+            logger.info("saving at global step %d", self.counters.global_step)
+            path = atomic_save(weights, weights_path(self.config.output_dir,
+                                                     self.counters.global_step))
+        self.placement.barrier()
         return path
+
+    def _early_stop(self, run: _Run, path: Path | None, value: Any) -> bool:
+        """Whether early stopping ends training, decided by rank 0 for every rank."""
+        stopping, placement = run.options.early_stopping, self.placement
+        if stopping is None:
+            return False
+        stop = False
+        if placement.is_main or placement.evaluates_everywhere:
+            metric = evaluate(stopping, self.student, self.counters.global_step, value)
+            if placement.is_main:
+                stop = run.memory.stopping.update(stopping, metric, self.counters.global_step,
+                                                  path, Path(self.config.output_dir))
+        return placement.agree(stop)
+
+    def _save_state(self, run: _Run) -> None:
+        """The full state, after the callback: resuming continues from here."""
+        setup, memory, placement = run.setup, run.memory, self.placement
+        if not placement.writes_state:
+            return
+        captured = state.capture(self.step, setup.optimizer, setup.scheduler, setup.precision,
+                                 memory.start_rng, self.counters, memory.pass_log,
+                                 memory.stopping, memory.identity, sharded=placement.shards_state)
+        placement.write_state(captured, self.step, setup.optimizer, Path(self.config.output_dir),
+                              memory.identity.id, run.options.keep_last_states)
 
     def _checkpoint(self, run: _Run) -> bool:
         """Save the weights, call the callback, track early stopping, save the full state;
         returns whether early stopping ends training."""
-        counters = self.counters
-        run.guard.raise_if_tripped()
-        run.guard.check_weights(counters.global_step, self.step)  # never save non-finite weights
-        run.metrics.flush(run.learning_rates())
+        step, watch, options = self.counters.global_step, run.watch, run.options
+        watch.guard.raise_if_tripped()
+        watch.guard.check_weights(step, self.step)  # never save non-finite weights
+        watch.metrics.flush()
         path = self._save_weights()
         value = None
-        if run.callback is not None:
-            value = run.callback(model=self.student, step=counters.global_step)
+        if options.callback is not None:
+            value = options.callback(model=self.student, step=step)
             self.student.train()
-        stop = False
-        if run.early_stopping is not None and (run.is_main or self.sharded):
-            # under FSDP every rank evaluates (a metric calling the sharded model is a
-            # collective) and rank 0 decides for all
-            metric = evaluate(run.early_stopping, self.student, counters.global_step, value)
-            if run.is_main:
-                stop = run.stopping.update(run.early_stopping, metric, counters.global_step,
-                                           path, run.output_dir)
-            if self.sharded:
-                stop = distributed.broadcast_flag(stop, self.config.device)
-        if run.save_state and self.sharded:  # every rank writes its shards
-            state.write_sharded(state.capture(self.step, run.optimizer, run.scheduler,
-                                              run.precision, run.start_rng, counters,
-                                              run.pass_log, run.stopping, run.identity,
-                                              sharded=True),
-                                self.step, run.optimizer, run.output_dir)
-            if run.keep_last_states is not None and run.is_main:
-                from ._sharded_state import prune_sharded
-
-                prune_sharded(run.output_dir, run.identity.id, run.keep_last_states)
-        elif run.save_state and run.is_main:  # after the callback: resume continues from here
-            state.write(state.capture(self.step, run.optimizer, run.scheduler, run.precision,
-                                      run.start_rng, counters, run.pass_log, run.stopping,
-                                      run.identity),
-                        run.output_dir)
-            if run.keep_last_states is not None:
-                state.prune(run.output_dir, run.identity.id, run.keep_last_states)
+        stop = self._early_stop(run, path, value)
+        if options.save_state:
+            self._save_state(run)
         if stop:
-            logger.info("early stopping at global step %d (best %s at step %s)",
-                        counters.global_step, run.stopping.best, run.stopping.best_step)
+            logger.info("early stopping at global step %d (best %s at step %s)", step,
+                        run.memory.stopping.best, run.memory.stopping.best_step)
         return stop
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def run(
-        self,
-        optimizer: torch.optim.Optimizer,
-        plan: EpochPlan | StepPlan,
-        make_source: Callable[[PassLog], Iterator[Micro]],
-        *,
-        scheduler: Any = None,
-        max_grad_norm: float = -1.0,
-        callback: Callable[..., Any] | None = None,
-        batch_postprocessor: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None = None,
-        model_args: Mapping[str, Any] | None = None,
-        resume_from: str | os.PathLike[str] | None = None,
-        save_state: bool = False,
-        early_stopping: EarlyStopping | None = None,
-        describe: Mapping[str, Any] | None = None,
-        keep_last_states: int | None = None,
-        overwrite_output_dir: bool | None = None,
-    ) -> Counters:
+    def _finished(self, plan: EpochPlan | StepPlan) -> bool:
+        """A step plan ends at its step count (an epoch plan when its source is exhausted)."""
+        return isinstance(plan, StepPlan) and self.counters.global_step >= plan.total_steps
+
+    def _loop(self, run: _Run, source: Iterator[Micro]) -> None:
+        """Micro-steps; an optimizer step every ``accumulation`` of them; checkpoints at the
+        plan's steps; until the plan ends or early stopping stops it."""
+        plan, accumulation = run.setup.plan, self.config.gradient_accumulation_steps
+        with self._progress_bar(plan.total_steps, run.options.progress_bar) as run.watch.bar:
+            if run.watch.bar is not None:
+                run.watch.bar.update(self.counters.global_step)
+            for micro in () if self._finished(plan) else source:
+                self._micro_step(run, micro)
+                if (micro.position + 1) % accumulation != 0:
+                    continue
+                self._optimizer_step(run)
+                if (plan.is_checkpoint(self.counters.global_step, micro.epoch)
+                        and self._checkpoint(run)):
+                    break
+                if self._finished(plan):
+                    break
+        run.watch.guard.raise_if_tripped()
+        run.watch.metrics.flush()
+
+    def run(self, optimizer: torch.optim.Optimizer, plan: EpochPlan | StepPlan,
+            make_source: Callable[[PassLog], Iterator[Micro]], *, scheduler: Any = None,
+            options: RunOptions | None = None,
+            describe: Mapping[str, Any] | None = None) -> Counters:
         """Train to the end of ``plan``; returns the final :class:`Counters`.
 
         ``make_source(pass_log)`` builds the micro-batch source; it must call
         ``pass_log.begin`` / ``pass_log.passes`` at the start of every pass over a loader.
+        ``options``: what the ``train()`` call asked for (:class:`~._options.RunOptions`).
         ``describe``: more parts of the run's fingerprint (the configs, the data), checked on
-        resume. ``keep_last_states``: delete this run's older state files but the last N.
-        ``overwrite_output_dir``: what a fresh run does in a directory holding an earlier run's
-        files (``None`` warns, ``False`` refuses, ``True`` deletes them first).
+        resume.
         """
-        config = self.config
-        if self.local_rank != -1 or self.sharded:  # before anything asks for the rank
-            self._join_process_group()
-        precision = Precision(config.device, fp16=config.fp16, bf16=config.bf16)
-        output_dir = Path(config.output_dir)
-        is_main = distributed.rank() == 0
-        if keep_last_states is not None and (isinstance(keep_last_states, bool)
-                                             or not isinstance(keep_last_states, int)
-                                             or keep_last_states < 1):
-            raise ValueError(f"keep_last_states={keep_last_states!r}: must be None (keep every "
-                             "state) or an int >= 1")
-        if is_main:
+        options = RunOptions() if options is None else options
+        placement, output_dir = self.placement, Path(self.config.output_dir)
+        placement.join()  # before anything asks for the rank
+        precision = Precision(self.config.device, fp16=self.config.fp16, bf16=self.config.bf16)
+        if placement.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
-            remove_temporary_files(output_dir)  # left by a write killed half-way
-        if self.sharded:
-            if is_main:
-                from ._sharded_state import remove_temporary_directories
-
-                remove_temporary_directories(output_dir)
-            self._shard(optimizer)  # before the fingerprint and any state: loaded into shards
-
-        saved, identity = self._open_run(optimizer, scheduler, plan, describe, resume_from,
-                                          save_state, overwrite_output_dir, output_dir, is_main)
-        stopping = EarlyStoppingState()
-        if saved is not None:
-            stopping = state.restore(saved, self.step, optimizer, scheduler, precision)
-            set_rng_state(saved["start_rng"])
-        start_rng = rng_state()
-        pass_log = PassLog(saved["passes"] if saved is not None else None)
-        source = make_source(pass_log)
-        self.counters = counters = self._resume_position(source, saved, pass_log, output_dir,
-                                                         is_main)
-
-        run = _Run(model=self._wrap_model(), optimizer=optimizer, scheduler=scheduler, plan=plan,
-                   precision=precision,
-                   metrics=MetricsLogger(output_dir, config.log_dir, enabled=is_main),
-                   guard=(AllRanksNonFiniteGuard(config.device) if self.sharded
-                          else NonFiniteGuard()),
-                   stopping=stopping, pass_log=pass_log,
-                   start_rng=start_rng,
-                   student_params=[p for p in self.student.parameters() if p.requires_grad],
-                   named_params=[(n, p) for n, p in self.step.named_parameters()
-                                 if p.requires_grad],
-                   identity=identity, keep_last_states=keep_last_states,
-                   output_dir=output_dir, is_main=is_main, max_grad_norm=max_grad_norm,
-                   callback=callback, batch_postprocessor=batch_postprocessor,
-                   model_args=dict(model_args or {}), save_state=save_state,
-                   early_stopping=early_stopping)
+        placement.clean(output_dir)  # what a write killed half-way left
+        placement.prepare(self.step, self.student, optimizer)  # before any state is loaded
+        saved, identity = self._open_run(optimizer, scheduler, plan, describe, options, output_dir)
+        memory = self._restore(saved, identity, optimizer, scheduler, precision)
+        source = make_source(memory.pass_log)
+        self.counters = self._resume_position(source, saved, memory.pass_log, output_dir)
+        metrics = MetricsLogger(output_dir, self.config.log_dir, enabled=placement.is_main,
+                                sinks=options.metric_sinks)
+        run = _Run(setup=self._setup(optimizer, scheduler, plan, precision),
+                   watch=_Watch(metrics=metrics, guard=placement.guard()), memory=memory,
+                   options=options)
         if saved is None:
             optimizer.zero_grad()
-        accumulation = config.gradient_accumulation_steps
-        total = plan.total_steps
         try:
-            with self._progress_bar(total) as run.bar:
-                if run.bar is not None:
-                    run.bar.update(counters.global_step)
-                if isinstance(plan, StepPlan) and counters.global_step >= total:
-                    return counters
-                for micro in source:
-                    self._micro_step(run, micro)
-                    if (micro.position + 1) % accumulation != 0:
-                        continue
-                    self._optimizer_step(run)
-                    if plan.is_checkpoint(counters.global_step, micro.epoch) and self._checkpoint(run):
-                        break
-                    if isinstance(plan, StepPlan) and counters.global_step >= total:
-                        break
-            run.guard.raise_if_tripped()
-            run.metrics.flush(run.learning_rates())
+            self._loop(run, source)
         finally:
-            run.metrics.close()
-            if self.sharding is not None:
-                self.sharding.close()
-        self.early_stopping_state = stopping
-        return counters
+            metrics.close()
+            placement.close()
+        return self.counters
 
 
-__all__ = ["Counters", "Runner", "move_to_device"]
+__all__ = ["Counters", "Runner"]

@@ -1,9 +1,11 @@
 """Loss logging that does not stall training: values stay on the device until a flush.
 
-Each micro-batch's total and unweighted terms are kept as detached tensors; at a flush they are
-stacked, copied to the host in one transfer, and written — to TensorBoard (``scalar/total_loss``,
-``scalar/unweighted_<term>``, ``scalar/lr``; TextBrewer's tags) when a log directory is set,
-and as JSON lines to ``metrics.jsonl``.
+Each micro-batch's total and unweighted terms (and its token count), and each optimizer step's
+learning rates and gradient norm, are kept as detached tensors; at a flush they are stacked,
+copied to the host in one transfer, and handed as one record per micro-batch to every metric
+sink (:mod:`._sinks`): ``metrics.jsonl``, TensorBoard when a log directory is set
+(``scalar/total_loss``, ``scalar/unweighted_<term>``, ``scalar/lr``; TextBrewer's tags), and
+the sinks the user passes (Weights & Biases, MLflow, their own).
 
 ``metrics.jsonl`` is appended one whole batch of lines per write; a line torn by a crash or a
 full disk is dropped (with a warning) when the file is next read or appended to, never fatal.
@@ -12,15 +14,17 @@ full disk is dropped (with a warning) when the file is next read or appended to,
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ._sinks import JsonlSink, MetricSink, TensorBoardSink
 
 
 def _parse(line: str) -> dict[str, Any] | None:
@@ -80,89 +84,99 @@ def set_aside_metrics(path: str | os.PathLike[str]) -> Path | None:
     return aside
 
 
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a last line without its newline (a torn append), so the next append starts clean."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with path.open("rb+") as file:
-        file.seek(-1, os.SEEK_END)
-        if file.read(1) == b"\n":
-            return
-        file.seek(0)
-        data = file.read()
-        cut = data.rfind(b"\n") + 1
-        warnings.warn(f"{path}: dropped a torn last line ({len(data) - cut} bytes without a "
-                      "newline)", RuntimeWarning, stacklevel=3)
-        file.truncate(cut)
-
-
 class MetricsLogger:
-    """Buffers per-micro-batch losses on the device; writes them at :meth:`flush`."""
+    """Buffers per-micro-batch losses (and per-optimizer-step learning rates and gradient norms)
+    on the device; at :meth:`flush`, copies them to the host in one transfer and hands one
+    record per micro-batch to every sink (:mod:`._sinks`: the records' layout).
+
+    ``MetricsLogger(output_dir, log_dir, enabled=True, sinks=())``: a :class:`~._sinks.JsonlSink`
+    on ``output_dir/metrics.jsonl`` (when ``output_dir`` is set), a
+    :class:`~._sinks.TensorBoardSink` on ``log_dir`` (when set), then ``sinks``. Disabled (on
+    ranks other than 0) it records nothing and logs to no sink, but still closes ``sinks``.
+    """
 
     def __init__(self, output_dir: str | os.PathLike[str] | None, log_dir: str | None,
-                 enabled: bool = True):
+                 enabled: bool = True, sinks: Sequence[MetricSink] = ()):
         self.enabled = enabled
-        self._pending: list[tuple[int, int, Tensor, dict[str, Tensor]]] = []
-        self._writer: Any = None
-        self._jsonl: Path | None = None
-        self._appended = False
+        self._pending: list[tuple[int, int, Tensor, dict[str, Tensor], Tensor | None]] = []
+        self._steps: dict[int, tuple[list[float], Tensor | None]] = {}
+        self._closing = list(sinks)
+        self.sinks: list[MetricSink] = []
         if not enabled:
             return
         if output_dir is not None:
-            self._jsonl = Path(output_dir) / "metrics.jsonl"
+            self.sinks.append(JsonlSink(Path(output_dir) / "metrics.jsonl"))
         if log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=log_dir)
+            self.sinks.append(TensorBoardSink(log_dir))
+        self.sinks.extend(sinks)
 
     def record(self, writer_step: int, global_step: int, loss: Tensor,
-               terms: dict[str, Tensor]) -> None:
+               terms: dict[str, Tensor], tokens: Tensor | None = None) -> None:
         """Keep one micro-batch's values (no host copy)."""
         if self.enabled:
             self._pending.append((writer_step, global_step, loss.detach(),
-                                  {k: v.detach() for k, v in terms.items()}))
+                                  {k: v.detach() for k, v in terms.items()},
+                                  None if tokens is None else tokens.detach()))
 
-    def flush(self, learning_rates: list[float] | None = None) -> None:
-        """Copy the buffered values to the host at once and write them."""
+    def record_step(self, global_step: int, learning_rates: list[float],
+                    grad_norm: Tensor | None) -> None:
+        """Keep the learning rates and the gradient norm of the optimizer step taken after
+        ``global_step`` steps (no host copy)."""
+        if self.enabled:
+            self._steps[global_step] = (learning_rates,
+                                        None if grad_norm is None else grad_norm.detach())
+
+    def _host_values(self) -> list[float]:
+        """Every buffered tensor, in :meth:`_records`' order, copied to the host at once."""
+        tensors = []
+        for _, _, loss, terms, tokens in self._pending:
+            tensors += [loss, *terms.values(), *([tokens] if tokens is not None else [])]
+        tensors += [norm for _, norm in self._steps.values() if norm is not None]
+        if not tensors:
+            return []
+        return torch.stack([t.float().reshape(()) for t in tensors]).cpu().tolist()
+
+    def _records(self) -> list[tuple[int, dict[str, float]]]:
+        values = iter(self._host_values())
+        micro = [(writer_step, global_step, next(values), {n: next(values) for n in terms},
+                  next(values) if tokens is not None else None)
+                 for writer_step, global_step, _, terms, tokens in self._pending]
+        norms = {step: next(values) for step, (_, norm) in self._steps.items() if norm is not None}
+        last = {global_step: writer_step for writer_step, global_step, *_ in micro}
+        records = []
+        for writer_step, global_step, loss, terms, tokens in micro:
+            record: dict[str, float] = {"global_step": global_step, "loss": loss, **terms}
+            if tokens is not None:
+                record["tokens"] = tokens
+            if global_step in self._steps:
+                rates = self._steps[global_step][0]
+                record.update({("lr" if i == 0 else f"lr_{i}"): lr for i, lr in enumerate(rates)})
+                if last[global_step] == writer_step and global_step in norms:
+                    record["grad_norm"] = norms[global_step]
+            records.append((writer_step, record))
+        return records
+
+    def flush(self) -> None:
+        """Copy the buffered values to the host at once and hand them to every sink."""
         if not self._pending:
             return
-        names = sorted({name for *_, terms in self._pending for name in terms})
-        rows = torch.stack([
-            torch.stack([loss.float().reshape(()),
-                         *[terms[n].float().reshape(()) if n in terms else loss.new_tensor(math.nan)
-                           for n in names]])
-            for _, _, loss, terms in self._pending
-        ]).cpu().tolist()
-        lines = []
-        for (writer_step, global_step, _, terms), values in zip(self._pending, rows, strict=True):
-            record: dict[str, Any] = {"step": writer_step, "global_step": global_step,
-                                      "loss": values[0]}
-            record.update({n: v for n, v in zip(names, values[1:], strict=True) if n in terms})
-            if learning_rates is not None:
-                record["lr"] = learning_rates
-            lines.append(json.dumps(record))
-            if self._writer is not None:
-                self._writer.add_scalar("scalar/total_loss", values[0], writer_step)
-                for name, value in zip(names, values[1:], strict=True):
-                    if name in terms:
-                        self._writer.add_scalar(f"scalar/unweighted_{name}", value, writer_step)
-        if self._writer is not None and learning_rates:
-            self._writer.add_scalar("scalar/lr", learning_rates[0], self._pending[-1][1])
-        if self._jsonl is not None:
-            self._jsonl.parent.mkdir(parents=True, exist_ok=True)
-            if not self._appended:
-                _drop_torn_tail(self._jsonl)
-                self._appended = True
-            with self._jsonl.open("a", encoding="utf-8") as file:
-                file.write("\n".join(lines) + "\n")  # one write of whole lines
-                file.flush()
+        records = self._records()
         self._pending.clear()
+        self._steps.clear()
+        for sink in self.sinks:
+            for step, record in records:
+                sink.log(step, record)
+            flush = getattr(sink, "flush", None)
+            if callable(flush):
+                flush()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-            self._writer.close()
-            self._writer = None
+        """Close every sink (the built-in ones and those given)."""
+        for sink in {id(s): s for s in [*self.sinks, *self._closing]}.values():
+            sink.close()
+        self.sinks = []
+        self._closing = []
 
 
-__all__ = ["MetricsLogger", "read_metrics", "set_aside_metrics", "truncate_metrics"]
+__all__ = ["MetricsLogger", "read_metrics", "set_aside_metrics",
+           "truncate_metrics"]

@@ -112,12 +112,26 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[st
 
 
 def _describe(old: Any, new: Any) -> str:
+    """The leaves that differ, by path (``groups[0].lr: 0.1 -> 0.2``), the first four shown."""
+    leaves = _leaf_differences(old, new, "")
+    shown = ", ".join(f"{path + ': ' if path else ''}{_short(a)} -> {_short(b)}"
+                      for path, a, b in leaves[:4])
+    return shown + (f" (and {len(leaves) - 4} more)" if len(leaves) > 4 else "")
+
+
+def _leaf_differences(old: Any, new: Any, path: str) -> list[tuple[str, Any, Any]]:
+    """``(path, old, new)`` of every differing leaf: dicts are compared key by key, lists of one
+    length item by item, anything else whole (``'<absent>'`` for a missing key)."""
     if isinstance(old, dict) and isinstance(new, dict):
-        keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        shown = ", ".join(f"{k}: {_short(old.get(k, '<absent>'))} -> {_short(new.get(k, '<absent>'))}"
-                          for k in keys[:4])
-        return shown + (f" (and {len(keys) - 4} more)" if len(keys) > 4 else "")
-    return f"{_short(old)} -> {_short(new)}"
+        found = []
+        for key in sorted(set(old) | set(new)):
+            inner = f"{path}.{key}" if path else str(key)
+            found += _leaf_differences(old.get(key, "<absent>"), new.get(key, "<absent>"), inner)
+        return found
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [leaf for index, (a, b) in enumerate(zip(old, new, strict=True))
+                for leaf in _leaf_differences(a, b, f"{path}[{index}]")]
+    return [] if old == new else [(path, old, new)]
 
 
 def _short(value: Any, width: int = 120) -> str:
@@ -149,12 +163,25 @@ def write_run_file(output_dir: Path, run: RunIdentity) -> None:
 
 
 def read_run_file(output_dir: Path) -> dict[str, Any] | None:
-    """What ``run.json`` says, or ``None`` when it is absent or unreadable."""
-    try:
-        data = json.loads((output_dir / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    """What ``run.json`` says, or ``None`` when there is none; a :class:`StateError` naming the
+    file when it is unreadable or holds no run id (resuming would otherwise take any run's
+    latest state — another run's, left in the same directory)."""
+    path = output_dir / RUN_FILE
+    if not path.exists():
         return None
-    return data if isinstance(data, dict) and isinstance(data.get("id"), str) else None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        problem = f"unreadable ({type(error).__name__}: {error})"
+    else:
+        if isinstance(data, dict) and isinstance(data.get("id"), str) and data["id"]:
+            return data
+        problem = "not a run record (no 'id')"
+    raise StateError(
+        f"{path}: {problem}. It names the run whose states resuming from {str(output_dir)!r} "
+        "takes; without it a state of another run in the directory could be resumed. Name "
+        "the state file to resume in resume_from, or delete the file to resume the latest "
+        "state of any run in the directory.")
 
 
 # -- capture and write -------------------------------------------------------------------------
@@ -212,7 +239,7 @@ def write_sharded(state: dict[str, Any], step: nn.Module, optimizer: torch.optim
 
 def read_sharded(resume_from: str | os.PathLike[str], current: Mapping[str, Any],
                  step: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any) -> tuple[dict[str, Any], Path]:
+                 scheduler: Any, *, extend: bool = False) -> tuple[dict[str, Any], Path]:
     """Resume an FSDP run: the sharded state at ``resume_from`` (a ``gs{step}.state``
     directory, or the latest one of the run in ``run.json`` whose files verify) is checked —
     checksums, fingerprint against ``current``, optimizer and scheduler — and then its shards
@@ -228,7 +255,7 @@ def read_sharded(resume_from: str | os.PathLike[str], current: Mapping[str, Any]
     saved = {**shared, **own}
     if saved.get("version") != STATE_VERSION:
         raise StateError(f"{path}: not a purekd state of version {STATE_VERSION}")
-    check_fingerprint(saved, current, path)
+    check_fingerprint(saved, current, path, extend=extend)
     validate(saved, path, step, optimizer, scheduler)
     sharded.load_sharded_weights(path, step, optimizer)
     return saved, path
@@ -288,18 +315,20 @@ def _pickle_error() -> type[Exception]:
     return pickle.UnpicklingError
 
 
-def read(resume_from: str | os.PathLike[str], current: Mapping[str, Any]) -> tuple[dict[str, Any], Path]:
+def read(resume_from: str | os.PathLike[str], current: Mapping[str, Any], *,
+         extend: bool = False) -> tuple[dict[str, Any], Path]:
     """The state to resume from, and its path.
 
     ``resume_from`` a file: that state, verified (a damaged one raises). A directory: the
     latest state of the run named in its ``run.json`` (any run when there is none) that passes
     verification; damaged ones are skipped with a warning naming them. Either way the state's
-    fingerprint must equal ``current`` (the resuming run's), else :class:`StateError` lists
-    what differs."""
+    fingerprint must equal ``current`` (the resuming run's; with ``extend``, but for a longer
+    plan: :func:`check_fingerprint`), else :class:`StateError` lists what differs. A
+    ``run.json`` that cannot be read is a :class:`StateError` naming it."""
     root = Path(resume_from)
     if root.is_file():
         saved = load_verified(root)
-        check_fingerprint(saved, current, root)
+        check_fingerprint(saved, current, root, extend=extend)
         return saved, root
     found = states_in(resume_from)
     owner = read_run_file(root)
@@ -319,7 +348,7 @@ def read(resume_from: str | os.PathLike[str], current: Mapping[str, Any]) -> tup
             warnings.warn(f"resume_from={str(resume_from)!r}: skipped damaged state file(s): "
                           + "; ".join(damaged) + f". Resuming from the previous good state, "
                           f"{path.name}.", RuntimeWarning, stacklevel=5)
-        check_fingerprint(saved, current, path)
+        check_fingerprint(saved, current, path, extend=extend)
         return saved, path
     problems = []
     if damaged:
@@ -332,22 +361,56 @@ def read(resume_from: str | os.PathLike[str], current: Mapping[str, Any]) -> tup
                      + ". Start afresh (resume_from=None), or name a state file explicitly.")
 
 
-def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> None:
-    """Raise :class:`StateError` listing each part where the state's run differs from this one."""
+_LENGTHS = {"StepPlan": "num_steps", "EpochPlan": "num_epochs"}
+
+
+def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path, *,
+                      extend: bool = False) -> None:
+    """Raise :class:`StateError` listing each part where the state's run differs from this one.
+
+    ``extend``: the run continues for a longer plan — its length (``num_steps`` of a step plan,
+    ``num_epochs`` of an epoch plan) may grow, never shrink; every other part must still be
+    equal. What continues then: the weights, the optimizer, the data position and the random
+    generators bit for bit; the LR scheduler from its saved state *with its saved settings*
+    (a schedule that had ended, e.g. ``LinearLR`` after ``total_iters``, stays at its last
+    learning rate; ``StepLR`` or ``ExponentialLR`` go on as they would have); the training
+    progress passed to the step (weight and temperature schedules) becomes
+    ``global_step / new length``, so a schedule over progress is stretched over the new length
+    from where it stands.
+    """
     run = saved.get("run")
     if not isinstance(run, dict):  # a version-1 state: no fingerprint; validate() still checks
         warnings.warn(f"{path}: a state file without a run fingerprint (written by an older "
                       "purekd); only its shapes and optimizer are checked", RuntimeWarning,
                       stacklevel=6)
         return
-    diff = differences(run.get("fingerprint", {}), current)
+    old = dict(run.get("fingerprint", {}))
+    if extend:
+        old = _extended(old, current, path)
+    diff = differences(old, current)
     if diff:
+        hint = ("" if extend or not any(line.startswith("plan:") for line in diff) else
+                " To continue this run for more steps or epochs, pass extend_run=True.")
         raise StateError(
             f"{path}: the state belongs to a different run; what differs (saved -> now):\n  "
             + "\n  ".join(diff)
             + "\nResume with the same configs, models, data, optimizer, scheduler and length, "
-            "or start afresh (resume_from=None)."
+            "or start afresh (resume_from=None)." + hint
         )
+
+
+def _extended(old: dict[str, Any], current: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The saved fingerprint with the plan's length taken from ``current`` when it grew."""
+    plan, now = old.get("plan"), current.get("plan")
+    if not (isinstance(plan, dict) and isinstance(now, dict) and plan.get("kind") == now.get("kind")
+            and plan.get("kind") in _LENGTHS):
+        return old
+    length = _LENGTHS[plan["kind"]]
+    if now[length] < plan[length]:
+        raise StateError(f"{path}: extend_run=True continues a run for longer, but {length}="
+                         f"{now[length]} is less than the saved run's {plan[length]}; pass "
+                         f"{length} >= {plan[length]}")
+    return {**old, "plan": {**plan, length: now[length]}}
 
 
 # -- validate and restore ----------------------------------------------------------------------

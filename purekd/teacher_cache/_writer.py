@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from purekd.runner import move_to_device
+from purekd._devices import move_to_device
 from purekd.stages import adapt, forward
 
 from . import _format as fmt

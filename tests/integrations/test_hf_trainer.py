@@ -268,3 +268,79 @@ def test_a_gkd_style_jsd_run_is_token_correct_and_learns(tmp_path):
                                        msg=key)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+class _Recording:
+    """A purekd metric sink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, dict[str, float]]] = []
+        self.closed = False
+
+    def log(self, step: int, metrics: Any) -> None:
+        self.records.append((step, dict(metrics)))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_terms_reach_the_logs_and_the_sinks(tmp_path):
+    """logging_steps=1 with 2 micro-batches per step: each training log holds the mean of each
+    term over the step's micro-batches, beside loss, learning_rate and grad_norm."""
+    teacher, student = models()
+    step = build(teacher, student)
+    sink = _Recording()
+    trainer = DistillationTrainer(step, arguments(tmp_path, 3, 2, logging_strategy="steps",
+                                                  logging_steps=1),
+                                  train_dataset=samples(), data_collator=collate,
+                                  metric_sinks=[sink])
+    seen: list[dict[str, float]] = []
+    observe = trainer._observe
+    trainer._observe = lambda loss, terms: (seen.append(terms), observe(loss, terms))[1]
+    trainer.train()
+    names = {"kd_loss", "hard_label_loss", "hidden_hidden_mse_1_2"}
+    assert set(seen[0]) == names
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    for index, entry in enumerate(logs):
+        for name in names:
+            mean = (seen[2 * index][name] + seen[2 * index + 1][name]) / 2
+            assert entry[name] == pytest.approx(mean, rel=1e-12)
+        assert {"learning_rate", "grad_norm"} <= set(entry)
+    assert [s for s, _ in sink.records] == [1, 2, 3, 3]  # the last: the train() summary
+    for (_, record), entry in zip(sink.records, logs, strict=False):
+        assert {k: record[k] for k in names} == {k: entry[k] for k in names}
+    assert sink.closed
+
+
+def _nan_row(module: Any, args: Any, kwargs: Any, output: Any) -> Any:
+    output.logits[0, 1, :] = float("nan")  # one position of the teacher's logits
+    return output
+
+
+def _nan_gradient(module: Any, args: Any, kwargs: Any, output: Any) -> Any:
+    output.logits = output.logits + torch.sqrt(output.logits.sum() * 0)  # + 0, gradient NaN
+    return output
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_a_non_finite_loss_or_gradient_stops_training(where: str, tmp_path) -> None:
+    """A NaN teacher row (a non-finite loss), or a student whose output's gradient is NaN
+    while its value is finite: training stops with the runner's NonFiniteLossError before the
+    optimizer step, the student as it was, instead of ending with NaN weights."""
+    teacher, student = models()
+    step = build(teacher, student, {**CONFIG, "intermediate_matches": []})
+    if where == "loss":
+        teacher.register_forward_hook(_nan_row, with_kwargs=True)
+    else:
+        student.register_forward_hook(_nan_gradient, with_kwargs=True)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer = DistillationTrainer(step, arguments(tmp_path, 3, 1),
+                                  train_dataset=samples(), data_collator=collate,
+                                  optimizers=(torch.optim.SGD(step.parameters(), lr=0.5), None))
+    message = (r"the loss is not finite at global step 1 \(term 'kd_loss'" if where == "loss"
+               else r"the gradient is not finite at global step 1 \(parameter 'student\.")
+    with pytest.raises(purekd.runner.NonFiniteLossError, match=message):
+        trainer.train()
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -4,6 +4,7 @@ over both halves. Only rank 0 writes checkpoints and metrics."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -135,3 +136,74 @@ def test_only_rank_0_writes_state_files_and_metrics(ddp_run) -> None:
     assert ranks[0]["loggers"] == [True]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == STEPS_PER_EPOCH * EPOCHS  # rank 0's micro-batches only
+
+
+def test_the_logged_gradient_norm_is_that_of_the_combined_batch(ddp_run, tmp_path: Path) -> None:
+    """Rank 0's records: the gradient norm after DDP's averaging equals one process's on the
+    combined batch, step by step; so do the learning rates."""
+    out, _ = ddp_run
+    _single_process(tmp_path / "single")
+    ddp = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(line) for line in
+           (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in ddp] == [r["global_step"] for r in one]
+    assert [r["lr"] for r in ddp] == [r["lr"] for r in one]
+    assert [r["grad_norm"] for r in ddp] == pytest.approx([r["grad_norm"] for r in one],
+                                                          rel=1e-5)
+
+
+GUARD_SCRIPT = textwrap.dedent(f'''
+    import os, sys
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+    import purekd
+    from tests.runner._helpers import adaptor, dataset, models
+
+    out, result = sys.argv[1:3]
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    calls = []
+
+    def poisoned(batch, outputs):
+        """Rank 1's third micro-batch: a hard-label loss whose value is NaN and whose gradient
+        is finite (a NaN constant added), so rank 0's loss and gradients stay finite."""
+        result = adaptor(batch, outputs)
+        calls.append(1)
+        if rank == 1 and len(calls) == 3 and "losses" in result:
+            result["losses"] = result["losses"] + torch.tensor(float("nan"))
+        return result
+
+    teacher, student = models(seed=0)
+    config = purekd.TrainingConfig(device="cpu", output_dir=out, ckpt_steps=2)
+    purekd.runner.join_process_group(config)  # for the DistributedSampler
+    distiller = purekd.GeneralDistiller(config, {DISTILL!r}, teacher, student, adaptor,
+                                        poisoned, compile=False)
+    data = dataset({SAMPLES})
+    sampler = DistributedSampler(data, shuffle=False)
+    try:
+        with distiller:
+            distiller.train(torch.optim.SGD(student.parameters(), lr=0.5),
+                            DataLoader(data, batch_size={PER_RANK_BATCH}, sampler=sampler),
+                            num_steps=6)
+        outcome = "finished"
+    except purekd.runner.NonFiniteLossError as error:
+        outcome = str(error)
+    torch.save({{"outcome": outcome}}, f"{{result}}.rank{{rank}}")
+''')
+
+
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    """Only rank 1 sees a non-finite loss (its gradient, and so rank 0's, stay finite): both
+    ranks stop at the same step with NonFiniteLossError — rank 1 naming the term, rank 0 saying
+    it was another rank — instead of rank 0 waiting in its next collective until the process
+    group times out; no checkpoint is written from that step on."""
+    script = tmp_path / "guard.py"
+    script.write_text(GUARD_SCRIPT)
+    out, result = tmp_path / "out", tmp_path / "result"
+    torchrun(script, str(out), str(result), timeout=180)
+    outcomes = [torch.load(f"{result}.rank{r}", weights_only=True)["outcome"] for r in (0, 1)]
+    assert outcomes[1].startswith("the loss is not finite at global step 3 (term "
+                                  "'hard_label_loss'"), outcomes[1]
+    assert outcomes[0].startswith("the loss is not finite at global step 3 on another rank"), \
+        outcomes[0]
+    assert checkpoints(out) == ["gs2.pkl"]

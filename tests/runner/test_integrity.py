@@ -60,7 +60,7 @@ class Counted(Dataset):
 
 
 def _run(out: Path, *, resume: bool = False, num_steps: int = 10, optimizer: str = "adam",
-         scheduler: bool = True, width: int = 6, data: Dataset | None = None,
+         scheduler: bool = True, width: int = 6, data: Dataset | None = None, lr: float = 3e-2,
          **train_kwargs: Any) -> tuple[Any, torch.nn.Module]:
     teacher, student = models(seed=0, dropout=0.3, width_S=width)
     if resume:
@@ -73,8 +73,8 @@ def _run(out: Path, *, resume: bool = False, num_steps: int = 10, optimizer: str
                                                      ckpt_steps=3),
                                         distill, teacher, student, adaptor, adaptor,
                                         compile=False)
-    opt = (torch.optim.Adam(student.parameters(), lr=3e-2) if optimizer == "adam"
-           else torch.optim.SGD(student.parameters(), lr=3e-2))
+    opt = (torch.optim.Adam(student.parameters(), lr=lr) if optimizer == "adam"
+           else torch.optim.SGD(student.parameters(), lr=lr))
     sched = {"scheduler_class": torch.optim.lr_scheduler.StepLR,
              "scheduler_args": {"step_size": 3, "gamma": 0.5}} if scheduler else {}
     with distiller:
@@ -154,6 +154,27 @@ def test_resume_of_a_different_run_is_refused_naming_what_differs(
         _resumed(tmp_path, **change)
     assert "gs6.state.pt" in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_a_changed_learning_rate_shows_both_values(tmp_path: Path) -> None:
+    _interrupted(tmp_path)
+    with pytest.raises(StateError, match=r"optimizer: .*groups\[0\]\.lr: 0\.03 -> 0\.05"):
+        _resumed(tmp_path, lr=0.05)
+
+
+@pytest.mark.parametrize("garbled", ['{"id": "3f2a', "[]", '{"id": ""}', '{"run": 1}'])
+def test_an_unreadable_run_json_is_an_error_naming_it(garbled: str, tmp_path: Path) -> None:
+    """run.json names the run whose states a resume takes. An older finished run left gs10 in
+    the directory, the current run was stopped after its gs3: with run.json garbled, resuming
+    took the latest state of any run — the older run's gs10 — and ended with its weights."""
+    _seed(7)
+    _run(tmp_path, save_state=True)  # the older run: states up to gs10
+    with pytest.warns(UserWarning, match="earlier run"):
+        _interrupted(tmp_path, at=6)  # this run: its gs3 only
+    (tmp_path / "run.json").write_text(garbled)
+    with pytest.raises(StateError, match=r"run\.json: (unreadable|not a run record)[\s\S]*"
+                                         r"Name the state file to resume in resume_from"):
+        _resumed(tmp_path)
 
 
 def test_a_failed_resume_leaves_the_student_untouched(tmp_path: Path, monkeypatch) -> None:
