@@ -6,7 +6,13 @@ library into a step, a thin stateful runner on top, and a TextBrewer-compatible 
 
 from purekd import combinators, losses, presets, schedules, stages, terms, utils
 from purekd.combinators import CustomMatch, Step, StepOutput, make_step
-from purekd.configs import DistillationConfig, FSDPConfig, IntermediateMatch, TrainingConfig
+from purekd.configs import (
+    DistillationConfig,
+    FSDPConfig,
+    IntermediateMatch,
+    OnPolicyConfig,
+    TrainingConfig,
+)
 from purekd.distillers import (
     BasicDistiller,
     BasicTrainer,
@@ -57,6 +63,7 @@ __all__ = [
     "MultiTaskDistiller",
     "MultiTeacherDistiller",
     "NonFiniteLossError",
+    "OnPolicyConfig",
     "Step",
     "StepOutput",
     "TrainingConfig",

@@ -136,9 +136,33 @@ def registered_divergences() -> list[str]:
     return _divergences.names()
 
 
-KD_LOSS_MAP = KDLossMap("kd_loss_type", {"ce": losses.kd_ce, "mse": losses.kd_mse})
-"""Logits KD losses: TextBrewer's ``'ce'`` (soft cross-entropy) and ``'mse'``, and the
-token-level divergences of :data:`TOKEN_KD_LOSSES`."""
+KD_LOSS_MAP = KDLossMap("kd_loss_type", {"ce": losses.kd_ce, "mse": losses.kd_mse,
+                                        "sampled_reverse_kl": losses.sampled_reverse_kl})
+"""Logits KD losses: TextBrewer's ``'ce'`` (soft cross-entropy) and ``'mse'``, the
+token-level divergences of :data:`TOKEN_KD_LOSSES`, and the sampled-token loss of
+:data:`SAMPLED_KD_LOSSES` (on-policy only)."""
+
+SAMPLED_KD_LOSSES: dict[str, dict[str, Any]] = {"sampled_reverse_kl": {"gamma": 0.0}}
+"""Losses on *sampled* tokens (on-policy distillation, ``DistillationConfig(on_policy=...)``):
+estimators from each model's log-probability of the sampled tokens, not divergences of two
+full distributions, so they are not in :data:`TOKEN_KD_LOSSES` (nor in the divergence
+registry). Each with its parameters and defaults; ``gamma`` in [0, 1]
+(:func:`~purekd.losses.sampled_reverse_kl`)."""
+
+
+def _sampled_parameters(name: str, rest: list[Any], value: Any, field: str) -> dict[str, Any]:
+    """The parameters of a sampled-token loss given as ``[name, *positional, {keyword: v}]``."""
+    order = list(SAMPLED_KD_LOSSES[name])
+    keywords: dict[str, Any] = dict(rest.pop()) if rest and isinstance(rest[-1], Mapping) else {}
+    if len(rest) > len(order) or set(keywords) - set(order):
+        raise ValueError(f"{field}={list(value)!r}: {name!r} takes the parameter(s) {order}")
+    params = {**dict(zip(order, rest, strict=False)), **keywords}
+    gamma = params.get("gamma", 0.0)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"{field}={list(value)!r}: gamma must be in [0, 1] (the discount of "
+                         f"the sampled-token advantage over later tokens), e.g. "
+                         f"[{name!r}, {{'gamma': 0.0}}]")
+    return params
 
 
 class _TokenKDLosses(Mapping[str, dict[str, Any]]):
@@ -219,6 +243,8 @@ def kd_loss_spec(value: Any, field: str = "kd_loss_type") -> tuple[str, dict[str
                         f"parameters, e.g. ['jsd', {{'beta': 0.9}}]")
     name, rest = value[0], list(value[1:])
     KD_LOSS_MAP[name]
+    if name in SAMPLED_KD_LOSSES:
+        return name, _sampled_parameters(name, rest, value, field)
     if name not in TOKEN_KD_LOSSES:
         raise ValueError(f"{field}={list(value)!r}: {name!r} takes no parameters; parameters go "
                          f"with the token-level losses {sorted(TOKEN_KD_LOSSES)}")
@@ -336,6 +362,7 @@ __all__ = [
     "MATCH_LOSS_MAP",
     "PAIR_LOSSES",
     "PROJ_MAP",
+    "SAMPLED_KD_LOSSES",
     "TEMPERATURE_SCHEDULER",
     "TOKEN_KD_LOSSES",
     "TOPK_FORMS",

@@ -54,9 +54,11 @@ def test_training_config_defaults_equal_textbrewer() -> None:
 def test_distillation_config_defaults_equal_textbrewer() -> None:
     ours = DistillationConfig()
     expected = _textbrewer_defaults(textbrewer.DistillationConfig)
-    # beyond TextBrewer: the token-level options, whose defaults keep TextBrewer's behaviour
+    # beyond TextBrewer: the token-level options and on-policy distillation, whose defaults
+    # keep TextBrewer's behaviour
     assert {a.name for a in attrs.fields(DistillationConfig)} - set(expected) == {
-        "shared_vocab", "loss_normalisation"}
+        "shared_vocab", "loss_normalisation", "on_policy"}
+    assert ours.on_policy is None
     assert set(expected) <= {a.name for a in attrs.fields(DistillationConfig)}
     assert ours.shared_vocab is False and not ours.normalises_by_tokens
     for name, default in expected.items():

@@ -22,8 +22,9 @@ def registered():
 # ---------------------------------------------------------------- map contents
 def test_kd_loss_map():
     assert set(tb.KD_LOSS_MAP) == {"ce", "mse"}
-    assert set(presets.KD_LOSS_MAP) == {"ce", "mse", *presets.TOKEN_KD_LOSSES}
-    for name in presets.TOKEN_KD_LOSSES:
+    assert set(presets.KD_LOSS_MAP) == {"ce", "mse", *presets.TOKEN_KD_LOSSES,
+                                        *presets.SAMPLED_KD_LOSSES}
+    for name in [*presets.TOKEN_KD_LOSSES, *presets.SAMPLED_KD_LOSSES]:
         assert presets.KD_LOSS_MAP[name] is getattr(losses, name)
     assert presets.KD_LOSS_MAP["ce"] is losses.kd_ce
     assert presets.KD_LOSS_MAP["mse"] is losses.kd_mse

@@ -5,6 +5,7 @@
   them by constants or schedules of progress;
 * :func:`single_teacher`, :func:`mean_of_teachers`, :func:`models_stage` — run the models
   (cached teacher outputs from ``batch['teacher_cache']`` included);
+* :class:`OnPolicyStage` — sample completions of prompts in front of the models stage;
 * :func:`route_by_task` — one step per task;
 * :func:`token_share`, :func:`token_normalised` — token-correct normalisation over micro-batches;
 * :func:`compiled` — the loss path under ``torch.compile``, with an eager fallback;
@@ -32,6 +33,7 @@ from ._objective import (
     scheduled_after_start,
     weighted,
 )
+from ._on_policy import OnPolicyStage
 from ._step import Step
 from ._tasks import TaskRouter, route_by_task
 from ._tokens import token_normalised, token_share
@@ -41,6 +43,7 @@ __all__ = [
     "CustomMatch",
     "LossFn",
     "Objective",
+    "OnPolicyStage",
     "Outputs",
     "Step",
     "StepOutput",

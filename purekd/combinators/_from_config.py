@@ -18,11 +18,13 @@ from purekd.terms import (
     hard_label,
     intermediate_match,
     logits_kd,
+    sampled_token_kd,
     token_kd,
 )
 
 from ._models import Adaptor, mean_of_teachers, models_stage, single_teacher
 from ._objective import objective, scheduled_after_start
+from ._on_policy import OnPolicyStage
 from ._step import Step
 from ._tasks import TaskRouter, route_by_task
 
@@ -117,7 +119,10 @@ def _terms(config: DistillationConfig, projections: Sequence[nn.Module | None],
     kd_weight = _weight(config.kd_loss_weight, config.kd_loss_weight_scheduler)
     name, params = config.kd_loss
     kd_loss = presets.KD_LOSS_MAP[name]
-    if name in presets.TOKEN_KD_LOSSES and kd_loss is losses.divergence(name):
+    if name in presets.SAMPLED_KD_LOSSES and kd_loss is losses.sampled_reverse_kl:  # on-policy
+        terms = [sampled_token_kd(gamma=params.get("gamma", 0.0), temperature=config.temperature,
+                                  weight=kd_weight)]
+    elif name in presets.TOKEN_KD_LOSSES and kd_loss is losses.divergence(name):
         terms = [token_kd(name, temperature=config.temperature, params=params,
                           shared_vocab=config.shared_vocab,
                           shift_probability=config.probability_shift, weight=kd_weight)]
@@ -141,6 +146,8 @@ def make_step(
     custom_matches: Sequence[Any] | None = None,
     compile: bool | Literal["auto"] = "auto",
     projections: Sequence[nn.Module | None] | None = None,
+    sampler: Any = None,
+    tokenizers: Sequence[Any] | None = None,
 ) -> Step | TaskRouter:
     """The distillation step a :class:`~purekd.DistillationConfig` describes.
 
@@ -169,6 +176,11 @@ def make_step(
 
     ``step.projections`` holds the projection modules: add their parameters to the optimizer
     (or just optimise ``step.parameters()``, which covers student and projections).
+
+    On-policy (``config.on_policy`` set): an :class:`~purekd.combinators.OnPolicyStage` goes in
+    front of the models stage; batches carry ``'prompts'`` (see its docstring). ``sampler``:
+    a :class:`~purekd.stages.Sampler` in place of ``transformers``' ``generate``;
+    ``tokenizers``: ``(tokenizer_T, tokenizer_S)``, checked to be one vocabulary.
     """
     config = _config(distill_config)
     device = _device_of(model_S)
@@ -196,8 +208,18 @@ def make_step(
             teacher = mean_of_teachers(teacher_model, teacher_adaptor)
         else:
             teacher = single_teacher(teacher_model, teacher_adaptor, [c.module_T for c in customs])
-        outputs = models_stage(teacher, model_S, student_adaptor,
-                               capture_S=[c.module_S for c in customs])
+        outputs: Any = models_stage(teacher, model_S, student_adaptor,
+                                    capture_S=[c.module_S for c in customs])
+        if config.on_policy is not None:
+            if isinstance(teacher_model, (list, tuple)):
+                raise ValueError("DistillationConfig(on_policy=...) with a list of teachers: "
+                                 "on-policy distillation scores the rollouts with one teacher; "
+                                 "give a single teacher")
+            outputs = OnPolicyStage(config.on_policy, outputs, teacher=teacher_model,
+                                    sampler=sampler, tokenizers=tokenizers)
+        elif sampler is not None or tokenizers is not None:
+            raise ValueError("make_step(sampler=..., tokenizers=...) are for on-policy "
+                             "distillation: set DistillationConfig(on_policy=OnPolicyConfig())")
         step = Step(student=model_S, outputs=outputs, loss=loss, projections=trainable,
                     teachers={"teacher": teacher_model})
         step.projection_options = [m.proj[3] if m.proj else None

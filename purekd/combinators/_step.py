@@ -49,11 +49,15 @@ class Step(nn.Module):
     modules of the loss path's terms (``Term.modules``: projections) join ``step.projections``
     without being listed.
 
+    A models stage with a ``state`` module without parameters (the on-policy stage's generator)
+    has it registered as ``step.outputs_state``, so ``step.state_dict()`` carries it.
+
     The step is an :class:`torch.nn.Module` whose parameters are exactly what training updates:
     the student's and the projections' (``step.projections``); teachers are held but not
     registered. Pass ``step.parameters()`` to an optimizer, wrap it in DDP, or call it through
-    :func:`torch.func.functional_call`. It never changes a model's train/eval mode, a config, or
-    its inputs.
+    :func:`torch.func.functional_call`. It never changes a config or its inputs, nor a model's
+    train/eval mode (an on-policy stage puts the sampling model in eval mode while it samples,
+    and restores it).
 
     Terms are edited by name without taking the step apart: ``step.objective`` is the loss
     path's :class:`~purekd.combinators.Objective`; ``step.reweight(name, w)``,
@@ -106,6 +110,9 @@ class Step(nn.Module):
         self.projections = (projections if isinstance(projections, nn.ModuleList) and not declared
                             else nn.ModuleList(listed + declared))
         self.outputs = outputs
+        state = getattr(outputs, "state", None)  # e.g. an on-policy stage's generator
+        if isinstance(state, nn.Module) and not any(True for _ in state.parameters()):
+            self.outputs_state = state
         self.loss = loss
         self._teachers = dict(teachers or {})  # a plain dict: not registered, not trained
         self.projection_options = []

@@ -20,7 +20,8 @@ keyword-only.
 
 from ._distillation import DistillationConfig, IntermediateMatch
 from ._io import ImmutableConfigError
+from ._on_policy import OnPolicyConfig
 from ._training import TEACHER_PLACEMENTS, FSDPConfig, TrainingConfig
 
 __all__ = ["TEACHER_PLACEMENTS", "DistillationConfig", "FSDPConfig", "ImmutableConfigError",
-           "IntermediateMatch", "TrainingConfig"]
+           "IntermediateMatch", "OnPolicyConfig", "TrainingConfig"]

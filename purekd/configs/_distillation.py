@@ -20,6 +20,7 @@ from ._io import (
     _tuple_if_list,
     immutable_config,
 )
+from ._on_policy import OnPolicyConfig
 
 TEMPERATURE_RANGE = (1e-2, 1e3)
 
@@ -138,6 +139,42 @@ def _matches(value: Any) -> tuple[IntermediateMatch, ...]:
     return tuple(matches)
 
 
+# -- on_policy (issue 19): the field's converter and validator --------------------------------
+def _on_policy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        try:
+            return OnPolicyConfig.from_dict(value)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"DistillationConfig.on_policy: {error}") from None
+    return value
+
+
+def _check_on_policy(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and not isinstance(value, OnPolicyConfig):
+        raise TypeError(f"DistillationConfig.on_policy={value!r}: give None, a "
+                        "purekd.OnPolicyConfig or a dict of its fields")
+    name = presets.kd_loss_spec(instance.kd_loss_type)[0]
+    if name in presets.SAMPLED_KD_LOSSES and instance.temperature_scheduler not in ("none",
+                                                                                "constant"):
+        raise ValueError(
+            f"DistillationConfig.temperature_scheduler={instance.temperature_scheduler!r} with "
+            f"kd_loss_type={name!r}: the sampled-token loss takes a constant temperature; set "
+            "temperature_scheduler='none'")
+    if name in presets.SAMPLED_KD_LOSSES and (value is None or value.lmbda != 1):
+        lmbda = None if value is None else value.lmbda
+        raise ValueError(
+            f"DistillationConfig(kd_loss_type={name!r}) with on_policy="
+            f"{'None' if value is None else f'OnPolicyConfig(lmbda={lmbda})'}: the sampled-token "
+            "loss estimates KL(p_S || p_T) from sequences the sampler drew, so every batch must "
+            "be sampled; set on_policy=OnPolicyConfig(lmbda=1.0), or use a full-distribution "
+            "loss (e.g. 'reverse_kl') for mixed or off-policy batches")
+    if value is not None and instance.is_caching_logits:
+        raise ValueError(
+            "DistillationConfig(is_caching_logits=True, on_policy=...): cached teacher logits "
+            "belong to the batch's own sequences, and on-policy batches are new sequences the "
+            "teacher must score each step; set is_caching_logits=False")
+
+
 @attrs.frozen
 class DistillationConfig(_ConfigIO):
     r"""What to distil and how; defines the total loss
@@ -164,9 +201,14 @@ class DistillationConfig(_ConfigIO):
     * ``loss_normalisation``: ``'batch'`` — each micro-batch's mean, averaged over
       micro-batches (TextBrewer); ``'tokens'`` — the optimizer step's loss is normalised by
       its kept tokens over every micro-batch and process (``StepOutput.tokens``); ``'auto'``
-      (default) — ``'tokens'`` for the token-level divergences, ``'batch'`` for ``'ce'``,
+      (default) — ``'tokens'`` for the token-level divergences and the sampled-token loss,
+      ``'batch'`` for ``'ce'``,
       ``'mse'`` and losses added with ``register_new('kd_loss', ...)`` (TextBrewer's
       per-batch functions).
+    * ``on_policy``: an :class:`~purekd.OnPolicyConfig` (or a dict of its fields): completions
+      of the batch's prompts are sampled and distilled (see ``docs/on-policy.md``); with it,
+      ``kd_loss_type='sampled_reverse_kl'`` (``['sampled_reverse_kl', {'gamma': 0.9}]``) is the
+      sampled-token form, which needs ``lmbda=1``.
     """
 
     temperature: float = attrs.field(default=4, validator=_temperature)
@@ -187,6 +229,9 @@ class DistillationConfig(_ConfigIO):
     is_caching_logits: bool = attrs.field(default=False, validator=_boolean)
     shared_vocab: bool = attrs.field(default=False, validator=_boolean, kw_only=True)
     loss_normalisation: str = attrs.field(default="auto", kw_only=True)
+    on_policy: OnPolicyConfig | None = attrs.field(default=None, kw_only=True,
+                                                   converter=_on_policy,
+                                                   validator=_check_on_policy)
 
     @loss_normalisation.validator
     def _check_normalisation(self, attribute: attrs.Attribute, value: Any) -> None:
@@ -217,7 +262,8 @@ class DistillationConfig(_ConfigIO):
         """Whether the loss is normalised by the optimizer step's kept tokens
         (``loss_normalisation``, with ``'auto'`` resolved)."""
         if self.loss_normalisation == "auto":
-            return self.kd_loss[0] in presets.TOKEN_KD_LOSSES
+            name = self.kd_loss[0]
+            return name in presets.TOKEN_KD_LOSSES or name in presets.SAMPLED_KD_LOSSES
         return self.loss_normalisation == "tokens"
 
 

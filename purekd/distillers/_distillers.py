@@ -48,6 +48,7 @@ class BasicDistiller(Distiller):
                  model_T: nn.Module, model_S: nn.Module, adaptor_T: Adaptor, adaptor_S: Adaptor,
                  *, compile: bool | Literal["auto"] = "auto"):
         super().__init__(train_config, distill_config, model_T, model_S)
+        preflight.check_on_policy(self.t_config, self.d_config)
         self.adaptor_T, self.adaptor_S = adaptor_T, adaptor_S
         config = attrs.evolve(self.d_config, intermediate_matches=())
         self.step = make_step(config, model_T, model_S, adaptor_T, adaptor_S, compile=compile)
@@ -70,6 +71,7 @@ class GeneralDistiller(Distiller):
                  model_T: Any, model_S: nn.Module, adaptor_T: Any, adaptor_S: Any,
                  custom_matches: Sequence[Any] | None = None, *, compile: bool | Literal["auto"] = "auto"):
         super().__init__(train_config, distill_config, model_T, model_S)
+        preflight.check_on_policy(self.t_config, self.d_config)
         if self.d_config.is_caching_logits:
             warnings.warn(f"{type(self).__name__} ignores is_caching_logits=True (as TextBrewer "
                           "does); use BasicDistiller or MultiTeacherDistiller to cache logits",

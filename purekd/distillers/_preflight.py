@@ -180,6 +180,11 @@ class CheckedOutputs:
         self.calls += 1
         return outputs
 
+    @property
+    def state(self) -> Any:
+        """The wrapped stage's state module (an on-policy stage's generator), if any."""
+        return getattr(self.inner, "state", None)
+
 
 def install_output_checks(steps: Iterable[Any], config: DistillationConfig,
                           device: str | torch.device) -> None:
@@ -314,6 +319,20 @@ def check_schedule(config: TrainingConfig, *, epochs_mode: bool, loader_length: 
                           "(checkpoints follow ckpt_steps)", UserWarning, stacklevel=3)
 
 
+def check_on_policy(train_config: TrainingConfig, config: DistillationConfig) -> None:
+    """On-policy distillation (``config.on_policy``) needs a teacher that scores new sequences:
+    not ``FSDPConfig(teacher="none")`` (no teacher forward, the batches carry a cache)."""
+    if config.on_policy is None:
+        return
+    fsdp = train_config.fsdp
+    if fsdp is not None and fsdp.teacher == "none":
+        raise ValueError(
+            "DistillationConfig(on_policy=...) with TrainingConfig(fsdp=FSDPConfig("
+            "teacher='none')): the teacher must score every newly sampled sequence, but "
+            "teacher='none' runs no teacher (the batches carry a cache of the dataset's text); "
+            "use FSDPConfig(teacher='shard') or 'replicate'")
+
+
 def check_modes(teachers: list[nn.Module], student: nn.Module) -> None:
     """Warn when training starts with a teacher in training mode or the student in eval mode
     (``with distiller:`` sets both)."""
@@ -327,6 +346,7 @@ def check_modes(teachers: list[nn.Module], student: nn.Module) -> None:
                       stacklevel=4)
 
 
-__all__ = ["CheckedOutputs", "check_device", "check_device_exists", "check_modes", "check_optimizer",
-           "check_outputs", "check_schedule", "check_weights",
+__all__ = ["CheckedOutputs", "check_device", "check_device_exists", "check_modes",
+           "check_on_policy", "check_optimizer", "check_outputs", "check_schedule",
+           "check_weights",
            "install_output_checks"]

@@ -14,6 +14,8 @@ Top-k teacher: :func:`topk_kl`, :func:`topk_reverse_kl`, :func:`topk_jsd`
 ``(logits_S, ids_T, logprobs_T, *, tail=False, ...)``. From hidden states and output-layer
 weights, never holding the logits: :func:`fused_linear_kd`, :func:`fused_linear_topk_kl`,
 :func:`fused_linear_distill` (with the student's hard-label cross-entropy).
+Sampled tokens (on-policy): :func:`sampled_reverse_kl` on per-token log-probabilities, and
+:func:`token_logprobs` (a token's log-probability from hidden states, without the logits).
 Features: each ``(feature_S, feature_T, mask=None) -> 0-dim Tensor``.
 """
 
@@ -42,7 +44,9 @@ from ._fused import (
 )
 from ._hidden import cos, hidden_mse, pkd
 from ._logits import kd_ce, kd_mse
+from ._sampled import discounted_suffix_sum, sampled_reverse_kl
 from ._similarity import fsp, gram, mmd, nst
+from ._token_logprob import token_logprobs
 from ._topk import topk_jsd, topk_kl, topk_reverse_kl
 
 __all__ = [
@@ -54,6 +58,7 @@ __all__ = [
     "attention_mse",
     "attention_mse_sum",
     "cos",
+    "discounted_suffix_sum",
     "divergence",
     "divergence_table",
     "forward_kl",
@@ -72,9 +77,11 @@ __all__ = [
     "pkd",
     "register_divergence",
     "reverse_kl",
+    "sampled_reverse_kl",
     "scaled_jsd",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "token_logprobs",
     "topk_jsd",
     "topk_kl",
     "topk_reverse_kl",

@@ -36,6 +36,8 @@ class _AdaptedFields(NamedTuple):
     topk_ids: Tensor | None = None
     topk_logprobs: Tensor | None = None
     topk_mask: Tensor | None = None
+    next_ids: Tensor | None = None
+    sampler_logprobs: Tensor | None = None
 
     @property
     def row_outputs(self) -> int:
@@ -85,6 +87,10 @@ class Adapted(_AdaptedFields):
       sample's length are 0). Rows are the same positions as the student's rows.
 
     ``logits_mask[0]`` and ``labels[0]`` refer to these rows when there are no ``logits``.
+
+    Set by the on-policy stage (:class:`~purekd.combinators.OnPolicyStage`), never by an
+    adaptor: ``next_ids`` ``rows`` int64, the sampled token each row predicts, and
+    ``sampler_logprobs`` ``rows`` (or ``None``), the sampler's log-probability of it.
     """
 
     __slots__ = ()

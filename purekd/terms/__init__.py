@@ -8,6 +8,7 @@ from ._context import Check, Context, Count, Term, TermFn, Weight, as_term, make
 from ._hard_label import hard_label
 from ._logits_kd import check_logits, kd_loss_caller, logits_kd, logits_mask_for
 from ._match import custom_match, intermediate_match, match_name, select_layers
+from ._sampled_kd import sampled_token_kd
 from ._token_kd import token_kd
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "logits_mask_for",
     "make_context",
     "match_name",
+    "sampled_token_kd",
     "select_layers",
     "token_kd",
 ]

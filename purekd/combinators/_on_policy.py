@@ -1,0 +1,236 @@
+"""``OnPolicyStage``: sample completions of the batch's prompts, then run the models stage on them.
+
+It goes in front of a :func:`~purekd.combinators.models_stage` and has its signature,
+``(batch, *, teacher_outputs=None, **args) -> Outputs``, so a :class:`~purekd.Step` (and with
+it a plain loop, the Hugging Face Trainer integration and the distillers) takes it in the
+models stage's place: ``Step(outputs=OnPolicyStage(config, models_stage(...)), loss=...)``;
+:func:`~purekd.make_step` does this when ``DistillationConfig.on_policy`` is set.
+
+The batch (a dict, as TRL's GKD collator gives it):
+
+* ``'prompts'`` ``(B, P)`` token ids, left-padded, and ``'prompt_attention_mask'`` ``(B, P)``
+  (all ones when absent) — required;
+* ``'input_ids'``, ``'attention_mask'`` and optionally ``'labels'``: the batch's own sequences,
+  used as they are on the off-policy batches (with probability ``1 - lmbda``); needed only when
+  ``lmbda < 1``.
+
+On an on-policy batch the sampling model (the student; the teacher with ``seq_kd``) draws a
+completion of every prompt (:func:`~purekd.stages.rollout`), and the models stage runs on the
+sampled sequences ``{'input_ids', 'attention_mask'}`` (plus ``'labels'`` — the sequence with
+``-100`` on prompt and padding — when the batch had labels); both models' outputs are then
+restricted to the completion rows (:func:`~purekd.stages.completion_rows`).
+
+The ``lmbda`` draws and the per-batch sampling seeds come from the stage's generator, held by
+``stage.state`` (a :class:`GeneratorState`, an ``nn.Module`` without parameters whose
+``state_dict`` is the generator's state). A :class:`~purekd.Step` built on the stage registers
+it (``step.outputs_state``), so the step's ``state_dict`` — which the runner saves and
+restores — resumes the same rollouts.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from purekd.configs import OnPolicyConfig
+from purekd.stages import (
+    IGNORE_INDEX,
+    Adapted,
+    HFGenerateSampler,
+    Rollout,
+    Sampler,
+    check_context,
+    check_prompts,
+    check_same_tokenizer,
+    completion_rows,
+    rollout,
+    share_equal_masks,
+)
+
+from ._models import ModelsStage, Outputs
+
+PROMPT_KEYS = ("prompts", "prompt_attention_mask")
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+_RANK_STRIDE = 0x9E3779B97F4A7C15
+"""Added to the sampling seed once per process rank: every rank takes the same ``lmbda``
+decision (one generator, one seed), but draws its own samples."""
+
+
+def _rank() -> int:
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        return int(distributed.get_rank())
+    return 0
+
+
+def _is_split(batch: Mapping[str, Any]) -> bool:
+    return "teacher" in batch or "student" in batch
+
+
+class GeneratorState(nn.Module):
+    """A ``torch.Generator`` as module state: ``state_dict()`` holds its state (a uint8 tensor,
+    ``_extra_state``), ``load_state_dict`` restores it."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def get_extra_state(self) -> Tensor:
+        return self.generator.get_state()
+
+    def set_extra_state(self, state: Any) -> None:
+        self.generator.set_state(torch.as_tensor(state, dtype=torch.uint8).cpu())
+
+
+class OnPolicyStage:
+    """``stage(batch, *, teacher_outputs=None, **args) -> Outputs`` on sampled completions.
+
+    ``config``: the :class:`~purekd.OnPolicyConfig`; ``models``: the
+    :class:`~purekd.combinators.ModelsStage` it feeds (its ``student`` is the stage's);
+    ``teacher``: the teacher model (it samples with ``seq_kd``; its context is checked);
+    ``sampler``: a :class:`~purekd.stages.Sampler` (default: :class:`~purekd.stages.HFGenerateSampler`
+    with the config's knobs); ``tokenizers``: ``(tokenizer_T, tokenizer_S)`` to check that both
+    models share one vocabulary.
+
+    ``stage.generator`` draws the ``lmbda`` decisions and the sampling seeds;
+    ``stage.empty_rollouts`` counts the on-policy batches that had no completion token; the last
+    rollout is kept in ``stage.last_rollout`` (for logging and tests).
+    """
+
+    def __init__(self, config: OnPolicyConfig, models: ModelsStage, *, teacher: Any = None,
+                 sampler: Sampler | None = None,
+                 tokenizers: Sequence[Any] | None = None):
+        if not isinstance(config, OnPolicyConfig):
+            raise TypeError(f"OnPolicyStage(config=...): expected a purekd.OnPolicyConfig, got "
+                            f"{type(config).__name__}")
+        if not isinstance(models, ModelsStage):
+            raise TypeError("OnPolicyStage(models=...): expected the models stage "
+                            f"(combinators.models_stage(...)), got {type(models).__name__}")
+        if config.seq_kd and teacher is None:
+            raise ValueError("OnPolicyConfig(seq_kd=True): the teacher samples, so give "
+                             "OnPolicyStage(teacher=model_T)")
+        if tokenizers is not None:
+            if len(tokenizers) != 2:
+                raise ValueError("OnPolicyStage(tokenizers=...): give (tokenizer_T, tokenizer_S)")
+            check_same_tokenizer(*tokenizers)
+        self.config = config
+        self._models = models
+        self._teacher = teacher
+        self.sampler: Sampler = sampler if sampler is not None else HFGenerateSampler(
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+            top_p=config.top_p, top_k=config.top_k, stop_token_ids=config.stop_token_ids,
+            pad_token_id=config.pad_token_id)
+        self.state = GeneratorState(config.seed)
+        self.empty_rollouts = 0
+        self.last_rollout: Rollout | None = None
+
+    # -- the step sees the stage as its models stage --------------------------------------
+    @property
+    def student(self) -> Any:
+        """The student (the models stage's)."""
+        return self._models.student
+
+    @property
+    def models(self) -> ModelsStage:
+        return self._models
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The generator of the ``lmbda`` draws and the sampling seeds (``state.generator``)."""
+        return self.state.generator
+
+    # -- one batch ---------------------------------------------------------------------------
+    def draw(self) -> tuple[bool, int]:
+        """``(on_policy, seed)`` for the next batch, from ``generator``: one uniform draw
+        compared with ``lmbda`` (the same on every process), then one sampling seed (both are
+        drawn every batch), offset by the process's rank under ``torch.distributed`` so that
+        ranks do not share their random draws."""
+        u = float(torch.rand((), generator=self.generator))
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+        return u < self.config.lmbda, (seed + _RANK_STRIDE * _rank()) % 2**62
+
+    def _pad_id(self, model: Any) -> int:
+        stops_and_pad = getattr(self.sampler, "stops_and_pad", None)
+        if stops_and_pad is not None:
+            return int(stops_and_pad(model)[1])
+        return self.config.pad_token_id if self.config.pad_token_id is not None else 0
+
+    def _check_batch(self, batch: Any) -> None:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"on-policy: a batch must be a dict with 'prompts' (and "
+                            f"'prompt_attention_mask'), got {type(batch).__name__}")
+        if "teacher_cache" in batch:
+            raise ValueError(
+                "on-policy: the batch carries a 'teacher_cache' (a top-k teacher cache), but "
+                "the teacher must score the newly sampled sequences, which no cache holds; "
+                "drop the cache (run the teacher), or train off-policy (on_policy=None)")
+        if _is_split(batch):
+            raise ValueError(
+                "on-policy: the batch has 'teacher'/'student' parts; on-policy distillation "
+                "feeds both models the same sampled token ids (one tokenizer), so give one "
+                "batch with 'prompts' for both")
+        if "prompts" not in batch:
+            raise ValueError(
+                f"on-policy: the batch has no 'prompts' (its keys: {sorted(batch)}); give the "
+                "prompts to sample from as 'prompts' (B, P) token ids, left-padded, with "
+                "'prompt_attention_mask' (B, P)")
+        unknown = sorted(set(batch) - set(PROMPT_KEYS) - set(SEQUENCE_KEYS))
+        if unknown:
+            raise ValueError(
+                f"on-policy: the batch has key(s) {unknown} that cannot follow the sampled "
+                f"sequences (the models see only {list(SEQUENCE_KEYS)} of them); drop them, or "
+                "pass constant model arguments to the step call (step(batch, **args))")
+        if self.config.lmbda < 1 and "input_ids" not in batch:
+            raise ValueError(
+                f"on-policy: OnPolicyConfig(lmbda={self.config.lmbda}) uses the batch's own "
+                "sequences on a share 1 - lmbda of the batches, but the batch has no "
+                "'input_ids'; give the full sequences ('input_ids', 'attention_mask', "
+                "'labels' with -100 on the prompt) beside 'prompts', or set lmbda=1.0")
+
+    def __call__(self, batch: Any, *, teacher_outputs: Adapted | None = None,
+                **args: Any) -> Outputs:
+        if teacher_outputs is not None:
+            raise ValueError("on-policy: teacher_outputs (cached teacher outputs) cannot score "
+                             "newly sampled sequences; leave teacher_outputs=None")
+        self._check_batch(batch)
+        on_policy, seed = self.draw()
+        if not on_policy:
+            return self._models({k: v for k, v in batch.items() if k not in PROMPT_KEYS},
+                                **args)
+        prompts: Tensor = batch["prompts"]
+        prompt_mask = batch.get("prompt_attention_mask")
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(prompts, dtype=torch.int64)
+        lengths = check_prompts(prompts, prompt_mask)
+        sampler_model = self._teacher if self.config.seq_kd else self.student
+        check_context(lengths, self.config.max_new_tokens,
+                      [("student", self.student)]
+                      + ([("teacher", self._teacher)] if self._teacher is not None else []))
+        pad = self._pad_id(sampler_model)
+        sampled = rollout(self.sampler, sampler_model, prompts, prompt_mask, seed=seed,
+                          pad_token_id=pad)
+        self.last_rollout = sampled
+        if int(sampled.completion_lengths.sum()) == 0:
+            self.empty_rollouts += 1
+            warnings.warn(
+                f"on-policy: the rollout has no completion token (every sample ended at once); "
+                f"this batch's KD loss is 0 ({self.empty_rollouts} such batch(es) so far)",
+                UserWarning, stacklevel=2)
+        inputs: dict[str, Tensor] = {"input_ids": sampled.input_ids,
+                                     "attention_mask": sampled.attention_mask}
+        if "labels" in batch:
+            inputs["labels"] = torch.where(sampled.completion_mask != 0, sampled.input_ids,
+                                           IGNORE_INDEX)
+        outputs = self._models(inputs, **args)
+        student = completion_rows(outputs.student, sampled, pad)
+        teacher = completion_rows(outputs.teacher, sampled, pad)
+        return Outputs(student, share_equal_masks(student, teacher))
+
+
+__all__ = ["GeneratorState", "OnPolicyStage"]
