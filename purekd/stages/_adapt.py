@@ -80,7 +80,7 @@ class Adapted(_AdaptedFields):
     * ``lm_hidden`` ``(*rows, H)``: the final hidden states, the output layer's input;
       ``lm_weight`` ``(V, H)`` and ``lm_bias`` ``(V,)`` (or ``None``): the output layer, so that
       ``logits = lm_hidden @ lm_weight.T + lm_bias``. The KD term then computes the loss with
-      :func:`~purekd.losses.fused_linear_kd`, never holding ``(rows, V)`` logits.
+      :func:`~purekd.losses.fused_linear_distill`, never holding ``(rows, V)`` logits.
     * ``topk_ids`` ``(*rows, k)`` int64 and ``topk_logprobs`` ``(*rows, k)``: a teacher's ``k``
       most likely tokens per row and their log-probabilities (log-softmax at temperature 1), e.g.
       from a top-k cache; ``topk_mask`` ``rows`` 0/1: the rows the teacher has (rows past a
