@@ -7,8 +7,8 @@ logits with the tokens they predict; ``rollout`` samples completions of prompts 
 ``vocabulary_map`` and ``CrossTokenizerCollator`` serve a teacher and a student with different
 tokenizers.
 
-Imports: only the leaf ``purekd._keys`` (the adaptor key names) besides torch
-(``tests/test_layers.py``).
+Imports: only the leaves ``purekd._keys`` (the adaptor key names) and ``purekd._sharded``
+(an FSDP2-sharded output layer gathered whole) besides torch (``tests/test_layers.py``).
 """
 
 from ._adapt import (
