@@ -13,7 +13,7 @@ LEAVES = {"_masked", "_compiling", "_keys", "_sharded"}
 ALLOWED = {
     "losses": LEAVES,
     "schedules": LEAVES,
-    "stages": LEAVES,
+    "stages": LEAVES | {"losses", "schedules", "_atomic"},  # _vocabulary caches maps on disk
     "terms": LEAVES | {"losses", "schedules", "stages", "terms"},
     "combinators": LEAVES | {"losses", "schedules", "stages", "terms", "presets", "configs"},
 }

@@ -7,8 +7,9 @@ logits with the tokens they predict; ``rollout`` samples completions of prompts 
 ``vocabulary_map`` and ``CrossTokenizerCollator`` serve a teacher and a student with different
 tokenizers.
 
-Imports: only the leaves ``purekd._keys`` (the adaptor key names) and ``purekd._sharded``
-(an FSDP2-sharded output layer gathered whole) besides torch (``tests/test_layers.py``).
+Imports: the layers above (``purekd.losses``: the aligned-span record the cross-tokenizer
+losses take), the leaf ``purekd._keys`` (the adaptor key names) and the leaf
+``purekd._sharded`` (an FSDP2-sharded output layer gathered whole) (``tests/test_layers.py``).
 """
 
 from ._adapt import (
