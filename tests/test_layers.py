@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parents[1] / "purekd"
-LEAVES = {"_masked", "_compiling", "_keys"}
+LEAVES = {"_masked", "_compiling", "_keys", "_sharded"}
 ALLOWED = {
     "losses": LEAVES,
     "schedules": LEAVES,

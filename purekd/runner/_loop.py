@@ -172,7 +172,8 @@ class Runner:
             "fp16", "bf16")}
         training.update(self.placement.fingerprint())
         return state.fingerprint(step=self.step, optimizer=optimizer, scheduler=scheduler,
-                                 plan=plan, training=training, extra=describe)
+                                 plan=plan, training=training,
+                                 extra=self.placement.fingerprint_parts(describe))
 
     @staticmethod
     def _claim_output_dir(output_dir: Path, overwrite: bool | None) -> None:

@@ -8,7 +8,8 @@ logits with the tokens they predict; ``rollout`` samples completions of prompts 
 tokenizers.
 
 Imports: the layers above (``purekd.losses``: the aligned-span record the cross-tokenizer
-losses take) and the leaf ``purekd._keys`` (the adaptor key names) (``tests/test_layers.py``).
+losses take), the leaf ``purekd._keys`` (the adaptor key names) and the leaf
+``purekd._sharded`` (an FSDP2-sharded output layer gathered whole) (``tests/test_layers.py``).
 """
 
 from ._adapt import (

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from purekd._keys import ADAPTOR_KEYS
+from purekd._sharded import whole
 
 Tensors = tuple[Tensor, ...]
 
@@ -156,6 +157,10 @@ def normalise(result: Any) -> Adapted:
         if value is not None and not isinstance(value, Tensor):
             raise AdaptorError(
                 f"adaptor key {key!r}: expected one tensor, got {type(value).__name__}")
+        # an output layer sharded by FSDP2, read after its forward: gathered whole (its gradient
+        # is reduce-scattered back to the shards, as FSDP2 does for the other parameters)
+        if value is not None and key in ("lm_weight", "lm_bias"):
+            value = whole(value)
         fields[key] = value
     adapted = Adapted(**fields)
     _check_language_model_keys(adapted)
