@@ -7,8 +7,8 @@ hand for a causal LM: the loader (:class:`._data.RankBatches`), the adaptors
 teacher), the ``DistillationConfig`` and, with ``loss.ce_weight``, the KD term that adds the
 text's cross-entropy in the same pass over the output layer, the optimizer and its schedule,
 the ``TrainingConfig`` — and runs ``GeneralDistiller.train`` with the models called with
-``output_hidden_states=True, logits_to_keep=1`` (no ``(rows, V)`` logits formed; under FSDP2
-the loss runs on the logits instead, see :func:`train_student`).
+``output_hidden_states=True, logits_to_keep=1`` (no ``(rows, V)`` logits formed, under FSDP2
+too: the sharded output layer is gathered for the fused pass).
 """
 
 from __future__ import annotations
@@ -197,20 +197,14 @@ def train_student(student: Any, rows: Rows, recipe: Recipe, output_dir: Path, *,
     total = train.steps if train.steps is not None else (
         len(loader) // train.accumulation * (train.epochs or 1))
     hidden = bool(recipe.loss.matches)
-    # the fused output layer, unless sharded: under FSDP2 the output layer's weight is a
-    # sharded DTensor outside the model's forward, which the fused loss cannot take yet, so
-    # the loss runs on the logits the model forms (gathered inside its forward)
-    fused = not train.fsdp
 
-    def adaptor(model: Any) -> Any:
-        head = model.get_output_embeddings() if fused else None
-        return hf_adaptor(causal=True, lm_head=head, labels_key="labels", hidden=hidden)
+    def adaptor(model: Any) -> Any:  # the fused output layer (gathered whole under FSDP2)
+        return hf_adaptor(causal=True, lm_head=model.get_output_embeddings(),
+                          labels_key="labels", hidden=hidden)
 
     adaptor_S = adaptor(student)
     adaptor_T = hf_adaptor(causal=True) if teacher is None else adaptor(teacher)
-    model_args: dict[str, Any] = {"output_hidden_states": True} if fused or hidden else {}
-    if fused:
-        model_args["logits_to_keep"] = 1
+    model_args: dict[str, Any] = {"output_hidden_states": True, "logits_to_keep": 1}
     distiller = purekd.GeneralDistiller(training_config(recipe, output_dir, total),
                                         distill_config(recipe), teacher, student, adaptor_T,
                                         adaptor_S,

@@ -135,9 +135,9 @@ def test_fsdp_on_two_gloo_ranks_writes_the_gathered_student(recipe_data, tmp_pat
                                                             monkeypatch):
     for key, value in _env().items():
         monkeypatch.setenv(key, value)
-    # under FSDP2 the loss runs on the logits, on one process through the fused output layer:
-    # equal to float noise, which Adam's first steps scale up to the learning rate (1.2e-5
-    # measured at lr 1e-2): a smaller one here
+    # both through the fused output layer (gathered whole under FSDP2): equal to float noise,
+    # which Adam's first steps scale up to the learning rate (1.2e-5 measured at lr 1e-2): a
+    # smaller one here
     one = _write(recipe_data, tmp_path / "one.yaml", train={"batch_size": 4, "steps": 2},
                  optimizer={"lr": 1e-3},
                  checkpoint={"output_dir": str(tmp_path / "one"), "every": 2,
