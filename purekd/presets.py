@@ -1,5 +1,9 @@
 """Name → function maps with TextBrewer's names, and :func:`register_new` to extend them.
 
+Part of the TextBrewer-compatible facade, but plain data on layers 1–2: it imports only the
+losses, the schedules and the projections (the adaptor key names live in the leaf
+``purekd._keys`` and are re-exported here), so the configs and ``make_step`` may read it.
+
 These are what configs refer to by name: ``kd_loss_type='ce'``, ``'loss': 'hidden_mse'``,
 ``'proj': ['linear', 384, 768]``, ``kd_loss_weight_scheduler='linear_decay'``,
 ``temperature_scheduler=['flsw', 1, 2]``. An unknown name raises a :class:`ValueError` that
@@ -317,22 +321,7 @@ def kd_loss_spec(value: Any, field: str = "kd_loss_type") -> tuple[str, dict[str
     _check_kd_parameters(name, params, value, field)
     return name, given
 
-MATCH_LOSS_MAP = PresetMap(
-    "intermediate match loss",
-    {
-        "attention_mse_sum": losses.attention_mse_sum,
-        "attention_mse": losses.attention_mse,
-        "attention_ce_mean": losses.attention_ce_mean,
-        "attention_ce": losses.attention_ce,
-        "hidden_mse": losses.hidden_mse,
-        "cos": losses.cos,
-        "pkd": losses.pkd,
-        "gram": losses.gram,
-        "fsp": losses.fsp,
-        "mmd": losses.mmd,
-        "nst": losses.nst,
-    },
-)
+MATCH_LOSS_MAP = PresetMap("intermediate match loss", losses.MATCH_LOSSES)
 """Intermediate-feature losses, each ``(feature_S, feature_T, mask=None) -> Tensor``."""
 
 PAIR_LOSSES: frozenset[str] = frozenset({"gram", "fsp", "mmd", "nst"})

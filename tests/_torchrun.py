@@ -12,16 +12,18 @@ _LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_
 
 
 def torchrun(script: Path | str, *args: str, launcher: tuple[str, ...] = (),
-             timeout: float = 240, stderr_tail: int = 3000) -> subprocess.CompletedProcess[str]:
-    """Run ``script args`` on 2 processes (``--standalone``, one OpenMP thread each, the
-    repository importable) and assert it succeeded, showing the tail of its output if not.
-    ``launcher``: further ``torchrun`` options (e.g. ``--max-restarts=1``)."""
+             timeout: float = 240, stderr_tail: int = 3000, processes: int = 2,
+             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``script args`` on ``processes`` processes (``--standalone``, one OpenMP thread
+    each, the repository importable) and assert it succeeded, showing the tail of its output if
+    not. ``launcher``: further ``torchrun`` options (e.g. ``--max-restarts=1``); ``cwd``: the
+    working directory (default: the repository)."""
     env = {key: value for key, value in os.environ.items() if key not in _LAUNCH_VARIABLES}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}", "--standalone",
          *launcher, str(script), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-stderr_tail:]
     return done

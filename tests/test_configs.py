@@ -414,3 +414,16 @@ def test_token_level_options_are_validated_at_construction(kwargs, error, fragme
         DistillationConfig(**kwargs)
     for fragment in fragments:
         assert fragment in str(info.value), (fragment, str(info.value))
+
+
+@pytest.mark.parametrize(("scheduler", "error", "fragment"), [
+    (["flsw", "x", 2], ValueError, "beta='x' must be a number"),
+    (["flsw", 1, float("nan")], ValueError, "gamma=nan must be a finite number"),
+    (["cwsm", float("inf")], ValueError, "beta=inf must be a finite number"),
+    (["cwsm", None], ValueError, "beta=None must be a number"),
+])
+def test_temperature_scheduler_arguments_fail_at_construction(scheduler, error, fragment) -> None:
+    """Issue 18 item 11: ``['flsw', 'x', 2]`` was accepted and failed (or trained) later."""
+    with pytest.raises(error) as info:
+        DistillationConfig(temperature_scheduler=scheduler)
+    assert "temperature_scheduler" in str(info.value) and fragment in str(info.value)

@@ -10,6 +10,10 @@
 * :func:`token_share`, :func:`token_normalised` — token-correct normalisation over micro-batches;
 * :func:`compiled` — the loss path under ``torch.compile``, with an eager fallback;
 * :class:`Step` — the assembled step; :func:`make_step` builds it from a config.
+
+Imports: stages and terms (3), schedules (2), losses (1); :func:`make_step` alone also reads a
+:class:`~purekd.DistillationConfig` and the :mod:`~purekd.presets` maps, facade data that
+themselves import only layers 1–2 (never the runner or the distillers).
 """
 
 from purekd._compiling import Compiled, compiled

@@ -1,4 +1,8 @@
-"""``make_step``: the step a TextBrewer configuration describes, built from the combinators."""
+"""``make_step``: the step a TextBrewer configuration describes, built from the combinators.
+
+The one combinator module that reads the facade's data — :mod:`purekd.configs` and
+:mod:`purekd.presets`, which import only layers 1–2 — to turn names into terms, once, when the
+step is built."""
 
 from __future__ import annotations
 

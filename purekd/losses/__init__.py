@@ -21,6 +21,10 @@ Sampled tokens (on-policy): :func:`sampled_reverse_kl` on per-token log-probabil
 Features: each ``(feature_S, feature_T, mask=None) -> 0-dim Tensor``.
 """
 
+from collections.abc import Callable
+
+from torch import Tensor
+
 from ._attention import attention_ce, attention_ce_mean, attention_mse, attention_mse_sum
 from ._chunked import kd_ce_chunked
 from ._family import (
@@ -54,7 +58,24 @@ from ._token_logprob import token_logprobs
 from ._topk import topk_jsd, topk_kl, topk_reverse_kl
 from ._uld import aligned_uld, sorted_l1, uld
 
+MATCH_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "attention_mse_sum": attention_mse_sum,
+    "attention_mse": attention_mse,
+    "attention_ce_mean": attention_ce_mean,
+    "attention_ce": attention_ce,
+    "hidden_mse": hidden_mse,
+    "cos": cos,
+    "pkd": pkd,
+    "gram": gram,
+    "fsp": fsp,
+    "mmd": mmd,
+    "nst": nst,
+}
+"""purekd's intermediate-feature losses by TextBrewer's names, each ``(feature_S, feature_T,
+mask=None) -> 0-dim`` (:data:`purekd.presets.MATCH_LOSS_MAP` starts from these)."""
+
 __all__ = [
+    "MATCH_LOSSES",
     "AlignedSpans",
     "DenseTeacher",
     "FusedLoss",

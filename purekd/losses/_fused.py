@@ -96,6 +96,50 @@ def _is_one(temperature: Temperature) -> bool:
     return not isinstance(temperature, Tensor) and float(temperature) == 1.0
 
 
+def _dense_teacher(teacher: DenseTeacher, loss: str | None, loss_args: dict[str, Any],
+                   hidden_S: Tensor, vocabulary: int, accumulate: torch.dtype,
+                   where: str) -> tuple[DenseTarget | TopkTarget, Teacher]:
+    """The block target and the teacher's side for a dense teacher, checked."""
+    _check_width(teacher.hidden, teacher.weight, "T", where)
+    _check_bias(teacher.bias, teacher.weight.size(0), "T", where)
+    if tuple(teacher.hidden.shape[:-1]) != tuple(hidden_S.shape[:-1]):
+        raise ValueError(f"{where}: hidden_S {tuple(hidden_S.shape)} and hidden_T "
+                         f"{tuple(teacher.hidden.shape)} have different rows (N); pass the "
+                         f"same tokens for both models")
+    target = DenseTarget(resolve(loss or "forward_kl", where, **loss_args))
+    with torch.no_grad():
+        weight = teacher.weight.detach()[:vocabulary].to(accumulate)
+        bias = None if teacher.bias is None else teacher.bias.detach()[:vocabulary].to(accumulate)
+    rows = teacher.hidden[..., 0].numel()
+    return target, Teacher("dense", (teacher.hidden.detach().reshape(rows, -1), weight, bias))
+
+
+def _topk_teacher(teacher: TopkTeacher, loss: str | None, loss_args: dict[str, Any],
+                  rows_shape: tuple[int, ...], vocabulary: int, weights: Tensor,
+                  temperature: Temperature, where: str) -> tuple[DenseTarget | TopkTarget, Teacher]:
+    """The block target and the teacher's side for a top-k teacher, checked."""
+    args = dict(loss_args)
+    tail = bool(args.pop("tail", False))
+    target = topk_target(loss or "topk_kl", tail, where, **args)
+    check_topk(teacher.ids, teacher.logprobs, rows_shape, vocabulary, weights, tail,
+               temperature, where)
+    rows, k = weights.numel(), teacher.ids.size(-1)
+    return target, Teacher("topk", (teacher.ids.detach().reshape(rows, k).long(),
+                                    teacher.logprobs.detach().reshape(rows, k)))
+
+
+def _flat_labels(labels: Tensor, rows: int, vocabulary: int, ignore_index: int,
+                 where: str) -> Tensor:
+    """``labels`` as ``(rows,)`` int64; ids outside the vocabulary raise (eagerly)."""
+    flat = labels.detach().reshape(rows).long()
+    if not torch.compiler.is_compiling():
+        valid = flat != ignore_index
+        if bool(((flat < 0) | (flat >= vocabulary))[valid].any()):
+            raise ValueError(f"{where}: labels hold ids outside [0, {vocabulary}) other than "
+                             f"ignore_index={ignore_index}")
+    return flat
+
+
 def fused_linear_distill(
     hidden_S: Tensor,
     weight_S: Tensor,
@@ -149,41 +193,18 @@ def fused_linear_distill(
     device = hidden_S.device
     weights = row_weights(mask, rows, accumulate, device)
     if isinstance(teacher, DenseTeacher):
-        _check_width(teacher.hidden, teacher.weight, "T", where)
-        _check_bias(teacher.bias, teacher.weight.size(0), "T", where)
-        if tuple(teacher.hidden.shape[:-1]) != rows_shape:
-            raise ValueError(f"{where}: hidden_S {tuple(hidden_S.shape)} and hidden_T "
-                             f"{tuple(teacher.hidden.shape)} have different rows (N); pass the "
-                             f"same tokens for both models")
         vocabulary = shared_vocabulary(weight_S.size(0), teacher.weight.size(0), shared_vocab,
                                        where, what="output layers")
-        target: DenseTarget | TopkTarget = DenseTarget(
-            resolve(loss or "forward_kl", where, **loss_args))
-        with torch.no_grad():
-            teacher_weight = teacher.weight.detach()[:vocabulary].to(accumulate)
-            teacher_bias = (None if teacher.bias is None
-                            else teacher.bias.detach()[:vocabulary].to(accumulate))
-        source = Teacher("dense", (teacher.hidden.detach().reshape(rows, -1), teacher_weight,
-                                   teacher_bias))
+        target, source = _dense_teacher(teacher, loss, loss_args, hidden_S, vocabulary,
+                                        accumulate, where)
     elif isinstance(teacher, TopkTeacher):
-        tail = bool(loss_args.pop("tail", False))
-        target = topk_target(loss or "topk_kl", tail, where, **loss_args)
-        check_topk(teacher.ids, teacher.logprobs, rows_shape, vocabulary, weights, tail,
-                   temperature, where)
-        k = teacher.ids.size(-1)
-        source = Teacher("topk", (teacher.ids.detach().reshape(rows, k).long(),
-                                  teacher.logprobs.detach().reshape(rows, k)))
+        target, source = _topk_teacher(teacher, loss, loss_args, rows_shape, vocabulary,
+                                       weights, temperature, where)
     else:
         raise TypeError(f"{where}: teacher must be a DenseTeacher(hidden, weight, bias) or a "
                         f"TopkTeacher(ids, logprobs), got {type(teacher).__name__}")
-    flat_labels = None
-    if labels is not None:
-        flat_labels = labels.detach().reshape(rows).long()
-        if not torch.compiler.is_compiling():
-            valid = flat_labels != ignore_index
-            if bool(((flat_labels < 0) | (flat_labels >= vocabulary))[valid].any()):
-                raise ValueError(f"{where}: labels hold ids outside [0, {vocabulary}) other "
-                                 f"than ignore_index={ignore_index}")
+    flat_labels = None if labels is None else _flat_labels(labels, rows, vocabulary,
+                                                           ignore_index, where)
     if vocabulary != weight_S.size(0):
         weight_S = weight_S[:vocabulary]
         bias_S = None if bias_S is None else bias_S[:vocabulary]

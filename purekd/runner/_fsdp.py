@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -192,6 +192,25 @@ def shard_models(step: nn.Module, student: nn.Module, options: FSDPConfig, *,
     return ShardedModels(mesh, student_blocks, tuple(teacher_blocks), tuple(hooks))
 
 
+def global_batches(describe: Mapping[str, Any] | None, world: int) -> dict[str, Any] | None:
+    """A run's fingerprint parts (``describe``) with each loader's ``batch_size`` (per process)
+    replaced by ``global_batch_size`` = ``batch_size * world``: what an FSDP run's sharded state
+    records, so that it resumes on another number of processes exactly when the global batch
+    is unchanged (and is refused, naming ``global_batch_size``, when it is not)."""
+    if describe is None:
+        return None
+
+    def globalise(info: Any) -> Any:
+        if isinstance(info, Mapping) and isinstance(info.get("batch_size"), int):
+            rest = {k: v for k, v in info.items() if k != "batch_size"}
+            return {**rest, "global_batch_size": info["batch_size"] * world}
+        if isinstance(info, Mapping) and "kind" not in info:  # loaders by task
+            return {k: globalise(v) for k, v in info.items()}
+        return info
+
+    return {k: (globalise(v) if k == "data" else v) for k, v in describe.items()}
+
+
 def rebind_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str],
                      module: nn.Module) -> None:
     """Point ``optimizer`` at ``module``'s parameters after sharding.
@@ -255,6 +274,7 @@ __all__ = [
     "block_modules",
     "device_mesh",
     "full_state_dict",
+    "global_batches",
     "hugging_face_block_names",
     "is_sharded",
     "local_numel",

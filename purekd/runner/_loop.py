@@ -172,7 +172,8 @@ class Runner:
             "fp16", "bf16")}
         training.update(self.placement.fingerprint())
         return state.fingerprint(step=self.step, optimizer=optimizer, scheduler=scheduler,
-                                 plan=plan, training=training, extra=describe)
+                                 plan=plan, training=training,
+                                 extra=self.placement.fingerprint_parts(describe))
 
     @staticmethod
     def _claim_output_dir(output_dir: Path, overwrite: bool | None) -> None:
@@ -330,9 +331,11 @@ class Runner:
                 torch.stack([g.detach().abs().sum() for g in grads]).sum().ne(0))):
             raise ValueError(
                 "no gradient reached the student's parameters in the first optimizer step "
-                "(all absent or exactly 0): "
-                "the loss does not depend on the student (its outputs detached or computed "
-                "under torch.no_grad(), or only frozen modules used). Nothing was updated")
+                "(all absent or exactly 0): either no tokens kept (every label -100 or every "
+                "logits_mask entry 0, so the KD loss is 0 — check the labels and the adaptor's "
+                "mask), or the loss does not depend on the student (its outputs detached or "
+                "computed under torch.no_grad(), or only frozen modules used). Nothing was "
+                "updated")
 
     def _optimizer_step(self, run: _Run) -> None:
         """Check, unscale, clip, step the optimizer and the scheduler, zero the gradients,
@@ -475,22 +478,28 @@ class Runner:
         if placement.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
         placement.clean(output_dir)  # what a write killed half-way left
-        placement.prepare(self.step, self.student, optimizer)  # before any state is loaded
-        saved, identity = self._open_run(optimizer, scheduler, plan, describe, options, output_dir)
-        memory = self._restore(saved, identity, optimizer, scheduler, precision)
-        source = make_source(memory.pass_log)
-        self.counters = self._resume_position(source, saved, memory.pass_log, output_dir)
-        metrics = MetricsLogger(output_dir, self.config.log_dir, enabled=placement.is_main,
-                                sinks=options.metric_sinks)
-        run = _Run(setup=self._setup(optimizer, scheduler, plan, precision),
-                   watch=_Watch(metrics=metrics, guard=placement.guard()), memory=memory,
-                   options=options)
-        if saved is None:
-            optimizer.zero_grad()
-        try:
+        metrics: MetricsLogger | None = None
+        try:  # from here on, a failure still closes the sinks and undoes the placement
+            placement.prepare(self.step, self.student, optimizer)  # before any state is loaded
+            saved, identity = self._open_run(optimizer, scheduler, plan, describe, options,
+                                             output_dir)
+            memory = self._restore(saved, identity, optimizer, scheduler, precision)
+            source = make_source(memory.pass_log)
+            self.counters = self._resume_position(source, saved, memory.pass_log, output_dir)
+            metrics = MetricsLogger(output_dir, self.config.log_dir, enabled=placement.is_main,
+                                    sinks=options.metric_sinks)
+            run = _Run(setup=self._setup(optimizer, scheduler, plan, precision),
+                       watch=_Watch(metrics=metrics, guard=placement.guard()), memory=memory,
+                       options=options)
+            if saved is None:
+                optimizer.zero_grad()
             self._loop(run, source)
         finally:
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
+            else:
+                for sink in options.metric_sinks:
+                    sink.close()
             placement.close()
         return self.counters
 

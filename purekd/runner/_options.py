@@ -125,6 +125,11 @@ class RunOptions:
         argument (``model_args``)."""
         names = {field.name for field in attrs.fields(cls)} - {"model_args"}
         options = {name: value for name, value in keywords.items() if name in names}
+        twice = sorted(set(options) & set(given))
+        if twice:
+            raise TypeError(f"train() got {twice[0]}= twice: this train() takes it under "
+                            "another name or position (MultiTaskDistiller.train: "
+                            "batch_postprocessors, a dict by task)")
         model_args = {name: value for name, value in keywords.items() if name not in names}
         return cls(**given, **options, model_args=model_args)
 

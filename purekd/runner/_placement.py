@@ -86,6 +86,11 @@ class Placement:
         """This placement's part of the run's fingerprint (the training options)."""
         return {}
 
+    def fingerprint_parts(self, describe: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """The run's other fingerprint parts (the configs, the data) as this placement records
+        them."""
+        return describe
+
     def read_state(self, resume_from: str | os.PathLike[str], current: Mapping[str, Any],
                    step: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                    extend: bool) -> dict[str, Any]:
@@ -195,6 +200,11 @@ class Sharded(Distributed):
     def fingerprint(self) -> dict[str, Any]:
         assert self.config.fsdp is not None
         return {"fsdp": self.config.fsdp.to_dict()}
+
+    def fingerprint_parts(self, describe: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        # the global batch, not the per-process one: a sharded state resumes on another
+        # number of processes with the same global batches
+        return fsdp.global_batches(describe, distributed.world_size())
 
     def read_state(self, resume_from: str | os.PathLike[str], current: Mapping[str, Any],
                    step: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,

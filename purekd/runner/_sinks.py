@@ -11,7 +11,7 @@ logs in batches: every ``log_every`` optimizer steps and at checkpoints).
 What one record holds (one record per micro-batch, ``step`` counting micro-batches from 0 as
 TextBrewer's TensorBoard scalars do):
 
-============== ================================================================================
+=============== ===============================================================================
 ``loss``        the total loss of the micro-batch (what was back-propagated, before scaling for
                 accumulation)
 ``<term>``      each unweighted term the step reports: ``kd_loss``, ``hard_label_loss``, each
@@ -20,9 +20,9 @@ TextBrewer's TensorBoard scalars do):
 ``tokens``      the micro-batch's kept tokens (token-normalised steps only)
 ``lr``          the learning rate of the optimizer's first group for this micro-batch's
                 optimizer step (``lr_1``, ``lr_2``, ... for the other groups, e.g. projections)
-``grad_norm``   the L2 norm of the student's (and projections') gradient at that optimizer step,
+``grad_norm``   the L2 norm of the student's gradient (what max_grad_norm clips) at that step,
                 after unscaling and before clipping; on the last micro-batch of the step only
-============== ================================================================================
+=============== ===============================================================================
 
 Four sinks ship with purekd: :class:`JsonlSink` (``output_dir/metrics.jsonl``, always on rank 0),
 :class:`TensorBoardSink` (``TrainingConfig.log_dir``; TextBrewer's tags), :class:`WandbSink`

@@ -22,9 +22,10 @@ run, :func:`restore` loads it into the run's objects.
 Under FSDP the same state is a directory ``gs{step}.state/`` written through
 ``torch.distributed.checkpoint`` (:mod:`._sharded_state`): :func:`write_sharded` splits it into
 the sharded part (the step and the optimizer, each rank its shards), what every rank shares and
-each rank's own (its random generators). :func:`read_sharded` checks the world size, then the
-run's fingerprint and the optimizer and scheduler, and only then loads the shards in place; it
-returns the rest in :func:`capture`'s layout for :func:`restore`.
+each rank's own (its random generators). :func:`read_sharded` verifies the files' checksums,
+checks the run's fingerprint and the optimizer and scheduler, and only then loads the shards in
+place (resharded when the world size differs); it returns the rest in :func:`capture`'s layout
+for :func:`restore`.
 """
 
 from __future__ import annotations
@@ -240,16 +241,17 @@ def read_sharded(resume_from: str | os.PathLike[str], current: Mapping[str, Any]
                  step: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Any, *, extend: bool = False) -> tuple[dict[str, Any], Path]:
     """Resume an FSDP run: the sharded state at ``resume_from`` (a ``gs{step}.state``
-    directory, or the latest complete one of the run in ``run.json``) is checked — world size,
-    fingerprint against ``current``, optimizer and scheduler — and then its shards are loaded
-    into ``step`` and ``optimizer`` in place. Returns the rest in :func:`capture`'s layout
+    directory, or the latest one of the run in ``run.json`` whose files verify) is checked —
+    checksums, fingerprint against ``current``, optimizer and scheduler — and then its shards
+    are loaded into ``step`` and ``optimizer`` in place (resharded when the world size
+    differs). Returns the rest in :func:`capture`'s layout
     (without ``step`` and ``optimizer``) and the path. Every rank must call it."""
     from . import _sharded_state as sharded
 
     root = Path(resume_from)
     owner = read_run_file(root) if root.is_dir() else None
-    path = sharded.latest_sharded_state(root, owner["id"] if owner is not None else None)
-    shared, own = sharded.load_sharded_extras(path)
+    path, marker = sharded.choose_state(root, owner["id"] if owner is not None else None)
+    shared, own = sharded.load_sharded_extras(path, marker)
     saved = {**shared, **own}
     if saved.get("version") != STATE_VERSION:
         raise StateError(f"{path}: not a purekd state of version {STATE_VERSION}")

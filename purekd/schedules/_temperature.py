@@ -11,6 +11,7 @@ Supervision" (arXiv:1911.07471).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -34,6 +35,17 @@ def constant(
     return base_temperature
 
 
+def _check_number(schedule: str, name: str, value: object, positive: bool = False) -> None:
+    """A schedule's parameter: a finite real number (``positive``: > 0), checked when the
+    schedule is built, so a config with ``['flsw', 'x', 2]`` fails at construction."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{schedule}: {name}={value!r} must be a number, e.g. "
+                        f"['flsw', 1.0, 2.0] or ['cwsm', 1.0]")
+    if not math.isfinite(value) or (positive and not value > 0):
+        raise ValueError(f"{schedule}: {name}={value!r} must be a finite number"
+                         f"{' > 0' if positive else ''}")
+
+
 def flsw(beta: float, gamma: float, eps: float = 1e-4) -> TemperatureSchedule:
     r"""Focal-loss-style weighted temperature.
 
@@ -45,8 +57,12 @@ def flsw(beta: float, gamma: float, eps: float = 1e-4) -> TemperatureSchedule:
         \tau_r = \tau_0 + \beta\,(\bar w - w_r)
 
     where :math:`\bar w` is the mean of :math:`w` over the (unmasked) rows. Rows on which the
-    student already agrees with the teacher get a higher temperature.
+    student already agrees with the teacher get a higher temperature. ``beta``, ``gamma`` and
+    ``eps`` are finite real numbers (``eps`` > 0); anything else raises at once.
     """
+    _check_number("flsw", "beta", beta)
+    _check_number("flsw", "gamma", gamma)
+    _check_number("flsw", "eps", eps, positive=True)
 
     def flsw_schedule(
         logits_S: Tensor, logits_T: Tensor, base_temperature: float, mask: Tensor | None = None
@@ -70,7 +86,10 @@ def cwsm(beta: float) -> TemperatureSchedule:
 
         w_r = \frac{1}{\max_c \operatorname{softmax}(z^S_r)_c + 10^{-3}},\quad
         \tau_r = \tau_0 + \beta\,(\bar w - w_r)
+
+    ``beta`` is a finite real number; anything else raises at once.
     """
+    _check_number("cwsm", "beta", beta)
 
     def cwsm_schedule(
         logits_S: Tensor, logits_T: Tensor, base_temperature: float, mask: Tensor | None = None

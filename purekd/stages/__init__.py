@@ -6,6 +6,10 @@ logits with the tokens they predict; ``rollout`` samples completions of prompts 
 :class:`Sampler`, e.g. :class:`HFGenerateSampler`) for on-policy distillation; ``align_spans``,
 ``vocabulary_map`` and ``CrossTokenizerCollator`` serve a teacher and a student with different
 tokenizers.
+
+Imports: the layers above (``purekd.losses``: the aligned-span record the cross-tokenizer
+losses take), the leaf ``purekd._keys`` (the adaptor key names) and the leaf
+``purekd._sharded`` (an FSDP2-sharded output layer gathered whole) (``tests/test_layers.py``).
 """
 
 from ._adapt import (

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from purekd._keys import ADAPTOR_KEYS
+from purekd._sharded import whole
 
 Tensors = tuple[Tensor, ...]
 
@@ -80,7 +81,7 @@ class Adapted(_AdaptedFields):
     * ``lm_hidden`` ``(*rows, H)``: the final hidden states, the output layer's input;
       ``lm_weight`` ``(V, H)`` and ``lm_bias`` ``(V,)`` (or ``None``): the output layer, so that
       ``logits = lm_hidden @ lm_weight.T + lm_bias``. The KD term then computes the loss with
-      :func:`~purekd.losses.fused_linear_kd`, never holding ``(rows, V)`` logits.
+      :func:`~purekd.losses.fused_linear_distill`, never holding ``(rows, V)`` logits.
     * ``topk_ids`` ``(*rows, k)`` int64 and ``topk_logprobs`` ``(*rows, k)``: a teacher's ``k``
       most likely tokens per row and their log-probabilities (log-softmax at temperature 1), e.g.
       from a top-k cache; ``topk_mask`` ``rows`` 0/1: the rows the teacher has (rows past a
@@ -161,6 +162,10 @@ def normalise(result: Any) -> Adapted:
         if value is not None and not isinstance(value, Tensor):
             raise AdaptorError(
                 f"adaptor key {key!r}: expected one tensor, got {type(value).__name__}")
+        # an output layer sharded by FSDP2, read after its forward: gathered whole (its gradient
+        # is reduce-scattered back to the shards, as FSDP2 does for the other parameters)
+        if value is not None and key in ("lm_weight", "lm_bias"):
+            value = whole(value)
         fields[key] = value
     adapted = Adapted(**fields)
     _check_language_model_keys(adapted)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset, default_collate
 
 from ._reader import CachedSample, TeacherCache
@@ -146,7 +147,16 @@ class CachedCollate:
     ``student_collate`` (default ``torch.utils.data.default_collate``; give one that pads for
     token sequences of different lengths), the cache with :func:`pad_teacher_cache` to the
     student batch's length (``tokens(batch).shape[-1]``; the longest sample when ``tokens``
-    finds none)."""
+    finds none).
+
+    The cache's rows are right-aligned (row ``t`` is position ``t`` of the sample), so the
+    student's batch must be too: each batch is checked — row ``b`` of the student's
+    ``attention_mask`` (when the batch has one) must be ones exactly on the sample's ``n_b``
+    cached rows, and ``tokens(batch)[b, :n_b]`` must be the sample's tokens (the cached ones, or
+    the item's own). A batch padded on the left (``tokenizer.padding_side = 'left'``) is a
+    ``ValueError``: it would be scored against the wrong rows. The check is ``O(B × L)``
+    integer comparisons a batch.
+    """
 
     def __init__(self, student_collate: Callable[[list[Any]], Any] | None = None,
                  tokens: Callable[[Any], Tensor | None] = default_tokens):
@@ -161,8 +171,48 @@ class CachedCollate:
         student = self.student_collate([item[STUDENT] for item in items])
         tokens = self.tokens(student)
         length = int(tokens.shape[-1]) if tokens is not None and tokens.dim() >= 2 else None
-        return {STUDENT: student, TEACHER: student,
-                TEACHER_CACHE: pad_teacher_cache([item[TEACHER_CACHE] for item in items], length)}
+        cached = [item[TEACHER_CACHE] for item in items]
+        teacher_cache = pad_teacher_cache(cached, length)
+        self._check_alignment(student, tokens, items, teacher_cache["topk_mask"])
+        return {STUDENT: student, TEACHER: student, TEACHER_CACHE: teacher_cache}
+
+    def _check_alignment(self, student: Any, tokens: Tensor | None,
+                         items: list[Mapping[str, Any]], cached_mask: Tensor) -> None:
+        """Refuse a student batch whose samples do not start at position 0 (left padding)."""
+        rows, length = cached_mask.shape
+        hint = ("the cache's rows are right-aligned (row t is position t of the sample), so a "
+                "batch padded on the left would be scored against the wrong rows: pad the "
+                "student's batch on the right (tokenizer.padding_side = 'right')")
+        mask = student.get("attention_mask") if isinstance(student, Mapping) else None
+        if isinstance(mask, Tensor) and tuple(mask.shape) == (rows, length):
+            differs = ((mask != 0).cpu() != (cached_mask != 0)).any(-1)
+            if bool(differs.any()):
+                row = int(differs.nonzero()[0, 0])
+                raise ValueError(
+                    f"CachedCollate: row {row} of the student's batch has attention_mask "
+                    f"{mask[row].int().tolist()} but its sample's {int(cached_mask[row].sum())} "
+                    f"cached rows are positions 0..{int(cached_mask[row].sum()) - 1}: the batch "
+                    f"looks padded on the left; {hint}")
+        if tokens is None or tokens.dim() < 2 or tokens.shape[0] != rows:
+            return
+        references = []
+        for item in items:
+            sample: CachedSample = item[TEACHER_CACHE]
+            reference = sample.tokens if sample.tokens is not None else self.tokens(item[STUDENT])
+            if reference is None:
+                return  # nothing to compare with
+            references.append(reference.reshape(-1)[:len(sample.topk_ids)].to(torch.int64))
+        expected = pad_sequence(references, batch_first=True, padding_value=-1).cpu()
+        mine = tokens.reshape(rows, -1)[:, :expected.shape[1]].cpu().to(torch.int64)
+        differs = ((mine != expected) & (cached_mask[:, :expected.shape[1]] != 0)).any(-1)
+        if bool(differs.any()):
+            row = int(differs.nonzero()[0, 0])
+            n = len(references[row])
+            raise ValueError(
+                f"CachedCollate: row {row} of the student's batch does not hold its sample's "
+                f"{n} tokens at positions 0..{n - 1} (it has {mine[row, :8].tolist()}…, the "
+                f"sample {references[row][:8].tolist()}…): the batch looks padded on the left "
+                f"(or its collate changed the tokens); {hint}")
 
 
 __all__ = ["CachedCollate", "CachedTeacherDataset", "WithSampleIds", "pad_teacher_cache"]

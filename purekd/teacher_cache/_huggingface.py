@@ -82,59 +82,106 @@ class TokenSamples(Dataset):
         return {"input_ids": self.tokens[index]}
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_ids(value: Any, where: str, vocab_size: int | None) -> list[int]:
+    """A record's ``input_ids``: a non-empty JSON list of integers in the vocabulary."""
+    limit = f"integers in 0..{vocab_size - 1}" if vocab_size is not None else "integers >= 0"
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: 'input_ids' must be a list of token ids ({limit}), got "
+                         f"{value!r} ({type(value).__name__})")
+    for position, token in enumerate(value):
+        if not (_is_int(token) and token >= 0 and (vocab_size is None or token < vocab_size)):
+            raise ValueError(f"{where}: 'input_ids' must be a list of token ids ({limit}); item "
+                             f"{position} is {token!r} ({type(token).__name__})")
+    return list(value)
+
+
 def read_samples(path: str | os.PathLike[str], tokenizer: Any, *, max_length: int | None = None,
-                 text_key: str = "text", limit: int | None = None) -> TokenSamples:
-    """Samples of a text file (one per non-empty line; id = line number from 0) or a JSON-lines
-    file (one object a line: ``text_key`` text, or ``input_ids`` tokens; id = its integer
-    ``'id'`` if it has one, else the line number), tokenised and cut to ``max_length``."""
+                 text_key: str = "text", limit: int | None = None,
+                 vocab_size: int | None = None) -> TokenSamples:
+    """Samples of a data file, tokenised and cut to ``max_length``; every problem is a
+    ``ValueError`` naming the file, the line and the field.
+
+    * A text file (any suffix but ``.jsonl`` / ``.json``): one sample per non-empty line, its id
+      the line number from 0.
+    * A JSON-lines file: one object a line with the text under ``text_key`` or already tokenised
+      ``input_ids`` (a list of integers, in ``0 .. vocab_size - 1`` when ``vocab_size`` is given).
+      Ids: either every record has an ``"id"`` — a JSON integer that fits in 64 bits (no
+      strings, no floats, no booleans: map other ids to integers first) — or none has, and the
+      id is the line number from 0. Ids must be distinct (a repeat names both lines).
+    """
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--data {str(file)!r}: no such file")
     jsonl = file.suffix in (".jsonl", ".json")
     ids: list[int] = []
+    lines: dict[int, int] = {}  # id -> line (from 1)
     texts: list[str] = []
     token_lists: list[list[int] | None] = []
+    first_record: tuple[int, bool] | None = None  # (line, has an id)
     with open(file, encoding="utf-8") as handle:
         for number, line in enumerate(handle):
             if limit is not None and len(ids) >= limit:
                 break
             if not line.strip():
                 continue
+            where = f"{file}:{number + 1}"
+            sample_id = number
+            given: list[int] | None = None
+            text = ""
             if not jsonl:
-                ids.append(number)
-                texts.append(line.rstrip("\n"))
-                token_lists.append(None)
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{file}:{number + 1}: not JSON ({error})") from error
-            sample_id = record.get("id", number) if isinstance(record, dict) else number
-            if not isinstance(sample_id, int) or isinstance(sample_id, bool):
-                sample_id = number
-            if isinstance(record, dict) and "input_ids" in record:
-                ids.append(sample_id)
-                texts.append("")
-                token_lists.append([int(t) for t in record["input_ids"]])
-            elif isinstance(record, dict) and isinstance(record.get(text_key), str):
-                ids.append(sample_id)
-                texts.append(record[text_key])
-                token_lists.append(None)
+                text = line.rstrip("\n")
             else:
-                raise ValueError(f"{file}:{number + 1}: expected an object with {text_key!r} "
-                                 "(text) or 'input_ids' (tokens); pass --text-key for another "
-                                 "field")
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{where}: not JSON ({error})") from error
+                if not isinstance(record, dict):
+                    raise ValueError(f"{where}: expected an object with {text_key!r} (text) or "
+                                     f"'input_ids' (tokens), got a {type(record).__name__}")
+                has_id = "id" in record
+                if first_record is None:
+                    first_record = (number + 1, has_id)
+                elif has_id != first_record[1]:
+                    raise ValueError(
+                        f"{where}: {'an' if has_id else 'no'} 'id', but line {first_record[0]} "
+                        f"has {'none' if has_id else 'one'}: give every record an 'id' or none "
+                        "(then the ids are the line numbers)")
+                if has_id:
+                    sample_id = record["id"]
+                    if not _is_int(sample_id):
+                        raise ValueError(
+                            f"{where}: 'id' must be an integer, got {sample_id!r} "
+                            f"({type(sample_id).__name__}); map other ids to integers first "
+                            "(e.g. keep your ids in another field and number the records)")
+                    if not -2**63 <= sample_id < 2**63:
+                        raise ValueError(f"{where}: 'id' {sample_id} does not fit in 64 bits")
+                if "input_ids" in record:
+                    given = _token_ids(record["input_ids"], where, vocab_size)
+                elif isinstance(record.get(text_key), str):
+                    text = record[text_key]
+                else:
+                    raise ValueError(f"{where}: expected an object with {text_key!r} (text) or "
+                                     "'input_ids' (tokens); pass --text-key for another field")
+            if sample_id in lines:
+                raise ValueError(f"{where}: sample id {sample_id} repeats line "
+                                 f"{lines[sample_id]}: every sample needs its own id")
+            lines[sample_id] = number + 1
+            ids.append(sample_id)
+            texts.append(text)
+            token_lists.append(given)
     if not ids:
         raise ValueError(f"--data {str(file)!r}: no samples")
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"--data {str(file)!r}: repeated sample ids")
     tokens = []
-    for text, given in zip(texts, token_lists, strict=True):
+    for sample_id, text, given in zip(ids, texts, token_lists, strict=True):
         sequence = given if given is not None else tokenizer(text)["input_ids"]
         if max_length is not None:
             sequence = sequence[:max_length]
         if not sequence:
-            raise ValueError(f"--data {str(file)!r}: a sample has no tokens")
+            raise ValueError(f"{file}:{lines[sample_id]}: no tokens (sample id {sample_id})")
         tokens.append(torch.tensor(sequence, dtype=torch.long))
     return TokenSamples(ids, tokens)
 
@@ -191,8 +238,10 @@ def run_cache_teacher(args: Any) -> int:
         return 2
     loaded = time.perf_counter()
     try:
+        lm: Any = model
+        vocab = int(lm.get_output_embeddings().weight.shape[0])
         samples = read_samples(args.data, tokenizer, max_length=args.max_length,
-                               text_key=args.text_key, limit=args.limit)
+                               text_key=args.text_key, limit=args.limit, vocab_size=vocab)
     except (OSError, ValueError) as error:
         print(f"purekd cache-teacher: {error}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _format as fmt
+from . import _validate as check
 from ._fingerprint import fingerprint_model, fingerprint_tokenizer
 
 
@@ -35,11 +36,22 @@ class CachedSample(NamedTuple):
 class TeacherCache:
     """A finished cache, opened for random access by sample id.
 
-    Checked at opening, each failure a :class:`CacheError` (a ``ValueError``) saying what to do:
-    the manifest's format; ``vocab_size`` (the student's vocabulary) and ``k`` when given;
-    ``tokenizer`` (a tokenizer, vocabulary or fingerprint) and ``teacher`` (a module or
-    fingerprint) against the fingerprints the writer recorded; and, with ``verify=True``, the
-    sha256 of the index and of every shard (the failing shard is named).
+    Checked at opening, each failure a :class:`CacheError` (a ``ValueError``) naming the file
+    and the field, and saying what to do:
+
+    * always (cheap: the manifest, the ``.npy`` headers and the index, no record read): the
+      manifest's format, version and every field it uses (types, ``k <= vocab_size``, the record
+      layout); shard names that are plain names inside the folder (no path, no link leading
+      out); every file's header (no object dtype: nothing is unpickled) and size against that
+      header before any memory map; ``index.npy`` with vectorised checks (ids strictly
+      increasing, shards that exist, row ranges inside their shard and not shared);
+    * ``vocab_size`` (the student's vocabulary) and ``k`` when given; ``tokenizer`` (a tokenizer,
+      vocabulary or fingerprint) and ``teacher`` (a module or fingerprint) against the
+      fingerprints the writer recorded;
+    * with ``verify=True`` (reads every byte): the sha256 of the index and of every shard (the
+      failing shard is named), then what the checksums cannot prove since they sit in the same
+      manifest: ``index.npy`` equals the index the shards' own indexes give, and every record's
+      ids and tokens are in the vocabulary and its log-probabilities ``<= 0`` (not NaN).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, vocab_size: int | None = None,
@@ -55,19 +67,18 @@ class TeacherCache:
                          "`purekd cache-teacher`")
             raise fmt.CacheError(f"{self.path}: no {fmt.MANIFEST}, so not a finished teacher "
                                  f"cache; {hint}")
-        try:
-            manifest = fmt.load_json(manifest_path)
-        except ValueError as error:
-            raise fmt.CacheError(f"{manifest_path}: not valid JSON ({error})") from error
+        self.root = self.path.resolve()
+        manifest = check.load_json_object(check.inside(self.root, manifest_path))
         if manifest.get("format") != fmt.FORMAT or manifest.get("version") != fmt.VERSION:
             raise fmt.CacheError(f"{manifest_path}: not a {fmt.FORMAT} manifest of version "
                                  f"{fmt.VERSION} (format {manifest.get('format')!r}, version "
                                  f"{manifest.get('version')!r})")
+        settings = check.check_manifest(manifest_path, manifest)
         self.manifest = manifest
-        self.k: int = manifest["k"]
-        self.vocab_size: int = manifest["vocab_size"]
-        self.values: str = manifest["values"]
-        self.with_tokens: bool = manifest["with_tokens"]
+        self.k: int = settings.k
+        self.vocab_size: int = settings.vocab_size
+        self.values: str = settings.values
+        self.with_tokens: bool = settings.with_tokens
         if vocab_size is not None and vocab_size != self.vocab_size:
             raise fmt.CacheError(
                 f"vocab_size={vocab_size} but the cache at {self.path} was written for a "
@@ -87,9 +98,9 @@ class TeacherCache:
             if recorded != expected:
                 raise fmt.CacheError(
                     f"tokenizer fingerprint mismatch: the cache at {self.path} was written with "
-                    f"tokenizer {recorded[:16]}…, this one is {expected[:16]}…; the cached ids "
-                    "would mean other tokens. Use the tokenizer the cache was written with, or "
-                    "write a new cache")
+                    f"tokenizer {str(recorded)[:16]}…, this one is {expected[:16]}…; the cached "
+                    "ids would mean other tokens. Use the tokenizer the cache was written with, "
+                    "or write a new cache")
         if teacher is not None:
             expected = teacher if isinstance(teacher, str) else fingerprint_model(teacher)
             recorded = manifest.get("teacher_fingerprint")
@@ -97,24 +108,63 @@ class TeacherCache:
                 raise fmt.CacheError(
                     f"teacher fingerprint mismatch: the cache at {self.path} was written by "
                     f"teacher {str(recorded)[:16]}…, the given one is {expected[:16]}…")
-        self.dtype = fmt.record_dtype(self.k, self.vocab_size, self.values, self.with_tokens)
-        self.shards: list[dict[str, Any]] = list(manifest["shards"])
-        if verify:
-            self.verify()
-        self.index = np.load(self.path / fmt.INDEX)
-        if self.index.ndim != 2 or self.index.shape[1] != 4:
-            raise fmt.CacheError(f"{self.path / fmt.INDEX}: expected (samples, 4) rows")
+        self.dtype = settings.dtype
+        self.shards: list[dict[str, Any]] = settings.shards
         self._maps: dict[int, np.ndarray] = {}
+        for path, _, _ in self._files():  # no file the manifest names is read outside the folder
+            check.inside(self.root, path)
+        if verify:
+            self.verify(structure=False)
+        self._rows_headers = [self._rows_header(number) for number in range(len(self.shards))]
+        index_path = self.path / fmt.INDEX
+        self.index = check.read_int64_table(index_path, "the index", 4,
+                                            "[sample id, shard, first row, length]")
+        check.check_index(index_path, self.index,
+                          [header.shape[0] for header in self._rows_headers],
+                          [shard["name"] for shard in self.shards])
+        if settings.samples != len(self.index):
+            raise fmt.CacheError(f"{manifest_path}: samples={settings.samples} but {fmt.INDEX} "
+                                 f"holds {len(self.index)}")
+        tokens = int(self.index[:, 3].sum())
+        if settings.tokens != tokens:
+            raise fmt.CacheError(f"{manifest_path}: tokens={settings.tokens} but {fmt.INDEX}'s "
+                                 f"lengths sum to {tokens} rows")
+        if verify:
+            self._verify_structure()
 
-    def verify(self) -> None:
-        """Check the sha256 of the index and every shard file; raise naming the first bad one."""
-        checks = [(self.path / fmt.INDEX, self.manifest["index_sha256"], "the index")]
+    def _files(self) -> list[tuple[Path, str, str]]:
+        """Every file of the cache: its path, its sha256 in the manifest and what it is."""
+        files = [(self.path / fmt.INDEX, self.manifest["index_sha256"], "the index")]
         for shard in self.shards:
-            for suffix in ("rows", "index"):
-                checks.append((self.path / f"{shard['name']}.{suffix}.npy",
-                               shard["sha256"][suffix], f"shard {shard['name']}"))
-        for path, expected, what in checks:
-            if not path.exists():
+            files += [(self.path / f"{shard['name']}.{suffix}.npy", shard["sha256"][suffix],
+                       f"shard {shard['name']}") for suffix in ("rows", "index")]
+        return files
+
+    def _rows_header(self, number: int) -> check.Header:
+        """Shard ``number``'s records file: the manifest's record layout, one dimension, its size
+        on disk, as many records as the manifest says — checked before any memory map."""
+        shard = self.shards[number]
+        path = self.path / f"{shard['name']}.rows.npy"
+        header = check.read_header(path, f"shard {shard['name']}")
+        if header.dtype != self.dtype:
+            raise fmt.CacheError(
+                f"{path.name}: records of dtype {header.dtype}, but the manifest (k={self.k}, "
+                f"vocab_size={self.vocab_size}, values={self.values!r}, with_tokens="
+                f"{self.with_tokens}) says {self.dtype}")
+        if len(header.shape) != 1:
+            raise fmt.CacheError(f"{path.name}: shape {header.shape}, expected (records,)")
+        check.require_size(path, header)
+        if header.shape[0] != shard["tokens"]:
+            raise fmt.CacheError(f"{path.name}: {header.shape[0]} records, but "
+                                 f"{fmt.MANIFEST}: shards[{number}].tokens says {shard['tokens']}")
+        return header
+
+    def verify(self, structure: bool = True) -> None:
+        """Check the sha256 of the index and every shard file; raise naming the first bad one.
+        With ``structure`` (the default when called by hand) also what :meth:`_verify_structure`
+        checks."""
+        for path, expected, what in self._files():
+            if not check.inside(self.root, path).exists():
                 raise fmt.CacheError(f"{what} is missing: {path} does not exist; the cache is "
                                      "incomplete (copy the whole folder, or write it again)")
             if fmt.sha256(path) != expected:
@@ -122,6 +172,39 @@ class TeacherCache:
                     f"{what} fails its checksum: {path.name} is not the file the writer wrote "
                     "(corrupted or replaced); delete manifest.json and run the writer again "
                     "with the same arguments: it rewrites the shards that fail their checksum")
+        if structure:
+            self._verify_structure()
+
+    def _verify_structure(self) -> None:
+        """What the checksums cannot prove (they sit in the same manifest): each shard's own
+        index agrees with the manifest and its records file, ``index.npy`` is the one those
+        indexes give, and every record's values are in range (ids and tokens in the
+        vocabulary, log-probabilities ``<= 0`` and not NaN)."""
+        pieces = []
+        for number, shard in enumerate(self.shards):
+            path = self.path / f"{shard['name']}.index.npy"
+            index = check.read_int64_table(path, f"shard {shard['name']}", 2,
+                                           "[sample id, length]")
+            if len(index) != shard["samples"]:
+                raise fmt.CacheError(f"{path.name}: {len(index)} samples, but {fmt.MANIFEST}: "
+                                     f"shards[{number}].samples says {shard['samples']}")
+            if (index[:, 1] < 0).any() or int(index[:, 1].sum()) != shard["tokens"]:
+                raise fmt.CacheError(f"{path.name}: lengths that do not sum to the shard's "
+                                     f"{shard['tokens']} records")
+            pieces.append(index)
+        merged, _ = check.merge_shard_indexes(pieces)
+        if merged.shape != self.index.shape or not np.array_equal(merged, self.index):
+            if len(merged) != len(self.index):
+                raise fmt.CacheError(f"{fmt.INDEX} holds {len(self.index)} samples, the shards' "
+                                     f"own indexes give {len(merged)}")
+            r = int(np.flatnonzero((merged != self.index).any(1))[0])
+            raise fmt.CacheError(
+                f"{fmt.INDEX}: row {r} (sample id {int(self.index[r, 0])}) is "
+                f"{self.index[r].tolist()}, the shards' own indexes give {merged[r].tolist()}; "
+                "the index is corrupted: write the cache again")
+        for number in range(len(self.shards)):
+            path = self.path / f"{self.shards[number]['name']}.rows.npy"
+            check.check_records(path, self._shard(number), self.vocab_size, self.values)
 
     # -- lookup ----------------------------------------------------------------------------
 
@@ -184,11 +267,11 @@ class TeacherCache:
     def _shard(self, number: int) -> np.ndarray:
         rows = self._maps.get(number)
         if rows is None:
+            header = self._rows_headers[number]  # checked at opening: layout and size
             path = self.path / f"{self.shards[number]['name']}.rows.npy"
-            rows = np.load(path, mmap_mode="r")
-            if rows.dtype != self.dtype:
-                raise fmt.CacheError(f"{path.name}: records of dtype {rows.dtype}, the manifest "
-                                     f"says {self.dtype}")
+            rows = (np.memmap(path, dtype=header.dtype, mode="r", offset=header.offset,
+                              shape=header.shape) if header.shape[0]
+                    else np.zeros(0, dtype=header.dtype))
             self._maps[number] = rows
         return rows
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import time
+from array import array
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,6 +31,7 @@ from purekd._devices import move_to_device
 from purekd.stages import adapt, forward
 
 from . import _format as fmt
+from . import _validate as check
 from ._fingerprint import fingerprint_model, fingerprint_tokenizer
 
 Adaptor = Callable[[Any, Any], Any]
@@ -79,6 +82,9 @@ def _as_ids(value: Any, batch_size: int | None = None) -> list[int]:
         raise TypeError(f"sample ids: expected a tensor or a list of ints, got {type(value).__name__}")
     if batch_size is not None and len(ids) != batch_size:
         raise ValueError(f"the batch has {batch_size} rows but {len(ids)} sample ids")
+    for v in ids:
+        if not -2**63 <= v < 2**63:
+            raise ValueError(f"sample id {v} does not fit in 64 bits (the cache stores int64 ids)")
     return ids
 
 
@@ -143,6 +149,22 @@ def check_settings(out: Path, old: Mapping[str, Any], new: Mapping[str, Any]) ->
                              "resume with the same settings, or write to a new folder")
 
 
+def read_progress(path: Path) -> dict[str, Any]:
+    """A rank's progress file, checked: format, version, settings and shard list (plain shard
+    names inside the folder, checksums, counts)."""
+    saved = check.load_json_object(path)
+    if saved.get("format") != fmt.FORMAT or saved.get("version") != fmt.VERSION:
+        raise fmt.CacheError(f"{path}: not a {fmt.FORMAT} progress file of version {fmt.VERSION} "
+                             f"(format {saved.get('format')!r}, version {saved.get('version')!r})"
+                             ": write to a new folder")
+    if not isinstance(saved.get("config"), dict):
+        raise fmt.CacheError(f"{path}: no 'config' object")
+    if not isinstance(saved.get("finished"), bool):
+        raise fmt.CacheError(f"{path}: finished={saved.get('finished')!r} is not true or false")
+    check.check_shards(path, saved.get("shards"))
+    return saved
+
+
 class _RankWriter:
     """One rank's shards and its progress file."""
 
@@ -150,9 +172,8 @@ class _RankWriter:
         self.out, self.rank, self.config = out, rank, config
         self.progress_path = out / fmt.progress_name(rank)
         self.shards: list[dict[str, Any]] = []
-        self.done: set[int] = set()
+        self.stored: set[int] = set()  # ids in the shards of earlier runs (a resume skips them)
         self.buffer: list[tuple[int, np.ndarray]] = []
-        self.buffered: set[int] = set()
         if self.progress_path.exists():
             self._resume()
         self._clean()
@@ -160,16 +181,17 @@ class _RankWriter:
             (out / stale).unlink(missing_ok=True)
 
     def _resume(self) -> None:
-        saved = fmt.load_json(self.progress_path)
-        check_settings(self.out, saved.get("config", {}), self.config)
+        saved = read_progress(self.progress_path)
+        check_settings(self.out, saved["config"], self.config)
         for shard in saved["shards"]:
             files = {suffix: self.out / f"{shard['name']}.{suffix}.npy" for suffix in ("rows", "index")}
-            if any(not path.exists() or fmt.sha256(path) != shard["sha256"][suffix]
+            if any(not path.is_file() or fmt.sha256(path) != shard["sha256"][suffix]
                    for suffix, path in files.items()):
                 break  # this shard and every later one are written again
+            index = check.read_int64_table(files["index"], f"shard {shard['name']}", 2,
+                                           "[sample id, length]")
             self.shards.append(shard)
-            index = np.load(files["index"], mmap_mode="r")
-            self.done.update(int(v) for v in index[:, 0])
+            self.stored.update(int(v) for v in index[:, 0])
 
     def _clean(self) -> None:
         """Remove this rank's temporary files and shards that its progress does not list."""
@@ -183,11 +205,12 @@ class _RankWriter:
                 path.unlink(missing_ok=True)
 
     def wants(self, sample_id: int) -> bool:
-        return sample_id not in self.done and sample_id not in self.buffered
+        """Whether ``sample_id`` is still to be stored (not in a shard of an earlier run; a
+        repeat within this run is refused before this is asked)."""
+        return sample_id not in self.stored
 
     def add(self, sample_id: int, records: np.ndarray) -> None:
         self.buffer.append((sample_id, records))
-        self.buffered.add(sample_id)
         if len(self.buffer) == self.config["shard_samples"]:
             self.flush()
 
@@ -204,8 +227,7 @@ class _RankWriter:
                 "index": fmt.save_array(self.out / f"{name}.index.npy", index)}
         self.shards.append({"name": name, "rank": self.rank, "samples": len(self.buffer),
                             "tokens": int(index[:, 1].sum()), "sha256": sums})
-        self.done.update(self.buffered)
-        self.buffer, self.buffered = [], set()
+        self.buffer = []
         self.save_progress(finished=False)
 
     def save_progress(self, finished: bool) -> None:
@@ -214,24 +236,78 @@ class _RankWriter:
                                            "finished": finished, "shards": self.shards})
 
 
+class _LoaderOrder:
+    """The sample ids of one rank's loader in this run, in order: a repeat is an error naming
+    both positions (batch and row). Memory: a set and 8 bytes per sample."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.seen: set[int] = set()
+        self.ids = array("q")
+        self.batch_starts = array("q")
+
+    def add_batch(self, ids: Sequence[int]) -> None:
+        self.batch_starts.append(len(self.ids))
+        for row, sample_id in enumerate(ids):
+            if sample_id in self.seen:
+                first = self.ids.index(sample_id)
+                batch = bisect_right(self.batch_starts, first) - 1
+                raise fmt.CacheError(
+                    f"sample id {sample_id} appears twice in rank {self.rank}'s loader: at batch "
+                    f"{batch}, row {first - self.batch_starts[batch]} and at batch "
+                    f"{len(self.batch_starts) - 1}, row {row}; each sample is cached once per "
+                    "rank under its own id (distinct samples need distinct ids: see "
+                    "WithSampleIds; a sampler must not repeat a sample within a rank — "
+                    "DistributedSampler's repeats across ranks are fine)")
+            self.seen.add(sample_id)
+            self.ids.append(sample_id)
+
+
+def _lock(folder: Path, rank: int) -> Any:
+    """Hold ``rank{rank}.lock`` in ``folder`` (an advisory ``flock``, released when the process
+    ends, even by SIGKILL); a second writer of the same rank is refused. ``None`` where
+    ``fcntl`` does not exist (Windows): there nothing stops two writers."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    path = folder / f"rank{rank:05d}.lock"
+    handle = open(path, "a+b")  # noqa: SIM115 - held until the writer returns
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        handle.close()
+        raise fmt.CacheError(
+            f"another writer is writing rank {rank} of {folder} ({path.name} is held): two "
+            "writers of one rank would overwrite each other's shards; wait for it to finish, or "
+            "give this one another folder (or rank= / world_size=)") from error
+    return handle
+
+
 def finalize_teacher_cache(out: str | os.PathLike[str]) -> Path | None:
     """Merge every rank's progress file into ``manifest.json`` and ``index.npy``.
 
     Returns the manifest's path, or ``None`` while some rank has not finished. A sample id that
     several ranks stored (``DistributedSampler`` repeats samples to even out the ranks) is read
-    from the lowest rank's copy.
+    from the lowest rank's copy; the copies must be the same sample — the same length and, when
+    the cache stores the input tokens, the same tokens — else a :class:`CacheError` names the
+    id and both shards.
     """
     folder = Path(out)
     first = folder / fmt.progress_name(0)
     if not first.exists():
         return None
-    config = fmt.load_json(first)["config"]
+    config = read_progress(first)["config"]
+    world_size = config.get("world_size")
+    if not (isinstance(world_size, int) and world_size >= 1):
+        raise fmt.CacheError(f"{first}: config.world_size={world_size!r} is not a positive "
+                             "integer")
     progress = []
-    for rank in range(config["world_size"]):
+    for rank in range(world_size):
         path = folder / fmt.progress_name(rank)
         if not path.exists():
             return None
-        saved = fmt.load_json(path)
+        saved = read_progress(path)
         if saved["config"] != config:
             raise fmt.CacheError(f"{path.name} was written with other settings than rank 0's: "
                                  "every rank must run the writer with the same arguments")
@@ -239,19 +315,12 @@ def finalize_teacher_cache(out: str | os.PathLike[str]) -> Path | None:
             return None
         progress.append(saved)
     shards = [shard for saved in progress for shard in saved["shards"]]
-    pieces = []
-    for number, shard in enumerate(shards):
-        index = np.load(folder / f"{shard['name']}.index.npy")
-        starts = np.concatenate([[0], np.cumsum(index[:, 1])[:-1]]).astype(np.int64)
-        pieces.append(np.stack([index[:, 0], np.full(len(index), number, np.int64), starts,
-                                index[:, 1]], axis=1))
-    merged = np.concatenate(pieces) if pieces else np.zeros((0, 4), np.int64)
-    # stable sort by sample id; the first copy of a repeated id (lowest rank, earliest shard) wins
-    order = np.argsort(merged[:, 0], kind="stable")
-    merged = merged[order]
-    keep = np.ones(len(merged), dtype=bool)
-    keep[1:] = merged[1:, 0] != merged[:-1, 0]
-    merged = np.ascontiguousarray(merged[keep])
+    pieces = [check.read_int64_table(folder / f"{shard['name']}.index.npy",
+                                     f"shard {shard['name']}", 2, "[sample id, length]")
+              for shard in shards]
+    merged, repeats = check.merge_shard_indexes(pieces)
+    if len(repeats):
+        _check_repeats(folder, shards, pieces, repeats, bool(config["with_tokens"]))
     index_sum = fmt.save_array(folder / fmt.INDEX, merged)
     tokens = int(merged[:, 3].sum())
     manifest = {
@@ -265,6 +334,39 @@ def finalize_teacher_cache(out: str | os.PathLike[str]) -> Path | None:
     }
     fmt.save_json(folder / fmt.MANIFEST, manifest)
     return folder / fmt.MANIFEST
+
+
+def _check_repeats(folder: Path, shards: Sequence[dict[str, Any]], pieces: Sequence[np.ndarray],
+                   repeats: np.ndarray, with_tokens: bool) -> None:
+    """Every repeated id's copies (``repeats``: ``[kept, dropped]`` rows of the concatenated
+    shard indexes) hold the same sample: equal lengths and, if stored, equal input tokens."""
+    sizes = np.array([len(piece) for piece in pieces], dtype=np.int64)
+    ends = np.cumsum(sizes)
+
+    def where(row: int) -> tuple[int, int]:  # (shard number, row in its own index)
+        number = int(np.searchsorted(ends, row, side="right"))
+        return number, row - int(ends[number] - sizes[number])
+
+    def tokens(number: int, local: int) -> np.ndarray:
+        index = pieces[number]
+        start = int(index[:local, 1].sum())
+        rows = np.load(folder / f"{shards[number]['name']}.rows.npy", mmap_mode="r")
+        return np.asarray(rows["token"][start:start + int(index[local, 1])])
+
+    for kept, dropped in repeats.tolist():
+        (a, i), (b, j) = where(kept), where(dropped)
+        sample_id = int(pieces[a][i, 0])
+        la, lb = int(pieces[a][i, 1]), int(pieces[b][j, 1])
+        problem = (f"other lengths ({la} and {lb} rows)" if la != lb else
+                   "other input tokens" if with_tokens and not np.array_equal(tokens(a, i),
+                                                                               tokens(b, j))
+                   else None)
+        if problem is not None:
+            raise fmt.CacheError(
+                f"sample id {sample_id} is stored by {shards[a]['name']} (row {i}) and by "
+                f"{shards[b]['name']} (row {j}) with {problem}: two different samples share one "
+                "id (give each sample its own id, e.g. WithSampleIds(dataset, ids)); only "
+                "copies of the same sample (DistributedSampler's padding) may repeat")
 
 
 def write_teacher_cache(
@@ -305,6 +407,8 @@ def write_teacher_cache(
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k={k!r}: expected a positive integer (e.g. 16, 64)")
+    if k > check.MAX_K:
+        raise ValueError(f"k={k}: at most {check.MAX_K}")
     if values not in fmt.VALUE_DTYPES:
         raise ValueError(f"values={values!r}: expected one of {fmt.VALUE_DTYPES}")
     if not isinstance(shard_samples, int) or shard_samples < 1:
@@ -321,12 +425,44 @@ def write_teacher_cache(
     args = dict(model_args or {})
     tokenizer_fp = fingerprint_tokenizer(tokenizer) if tokenizer is not None else None
 
+    started = time.perf_counter()
+    lock = _lock(folder, rank)  # before anything in the folder is read, cleaned or written
+    try:
+        writer, summary = _write(model, adaptor, dataloader, folder, k=k, values=values,
+                                 vocab_size=vocab_size, sample_ids=sample_ids, tokens=tokens,
+                                 teacher_fingerprint=teacher_fingerprint,
+                                 tokenizer_fp=tokenizer_fp, shard_samples=shard_samples,
+                                 device=device, args=args, progress_bar=progress_bar, rank=rank,
+                                 world_size=world_size)
+        writer.flush()
+        writer.save_progress(finished=True)
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            dist.barrier()
+        if rank == 0 or not distributed:  # without a process group the last rank to finish merges
+            finalize_teacher_cache(folder)
+        if distributed:
+            dist.barrier()
+    finally:
+        if lock is not None:
+            lock.close()
+    return summary._replace(seconds=time.perf_counter() - started,
+                            finished=(folder / fmt.MANIFEST).exists())
+
+
+def _write(model: Callable[..., Any], adaptor: Adaptor, dataloader: Iterable[Any], folder: Path,
+           *, k: int, values: str, vocab_size: int | None,
+           sample_ids: Callable[[Any], Any] | None, tokens: Callable[[Any], Tensor | None] | None,
+           teacher_fingerprint: str | None, tokenizer_fp: str | None, shard_samples: int,
+           device: Any, args: dict[str, Any], progress_bar: bool | None, rank: int,
+           world_size: int) -> tuple[_RankWriter, CacheSummary]:
+    """The teacher over the loader into ``rank``'s shards (not flushed, not finished)."""
     writer: _RankWriter | None = None
     dtype: np.dtype | None = None
     with_tokens: bool | None = None
     progress_path = folder / fmt.progress_name(rank)
     if progress_path.exists():  # resume: check what is known before any forward, skip done ids
-        saved = fmt.load_json(progress_path).get("config", {})
+        saved = read_progress(progress_path)["config"]
         check_settings(folder, saved, {
             "k": k, "values": values, "shard_samples": shard_samples, "world_size": world_size,
             "teacher_fingerprint": teacher_fingerprint, "tokenizer_fingerprint": tokenizer_fp,
@@ -334,13 +470,14 @@ def write_teacher_cache(
         writer = _RankWriter(folder, rank, saved)
         with_tokens = bool(saved["with_tokens"])
         dtype = fmt.record_dtype(k, saved["vocab_size"], values, with_tokens)
-    start = time.perf_counter()
+    order = _LoaderOrder(rank)
     stored_samples = stored_tokens = skipped = 0
     total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore[arg-type]
     bar = _progress_bar(progress_bar, total, rank)
     try:
         for batch in dataloader:
             ids, batch_T = _split_batch(batch, sample_ids)
+            order.add_batch(ids)  # a repeated id is an error, stored before or not
             if writer is not None and not any(writer.wants(i) for i in ids):
                 skipped += len(ids)
                 if bar is not None:
@@ -390,18 +527,21 @@ def write_teacher_cache(
                 raise ValueError("tokens(batch) found input ids in some batches (or in the "
                                  "partial cache) but not in others")
             assert dtype is not None
+            encoded = []  # every row of the batch checked before any is stored
             for row, (sample_id, n) in enumerate(zip(ids, lengths, strict=True)):
                 if not writer.wants(sample_id):
                     skipped += 1
                     continue
                 scores = torch.log_softmax(logits[row, :n].float(), dim=-1)
                 top, top_ids = scores.topk(k, dim=-1, sorted=True)
-                records = fmt.encode(top_ids, top,
-                                     batch_tokens[row, :n] if batch_tokens is not None else None,
-                                     dtype, values)
+                _check_logprobs(sample_id, top)
+                encoded.append((sample_id, fmt.encode(
+                    top_ids, top, batch_tokens[row, :n] if batch_tokens is not None else None,
+                    dtype, values)))
+            for sample_id, records in encoded:
                 writer.add(sample_id, records)
                 stored_samples += 1
-                stored_tokens += n
+                stored_tokens += len(records)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -409,19 +549,26 @@ def write_teacher_cache(
             bar.close()
     if writer is None:
         raise ValueError("the dataloader yielded no batch: nothing to cache")
-    writer.flush()
-    writer.save_progress(finished=True)
-    distributed = dist.is_available() and dist.is_initialized()
-    if distributed:
-        dist.barrier()
-    if rank == 0 or not distributed:  # without a process group the last rank to finish merges
-        finalize_teacher_cache(folder)
-    if distributed:
-        dist.barrier()
-    finished = (folder / fmt.MANIFEST).exists()
     assert dtype is not None
-    return CacheSummary(folder, stored_samples, stored_tokens, skipped,
-                        time.perf_counter() - start, float(dtype.itemsize), bool(finished))
+    return writer, CacheSummary(folder, stored_samples, stored_tokens, skipped, 0.0,
+                                float(dtype.itemsize), False)
+
+
+def _check_logprobs(sample_id: int, top: Tensor) -> None:
+    """Refuse a sample whose top-k log-probabilities ``(n, k)`` are NaN, ``+inf`` or positive
+    (from NaN or ``+inf`` logits, or a position whose logits are all ``-inf``): stored, they
+    would pass every checksum. ``-inf`` (masked classes) is allowed: it is stored as the floor."""
+    bad = ~(top <= 0)
+    if bool(bad.any()):
+        position = int(bad.any(-1).nonzero()[0, 0])
+        shown = ", ".join(f"{v:.4g}" for v in top[position, :4].tolist())
+        raise fmt.CacheError(
+            f"sample id {sample_id}, position {position}: the teacher's top-k log-probabilities "
+            f"are [{shown}{', ...' if top.shape[-1] > 4 else ''}] (NaN, +inf or positive): its "
+            "logits there hold NaN or +inf, or are all -inf; nothing of this batch was stored. "
+            "Fix the teacher (e.g. a float16 overflow: run it in bfloat16 or float32) or mask "
+            "that position")
+
 
 
 __all__ = ["CacheSummary", "check_settings", "default_tokens", "finalize_teacher_cache", "write_teacher_cache"]

@@ -2,6 +2,9 @@
 
 Each builder returns a :class:`Term`: the term function, its weight (a constant or a schedule
 of progress) and an eager precondition check.
+
+Imports: stages (3), schedules (2), losses (1) and the leaf helpers (``purekd._masked``);
+never the presets, the configs, the runner or the facade (``tests/test_layers.py``).
 """
 
 from ._context import Check, Context, Count, Term, TermFn, Weight, as_term, make_context

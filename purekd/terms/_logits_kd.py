@@ -231,6 +231,29 @@ def kd_loss_caller(kd_loss: KDLoss) -> Callable[[Tensor, Tensor, Any, Tensor | N
     return call
 
 
+class FirstBatch:
+    """Checks a term makes once, on the first batch it sees (one host sync, once)."""
+
+    def __init__(self, term: str) -> None:
+        self.term = term
+        self.seen = False
+
+    def warn_if_no_rows_kept(self, mask: Tensor | None) -> None:
+        """On the first batch only: a mask that keeps no row means the term is 0 and teaches
+        nothing — most often every label is -100 (or every ``logits_mask`` entry 0)."""
+        if self.seen:
+            return
+        self.seen = True
+        if mask is not None and mask.numel() and not bool((mask != 0).any()):
+            warnings.warn(
+                f"{self.term}: no tokens kept in the first batch: every row of its mask is 0 (for "
+                "a causal LM, every label -100: prompts masked out, or labels never set?), so "
+                "the term is 0 and its gradient too. Check the labels and the adaptor's "
+                "'logits_mask'; if every batch is like this, training stops at the first "
+                "optimizer step because no gradient reaches the student", UserWarning,
+                stacklevel=3)
+
+
 def kept_rows(rows: Tensor, mask: Tensor | None) -> Tensor:
     """How many rows of ``rows`` (``(*rows, X)``: logits, hidden states or top-k ids) the mask
     keeps (all of them without one), as a 0-dim float: float32 at least, float64 for float64
@@ -289,8 +312,14 @@ def logits_kd(
         assert total is not None
         return {name: total}
 
+    first = FirstBatch(name)
+
     def check(adapted_S: Adapted, adapted_T: Adapted) -> None:
         check_logits(adapted_S, adapted_T, shift_probability)
+        if adapted_S.logits and adapted_T.logits:
+            l_S = adapted_S.logits[0]
+            first.warn_if_no_rows_kept(row_masks(adapted_S, adapted_T, 0, l_S,
+                                                 adapted_T.logits[0])[0])
 
     def count(adapted_S: Adapted, adapted_T: Adapted) -> Tensor | None:
         if not adapted_S.logits or not adapted_T.logits:
@@ -301,5 +330,5 @@ def logits_kd(
     return Term(term, weight, check, name, kept_rows=count)
 
 
-__all__ = ["align_teacher_rows", "check_logits", "fits", "kd_loss_caller", "kept_rows",
+__all__ = ["FirstBatch", "align_teacher_rows", "check_logits", "fits", "kd_loss_caller", "kept_rows",
            "logits_kd", "logits_mask_for", "row_masks", "vocabulary_mismatch"]

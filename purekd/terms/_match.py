@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from purekd import presets
+from purekd import losses
 from purekd.stages import Adapted
 
 from ._context import Context, Term, Weight
@@ -23,7 +23,7 @@ WIDTH_FREE_LOSSES = frozenset({"mmd", "nst"})
 def known_match_loss(loss: Any) -> str | None:
     """The preset name of one of purekd's match losses (``'hidden_mse'``, ...), recognised by the
     function object, or ``None`` for any other function."""
-    for name, function in presets.MATCH_LOSS_MAP.items():
+    for name, function in losses.MATCH_LOSSES.items():
         if function is loss:
             return name
     return None

@@ -39,6 +39,7 @@ from purekd.stages import Adapted
 
 from ._context import Context, Term, Weight
 from ._logits_kd import (
+    FirstBatch,
     align_teacher_rows,
     check_logits,
     check_paired_rows,
@@ -168,6 +169,8 @@ def logits_form(setup: Setup) -> FormFn:
 
     def form(adapted_S: Adapted, adapted_T: Adapted) -> Tensor:
         value = kd.fn(adapted_S, adapted_T, _NO_CONTEXT)[setup.name]
+        if not setup.ce_weight:
+            return value
         return _plus_text(setup, value, adapted_S, kept(adapted_S, adapted_T).mask)
 
     return form
@@ -303,6 +306,20 @@ def check_labels(setup: Setup, adapted_S: Adapted) -> None:
             "label per row")
 
 
+def _check_masks_fit(adapted_S: Adapted, adapted_T: Adapted) -> None:
+    """Every logits mask selects rows of its logits (TextBrewer's losses ignore a misfit on 2-d
+    logits with a warning; a token-level divergence refuses it)."""
+    for side, own in (("student", adapted_S), ("teacher", adapted_T)):
+        masks = own.logits_mask
+        for i, logits in enumerate(own.logits):
+            given = (masks[i] if len(masks) > 1 else masks[0]) if masks else None
+            if given is not None and not fits(given, logits):
+                raise ValueError(
+                    f"the {side}'s logits_mask has shape {tuple(given.shape)} but its rows "
+                    f"(logits[{i}]) have shape {tuple(logits.shape[:-1])}: a logits mask selects "
+                    f"rows, so its shape must be {tuple(logits.shape[:-1])}")
+
+
 # ----------------------------------------------------------------------- the term
 def _setup(loss: str, temperature: float, params: Mapping[str, Any] | None, shared_vocab: bool,
            shift_probability: bool, ce_weight: float, ignore_index: int, name: str) -> Setup:
@@ -367,6 +384,7 @@ def token_kd(
     setup = _setup(loss, temperature, params, shared_vocab, shift_probability, ce_weight,
                    ignore_index, name)
     on_logits, on_topk, fused = logits_form(setup), topk_form(setup), fused_form(setup)
+    first = FirstBatch(name)
 
     def term(adapted_S: Adapted, adapted_T: Adapted, ctx: Context) -> dict[str, Tensor]:
         del ctx
@@ -380,11 +398,14 @@ def token_kd(
             return
         check_forms(setup, adapted_S, adapted_T)
         if adapted_S.logits and adapted_T.logits:
+            _check_masks_fit(adapted_S, adapted_T)  # token-level: a misfit is an error
             check_logits(adapted_S, adapted_T, shift_probability, shared_vocab=shared_vocab,
                          vocabulary_option=SHARED_VOCAB_OPTION)
         else:
             check_rows(setup, adapted_S, adapted_T)
         check_labels(setup, adapted_S)
+        if not first.seen:
+            first.warn_if_no_rows_kept(kept(adapted_S, adapted_T).mask)
 
     return Term(term, weight, check, name, kept_rows=count)
 

@@ -1,6 +1,6 @@
 """The Hugging Face Trainer integration with an on-policy step: the Trainer's loop trains the
-student on its own samples (``remove_unused_columns=False`` keeps the prompts), the teacher is
-untouched, and every micro-batch's loss is finite."""
+student on its own samples (the prompts survive ``remove_unused_columns``), the teacher is
+untouched, and every micro-batch's loss is finite; ``token_level=True`` is refused."""
 
 from __future__ import annotations
 
@@ -24,6 +24,37 @@ def collate(items):
         prompts[row, width - len(item["prompt"]):] = item["prompt"]
         mask[row, width - len(item["prompt"]):] = 1
     return {"prompts": prompts, "prompt_attention_mask": mask}
+
+
+def _on_policy_step():
+    teacher, student = tiny_llama(2, 16, seed=0).float().eval(), tiny_llama(1, 8, seed=1).float()
+    config = purekd.DistillationConfig(kd_loss_type="reverse_kl", temperature=1,
+                                       on_policy={"max_new_tokens": 4, "seed": 2})
+    return purekd.make_step(config, teacher, student, hf_adaptor(causal=True),
+                            hf_adaptor(causal=True), compile=False)
+
+
+@pytest.mark.parametrize("remove_unused_columns", [True, False])
+def test_the_prompts_reach_the_step_whatever_remove_unused_columns_says(tmp_path,
+                                                                       remove_unused_columns):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+        remove_unused_columns=remove_unused_columns, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True)
+    # items named as the step reads them: the Trainer drops every other column first
+    data = [{"prompts": torch.tensor([3, 4, 5])}, {"prompts": torch.tensor([6, 7])}]
+    trainer = DistillationTrainer(
+        _on_policy_step(), args, train_dataset=data,
+        data_collator=lambda items: collate([{"prompt": i["prompts"]} for i in items]))
+    trainer.train()
+    assert len(trainer.train_losses) == 1
+
+
+def test_token_level_is_refused_with_an_on_policy_step(tmp_path):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match=r"token_level=True\) with an on-policy step: the tokens "
+                                         r"would be counted from the batch's labels before"):
+        DistillationTrainer(_on_policy_step(), args, token_level=True)
 
 
 def test_the_trainer_trains_an_on_policy_step(tmp_path):

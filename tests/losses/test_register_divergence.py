@@ -229,6 +229,8 @@ def test_no_graph_break(hellinger):
     h_S, w_S, h_T, w_T, mask = data(3)
     loss = losses.divergence("hellinger")
     assert count_graph_breaks(lambda s, t: loss(s, t, mask=mask), h_S @ w_S.T, h_T @ w_T.T) == 0
+    assert count_graph_breaks(lambda h: losses.fused_linear_kd(  # vjp inside each block
+        h, w_S, h_T, w_T, loss="hellinger", mask=mask, chunk_rows=8), h_S) == 0
 
 
 def test_the_docs_table_is_the_registry():
@@ -250,3 +252,29 @@ def test_compiled_block_kernels_take_the_gradient_too(hellinger, monkeypatch):
                                                     chunk_rows=16), h_S, w_S)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+
+
+def test_a_hand_written_gradient_is_used_and_agrees():
+    calls = []
+
+    def gradient(log_p_S, log_p_T, grad_S, grad_T, *, scale):
+        calls.append(grad_S)
+        root_S, root_T = (0.5 * log_p_S).exp(), (0.5 * log_p_T).exp()
+        value = 0.5 * scale * (root_S - root_T).pow(2).sum(-1)
+        a_S = 0.5 * scale * (log_p_S.exp() - root_S * root_T) if grad_S else None
+        a_T = 0.5 * scale * (log_p_T.exp() - root_S * root_T) if grad_T else None
+        return value, a_S, a_T
+
+    losses.register_divergence("hellinger_hand", hellinger_rows, defaults={"scale": 1.0},
+                               gradient=gradient)
+    try:
+        h_S, w_S, h_T, w_T, mask = (x.double() if x.is_floating_point() else x for x in data(5))
+        want = grads(lambda h, w: reference(h @ w.T, h_T @ w_T.T, mask, 1.5, 2.0), h_S, w_S)
+        got = grads(lambda h, w: losses.fused_linear_kd(
+            h, w, h_T, w_T, loss="hellinger_hand", scale=2.0, temperature=1.5, mask=mask,
+            chunk_rows=16), h_S, w_S)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+        assert True in calls  # the fused form took the hand-written gradient
+    finally:
+        losses.unregister_divergence("hellinger_hand")

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import purekd
+from purekd.runner._metrics import read_metrics
 
 from .._torchrun import torchrun
 from ._helpers import assert_state_equal
@@ -80,6 +81,21 @@ def test_two_sharded_processes_equal_one_process_on_the_combined_batch(launch, t
         assert rank["steps"] == worker.CKPT_STEPS == callback.steps
         assert set(rank["kinds"]) == {"FSDPLlamaForCausalLM"}
         torch.testing.assert_close(rank["logits"], callback.logits, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_the_logged_gradient_norm_is_that_of_one_process(launch, tmp_path) -> None:
+    """The norm of the sharded gradient (a DTensor's, reduced over both ranks) in rank 0's
+    records equals one process's on the combined batch, step by step; so do the learning
+    rates (StepLR)."""
+    work, _ = launch
+    _one_process(tmp_path / "one")
+    sharded, one = (read_metrics(d / "metrics.jsonl") for d in (work / "full", tmp_path / "one"))
+    norms = [(r["global_step"], r["grad_norm"]) for r in sharded if "grad_norm" in r]
+    expected = [(r["global_step"], r["grad_norm"]) for r in one if "grad_norm" in r]
+    assert [s for s, _ in norms] == [s for s, _ in expected] == list(range(len(expected)))
+    assert [n for _, n in norms] == pytest.approx([n for _, n in expected], rel=1e-4)
+    assert [(r["global_step"], r["lr"]) for r in sharded] == [
+        (r["global_step"], r["lr"]) for r in one]
 
 
 def test_only_rank_0_writes_the_gathered_student(launch) -> None:

@@ -4,6 +4,7 @@ the all-ranks non-finite guard, the world-size check of a sharded state, and the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,10 +197,14 @@ def test_the_all_ranks_guard_raises_naming_the_step_and_the_term() -> None:
     guard.raise_if_tripped()  # cleared
 
 
-def test_a_state_of_another_world_size_is_refused_naming_both(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"saved by 2 processes and this run has 4.*"
-                                         r"--nproc-per-node 2"):
-        _sharded_state.check_world_size(tmp_path, 2, 4)
+def test_the_fingerprint_of_a_sharded_run_holds_the_global_batch() -> None:
+    describe = {"data": {"kind": "DataLoader", "batch_size": 4, "length": 3}, "options": {}}
+    assert _fsdp.global_batches(describe, 2) == {
+        "data": {"kind": "DataLoader", "global_batch_size": 8, "length": 3}, "options": {}}
+    by_task = {"data": {"a": {"kind": "DataLoader", "batch_size": 2}, "b": {"kind": "list"}}}
+    assert _fsdp.global_batches(by_task, 3) == {
+        "data": {"a": {"kind": "DataLoader", "global_batch_size": 6}, "b": {"kind": "list"}}}
+    assert _fsdp.global_batches(None, 2) is None
 
 
 def test_latest_sharded_state_skips_unfinished_directories(tmp_path: Path) -> None:
@@ -287,22 +292,85 @@ def test_the_sharded_runner_evaluates_stops_early_and_trains_again(tmp_path: Pat
     assert distiller.runner.counters.global_step == 4
 
 
-@pytest.mark.usefixtures("one_process_group")
-def test_a_state_saved_by_another_world_size_is_refused_before_anything_loads(tmp_path: Path) -> None:
-    distiller, student = _distiller(tmp_path / "out")
+def _saved_run(out: Path) -> None:
+    distiller, student = _distiller(out, ckpt_frequency=2)  # states at steps 2 and 4
     with distiller:
         distiller.train(torch.optim.AdamW(student.parameters()), _batches(), num_epochs=1,
                         save_state=True)
-    marker = tmp_path / "out" / "gs4.state" / _sharded_state.MARKER
-    marker.write_text(marker.read_text().replace('"world_size": 1', '"world_size": 2'))
-    other, student = _distiller(tmp_path / "out")
+
+
+def _resume(out: Path, resume_from: Path) -> tuple[purekd.BasicDistiller, dict[str, torch.Tensor],
+                                                  torch.optim.Optimizer]:
+    """A fresh run resuming from ``resume_from``, and the student's weights before it."""
+    other, student = _distiller(out, ckpt_frequency=2)
     optimizer = torch.optim.AdamW(student.parameters())
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    with other, pytest.raises(ValueError, match=r"saved by 2 processes and this run has 1"):
-        other.train(optimizer, _batches(), num_epochs=2, resume_from=str(tmp_path / "out"))
-    after = _fsdp.full_state_dict(student)
-    assert all(torch.equal(after[k], v) for k, v in before.items())
-    assert not optimizer.state
+    with other:
+        other.train(optimizer, _batches(), num_epochs=1, save_state=True,
+                    resume_from=str(resume_from))
+    return other, before, optimizer
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_a_sharded_state_records_the_size_and_sha256_of_every_file(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    _saved_run(tmp_path / "out")
+    state = tmp_path / "out" / "gs4.state"
+    marker = json.loads((state / _sharded_state.MARKER).read_text())
+    assert marker["version"] == 2 and marker["world_size"] == 1
+    files = sorted(p.name for p in state.iterdir() if p.name != _sharded_state.MARKER)
+    assert sorted(marker["files"]) == files and ".metadata" in files
+    for name, (size, digest) in marker["files"].items():
+        data = (state / name).read_bytes()
+        assert size == len(data) and digest == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_a_damaged_shard_is_refused_naming_the_file_before_anything_loads(tmp_path: Path) -> None:
+    _saved_run(tmp_path / "out")
+    state = tmp_path / "out" / "gs4.state"
+    shard = next(p for p in sorted(state.iterdir()) if p.suffix == ".distcp")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: the size is unchanged
+    shard.write_bytes(bytes(data))
+    message = re.escape(f"{shard}: this file of the sharded state is damaged (its SHA-256")
+    with pytest.raises(purekd.runner.StateError, match=message):
+        _resume(tmp_path / "again", state)
+    shard.write_bytes(bytes(data[:100]))  # truncated
+    with pytest.raises(purekd.runner.StateError, match=re.escape(
+            f"{shard}: this file of the sharded state has 100 bytes, {len(data)} were written")):
+        _resume(tmp_path / "again", state)
+    shard.unlink()
+    with pytest.raises(purekd.runner.StateError, match=re.escape(f"{shard}: this file of the "
+                                                                 "sharded state is missing")):
+        _resume(tmp_path / "again", state)
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_resuming_a_directory_falls_back_past_a_damaged_sharded_state(tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "out"
+    _saved_run(out)
+    metadata = out / "gs4.state" / ".metadata"
+    metadata.write_bytes(metadata.read_bytes()[:-1] + b"x")
+    with pytest.warns(RuntimeWarning, match=r"skipped damaged sharded state\(s\): .*gs4\.state"
+                                            r"/\.metadata: .*previous good state, gs2\.state"):
+        other, _, _ = _resume(out, out)
+    assert other.runner.counters.global_step == 4  # resumed at step 2, to the end
+    (out / "gs4.state" / ".metadata").write_bytes(b"")  # rewritten by the resumed run: damaged
+    marker = out / "gs2.state" / _sharded_state.MARKER
+    fields = json.loads(marker.read_text())
+    del fields["files"]
+    marker.write_text(json.dumps(fields))
+    with pytest.raises(purekd.runner.StateError, match=r"no usable sharded state of this run; "
+                                                       r"damaged: .*gs4\.state/\.metadata: this "
+                                                       r"file of the sharded state has 0 bytes.*; "
+                                                       r".*gs2\.state/purekd\.json: the file "
+                                                       r"list \('files'\) is missing"):
+        _resume(tmp_path / "again", out)
 
 
 @pytest.mark.usefixtures("one_process_group")
@@ -332,3 +400,25 @@ def test_a_bf16_sharded_run_keeps_float32_weights_and_checkpoints(tmp_path: Path
     assert all(torch.isfinite(v).all() for v in saved.values())
     before = _llama(2).state_dict()
     assert any(not torch.equal(saved[k], before[k]) for k in before)  # it trained
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_a_sharded_output_layer_read_after_its_forward_is_gathered_with_its_gradient() -> None:
+    from purekd.stages import normalise
+
+    torch.manual_seed(0)
+    head = nn.Linear(4, 6, bias=True)
+    expected_weight, expected_bias = head.weight.detach().clone(), head.bias.detach().clone()
+    fully_shard(head, reshard_after_forward=True)
+    hidden = torch.randn(3, 4)
+    head(hidden)  # the forward gathers, then the parameters are shards again
+    assert isinstance(head.weight, DTensor)
+    adapted = normalise({"lm_hidden": hidden, "lm_weight": head.weight, "lm_bias": head.bias})
+    assert type(adapted.lm_weight) is torch.Tensor and type(adapted.lm_bias) is torch.Tensor
+    assert torch.equal(adapted.lm_weight, expected_weight)
+    assert torch.equal(adapted.lm_bias, expected_bias)
+    (hidden @ adapted.lm_weight.T + adapted.lm_bias).square().sum().backward()
+    logits = hidden @ expected_weight.T + expected_bias  # by hand: d/dW sum(z^2) = 2 z^T h
+    assert isinstance(head.weight.grad, DTensor)
+    torch.testing.assert_close(head.weight.grad.full_tensor(), 2 * logits.T @ hidden)
+    torch.testing.assert_close(head.bias.grad.full_tensor(), 2 * logits.sum(0))

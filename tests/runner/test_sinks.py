@@ -208,3 +208,17 @@ def test_bad_sinks_are_refused_before_training(sinks: Any, message: str, tmp_pat
         distiller.train(torch.optim.SGD(student.parameters(), lr=0.1),
                         loader(dataset(8), batch_size=2), num_steps=2, metric_sinks=sinks)
     assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+
+
+def test_the_sinks_are_closed_when_training_fails_before_it_starts(tmp_path: Path) -> None:
+    """A refused resume (no state in the directory) still closes the user's sinks (a W&B or
+    MLflow run is not left open)."""
+    recording = Recording()
+    teacher, student = models()
+    distiller = purekd.GeneralDistiller(train_config(tmp_path), general_config(), teacher,
+                                        student, adaptor, adaptor, compile=False)
+    with distiller, pytest.raises(FileNotFoundError, match=r"no gs<step>\.state\.pt file"):
+        distiller.train(torch.optim.SGD(student.parameters(), lr=0.1),
+                        loader(dataset(8), batch_size=2), num_steps=2, resume_from=tmp_path,
+                        metric_sinks=[recording])
+    assert recording.closed == 1 and recording.records == {}

@@ -143,3 +143,53 @@ def test_cache_teacher_on_smollm2_and_king_james(verses: Path, tmp_path: Path,
                   for i in range(VERSES))
     assert shifted < hits / 2
     assert torch.equal(cache[0].tokens, torch.tensor(tokenizer(texts[0])["input_ids"]))
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    (['{"id": "doc-7", "text": "w1"}'], r"data\.jsonl:1: 'id' must be an integer, got 'doc-7' "
+                                       r"\(str\)"),
+    (['{"id": 5.0, "text": "w1"}'], r"data\.jsonl:1: 'id' must be an integer, got 5\.0 "
+                                   r"\(float\)"),
+    (['{"id": true, "text": "w1"}'], r"data\.jsonl:1: 'id' must be an integer, got True"),
+    (['{"id": null, "text": "w1"}'], r"data\.jsonl:1: 'id' must be an integer, got None"),
+    (['{"id": 18446744073709551616, "text": "w1"}'], r"data\.jsonl:1: 'id' 18446744073709551616 does not fit in 64 bits"),
+    (['{"id": 3, "text": "w1"}', '{"text": "w2"}'],
+     r"data\.jsonl:2: no 'id', but line 1 has one: give every record an 'id' or none"),
+    (['{"text": "w1"}', '{"id": 3, "text": "w2"}'],
+     r"data\.jsonl:2: an 'id', but line 1 has none: give every record an 'id' or none"),
+    (['{"id": 3, "text": "w1"}', '', '{"id": 3, "text": "w2"}'],
+     r"data\.jsonl:3: sample id 3 repeats line 1"),
+    (['{"input_ids": [1.9, 2.2]}'], r"data\.jsonl:1: 'input_ids' must be a list of token ids "
+                                    r"\(integers in 0\.\.63\); item 0 is 1\.9 \(float\)"),
+    (['{"input_ids": [1, true]}'], r"data\.jsonl:1: 'input_ids' .* item 1 is True \(bool\)"),
+    (['{"input_ids": [1, -2]}'], r"data\.jsonl:1: 'input_ids' .* item 1 is -2"),
+    (['{"input_ids": [1, 64]}'], r"data\.jsonl:1: 'input_ids' .* item 1 is 64"),
+    (['{"input_ids": "1 2"}'], r"data\.jsonl:1: 'input_ids' must be a list .* got '1 2' \(str\)"),
+    (['{"input_ids": []}'], r"data\.jsonl:1: no tokens"),
+    (['{"text": 5}'], r"data\.jsonl:1: expected an object with 'text'"),
+    (['[1, 2]'], r"data\.jsonl:1: expected an object"),
+])
+def test_data_files_with_bad_ids_or_tokens(tmp_path: Path, lines, message) -> None:
+    from purekd.teacher_cache._huggingface import read_samples
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=message):
+        read_samples(data, lambda text: {"input_ids": [1] * len(text.split())}, vocab_size=64)
+
+
+def test_data_file_ids(tmp_path: Path) -> None:
+    from purekd.teacher_cache._huggingface import read_samples
+
+    def tokenizer(text: str) -> dict[str, list[int]]:
+        return {"input_ids": [int(w[1:]) for w in text.split()]}
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"id": 7, "text": "w1 w2"}\n\n{"id": -3, "input_ids": [4, 5, 6]}\n')
+    samples = read_samples(data, tokenizer, vocab_size=64)
+    assert samples.ids == [7, -3]
+    assert [t.tolist() for t in samples.tokens] == [[1, 2], [4, 5, 6]]
+    data.write_text('{"text": "w1"}\n{"text": "w2 w3"}\n')  # no ids: the line numbers from 0
+    assert read_samples(data, tokenizer).ids == [0, 1]
+    text = tmp_path / "data.txt"
+    text.write_text("w1\n\nw2 w3\n")  # a text file: line numbers from 0, empty lines skipped
+    assert read_samples(text, tokenizer).ids == [0, 2]

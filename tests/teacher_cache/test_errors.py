@@ -11,15 +11,17 @@ import pytest
 import torch
 
 from purekd.teacher_cache import (
+    CachedCollate,
     CachedTeacherDataset,
     CacheError,
     MissingSamplesError,
     TeacherCache,
+    default_tokens,
     fingerprint_model,
     fingerprint_tokenizer,
 )
 
-from ._helpers import VOCAB, Tokens, llama, write
+from ._helpers import VOCAB, Tokens, llama, pad, write
 
 VOCABULARY = [f"tok{i}" for i in range(VOCAB)]
 
@@ -136,3 +138,34 @@ def test_writer_input_errors(teacher, tmp_path) -> None:
         return {"logits": outputs.logits, "logits_mask": batch["attention_mask"].flip(-1)}
     with pytest.raises(ValueError, match="pad on the right"):
         write_teacher_cache(teacher, left_padded, writer_loader(Tokens(4)), tmp_path / "l", k=4)
+
+
+def _left_pad(items, mask=True):
+    """Left padding (what the cache's right-aligned rows must refuse)."""
+    length = max(len(item["input_ids"]) for item in items)
+    ids = torch.zeros(len(items), length, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for row, item in enumerate(items):
+        n = len(item["input_ids"])
+        ids[row, length - n:], attention[row, length - n:] = item["input_ids"], 1
+    return {"input_ids": ids, "attention_mask": attention} if mask else {"input_ids": ids}
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+@pytest.mark.parametrize("with_tokens", [True, False])
+def test_a_left_padded_student_batch_is_refused(teacher, tmp_path, with_mask, with_tokens) -> None:
+    """The cache's rows are positions 0..n-1 of each sample; a student batch padded on the left
+    puts sample b's token t at position t + (L - n) and would be scored against the wrong
+    rows. CachedCollate refuses it — by the attention mask, by the cached tokens, or by the
+    item's own tokens, whichever the batch and the cache have."""
+    write(teacher, Tokens(4), tmp_path, tokens=default_tokens if with_tokens else None)
+    dataset = CachedTeacherDataset(Tokens(4), TeacherCache(tmp_path))
+    assert TeacherCache(tmp_path).with_tokens is with_tokens
+    items = [dataset[0], dataset[2]]  # 13 and 4 tokens
+    with pytest.raises(ValueError, match=r"CachedCollate: row 1 of the student's batch .* "
+                                         r"padded on the left"):
+        CachedCollate(lambda xs: _left_pad(xs, with_mask))(items)
+    batch = CachedCollate(pad)(items)  # right padding passes
+    assert batch["teacher_cache"]["topk_mask"].sum(1).tolist() == [13, 4]
+    same = [dataset[3], dataset[3]]  # equal lengths: left and right padding coincide
+    CachedCollate(lambda xs: _left_pad(xs, with_mask))(same)

@@ -93,3 +93,45 @@ def test_masks_keeping_different_numbers_of_rows_are_refused():
     with pytest.raises(ValueError, match=r"logits\[0\]: the student's logits_mask keeps 3 rows "
                                          r"but the teacher's keeps 2; the kept rows are paired"):
         token_kd("forward_kl").check(s, t)
+
+
+@pytest.mark.parametrize("kind", ["token_kd", "logits_kd"])
+def test_a_first_batch_that_keeps_no_token_says_so(kind):
+    """Issue 18: every label -100 used to be reported only as 'no gradient ... detached'."""
+    from purekd.terms import logits_kd
+
+    s = normalise({"logits": randn(0, 2, 3, 7), "logits_mask": torch.zeros(2, 3, dtype=torch.long)})
+    t = normalise({"logits": randn(1, 2, 3, 7)})
+    term = token_kd("forward_kl") if kind == "token_kd" else logits_kd()
+    with pytest.warns(UserWarning, match="no tokens kept in the first batch.*every label -100"):
+        term.check(s, t)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        term.check(s, t)  # once: later batches are not synchronised for it
+    assert term(s, t, CTX)["kd_loss"].item() == 0.0
+
+
+def test_a_run_whose_batches_keep_no_token_says_no_tokens_kept(tmp_path):
+    """Issue 18: every label -100 — the run warns on the first batch and stops at the first
+    optimizer step with an error that says 'no tokens kept' (it blamed detached outputs only)."""
+    import purekd
+    from tests.runner.test_token_normalisation import TokenLM, adaptor
+
+    teacher, student = TokenLM(7, 0), TokenLM(4, 1)
+    x, mask = torch.randn(2, 6, 3, dtype=torch.float64), torch.zeros(2, 6, dtype=torch.long)
+    config = purekd.DistillationConfig(kd_loss_type="forward_kl", temperature=1)
+    train = purekd.TrainingConfig(device="cpu", output_dir=str(tmp_path))
+    distiller = purekd.GeneralDistiller(train, config, teacher, student, adaptor, adaptor,
+                                        compile=False)
+    with distiller, pytest.warns(UserWarning, match="no tokens kept in the first batch"), \
+            pytest.raises(ValueError, match="no tokens kept"):
+        distiller.train(torch.optim.SGD(student.parameters(), lr=1.0), [(x, mask)], num_steps=1)
+
+
+def test_a_mask_that_does_not_fit_flat_token_logits_is_an_error():
+    s = normalise({"logits": randn(0, 6, 7), "logits_mask": torch.ones(2, 3)})
+    t = normalise({"logits": randn(1, 6, 7)})
+    with pytest.raises(ValueError, match=r"logits_mask has shape \(2, 3\).*must be \(6,\)"):
+        token_kd("forward_kl").check(s, t)

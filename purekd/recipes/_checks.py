@@ -1,0 +1,280 @@
+"""What a structured recipe must satisfy beyond its types: ranges, choices, fields that exclude
+or need each other, and the files it names. :func:`problems` returns every failure as a
+``key.path: what is wrong`` line; nothing here loads a model or imports torch.
+
+The divergences' parameters are checked against :data:`DIVERGENCES` (the built-in token-level
+losses, their parameters and ranges, as in ``purekd.presets.TOKEN_KD_LOSSES``). A name not in
+it may be a divergence registered with ``purekd.losses.register_divergence``: it is checked
+after this pass, by ``DistillationConfig`` itself (:func:`._train.distill_config`), still
+before anything loads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from ._paths import resolve
+from ._schema import (
+    CACHE_VALUES,
+    DEVICES,
+    FORMATS,
+    OPTIMIZERS,
+    SCHEDULES,
+    SINKS,
+    SOURCES,
+    Checkpoint,
+    Data,
+    Loss,
+    Metrics,
+    Optimizer,
+    Schedule,
+    Student,
+    Teacher,
+    Train,
+)
+
+DIVERGENCES: dict[str, tuple[str, ...]] = {
+    "forward_kl": ("tail",),
+    "reverse_kl": ("tail",),
+    "jsd": ("beta", "tail"),
+    "scaled_jsd": ("beta",),
+    "skew_forward_kl": ("alpha",),
+    "skew_reverse_kl": ("alpha",),
+    "tvd": (),
+}
+"""The built-in token-level ``kd_loss_type`` names and the parameters each takes."""
+
+TOPK_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+"""The divergences a top-k teacher cache supports."""
+
+def _number(value: float) -> str:
+    return repr(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.lines.append(f"{path}: {message}")
+
+    def within(self, path: str, value: float | None, low: float, high: float, *,
+               open_low: bool = False, open_high: bool = False) -> None:
+        """``value`` in the interval (None passes): ``loss.beta: 1.5 is outside [0, 1]``."""
+        if value is None:
+            return
+        below = value <= low if open_low else value < low
+        above = value >= high if open_high else value > high
+        if math.isnan(value) or below or above:
+            left, right = "(" if open_low else "[", ")" if open_high else "]"
+            high_text = "inf" if math.isinf(high) else _number(high)
+            self.add(path, f"{_number(value)} is outside {left}{_number(low)}, {high_text}{right}")
+
+    def at_least(self, path: str, value: int | None, low: int) -> None:
+        if value is not None and value < low:
+            self.add(path, f"{value} is less than {low}")
+
+    def one_of(self, path: str, value: str, choices: tuple[str, ...]) -> None:
+        if value not in choices:
+            import difflib
+
+            close = difflib.get_close_matches(value, choices, n=1, cutoff=0.7)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            self.add(path, f"{value!r} is not one of {', '.join(choices)}{hint}")
+
+    def exists(self, path: str, value: str | None, kind: str = "") -> None:
+        if value is None:
+            return
+        try:
+            found = resolve(value)
+        except FileNotFoundError as error:
+            self.add(path, str(error))
+            return
+        if kind == "file" and not found.is_file():
+            self.add(path, f"{value!r} is a directory, not a file")
+
+
+def _teacher(p: _Problems, teacher: Teacher, loss: Loss | None) -> None:
+    p.exists("teacher.path", teacher.path)
+    p.one_of("teacher.source", teacher.source, SOURCES)
+    if teacher.source == "on_policy":
+        p.add("teacher.source", "'on_policy' is not available in recipes yet: use 'live' (a "
+              "teacher forward every step) or 'cache' (its top-k cached once)")
+    p.at_least("teacher.k", teacher.k, 1)
+    p.one_of("teacher.cache_values", teacher.cache_values, CACHE_VALUES)
+    if teacher.cache_dir is not None and teacher.source != "cache":
+        p.add("teacher.cache_dir", f"set, but teacher.source is {teacher.source!r}: the cache "
+              "is read only with source: cache")
+
+
+def _student(p: _Problems, student: Student) -> None:
+    if (student.path is None) == (student.layers is None):
+        p.add("student", "give either path (a model directory or .gguf file) or layers (the "
+              "teacher's decoder layers to keep), not both" if student.path is not None
+              else "give either path (a model directory or .gguf file) or layers (the "
+              "teacher's decoder layers to keep)")
+    p.exists("student.path", student.path)
+    layers = student.layers
+    if isinstance(layers, int):
+        p.at_least("student.layers", layers, 1)
+    elif isinstance(layers, list):
+        if not layers:
+            p.add("student.layers", "an empty list keeps no layer")
+        elif any(i < 0 for i in layers) or layers != sorted(set(layers)):
+            p.add("student.layers", f"{layers} must be distinct layer indices >= 0 in "
+                  "ascending order")
+
+
+def _data(p: _Problems, data: Data) -> None:
+    p.exists("data.path", data.path)
+    p.exists("data.eval_path", data.eval_path)
+    p.one_of("data.format", data.format, FORMATS)
+    p.at_least("data.seq_len", data.seq_len, 2)
+    p.at_least("data.limit", data.limit, 1)
+    p.at_least("data.train_rows", data.train_rows, 1)
+    p.at_least("data.eval_rows", data.eval_rows, 0)
+    if data.eval_path is not None and data.eval_rows:
+        p.add("data.eval_rows", "set together with data.eval_path: hold rows out of data.path "
+              "or read a separate file, not both")
+    if data.separator is not None and not data.packing:
+        p.add("data.separator", "set, but data.packing is false: the separator joins records "
+              "only when packing")
+
+
+def _loss(p: _Problems, loss: Loss, teacher: Teacher | None) -> None:
+    name = loss.kd_loss_type
+    p.within("loss.temperature", loss.temperature, 0, math.inf, open_low=True, open_high=True)
+    p.within("loss.ce_weight", loss.ce_weight, 0, math.inf, open_high=True)
+    p.within("loss.beta", loss.beta, 0, 1)
+    p.within("loss.alpha", loss.alpha, 0, 1, open_low=True, open_high=True)
+    if name in ("ce", "mse"):
+        p.add("loss.kd_loss_type", f"{name!r} is TextBrewer's classification loss; a language "
+              "model distils token by token: use 'forward_kl' (or reverse_kl, jsd, "
+              f"skew_forward_kl, ...: {', '.join(DIVERGENCES)})")
+        return
+    known = DIVERGENCES.get(name)
+    given = [key for key in ("beta", "alpha", "tail") if getattr(loss, key) is not None]
+    if known is not None:
+        for key in given:
+            if key not in known:
+                takes = ", ".join(known) if known else "no parameters"
+                p.add(f"loss.{key}", f"{name} takes no parameter {key!r} (it takes: {takes})")
+        if loss.params:
+            p.add("loss.params", f"{sorted(loss.params)}: params are for a registered "
+                  f"divergence; {name} takes {', '.join(known) or 'no parameters'} as "
+                  "loss.<name>")
+    if teacher is not None and teacher.source == "cache" and known is not None \
+            and name not in TOPK_LOSSES:
+        p.add("loss.kd_loss_type", f"{name!r} needs the teacher's whole distribution, a top-k "
+              f"cache has only k entries: use one of {', '.join(TOPK_LOSSES)}, or "
+              "teacher.source: live")
+    if loss.tail:
+        if teacher is not None and teacher.source != "cache":
+            p.add("loss.tail", "true needs a top-k teacher (teacher.source: cache): the tail "
+                  "bucket holds the mass outside the cached k entries")
+        if loss.temperature != 1:
+            p.add("loss.tail", f"true needs loss.temperature 1 (got "
+                  f"{_number(loss.temperature)}): the tail bucket is at temperature 1")
+    for index, match in enumerate(loss.matches):
+        p.at_least(f"loss.matches[{index}].layer_T", match.layer_T, 0)
+        p.at_least(f"loss.matches[{index}].layer_S", match.layer_S, 0)
+        p.within(f"loss.matches[{index}].weight", match.weight, 0, math.inf, open_high=True)
+    if loss.matches and teacher is not None and teacher.source == "cache":
+        p.add("loss.matches", "intermediate matches compare hidden states, which a top-k "
+              "teacher cache does not hold: use teacher.source: live")
+
+
+def _optimizer(p: _Problems, optimizer: Optimizer) -> None:
+    p.one_of("optimizer.name", optimizer.name, OPTIMIZERS)
+    p.within("optimizer.lr", optimizer.lr, 0, math.inf, open_low=True, open_high=True)
+    p.within("optimizer.weight_decay", optimizer.weight_decay, 0, math.inf, open_high=True)
+    p.within("optimizer.eps", optimizer.eps, 0, math.inf, open_low=True, open_high=True)
+    p.within("optimizer.momentum", optimizer.momentum, 0, 1, open_high=True)
+    if len(optimizer.betas) != 2:
+        p.add("optimizer.betas", f"{optimizer.betas}: give two numbers, e.g. [0.9, 0.999]")
+    for index, beta in enumerate(optimizer.betas[:2]):
+        p.within(f"optimizer.betas[{index}]", beta, 0, 1, open_high=True)
+
+
+def _schedule(p: _Problems, schedule: Schedule) -> None:
+    p.one_of("schedule.name", schedule.name, SCHEDULES)
+    p.within("schedule.warmup", schedule.warmup, 0, 1, open_high=True)
+    p.within("schedule.min_lr_ratio", schedule.min_lr_ratio, 0, 1)
+
+
+def _train(p: _Problems, train: Train) -> None:
+    if (train.steps is None) == (train.epochs is None):
+        p.add("train", "give either steps or epochs" + (", not both" if train.steps else ""))
+    p.at_least("train.steps", train.steps, 1)
+    p.at_least("train.epochs", train.epochs, 1)
+    p.at_least("train.batch_size", train.batch_size, 1)
+    p.at_least("train.accumulation", train.accumulation, 1)
+    device = train.device
+    if device.split(":")[0] not in DEVICES or (":" in device and not device.startswith("cuda:")):
+        p.add("train.device", f"{device!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def _checkpoint(p: _Problems, checkpoint: Checkpoint) -> None:
+    p.at_least("checkpoint.every", checkpoint.every, 1)
+    p.at_least("checkpoint.keep_last", checkpoint.keep_last, 1)
+    if checkpoint.resume and not checkpoint.save_state:
+        p.add("checkpoint.resume", "true needs checkpoint.save_state: true (a run resumes from "
+              "its saved states)")
+
+
+_SINK_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard"}
+
+
+def _metrics(p: _Problems, metrics: Metrics) -> None:
+    import importlib.util
+
+    for index, sink in enumerate(metrics.sinks):
+        p.one_of(f"metrics.sinks[{index}]", sink, SINKS)
+        package = _SINK_PACKAGES.get(sink)
+        if package is not None and importlib.util.find_spec(package) is None:
+            extra = "logging" if sink == "tensorboard" else "tracking"
+            p.add(f"metrics.sinks[{index}]", f"{sink!r} needs the {package} package (pip "
+                  f"install 'purekd[{extra}]')")
+    if len(set(metrics.sinks)) != len(metrics.sinks):
+        p.add("metrics.sinks", f"{metrics.sinks} names a sink twice")
+    if "jsonl" not in metrics.sinks:
+        p.add("metrics.sinks", "jsonl is always written (OUTPUT_DIR/metrics.jsonl, the run's "
+              "record that resume truncates): list it")
+    for key, sink in (("log_dir", "tensorboard"), ("wandb", "wandb"), ("mlflow", "mlflow")):
+        if getattr(metrics, key) and sink not in metrics.sinks:
+            p.add(f"metrics.{key}", f"set, but {sink!r} is not in metrics.sinks")
+    if metrics.project is not None and not {"wandb", "mlflow"} & set(metrics.sinks):
+        p.add("metrics.project", "set, but neither 'wandb' nor 'mlflow' is in metrics.sinks")
+
+
+def problems(sections: dict[str, Any], tokenizer: str | None = None) -> list[str]:
+    """Every problem of the structured ``sections`` (section name -> instance; a section that
+    did not structure is absent and skipped)."""
+    p = _Problems()
+    get = sections.get
+    checks: list[tuple[str, Callable[..., None], tuple[Any, ...]]] = [
+        ("teacher", _teacher, (get("loss"),)),
+        ("student", _student, ()),
+        ("data", _data, ()),
+        ("loss", _loss, (get("teacher"),)),
+        ("optimizer", _optimizer, ()),
+        ("schedule", _schedule, ()),
+        ("train", _train, ()),
+        ("checkpoint", _checkpoint, ()),
+        ("metrics", _metrics, ()),
+    ]
+    for key, check, extra in checks:
+        if key in sections:
+            check(p, sections[key], *extra)
+    p.exists("tokenizer", tokenizer)
+    train, checkpoint = sections.get("train"), sections.get("checkpoint")
+    if train is not None and checkpoint is not None and train.epochs is not None \
+            and checkpoint.every is not None:
+        p.add("checkpoint.every", "set with train.epochs: an epochs run checkpoints at the end of "
+              "every epoch; give train.steps to checkpoint every N steps")
+    return p.lines
+
+
+__all__ = ["DIVERGENCES", "TOPK_LOSSES", "problems"]
