@@ -18,6 +18,7 @@ from typing import Any
 from purekd import losses, projections, schedules
 from purekd._keys import ADAPTOR_KEYS, FEATURES, LM_KEYS, TOPK_KEYS
 from purekd.losses import _divergences
+from purekd.losses._gold_parameters import GOLD_DEFAULTS, check_gold_parameters
 
 
 class UnknownNameError(ValueError, KeyError):
@@ -172,8 +173,7 @@ def _sampled_parameters(name: str, rest: list[Any], value: Any, field: str) -> d
 
 
 # -- cross-tokenizer distillation (issue 20) ---------------------------------------------------
-CROSS_TOKENIZER_KD_LOSSES: dict[str, dict[str, Any]] = {
-    "gold": {"loss": "jsd", "matched_weight": None, "unmatched_weight": None, "top_k": None}}
+CROSS_TOKENIZER_KD_LOSSES: dict[str, dict[str, Any]] = {"gold": dict(GOLD_DEFAULTS)}
 """Losses over the aligned spans of two tokenisations (a teacher and a student with different
 tokenizers; docs/cross-tokenizer.md): not a divergence of two distributions over one
 vocabulary, so not in :data:`TOKEN_KD_LOSSES` (nor in the divergence registry). Each with its
@@ -190,33 +190,7 @@ def _gold_parameters(name: str, rest: list[Any], value: Any, field: str) -> dict
     if len(rest) != 1 or not isinstance(rest[0], Mapping):
         raise ValueError(f"{given}: {name!r} takes its parameters as one dict, e.g. "
                          f"[{name!r}, {{'loss': 'jsd', 'beta': 0.5}}]")
-    params = dict(rest[0])
-    known = CROSS_TOKENIZER_KD_LOSSES[name]
-    loss = params.get("loss", known["loss"])
-    if not isinstance(loss, str) or loss not in TOKEN_KD_LOSSES or loss == "uld":
-        raise ValueError(f"{given}: loss={loss!r} is the divergence on the matched tokens; "
-                         f"choose one of {sorted(n for n in TOKEN_KD_LOSSES if n != 'uld')}")
-    own = {k: v for k, v in params.items() if k not in known}
-    try:
-        _divergences.parameters(loss, "", own)
-    except (ValueError, TypeError) as error:
-        reason = str(error).removeprefix(": ")
-        raise ValueError(f"{given}: {reason}; {name!r} takes {sorted(known)} and the "
-                         f"parameters of its loss {loss!r}: "
-                         f"{sorted(_divergences.declared(loss, field).defaults)}") from None
-    w_m, w_u = params.get("matched_weight"), params.get("unmatched_weight")
-    if (w_m is None) != (w_u is None):
-        raise ValueError(f"{given}: give both matched_weight and unmatched_weight (numbers >= "
-                         f"0) or neither (TRL's matched share M / V_T and 1 - M / V_T)")
-    for key, weight in (("matched_weight", w_m), ("unmatched_weight", w_u)):
-        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
-                                   or not weight >= 0 or weight == float("inf")):
-            raise ValueError(f"{given}: {key}={weight!r} must be a finite number >= 0")
-    top_k = params.get("top_k")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"{given}: top_k={top_k!r} must be a positive int, or None to sort the "
-                         f"whole vocabulary")
-    return params
+    return check_gold_parameters(rest[0], given)
 
 
 class _TokenKDLosses(Mapping[str, dict[str, Any]]):

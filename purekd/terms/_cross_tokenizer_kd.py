@@ -29,6 +29,7 @@ from torch import Tensor
 
 from purekd import losses
 from purekd.losses._gold import check_vocabulary_map
+from purekd.losses._gold_parameters import check_gold_parameters
 from purekd.losses._uld import check_top_k
 from purekd.stages import Adapted
 
@@ -86,8 +87,7 @@ def _check_params(loss: str, params: Mapping[str, Any]) -> dict[str, Any]:
                              "'uld' takes top_k")
         check_top_k(given.get("top_k"), "cross_tokenizer_kd('uld')")
         return given
-    from purekd import presets  # the parameters of 'gold' are validated where the name lives
-    return presets.kd_loss_spec(["gold", given], "cross_tokenizer_kd")[1]
+    return check_gold_parameters(given, "cross_tokenizer_kd('gold')")
 
 
 def cross_tokenizer_kd(
