@@ -7,6 +7,7 @@ library into a step, a thin stateful runner on top, and a TextBrewer-compatible 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names, for type checkers; at run time they load on first use
@@ -65,6 +66,10 @@ def __getattr__(name: str) -> Any:
         value = {"Basic": distillers.BasicDistiller, "General": distillers.GeneralDistiller,
                  "MultiTeacher": distillers.MultiTeacherDistiller,
                  "MultiTask": distillers.MultiTaskDistiller, "Train": distillers.BasicTrainer}
+    elif importlib.util.find_spec(f"purekd.{name}") is not None:
+        # any other module (purekd.runner, purekd.distillers, ...): ``import purekd`` made them
+        # all attributes when it was eager, and code written then keeps working
+        value = importlib.import_module(f"purekd.{name}")
     else:
         raise AttributeError(f"module 'purekd' has no attribute {name!r}")
     globals()[name] = value

@@ -100,8 +100,11 @@ class OnPolicyStage:
 
     ``stage.generator`` draws the ``lmbda`` decisions and the sampling seeds;
     ``stage.empty_rollouts`` counts the on-policy batches that had no completion token; the last
-    rollout is kept in ``stage.last_rollout`` (for logging and tests).
+    rollout is kept in ``stage.last_rollout`` (for logging and tests). ``prompt_keys``: the batch
+    keys it reads (:data:`PROMPT_KEYS`).
     """
+
+    prompt_keys = PROMPT_KEYS
 
     def __init__(self, config: OnPolicyConfig, models: ModelsStage, *, teacher: Any = None,
                  sampler: Sampler | None = None,

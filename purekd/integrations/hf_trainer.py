@@ -61,15 +61,14 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from purekd.combinators import Step
-from purekd.combinators._on_policy import PROMPT_KEYS, OnPolicyStage
+from purekd.combinators import OnPolicyStage, Step
 from purekd.runner import MetricSink, NonFiniteLossError
 from purekd.runner._guard import non_finite_names, sums_finite
 from purekd.runner._sinks import check_sinks
 
 PROJECTIONS_FILE = "purekd_projections.safetensors"
 # kept by remove_unused_columns: the split batch, the cache, and an on-policy batch's prompts
-_SPLIT_KEYS = ["teacher", "student", "teacher_cache", *PROMPT_KEYS]
+_SPLIT_KEYS = ["teacher", "student", "teacher_cache", *OnPolicyStage.prompt_keys]
 
 __all__ = ["PROJECTIONS_FILE", "DistillationTrainer", "count_label_tokens"]
 
