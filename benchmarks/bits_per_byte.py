@@ -42,7 +42,7 @@ def load(name: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name == "SmolLM2-135M-Instruct":
-        from purekd.demo._language_model import load_teacher
+        from purekd.recipes._models import load_teacher
 
         model, tokenizer, _ = load_teacher(None, progress_bar=False)
         return model, tokenizer

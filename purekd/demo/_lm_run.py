@@ -32,10 +32,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import purekd
+from purekd.recipes import _models as lm
 from purekd.runner._sinks import is_term
 
 from . import _bible as bible
-from . import _language_model as lm
 
 
 class Settings(NamedTuple):

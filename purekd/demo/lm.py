@@ -9,8 +9,7 @@ recipe ``demo-lm`` (:func:`recipe_for`), trained by the path ``purekd distill`` 
 >>> results["perplexity"]["distilled"]                 # doctest: +SKIP
 """
 
-from ._bible import Corpus, kjv_path, packed, verses
-from ._language_model import (
+from purekd.recipes._models import (
     Perplexity,
     bundled_teacher,
     check_same_vocabulary,
@@ -22,6 +21,8 @@ from ._language_model import (
     spread_layers,
     vocabulary_size,
 )
+
+from ._bible import Corpus, kjv_path, packed, verses
 from ._lm_run import (
     DEFAULT,
     QUICK,
