@@ -336,6 +336,20 @@ def _linear(hidden: Tensor, weight: Tensor, bias: Tensor | None,
     return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
+def add_linear_gradients(g: Tensor, hidden: Tensor, weight: Tensor, rows: slice,
+                         grad_h: Tensor | None, grad_w: Tensor | None,
+                         grad_b: Tensor | None) -> None:
+    """For a block of ``logits = hidden @ weight.T + bias`` with logit gradient ``g`` ``(n, V)``:
+    write ``g @ weight`` into ``grad_h[rows]`` and add ``g.T @ hidden`` to ``grad_w`` and the
+    column sums of ``g`` to ``grad_b`` (each where given)."""
+    if grad_h is not None:
+        torch.mm(g, weight, out=grad_h[rows])
+    if grad_w is not None:
+        grad_w.addmm_(g.t(), hidden)
+    if grad_b is not None:
+        grad_b += g.sum(0)
+
+
 class FusedOptions(NamedTuple):
     target: Target
     teacher: Teacher
@@ -395,12 +409,7 @@ class _FusedLinear(torch.autograd.Function):
             kd_total, ce_total = kd_total + kd, ce_total + ce
             if g is None:
                 continue
-            if grad_h is not None:
-                torch.mm(g, weight, out=grad_h[rows])
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), h)
-            if grad_b is not None:
-                grad_b += g.sum(0)
+            add_linear_gradients(g, h, weight, rows, grad_h, grad_w, grad_b)
         kd_value = safe_divide(kd_total, denominator)
         ce_value = (safe_divide(ce_total, ce_denominator) if ce_denominator is not None
                     else ce_total)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._blockwise import _linear, default_chunk_rows, log_softmax
+from ._blockwise import _linear, add_linear_gradients, default_chunk_rows, log_softmax
 from ._checks import Temperature, accumulation_dtype, check_mask, check_temperature
 
 
@@ -66,12 +66,7 @@ class _TokenLogprob(torch.autograd.Function):
             g = -p
             g.scatter_add_(1, ids[rows].unsqueeze(1), torch.ones_like(g[:, :1]))
             g *= grad_out[rows].to(dtype).unsqueeze(1) * inv_tau
-            if grad_h is not None:
-                torch.mm(g, w, out=grad_h[rows])
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), h)
-            if grad_b is not None:
-                grad_b += g.sum(0)
+            add_linear_gradients(g, h, w, rows, grad_h, grad_w, grad_b)
         return (None if grad_h is None else grad_h.to(hidden.dtype),
                 None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None or bias is None else grad_b.to(bias.dtype),
