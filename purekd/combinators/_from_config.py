@@ -246,8 +246,11 @@ def make_step(
                 raise ValueError("DistillationConfig(on_policy=...) with a list of teachers: "
                                  "on-policy distillation scores the rollouts with one teacher; "
                                  "give a single teacher")
+            # only the sampled-token loss reads the sampler's log-probabilities; without them
+            # generate keeps no (B, V) scores per sampled position
             outputs = OnPolicyStage(config.on_policy, outputs, teacher=teacher_model,
-                                    sampler=sampler, tokenizers=tokenizers)
+                                    sampler=sampler, tokenizers=tokenizers,
+                                    logprobs=config.kd_loss[0] in presets.SAMPLED_KD_LOSSES)
         elif sampler is not None or tokenizers is not None:
             raise ValueError("make_step(sampler=..., tokenizers=...) are for on-policy "
                              "distillation: set DistillationConfig(on_policy=OnPolicyConfig())")

@@ -95,8 +95,11 @@ class OnPolicyStage:
     :class:`~purekd.combinators.ModelsStage` it feeds (its ``student`` is the stage's);
     ``teacher``: the teacher model (it samples with ``seq_kd``; its context is checked);
     ``sampler``: a :class:`~purekd.stages.Sampler` (default: :class:`~purekd.stages.HFGenerateSampler`
-    with the config's knobs); ``tokenizers``: ``(tokenizer_T, tokenizer_S)`` to check that both
-    models share one vocabulary.
+    with the config's knobs); ``logprobs``: whether that default sampler returns its
+    log-probabilities — only the sampled-token loss reads them (its importance ratio); without,
+    ``generate`` keeps no ``(B, V)`` scores per sampled position (``make_step`` sets it from the
+    loss); ``tokenizers``: ``(tokenizer_T, tokenizer_S)`` to check that both models share one
+    vocabulary.
 
     ``stage.generator`` draws the ``lmbda`` decisions and the sampling seeds;
     ``stage.empty_rollouts`` counts the on-policy batches that had no completion token; the last
@@ -107,7 +110,7 @@ class OnPolicyStage:
     prompt_keys = PROMPT_KEYS
 
     def __init__(self, config: OnPolicyConfig, models: ModelsStage, *, teacher: Any = None,
-                 sampler: Sampler | None = None,
+                 sampler: Sampler | None = None, logprobs: bool = True,
                  tokenizers: Sequence[Any] | None = None):
         if not isinstance(config, OnPolicyConfig):
             raise TypeError(f"OnPolicyStage(config=...): expected a purekd.OnPolicyConfig, got "
@@ -128,7 +131,7 @@ class OnPolicyStage:
         self.sampler: Sampler = sampler if sampler is not None else HFGenerateSampler(
             max_new_tokens=config.max_new_tokens, temperature=config.temperature,
             top_p=config.top_p, top_k=config.top_k, stop_token_ids=config.stop_token_ids,
-            pad_token_id=config.pad_token_id)
+            pad_token_id=config.pad_token_id, logprobs=logprobs)
         self.state = GeneratorState(config.seed)
         self.empty_rollouts = 0
         self.last_rollout: Rollout | None = None

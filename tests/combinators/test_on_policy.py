@@ -14,7 +14,7 @@ import purekd
 from purekd.combinators import OnPolicyStage
 from purekd.integrations import hf_adaptor
 from purekd.losses import sampled_reverse_kl
-from purekd.stages import Sample
+from purekd.stages import HFGenerateSampler, Sample
 from tests._on_policy import PAD, full_batch, prompt_batch, tiny_llama
 
 pytest.importorskip("transformers")
@@ -73,6 +73,44 @@ def test_kd_on_a_rollout_equals_the_same_kd_on_the_same_sequences_as_data(models
     assert out.tokens == reference.tokens == sampled.completion_lengths.sum()
     for got, want in zip(on_grads, _grads(student), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("kd", ["reverse_kl", ["jsd", {"beta": 1.0}]])
+def test_a_full_distribution_loss_samples_without_logprobs_and_nothing_changes(models, kd, fused):
+    """Only the sampled-token loss reads the sampler's log-probabilities, so make_step's default
+    sampler keeps none for the divergences (generate then holds no (B, V) scores per sampled
+    position); the rollout, the loss and the gradients equal those of a sampler that keeps them."""
+    teacher, student = models
+    step = _step(models, kd, fused)
+    assert step.outputs.sampler.logprobs is False
+    out = step(prompt_batch(), **_args(fused))
+    out.loss.backward()
+    grads = _grads(student)
+    student.zero_grad()
+    assert step.outputs.last_rollout.sampler_logprobs is None
+    config = purekd.DistillationConfig(
+        kd_loss_type=kd, temperature=1,
+        on_policy=purekd.OnPolicyConfig(max_new_tokens=5, seed=7))
+    keeping = purekd.make_step(config, teacher, student, *_adaptors(teacher, student, fused),
+                               sampler=HFGenerateSampler(max_new_tokens=5, logprobs=True),
+                               compile=False)
+    reference = keeping(prompt_batch(), **_args(fused))
+    reference.loss.backward()
+    assert keeping.outputs.last_rollout.sampler_logprobs is not None
+    for got, want in zip(step.outputs.last_rollout[:3], keeping.outputs.last_rollout[:3],
+                         strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(out.loss, reference.loss)
+    for got, want in zip(grads, _grads(student), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_the_sampled_token_loss_keeps_the_samplers_logprobs(models):
+    step = _step(models, "sampled_reverse_kl")
+    assert step.outputs.sampler.logprobs is True
+    step(prompt_batch())
+    assert step.outputs.last_rollout.sampler_logprobs is not None
 
 
 @pytest.mark.parametrize("fused", [False, True])
