@@ -311,7 +311,7 @@ class Purekd(Contender):
             row[int(p):int(p) + int(c)].tolist() for row, p, c in
             zip(rollout.input_ids, rollout.prompt_lengths, rollout.completion_lengths,
                 strict=True)]
-        return float(out.loss), int(rollout.completion_lengths.sum())
+        return float(out.loss.detach()), int(rollout.completion_lengths.sum())
 
     def rollout_speed(self, texts: list[str], repeats: int) -> dict[str, Any]:
         """Tokens per second of the stage's sampler vs a plain ``generate`` loop, same settings
@@ -471,7 +471,7 @@ class Worker:
     def __init__(self, name: str, folder: Path, workload: Workload, warmup: int,
                  rollout_repeats: int):
         self.name = name
-        self.log = tempfile.TemporaryFile(mode="w+")
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in close())
         self.process = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.on_policy_trl", "--worker", name,
              "--models", str(folder), "--warmup", str(warmup),
@@ -506,6 +506,7 @@ class Worker:
             self.process.stdin.write("quit\n")
             self.process.stdin.flush()
             self.process.wait(timeout=60)
+        self.log.close()
 
 
 def _memory(name: str, folder: Path, workload: Workload, warmup: int) -> subprocess.Popen[str]:
@@ -525,7 +526,10 @@ def _memory_result(process: subprocess.Popen[str], name: str) -> float:
     return float(json.loads(out.strip().splitlines()[-1])["extra_peak_mib"])
 
 
-def run(workload: Workload = Workload(), rounds: int = 5, warmup: int = 2,
+DEFAULT = Workload()
+
+
+def run(workload: Workload = DEFAULT, rounds: int = 5, warmup: int = 2,
         rollout_repeats: int = 3, memory: bool = True,
         models: Path | None = None) -> dict[str, Any]:
     started = time.perf_counter()

@@ -65,6 +65,15 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
     if topk:
         rows.append(("top-k cache epoch vs student-only epoch", topk["ratio"], "<= 1.05",
                      topk["ratio"] <= 1.05))
+    on_policy = results.get("on_policy_trl")
+    if on_policy:
+        ratio = on_policy["time_ratio"]["median"]
+        rows.append(("on-policy step vs trl.DistillationTrainer: time", ratio, "<= 0.70",
+                     ratio <= 0.7))
+        if on_policy.get("memory_ratio") is not None:
+            memory = on_policy["memory_ratio"]
+            rows.append(("on-policy step vs trl.DistillationTrainer: extra peak memory", memory,
+                         "<= 0.50", memory <= 0.5))
     return rows
 
 
@@ -88,6 +97,7 @@ def main() -> None:
         cached_teacher,
         cached_topk,
         fused_kd,
+        on_policy_trl,
         random_tokens,
         step_loss_heavy,
         token_kd,
@@ -112,6 +122,10 @@ def main() -> None:
     results["fused_kd"] = ({"default": fused_kd.run(512, 64, 4096, 1)} if args.quick else
                            {"default": fused_kd.run(),
                             "llama3_vocab": fused_kd.run(2048, 512, 128256)})
+    # on-policy distillation vs trl.DistillationTrainer (SmolLM2 teacher; --quick: small Llamas)
+    results["on_policy_trl"] = (
+        on_policy_trl.run(on_policy_trl.Workload(small=True), rounds=2, warmup=1,
+                          rollout_repeats=1) if args.quick else on_policy_trl.run())
     print()
     print(table(results))
     record = {"machine": machine(), "seconds": time.perf_counter() - started, **results}
