@@ -43,7 +43,9 @@ greedy sampling, since the completions are equal — checked); extra peak memory
 more process per contender (resident memory on CPU with glibc's mmap threshold fixed, as
 ``token_kd`` and ``fused_kd`` do; peak allocated memory on CUDA) over what the models and the
 optimizer state already hold; and the rollout speed of purekd's ``HFGenerateSampler`` against a
-plain ``model.generate`` loop on the same student with the same settings (tokens per second).
+plain ``model.generate`` loop on the same student with the same settings (tokens per second;
+``sampler``: the stage's, which keeps no log-probabilities for a full-distribution loss;
+``sampler_logprobs``: keeping them, as for the sampled-token loss).
 
 Targets: seconds per step <= 0.7x TRL's, extra peak memory <= 0.5x TRL's.
 
@@ -314,16 +316,18 @@ class Purekd(Contender):
         return float(out.loss.detach()), int(rollout.completion_lengths.sum())
 
     def rollout_speed(self, texts: list[str], repeats: int) -> dict[str, Any]:
-        """Tokens per second of the stage's sampler vs a plain ``generate`` loop, same settings
-        (interleaved; the student in eval mode under no_grad for both)."""
+        """Tokens per second of the stage's sampler (``make_step``'s default: no
+        log-probabilities for a full-distribution loss), of ``HFGenerateSampler`` keeping its
+        log-probabilities (as the sampled-token loss has it) and of a plain ``generate`` loop,
+        same settings (interleaved; the student in eval mode under no_grad for all)."""
         import transformers
 
         from purekd.stages import HFGenerateSampler, sampling_mode
 
         batch = self.prompts(texts)
         w = self.workload
-        no_scores = HFGenerateSampler(max_new_tokens=w.max_new_tokens, top_k=w.top_k,
-                                      logprobs=False)
+        with_scores = HFGenerateSampler(max_new_tokens=w.max_new_tokens, top_k=w.top_k,
+                                        logprobs=True)
         stops, pad = self.sampler.stops_and_pad(self.student)
         config = transformers.GenerationConfig(
             do_sample=True, temperature=1.0, top_p=1.0, top_k=w.top_k,
@@ -350,8 +354,8 @@ class Purekd(Contender):
             counts["generate"].append(int(completion_mask(completions, stops).sum()))
 
         rounds = interleaved_rounds({"sampler": sampler(self.sampler, "sampler"),
-                                     "sampler_no_logprobs": sampler(no_scores,
-                                                                    "sampler_no_logprobs"),
+                                     "sampler_logprobs": sampler(with_scores,
+                                                                 "sampler_logprobs"),
                                      "generate": plain}, repeats=repeats, warmup=1)
         result: dict[str, Any] = {}
         for name, times in rounds.items():
@@ -606,7 +610,7 @@ def table(record: dict[str, Any]) -> str:
                  f"{record.get('first_loss_relative_difference', float('nan')):.1e}")
     rollout = record.get("rollout")
     if rollout:
-        for name in ("sampler", "sampler_no_logprobs", "generate"):
+        for name in ("sampler", "sampler_logprobs", "generate"):
             lines.append(f"rollout {name:20} {rollout[name]['tokens_per_second']:8.1f} tokens/s "
                          f"({rollout[name]['tokens']} tokens in {rollout[name]['seconds']:.3f} s)")
         lines.append(f"rollout sampler / generate time: "
