@@ -26,7 +26,6 @@ from purekd.configs import DistillationConfig, TrainingConfig
 from purekd.stages import Adapted
 from purekd.teacher_cache import CachedCollate, CachedTeacherDataset
 
-
 _TENSOR_KEYS = ("logits", "logits_mask", "labels", "losses", "hidden", "attention")
 _FLOAT_KEYS = ("logits", "losses", "hidden", "attention")
 

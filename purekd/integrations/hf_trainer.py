@@ -46,7 +46,16 @@ What it does beyond a plain ``Trainer(model=step)``:
 ``token_level`` needs the step's loss to be a mean over the tokens ``count_tokens`` counts
 (default: ``labels != -100``, over ``labels[..., 1:]`` with ``shift_labels=True`` as for causal
 LMs), for every term of the objective.
+
+With an **on-policy** step (:class:`~purekd.combinators.OnPolicyStage`) the tokens exist only
+after sampling, so ``token_level`` counts the step's own ``StepOutput.tokens`` (the sampled
+completion tokens) instead: each micro-batch back-propagates its token sum ``L_m * n_m``, and
+the last micro-batch of the optimizer step multiplies the accumulated gradients by
+``world_size / N`` (``N = sum_m n_m`` over the micro-batches and every process), before
+clipping and the optimizer step. ``tokenizers=(tokenizer_T, tokenizer_S)`` checks that both
+models share one tokenizer; a top-k teacher cache as the data is refused at construction.
 """
+
 
 from __future__ import annotations
 
