@@ -53,7 +53,7 @@ def test_the_prompts_reach_the_step_whatever_remove_unused_columns_says(tmp_path
     assert len(trainer.train_losses) == 1
 
 
-def _greedy_run(tmp_path, batch, accumulation, token_level, **config):
+def greedy_run(tmp_path, batch, accumulation, token_level, **config):
     """One optimizer step (SGD, constant learning rate) over four prompts in order, greedy
     sampling: the weights after it, and the trainer."""
     teacher, student = tiny_llama(2, 16, seed=0).eval(), tiny_llama(1, 8, seed=1)
@@ -79,6 +79,7 @@ def _greedy_run(tmp_path, batch, accumulation, token_level, **config):
         save_strategy="no", logging_steps=1, disable_tqdm=True)
     trainer = DistillationTrainer(step, args, token_level=token_level, train_dataset=data,
                                   data_collator=collate)
+    # in order (under DDP, accelerate deals batch i of the loader to process i % world)
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(data)
     trainer.train()
     return [p.detach().clone() for p in student.parameters()], trainer, lengths
@@ -89,9 +90,9 @@ def test_token_level_with_accumulation_equals_one_batch_of_double_size(tmp_path)
     equal those of one batch of the four prompts (greedy sampling: the same completions), to
     1e-10; the per-micro-batch mean (token_level=False) does not. The logged loss is the
     step's mean over its sampled tokens."""
-    one, single, _ = _greedy_run(tmp_path / "one", 4, 1, True)
-    two, accumulated, lengths = _greedy_run(tmp_path / "two", 2, 2, True)
-    means, _, _ = _greedy_run(tmp_path / "means", 2, 2, False)
+    one, single, _ = greedy_run(tmp_path / "one", 4, 1, True)
+    two, accumulated, lengths = greedy_run(tmp_path / "two", 2, 2, True)
+    means, _, _ = greedy_run(tmp_path / "means", 2, 2, False)
     # the micro-batches hold different numbers of sampled tokens: the test can tell
     assert len(lengths) == 2 and sum(lengths[0]) != sum(lengths[1])
     for got, want in zip(two, one, strict=True):
@@ -106,6 +107,31 @@ def test_token_level_with_accumulation_equals_one_batch_of_double_size(tmp_path)
     assert token_mean == pytest.approx(single.train_losses[0], rel=1e-12)
     assert logged[0] == pytest.approx(token_mean, rel=1e-6)
     assert abs(token_mean - (micro[0] + micro[1]) / 2) > 1e-3 * token_mean
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available()
+                         and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is unavailable")
+def test_token_level_over_two_ddp_processes_equals_one_batch(tmp_path):
+    """Two processes (gloo DDP), two prompts each, token_level=True: the weights equal one
+    process on the four prompts (to 1e-10), although the processes sampled different numbers
+    of tokens; the logged loss is the step's mean over every sampled token."""
+    from pathlib import Path
+
+    from tests._torchrun import torchrun
+
+    from . import _hf_trainer_on_policy_ddp_worker as worker
+
+    torchrun(Path(worker.__file__), str(tmp_path), timeout=400)
+    one, single, _ = greedy_run(tmp_path / "one", 4, 1, True)
+    got = torch.load(tmp_path / "weights.pt", weights_only=True)
+    lengths = torch.load(tmp_path / "lengths.pt", weights_only=True)
+    tokens = [sum(rank[0]) for rank in lengths]  # each rank's one micro-batch
+    assert len(tokens) == 2 and tokens[0] != tokens[1]
+    for a, b in zip(got, one, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    logged = torch.load(tmp_path / "loss.pt", weights_only=True)
+    assert logged == pytest.approx([single.train_losses[0]], rel=1e-6)
 
 
 def test_token_level_refusals_and_construction_checks(tmp_path, monkeypatch):
