@@ -265,8 +265,16 @@ class DistillationTrainer(Trainer):
                 "DistillationTrainer(token_level=True) with an on-policy step: the step "
                 "returned no StepOutput.tokens (its loss is a per-batch mean); build it with a "
                 "token-level kd_loss_type or DistillationConfig(loss_normalisation='tokens')")
-        if self._window is None:  # a micro-batch outside Trainer.train's loop: one of its own
+        if self._window is None:  # not from Trainer.get_batch_samples: a window of its own
+            if self.args.gradient_accumulation_steps != 1:
+                raise RuntimeError(
+                    "DistillationTrainer(token_level=True) with an on-policy step: this "
+                    "micro-batch did not come through Trainer.get_batch_samples, so the "
+                    "micro-batches of its optimizer step are unknown and the gradients cannot "
+                    "be normalised by their sampled tokens; train with Trainer.train, or with "
+                    "gradient_accumulation_steps=1")
             self._window = _SampledTokens(1)
+
         count = torch.as_tensor(tokens, device=loss.device).detach().sum()
         summed = loss * count.to(loss.dtype)
         self._window.add(count, summed.detach())
