@@ -179,6 +179,14 @@ def test_token_level_refusals_and_construction_checks(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"^DistillationTrainer\(tokenizers=\.\.\.\) is for "
                                          r"an on-policy step"):
         DistillationTrainer(plain, args, tokenizers=(Tokenizer(24), Tokenizer(24)))
+    accumulating = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[],
+                                                  use_cpu=True, gradient_accumulation_steps=2)
+    trainer = DistillationTrainer(_on_policy_step(), accumulating, token_level=True)
+    batch = collate([{"prompt": torch.tensor([3, 4])}, {"prompt": torch.tensor([5])}])
+    with pytest.raises(RuntimeError, match=r"this micro-batch did not come through "
+                                           r"Trainer.get_batch_samples"):
+        trainer.compute_loss(trainer.model.train(), batch)
+
 
 
 def test_a_top_k_teacher_cache_is_refused_at_construction(tmp_path):
