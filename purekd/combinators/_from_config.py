@@ -246,11 +246,19 @@ def make_step(
                 raise ValueError("DistillationConfig(on_policy=...) with a list of teachers: "
                                  "on-policy distillation scores the rollouts with one teacher; "
                                  "give a single teacher")
+            if teacher_model is None:
+                raise ValueError(
+                    "DistillationConfig(on_policy=...) with model_T=None (a teacher read from a "
+                    "top-k teacher cache): the teacher must score every newly sampled "
+                    "sequence, which no cache holds; give the teacher model, or train "
+                    "off-policy from the cache (on_policy=None)")
             # only the sampled-token loss reads the sampler's log-probabilities; without them
             # generate keeps no (B, V) scores per sampled position
             outputs = OnPolicyStage(config.on_policy, outputs, teacher=teacher_model,
                                     sampler=sampler, tokenizers=tokenizers,
+                                    shared_vocab=config.shared_vocab,
                                     logprobs=config.kd_loss[0] in presets.SAMPLED_KD_LOSSES)
+
         elif sampler is not None or tokenizers is not None:
             raise ValueError("make_step(sampler=..., tokenizers=...) are for on-policy "
                              "distillation: set DistillationConfig(on_policy=OnPolicyConfig())")
