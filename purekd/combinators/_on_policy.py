@@ -46,7 +46,9 @@ from purekd.stages import (
     check_context,
     check_prompts,
     check_same_tokenizer,
+    check_tokenizers_fit,
     completion_rows,
+    retokenise_rollout,
     rollout,
     share_equal_masks,
 )
@@ -55,6 +57,8 @@ from ._models import ModelsStage, Outputs
 
 PROMPT_KEYS = ("prompts", "prompt_attention_mask")
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
+CROSS_KEYS = ("student", "teacher", "spans")
+"""An on-policy batch across tokenizers: the off-policy part is a cross-tokenizer batch."""
 
 
 _RANK_STRIDE = 0x9E3779B97F4A7C15
@@ -98,6 +102,14 @@ class OnPolicyStage:
     with the config's knobs); ``tokenizers``: ``(tokenizer_T, tokenizer_S)`` to check that both
     models share one vocabulary.
 
+    ``cross_tokenizer=True`` (a teacher and a student with different tokenizers, both given in
+    ``tokenizers``): each rollout is decoded and re-tokenised for the teacher
+    (:func:`~purekd.stages.retokenise_rollout`), and the models stage gets a cross-tokenizer
+    batch ``{'student', 'teacher', 'spans'}`` (the KD loss is then ``'gold'`` or ``'uld'`` over
+    the completion's aligned spans). The off-policy batches (``lmbda < 1``) are the batch's own
+    cross-tokenizer parts (``'student'``, ``'teacher'``, ``'spans'``, from
+    :class:`~purekd.stages.CrossTokenizerCollator`), beside ``'prompts'`` in the student's ids.
+
     ``stage.generator`` draws the ``lmbda`` decisions and the sampling seeds;
     ``stage.empty_rollouts`` counts the on-policy batches that had no completion token; the last
     rollout is kept in ``stage.last_rollout`` (for logging and tests). ``prompt_keys``: the batch
@@ -108,7 +120,7 @@ class OnPolicyStage:
 
     def __init__(self, config: OnPolicyConfig, models: ModelsStage, *, teacher: Any = None,
                  sampler: Sampler | None = None,
-                 tokenizers: Sequence[Any] | None = None):
+                 tokenizers: Sequence[Any] | None = None, cross_tokenizer: bool = False):
         if not isinstance(config, OnPolicyConfig):
             raise TypeError(f"OnPolicyStage(config=...): expected a purekd.OnPolicyConfig, got "
                             f"{type(config).__name__}")
@@ -118,10 +130,24 @@ class OnPolicyStage:
         if config.seq_kd and teacher is None:
             raise ValueError("OnPolicyConfig(seq_kd=True): the teacher samples, so give "
                              "OnPolicyStage(teacher=model_T)")
-        if tokenizers is not None:
-            if len(tokenizers) != 2:
-                raise ValueError("OnPolicyStage(tokenizers=...): give (tokenizer_T, tokenizer_S)")
+        if tokenizers is not None and len(tokenizers) != 2:
+            raise ValueError("OnPolicyStage(tokenizers=...): give (tokenizer_T, tokenizer_S)")
+        if cross_tokenizer:
+            if tokenizers is None:
+                raise ValueError(
+                    "on-policy across tokenizers: the student's samples are decoded and "
+                    "re-tokenised for the teacher, which needs both tokenizers: give "
+                    "make_step(..., tokenizers=(tokenizer_T, tokenizer_S)) (fast tokenizers)")
+            if config.seq_kd:
+                raise ValueError(
+                    "OnPolicyConfig(seq_kd=True) across tokenizers is not supported: the "
+                    "teacher would sample in its own tokens from prompts in the student's; use "
+                    "seq_kd=False (the student samples)")
+            check_tokenizers_fit(tokenizers[0], tokenizers[1], teacher, models.student)
+        elif tokenizers is not None:
             check_same_tokenizer(*tokenizers)
+        self.cross_tokenizer = cross_tokenizer
+        self.tokenizers = tuple(tokenizers) if tokenizers is not None else None
         self.config = config
         self._models = models
         self._teacher = teacher
@@ -132,6 +158,7 @@ class OnPolicyStage:
         self.state = GeneratorState(config.seed)
         self.empty_rollouts = 0
         self.last_rollout: Rollout | None = None
+        self.last_cross_rollout: Any = None
 
     # -- the step sees the stage as its models stage --------------------------------------
     @property
@@ -173,7 +200,7 @@ class OnPolicyStage:
                 "on-policy: the batch carries a 'teacher_cache' (a top-k teacher cache), but "
                 "the teacher must score the newly sampled sequences, which no cache holds; "
                 "drop the cache (run the teacher), or train off-policy (on_policy=None)")
-        if _is_split(batch):
+        if _is_split(batch) and not self.cross_tokenizer:
             raise ValueError(
                 "on-policy: the batch has 'teacher'/'student' parts; on-policy distillation "
                 "feeds both models the same sampled token ids (one tokenizer), so give one "
@@ -183,6 +210,9 @@ class OnPolicyStage:
                 f"on-policy: the batch has no 'prompts' (its keys: {sorted(batch)}); give the "
                 "prompts to sample from as 'prompts' (B, P) token ids, left-padded, with "
                 "'prompt_attention_mask' (B, P)")
+        if self.cross_tokenizer:
+            self._check_cross_batch(batch)
+            return
         unknown = sorted(set(batch) - set(PROMPT_KEYS) - set(SEQUENCE_KEYS))
         if unknown:
             raise ValueError(
@@ -195,6 +225,38 @@ class OnPolicyStage:
                 "sequences on a share 1 - lmbda of the batches, but the batch has no "
                 "'input_ids'; give the full sequences ('input_ids', 'attention_mask', "
                 "'labels' with -100 on the prompt) beside 'prompts', or set lmbda=1.0")
+
+    def _check_cross_batch(self, batch: Mapping[str, Any]) -> None:
+        unknown = sorted(set(batch) - set(PROMPT_KEYS) - set(CROSS_KEYS))
+        if unknown:
+            raise ValueError(
+                f"on-policy across tokenizers: the batch has key(s) {unknown}; it takes "
+                f"{list(PROMPT_KEYS)} (the student's token ids) and, for the off-policy "
+                f"batches, the cross-tokenizer parts {list(CROSS_KEYS)} "
+                "(CrossTokenizerCollator)")
+        missing = [k for k in CROSS_KEYS if k not in batch]
+        if self.config.lmbda < 1 and missing:
+            raise ValueError(
+                f"on-policy across tokenizers: OnPolicyConfig(lmbda={self.config.lmbda}) uses "
+                f"the batch's own texts on a share 1 - lmbda of the batches, but the batch has "
+                f"no {missing}; give the CrossTokenizerCollator's output ('student', 'teacher', "
+                "'spans') beside 'prompts', or set lmbda=1.0")
+
+    def _cross(self, sampled: Rollout, batch: Mapping[str, Any], args: Mapping[str, Any]
+               ) -> Outputs:
+        assert self.tokenizers is not None
+        tokenizer_T, tokenizer_S = self.tokenizers
+        student_part = batch.get("student")
+        labels = "labels" in batch or (isinstance(student_part, Mapping)
+                                       and "labels" in student_part)
+        config = getattr(self._teacher, "config", None)
+        context = (getattr(config, "max_position_embeddings", None)
+                   or getattr(config, "n_positions", None))
+        cross = retokenise_rollout(sampled, tokenizer_S, tokenizer_T, labels=labels,
+                                   context_T=context if isinstance(context, int) else None)
+        self.last_cross_rollout = cross
+        return self._models({"student": cross.student, "teacher": cross.teacher,
+                             "spans": cross.spans}, **args)
 
     def __call__(self, batch: Any, *, teacher_outputs: Adapted | None = None,
                 **args: Any) -> Outputs:
@@ -214,7 +276,8 @@ class OnPolicyStage:
         sampler_model = self._teacher if self.config.seq_kd else self.student
         check_context(lengths, self.config.max_new_tokens,
                       [("student", self.student)]
-                      + ([("teacher", self._teacher)] if self._teacher is not None else []))
+                      + ([("teacher", self._teacher)] if self._teacher is not None
+                         and not self.cross_tokenizer else []))
         pad = self._pad_id(sampler_model)
         sampled = rollout(self.sampler, sampler_model, prompts, prompt_mask, seed=seed,
                           pad_token_id=pad)
@@ -225,6 +288,8 @@ class OnPolicyStage:
                 f"on-policy: the rollout has no completion token (every sample ended at once); "
                 f"this batch's KD loss is 0 ({self.empty_rollouts} such batch(es) so far)",
                 UserWarning, stacklevel=2)
+        if self.cross_tokenizer:
+            return self._cross(sampled, batch, args)
         inputs: dict[str, Tensor] = {"input_ids": sampled.input_ids,
                                      "attention_mask": sampled.attention_mask}
         if "labels" in batch:
@@ -236,4 +301,4 @@ class OnPolicyStage:
         return Outputs(student, share_equal_masks(student, teacher))
 
 
-__all__ = ["GeneratorState", "OnPolicyStage"]
+__all__ = ["CROSS_KEYS", "GeneratorState", "OnPolicyStage"]

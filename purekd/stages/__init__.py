@@ -28,6 +28,12 @@ from ._cross_batches import (
     check_offsets_support,
     check_same_texts,
 )
+from ._cross_rollout import (
+    CrossRollout,
+    check_tokenizers_fit,
+    decode_with_offsets,
+    retokenise_rollout,
+)
 from ._forward import forward
 from ._next_token import IGNORE_INDEX, NextToken, next_token, shift_left
 from ._probability_shift import probability_shift
@@ -53,6 +59,7 @@ __all__ = [
     "IGNORE_INDEX",
     "Adapted",
     "AdaptorError",
+    "CrossRollout",
     "CrossTokenizerCollator",
     "HFGenerateSampler",
     "NextToken",
@@ -70,8 +77,10 @@ __all__ = [
     "check_prompts",
     "check_same_texts",
     "check_same_tokenizer",
+    "check_tokenizers_fit",
     "completion_mask",
     "completion_rows",
+    "decode_with_offsets",
     "detach",
     "forward",
     "match_vocabularies",
@@ -80,6 +89,7 @@ __all__ = [
     "normalise",
     "normalise_token",
     "probability_shift",
+    "retokenise_rollout",
     "rollout",
     "sampling_mode",
     "share_equal_masks",

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from purekd.losses import AlignedSpans
@@ -108,7 +109,11 @@ class CrossTokenizerCollator:
     tokenizers must be fast (``ValueError`` naming the one that is not, and the fix). The
     offsets are dropped from the model inputs (models do not take them).
 
-    Use it as a ``DataLoader``'s ``collate_fn`` over a dataset of strings.
+    Use it as a ``DataLoader``'s ``collate_fn`` over a dataset of strings. An item may also be a
+    ``(prompt, completion)`` pair of strings: the text is ``prompt + completion`` and only the
+    completion is in the loss (each side's ``labels`` are ``-100`` on the tokens that start
+    before the completion's first character, so spans over the prompt are dropped) — the data
+    form of an on-policy rollout across tokenizers.
     """
 
     def __init__(self, tokenizer_S: Any, tokenizer_T: Any, *, max_length: int | None = None,
@@ -118,22 +123,32 @@ class CrossTokenizerCollator:
         self.tokenizer_S, self.tokenizer_T = tokenizer_S, tokenizer_T
         self.max_length, self.shift = max_length, shift
 
-    def _encode(self, tokenizer: Any, texts: list[str]) -> dict[str, Any]:
+    def _encode(self, tokenizer: Any, texts: list[str], prompt_chars: list[int]
+                ) -> dict[str, Any]:
         encoded = tokenizer(texts, return_offsets_mapping=True, padding=True,
                             truncation=self.max_length is not None, max_length=self.max_length,
                             return_tensors="pt")
         batch = dict(encoded)
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        outside = batch["attention_mask"] == 0
+        if any(prompt_chars):
+            starts = batch["offset_mapping"][..., 0]
+            outside = outside | (starts < torch.tensor(prompt_chars).unsqueeze(1))
+        batch["labels"] = batch["input_ids"].masked_fill(outside, -100)
         return batch
 
-    def __call__(self, texts: Sequence[str]) -> dict[str, Any]:
-        texts = list(texts)
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("CrossTokenizerCollator: the batch must be a list of strings")
-        batch_S = self._encode(self.tokenizer_S, texts)
-        batch_T = self._encode(self.tokenizer_T, texts)
+    def __call__(self, texts: Sequence[str | tuple[str, str]]) -> dict[str, Any]:
+        items = list(texts)
+        pairs = [isinstance(t, (tuple, list)) and len(t) == 2
+                 and all(isinstance(part, str) for part in t) for t in items]
+        if not all(isinstance(t, str) or pair for t, pair in zip(items, pairs, strict=True)):
+            raise TypeError("CrossTokenizerCollator: the batch must be a list of strings or of "
+                            "(prompt, completion) pairs of strings")
+        joined = [t[0] + t[1] if pair else t for t, pair in zip(items, pairs, strict=True)]
+        prompt_chars = [len(t[0]) if pair else 0 for t, pair in zip(items, pairs, strict=True)]
+        batch_S = self._encode(self.tokenizer_S, joined, prompt_chars)
+        batch_T = self._encode(self.tokenizer_T, joined, prompt_chars)
         spans = align_batches(batch_S, batch_T, tokenizer_S=self.tokenizer_S,
-                              tokenizer_T=self.tokenizer_T, texts=texts, shift=self.shift)
+                              tokenizer_T=self.tokenizer_T, texts=joined, shift=self.shift)
         batch_S.pop("offset_mapping")
         batch_T.pop("offset_mapping")
         return {STUDENT_KEY: batch_S, TEACHER_KEY: batch_T, SPANS_KEY: spans}
