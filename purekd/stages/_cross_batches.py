@@ -137,14 +137,19 @@ class CrossTokenizerCollator:
         return batch
 
     def __call__(self, texts: Sequence[str | tuple[str, str]]) -> dict[str, Any]:
-        items = list(texts)
-        pairs = [isinstance(t, (tuple, list)) and len(t) == 2
-                 and all(isinstance(part, str) for part in t) for t in items]
-        if not all(isinstance(t, str) or pair for t, pair in zip(items, pairs, strict=True)):
-            raise TypeError("CrossTokenizerCollator: the batch must be a list of strings or of "
-                            "(prompt, completion) pairs of strings")
-        joined = [t[0] + t[1] if pair else t for t, pair in zip(items, pairs, strict=True)]
-        prompt_chars = [len(t[0]) if pair else 0 for t, pair in zip(items, pairs, strict=True)]
+        joined: list[str] = []
+        prompt_chars: list[int] = []
+        for item in texts:
+            if isinstance(item, str):
+                joined.append(item)
+                prompt_chars.append(0)
+            elif (isinstance(item, (tuple, list)) and len(item) == 2
+                  and all(isinstance(part, str) for part in item)):
+                joined.append(item[0] + item[1])
+                prompt_chars.append(len(item[0]))
+            else:
+                raise TypeError("CrossTokenizerCollator: the batch must be a list of strings or "
+                                "of (prompt, completion) pairs of strings")
         batch_S = self._encode(self.tokenizer_S, joined, prompt_chars)
         batch_T = self._encode(self.tokenizer_T, joined, prompt_chars)
         spans = align_batches(batch_S, batch_T, tokenizer_S=self.tokenizer_S,

@@ -233,7 +233,7 @@ def _eos_sampler(eos: int):
 
 
 def test_no_completion_span_gives_zero_with_finite_gradients_and_a_counted_warning(tokenizers):
-    tokenizer_T, tokenizer_S = tokenizers
+    tokenizer_S = tokenizers[1]
     models = _models(tokenizers)
     step = _step(tokenizers, models, "gold", sampler=_eos_sampler(tokenizer_S.eos_token_id))
     before = batches_without_spans()

@@ -22,9 +22,11 @@ from ..terms.test_cross_tokenizer_kd import (
     adaptor,
     by_hand,
     models,
-    pair,  # noqa: F401 (a fixture)
     sgd_by_hand,
 )
+from ..terms.test_cross_tokenizer_kd import pair as _pair_fixture
+
+pair = _pair_fixture  # the fixture, under the name the tests take
 
 transformers = pytest.importorskip("transformers")
 from purekd.integrations.hf_trainer import (  # noqa: E402
