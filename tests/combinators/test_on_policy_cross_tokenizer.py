@@ -345,3 +345,46 @@ def test_uld_with_one_tokenizer_stays_row_against_row():
                             tokenizers=(tokenizer, tokenizer))
     assert not step.outputs.cross_tokenizer
     assert torch.isfinite(step(_prompts(tokenizer)).loss)
+
+
+REAL_TEXT = ("In the beginning God created the heaven and the earth. Café €5 — naïve 日本語 🙂 "
+             "done.\n  And  God said.")
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_decode_with_offsets_on_the_real_tokenizers_covers_their_own_offsets(which):
+    tokenizer = getattr(_tokenizers, which)()
+    encoded = tokenizer(REAL_TEXT, add_special_tokens=False, return_offsets_mapping=True)
+    text, offsets = decode_with_offsets(tokenizer, encoded["input_ids"])
+    assert text == REAL_TEXT
+    # each token's derived offsets are its own, or a coarser group's (where a token ends
+    # inside a multi-byte character no boundary is placed), never another token's
+    for (start, end), (own_start, own_end) in zip(offsets, encoded["offset_mapping"],
+                                                  strict=True):
+        assert start <= own_start and own_end <= end
+    exact = sum(tuple(a) == tuple(b) for a, b in zip(offsets, encoded["offset_mapping"],
+                                                      strict=True))
+    assert exact >= len(offsets) - 4
+
+
+def test_a_smollm2_rollout_is_aligned_with_gemma3():
+    from purekd.stages import Rollout
+
+    tokenizer_S, tokenizer_T = _tokenizers.smollm2(), _tokenizers.gemma3()
+    prompt = tokenizer_S("In the beginning", add_special_tokens=False)["input_ids"]
+    completion = tokenizer_S(" God created the heaven and the earth. Café €5 🙂",
+                             add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + completion + [tokenizer_S.eos_token_id]])
+    mask = torch.zeros_like(ids)
+    mask[0, len(prompt):] = 1
+    rollout = Rollout(ids, torch.ones_like(ids), mask, None, torch.tensor([len(prompt)]),
+                      torch.tensor([len(completion) + 1]))
+    cross = retokenise_rollout(rollout, tokenizer_S, tokenizer_T, labels=True)
+    assert cross.texts == ["In the beginning God created the heaven and the earth. Café €5 🙂"]
+    assert cross.prompt_chars == [len("In the beginning")]
+    spans = cross.spans
+    # every span is in the completion, and together they cover most of its words
+    assert bool((mask.flatten()[spans.rows_S[spans.mask_S] + 1] == 1).all())
+    assert int(spans.weight.sum()) >= 10
+    words_T = tokenizer_T.convert_ids_to_tokens(cross.teacher["input_ids"][0].tolist())
+    assert words_T[0] == tokenizer_T.bos_token  # the teacher's own BOS, zero width
