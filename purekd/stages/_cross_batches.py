@@ -103,7 +103,8 @@ class CrossTokenizerCollator:
     """Texts → ``{'student': batch_S, 'teacher': batch_T, 'spans': AlignedSpans}``.
 
     Each side's batch is its tokenizer's output for the same texts (``input_ids``,
-    ``attention_mask``, ``labels`` = the ids with padding as ``-100``; padded to the longest,
+    ``attention_mask``, ``labels`` = the ids with padding as ``-100``; right-padded to the longest
+    whatever the tokenizer's ``padding_side``,
     truncated to ``max_length`` tokens when given); ``spans`` aligns them
     (:func:`~purekd.stages.align_spans`, ``shift=1``: causal LMs' unshifted logits). Both
     tokenizers must be fast (``ValueError`` naming the one that is not, and the fix). The
@@ -125,7 +126,10 @@ class CrossTokenizerCollator:
 
     def _encode(self, tokenizer: Any, texts: list[str], prompt_chars: list[int]
                 ) -> dict[str, Any]:
+        # right-padded whatever the tokenizer's padding_side: a causal LM numbers positions
+        # from column 0 unless given position ids, so left padding would shift every row
         encoded = tokenizer(texts, return_offsets_mapping=True, padding=True,
+                            padding_side="right",
                             truncation=self.max_length is not None, max_length=self.max_length,
                             return_tensors="pt")
         batch = dict(encoded)

@@ -146,7 +146,7 @@ def retokenise_rollout(rollout: Rollout, tokenizer_S: Any, tokenizer_T: Any, *,
         starts = [start for start, _ in offsets[prompt:]]
         prompt_chars.append(min([max(ends, default=0), *starts[:1]]))
         offsets_S.append(offsets + [(len(text), len(text))] * (length_S - real))
-    encoded = tokenizer_T(texts, return_offsets_mapping=True, padding=True,
+    encoded = tokenizer_T(texts, return_offsets_mapping=True, padding=True, padding_side="right",
                           return_tensors="pt")
     device = ids_S.device
     ids_T = encoded["input_ids"].to(device)

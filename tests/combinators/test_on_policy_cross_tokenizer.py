@@ -388,3 +388,19 @@ def test_a_smollm2_rollout_is_aligned_with_gemma3():
     assert int(spans.weight.sum()) >= 10
     words_T = tokenizer_T.convert_ids_to_tokens(cross.teacher["input_ids"][0].tolist())
     assert words_T[0] == tokenizer_T.bos_token  # the teacher's own BOS, zero width
+
+
+def test_both_routes_right_pad_whatever_the_tokenizers_padding_side(tokenizers):
+    # a causal LM numbers positions from column 0, so a left-padded teacher batch would shift
+    # every row of its shorter sequences
+    tokenizer_T, tokenizer_S = wordpiece_any(), characters()
+    tokenizer_T.padding_side = tokenizer_S.padding_side = "left"
+    batch = CrossTokenizerCollator(tokenizer_S, tokenizer_T)(["let there be light.", "and"])
+    for side in ("student", "teacher"):
+        mask = batch[side]["attention_mask"]
+        assert bool((mask[:, 0] == 1).all()) and bool((mask[:, 1:] <= mask[:, :-1]).all())
+    step = _step((tokenizer_T, tokenizer_S), _models(tokenizers), "uld")
+    tokenizer_S.padding_side = "right"
+    step(_prompts(tokenizer_S))
+    mask = step.outputs.last_cross_rollout.teacher["attention_mask"]
+    assert bool((mask[:, 1:] <= mask[:, :-1]).all()) and bool((mask[:, -1] == 0).any())
