@@ -404,3 +404,14 @@ def test_both_routes_right_pad_whatever_the_tokenizers_padding_side(tokenizers):
     step(_prompts(tokenizer_S))
     mask = step.outputs.last_cross_rollout.teacher["attention_mask"]
     assert bool((mask[:, 1:] <= mask[:, :-1]).all()) and bool((mask[:, -1] == 0).any())
+
+
+def test_a_retokenised_sequence_past_the_teachers_context_is_refused(tokenizers):
+    teacher = tiny_llama(1, 8, seed=0, vocab=len(tokenizers[0]), context=6).eval()
+    student = _models(tokenizers)[1]
+    step = _step(tokenizers, (teacher, student), "uld")
+    with pytest.raises(ValueError, match=r"^on-policy across tokenizers: sequence \d re-tokenised "
+                                         r"for the teacher is \d+ tokens, past the teacher's "
+                                         r"context of 6: shorten the prompts or lower "
+                                         r"max_new_tokens"):
+        step(_prompts(tokenizers[1]))
