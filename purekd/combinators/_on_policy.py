@@ -48,6 +48,7 @@ from purekd.stages import (
     check_same_tokenizer,
     check_tokenizers_fit,
     completion_rows,
+    prompts_for,
     retokenise_rollout,
     rollout,
     share_equal_masks,
@@ -71,6 +72,14 @@ def _rank() -> int:
     if distributed.is_available() and distributed.is_initialized():
         return int(distributed.get_rank())
     return 0
+
+
+def _context(model: Any) -> int | None:
+    """A model's context (``config.max_position_embeddings`` or ``n_positions``), if it has one."""
+    config = getattr(model, "config", None)
+    context = (getattr(config, "max_position_embeddings", None)
+               or getattr(config, "n_positions", None))
+    return context if isinstance(context, int) else None
 
 
 def _is_split(batch: Mapping[str, Any]) -> bool:
@@ -109,6 +118,9 @@ class OnPolicyStage:
     the completion's aligned spans). The off-policy batches (``lmbda < 1``) are the batch's own
     cross-tokenizer parts (``'student'``, ``'teacher'``, ``'spans'``, from
     :class:`~purekd.stages.CrossTokenizerCollator`), beside ``'prompts'`` in the student's ids.
+    With ``seq_kd`` the prompts are decoded and tokenised for the teacher
+    (:func:`~purekd.stages.prompts_for`), the teacher samples, and the student's side is
+    re-tokenised.
 
     ``stage.generator`` draws the ``lmbda`` decisions and the sampling seeds;
     ``stage.empty_rollouts`` counts the on-policy batches that had no completion token; the last
@@ -138,11 +150,6 @@ class OnPolicyStage:
                     "on-policy across tokenizers: the student's samples are decoded and "
                     "re-tokenised for the teacher, which needs both tokenizers: give "
                     "make_step(..., tokenizers=(tokenizer_T, tokenizer_S)) (fast tokenizers)")
-            if config.seq_kd:
-                raise ValueError(
-                    "OnPolicyConfig(seq_kd=True) across tokenizers is not supported: the "
-                    "teacher would sample in its own tokens from prompts in the student's; use "
-                    "seq_kd=False (the student samples)")
             check_tokenizers_fit(tokenizers[0], tokenizers[1], teacher, models.student)
         elif tokenizers is not None:
             check_same_tokenizer(*tokenizers)
@@ -249,11 +256,10 @@ class OnPolicyStage:
         student_part = batch.get("student")
         labels = "labels" in batch or (isinstance(student_part, Mapping)
                                        and "labels" in student_part)
-        config = getattr(self._teacher, "config", None)
-        context = (getattr(config, "max_position_embeddings", None)
-                   or getattr(config, "n_positions", None))
         cross = retokenise_rollout(sampled, tokenizer_S, tokenizer_T, labels=labels,
-                                   context_T=context if isinstance(context, int) else None)
+                                   context_T=_context(self._teacher),
+                                   context_S=_context(self.student),
+                                   sampled_by="teacher" if self.config.seq_kd else "student")
         self.last_cross_rollout = cross
         return self._models({"student": cross.student, "teacher": cross.teacher,
                              "spans": cross.spans}, **args)
@@ -274,10 +280,18 @@ class OnPolicyStage:
             prompt_mask = torch.ones_like(prompts, dtype=torch.int64)
         lengths = check_prompts(prompts, prompt_mask)
         sampler_model = self._teacher if self.config.seq_kd else self.student
-        check_context(lengths, self.config.max_new_tokens,
-                      [("student", self.student)]
-                      + ([("teacher", self._teacher)] if self._teacher is not None
-                         and not self.cross_tokenizer else []))
+        if self.cross_tokenizer:  # only the sampler's context: the other side is re-tokenised
+            if self.config.seq_kd:  # the teacher samples from the prompts in its own tokens
+                assert self.tokenizers is not None
+                prompts, prompt_mask = prompts_for(prompts, prompt_mask, self.tokenizers[1],
+                                                   self.tokenizers[0])
+                lengths = check_prompts(prompts, prompt_mask)
+            check_context(lengths, self.config.max_new_tokens,
+                          [("teacher" if self.config.seq_kd else "student", sampler_model)])
+        else:
+            check_context(lengths, self.config.max_new_tokens,
+                          [("student", self.student)]
+                          + ([("teacher", self._teacher)] if self._teacher is not None else []))
         pad = self._pad_id(sampler_model)
         sampled = rollout(self.sampler, sampler_model, prompts, prompt_mask, seed=seed,
                           pad_token_id=pad)

@@ -32,6 +32,7 @@ from ._cross_rollout import (
     CrossRollout,
     check_tokenizers_fit,
     decode_with_offsets,
+    prompts_for,
     retokenise_rollout,
 )
 from ._forward import forward
@@ -89,6 +90,7 @@ __all__ = [
     "normalise",
     "normalise_token",
     "probability_shift",
+    "prompts_for",
     "retokenise_rollout",
     "rollout",
     "sampling_mode",

@@ -29,8 +29,12 @@ span — the convention byte-fallback tokenizers already use. A token that decod
 (a special token) gets zero width and is in no span. Only the teacher's side is re-tokenised,
 and that is exact: the teacher's offsets come from its own tokenizer on the decoded text.
 
-Prompt spans are out: the student's mask is the completion mask, the teacher's the tokens that
-start at or after the prompt's decoded text. A stop token (EOS) decodes to nothing, so it is in
+With ``seq_kd`` the roles swap (``sampled_by="teacher"``): the teacher's sampled ids are kept
+and the student's side is re-tokenised (the student did not sample, so its canonical
+tokenisation is the right one); :func:`prompts_for` gives the teacher the prompts in its tokens.
+
+Prompt spans are out: the sampling side's mask is the completion mask, the re-tokenised side's
+the tokens that start at or after the prompt's decoded text. A stop token (EOS) decodes to nothing, so it is in
 no span: across tokenizers the KD loss does not teach where to stop (the teacher's tokenizer has
 its own stop token, which the re-tokenised text does not contain).
 """
@@ -120,58 +124,89 @@ def check_tokenizers_fit(tokenizer_T: Any, tokenizer_S: Any, teacher: Any, stude
 
 
 def retokenise_rollout(rollout: Rollout, tokenizer_S: Any, tokenizer_T: Any, *,
-                       labels: bool = False, context_T: int | None = None) -> CrossRollout:
-    """The rollout (the student's token ids) as a cross-tokenizer batch (module docstring).
+                       labels: bool = False, context_T: int | None = None,
+                       sampled_by: str = "student", context_S: int | None = None
+                       ) -> CrossRollout:
+    """The rollout (the sampling side's token ids) as a cross-tokenizer batch (module docstring).
 
-    Both tokenizers must be fast (offsets). ``labels``: add each side's ``labels`` (``-100``
-    outside the completion and on padding). ``context_T``: the teacher's context; a
-    re-tokenised sequence longer than it raises, naming the sequence.
+    ``sampled_by``: ``"student"`` (the rollout holds the student's ids; the teacher's side is
+    re-tokenised) or ``"teacher"`` (``seq_kd``: the teacher's ids are kept and the student's side
+    is re-tokenised). Both tokenizers must be fast (offsets). ``labels``: add each side's
+    ``labels`` (``-100`` outside the completion and on padding). ``context_T`` /
+    ``context_S``: the re-tokenised side's context; a sequence longer than it raises, naming
+    the sequence.
     """
+    if sampled_by not in ("student", "teacher"):
+        raise ValueError(f"retokenise_rollout(sampled_by={sampled_by!r}): 'student' or "
+                         "'teacher'")
     check_offsets_support(tokenizer_S, "student")
     check_offsets_support(tokenizer_T, "teacher")
-    ids_S, attended_S = rollout.input_ids, rollout.attention_mask
-    _check_vocabulary(ids_S, tokenizer_S, "student")
-    length_S = ids_S.size(1)
+    by_student = sampled_by == "student"
+    tokenizer_A, tokenizer_B = (tokenizer_S, tokenizer_T) if by_student else (tokenizer_T,
+                                                                               tokenizer_S)
+    side_B = "teacher" if by_student else "student"
+    context = context_T if by_student else context_S
+    ids_A, attended_A = rollout.input_ids, rollout.attention_mask
+    _check_vocabulary(ids_A, tokenizer_A, sampled_by)
+    length_A = ids_A.size(1)
     texts: list[str] = []
-    offsets_S: list[list[tuple[int, int]]] = []
+    offsets_A: list[list[tuple[int, int]]] = []
     prompt_chars: list[int] = []
-    for b in range(ids_S.size(0)):
-        real = int(attended_S[b].sum())
+    for b in range(ids_A.size(0)):
+        real = int(attended_A[b].sum())
         prompt = int(rollout.prompt_lengths[b])
-        text, offsets = decode_with_offsets(tokenizer_S, ids_S[b, :real].tolist())
+        text, offsets = decode_with_offsets(tokenizer_A, ids_A[b, :real].tolist())
         texts.append(text)
         # the completion's text begins where the last prompt token ends (or at the first
         # completion token's start, when a character straddles the two)
         ends = [end for _, end in offsets[:prompt]]
         starts = [start for start, _ in offsets[prompt:]]
         prompt_chars.append(min([max(ends, default=0), *starts[:1]]))
-        offsets_S.append(offsets + [(len(text), len(text))] * (length_S - real))
-    encoded = tokenizer_T(texts, return_offsets_mapping=True, padding=True, padding_side="right",
+        offsets_A.append(offsets + [(len(text), len(text))] * (length_A - real))
+    encoded = tokenizer_B(texts, return_offsets_mapping=True, padding=True, padding_side="right",
                           return_tensors="pt")
-    device = ids_S.device
-    ids_T = encoded["input_ids"].to(device)
-    attended_T = encoded["attention_mask"].to(device)
-    offsets_T = encoded["offset_mapping"]
-    if context_T is not None and ids_T.size(1) > context_T:
-        lengths = attended_T.sum(-1)
+    device = ids_A.device
+    ids_B = encoded["input_ids"].to(device)
+    attended_B = encoded["attention_mask"].to(device)
+    offsets_B = encoded["offset_mapping"]
+    if context is not None and ids_B.size(1) > context:
+        lengths = attended_B.sum(-1)
         index = int(lengths.argmax())
         raise ValueError(
-            f"on-policy across tokenizers: sequence {index} re-tokenised for the teacher is "
-            f"{int(lengths[index])} tokens, past the teacher's context of {context_T}: shorten "
+            f"on-policy across tokenizers: sequence {index} re-tokenised for the {side_B} is "
+            f"{int(lengths[index])} tokens, past the {side_B}'s context of {context}: shorten "
             f"the prompts or lower max_new_tokens")
-    starts_T = offsets_T[..., 0].to(device)
+    starts_B = offsets_B[..., 0].to(device)
     chars = torch.tensor(prompt_chars, device=device).unsqueeze(1)
-    completion_T = ((starts_T >= chars) & (attended_T != 0)).to(torch.int64)
-    spans = align_spans(ids_S, offsets_S, ids_T, offsets_T, mask_S=rollout.completion_mask,
-                        mask_T=completion_T, attended_S=attended_S, attended_T=attended_T,
-                        texts=texts, shift=1, device=device)
-    student = {"input_ids": ids_S, "attention_mask": attended_S}
-    teacher = {"input_ids": ids_T, "attention_mask": attended_T}
+    completion_B = ((starts_B >= chars) & (attended_B != 0)).to(torch.int64)
+    completion_A = rollout.completion_mask
+    kept = {"input_ids": ids_A, "attention_mask": attended_A}
+    retokenised = {"input_ids": ids_B, "attention_mask": attended_B}
     if labels:
-        student["labels"] = torch.where(rollout.completion_mask != 0, ids_S, IGNORE_INDEX)
-        teacher["labels"] = torch.where(completion_T != 0, ids_T, IGNORE_INDEX)
-    return CrossRollout(student, teacher, spans, texts, prompt_chars)
+        kept["labels"] = torch.where(completion_A != 0, ids_A, IGNORE_INDEX)
+        retokenised["labels"] = torch.where(completion_B != 0, ids_B, IGNORE_INDEX)
+    if by_student:
+        spans = align_spans(ids_A, offsets_A, ids_B, offsets_B, mask_S=completion_A,
+                            mask_T=completion_B, attended_S=attended_A, attended_T=attended_B,
+                            texts=texts, shift=1, device=device)
+        return CrossRollout(kept, retokenised, spans, texts, prompt_chars)
+    spans = align_spans(ids_B, offsets_B, ids_A, offsets_A, mask_S=completion_B,
+                        mask_T=completion_A, attended_S=attended_B, attended_T=attended_A,
+                        texts=texts, shift=1, device=device)
+    return CrossRollout(retokenised, kept, spans, texts, prompt_chars)
+
+
+def prompts_for(prompt_ids: Tensor, prompt_mask: Tensor, tokenizer_S: Any, tokenizer_T: Any
+                ) -> tuple[Tensor, Tensor]:
+    """The student's left-padded prompts ``(B, P)`` decoded and tokenised by the teacher's
+    tokenizer (with its special tokens, e.g. its BOS), left-padded: the prompts the teacher
+    samples from with ``seq_kd``."""
+    texts = [tokenizer_S.decode(ids[mask != 0].tolist(), skip_special_tokens=True)
+             for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
+    encoded = tokenizer_T(texts, padding=True, padding_side="left", return_tensors="pt")
+    device = prompt_ids.device
+    return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
 
 __all__ = ["CrossRollout", "check_tokenizers_fit", "decode_with_offsets", "model_vocabulary",
-           "retokenise_rollout"]
+           "prompts_for", "retokenise_rollout"]

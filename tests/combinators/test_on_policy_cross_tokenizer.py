@@ -74,6 +74,17 @@ def tokenizers() -> tuple[Any, Any]:
     return wordpiece_any(), characters()
 
 
+def _without_pad_and_unk(model: Any, vocab: int, width: int) -> Any:
+    """``model`` with an output layer whose bias is -40 on ids 0 and 1 ([PAD], [UNK])."""
+    head = torch.nn.Linear(width, vocab, bias=True).double()
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[:2] = -40.0
+    model.lm_head = head
+    return model
+
+
 def _models(tokenizers: tuple[Any, Any]) -> tuple[Any, Any]:
     """The student's output layer gets a bias of -40 on [PAD] and [UNK], so it never samples
     them inside a sequence (special tokens decode to nothing, so they would not survive the
@@ -81,13 +92,7 @@ def _models(tokenizers: tuple[Any, Any]) -> tuple[Any, Any]:
     tokenizer_T, tokenizer_S = tokenizers
     teacher = tiny_llama(2, 16, seed=0, vocab=len(tokenizer_T), context=64).eval()
     student = tiny_llama(1, 8, seed=1, vocab=len(tokenizer_S), context=64).train()
-    head = torch.nn.Linear(8, len(tokenizer_S), bias=True).double()
-    with torch.no_grad():
-        head.weight.copy_(student.lm_head.weight)
-        head.bias.zero_()
-        head.bias[:2] = -40.0
-    student.lm_head = head
-    return teacher, student
+    return teacher, _without_pad_and_unk(student, len(tokenizer_S), 8)
 
 
 def _prompts(tokenizer_S: Any) -> dict[str, torch.Tensor]:
@@ -315,11 +320,6 @@ def test_gold_on_policy_without_tokenizers_is_refused(tokenizers):
                          vocabulary_map=vocabulary_map(tokenizers[1], tokenizers[0]))
 
 
-def test_seq_kd_across_tokenizers_is_refused(tokenizers):
-    with pytest.raises(ValueError, match=r"seq_kd=True\) across tokenizers is not supported"):
-        _step(tokenizers, _models(tokenizers), "uld", seq_kd=True)
-
-
 def test_swapped_tokenizers_are_caught(tokenizers):
     models = _models(tokenizers)
     with pytest.raises(ValueError, match=r"^on-policy across tokenizers: the student's tokenizer "
@@ -415,3 +415,34 @@ def test_a_retokenised_sequence_past_the_teachers_context_is_refused(tokenizers)
                                          r"context of 6: shorten the prompts or lower "
                                          r"max_new_tokens"):
         step(_prompts(tokenizers[1]))
+
+
+@pytest.mark.parametrize("loss", ["gold", "uld"])
+def test_seq_kd_across_tokenizers_the_teacher_samples_and_the_student_is_retokenised(loss):
+    # the teacher (characters, exact round trip) samples from the prompts re-tokenised for it;
+    # the loss equals the off-policy step on the same (prompt, completion) texts as data
+    tokenizer_T, tokenizer_S = characters(), wordpiece_any()
+    teacher = _without_pad_and_unk(
+        tiny_llama(2, 16, seed=0, vocab=len(tokenizer_T), context=64), len(tokenizer_T), 16)
+    student = tiny_llama(1, 8, seed=1, vocab=len(tokenizer_S), context=64).train()
+    models = (teacher.eval(), student)
+    step = _step((tokenizer_T, tokenizer_S), models, loss, seq_kd=True)
+    out = step(_prompts(tokenizer_S))
+    out.loss.backward()
+    on_grads = _grads(student)
+    student.zero_grad()
+    sampled, cross = step.outputs.last_rollout, step.outputs.last_cross_rollout
+    assert torch.equal(cross.teacher["input_ids"], sampled.input_ids)  # the teacher's own ids
+    assert int(sampled.input_ids.max()) < len(tokenizer_T)
+    # WordPiece decodes "let there be " without its trailing space
+    assert [t[:k] for t, k in zip(cross.texts, cross.prompt_chars, strict=True)] == [
+        p.strip() for p in PROMPTS]
+    data = CrossTokenizerCollator(tokenizer_S, tokenizer_T)(
+        [(t[:k], t[k:]) for t, k in zip(cross.texts, cross.prompt_chars, strict=True)])
+    assert torch.equal(data["student"]["input_ids"], cross.student["input_ids"])
+    reference = _off_policy_step((tokenizer_T, tokenizer_S), models, loss)(data)
+    reference.loss.backward()
+    assert out.tokens.item() == reference.tokens.item() > 3
+    torch.testing.assert_close(out.loss, reference.loss, rtol=1e-6, atol=1e-12)
+    for got, want in zip(on_grads, _grads(student), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
