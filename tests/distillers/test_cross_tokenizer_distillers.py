@@ -136,3 +136,26 @@ def test_on_policy_across_tokenizers_through_a_distiller_is_sgd_on_the_step_loss
                                    rtol=1e-6, atol=1e-9)
     start = dict(_models(tokenizers)[1].named_parameters())
     assert max((expected[k] - start[k]).abs().max().item() for k in expected) > 1e-6
+
+
+def test_mixed_on_and_off_policy_batches_across_tokenizers_train(tmp_path):
+    tokenizers = (wordpiece_any(), characters())
+    teacher, student = _models(tokenizers)
+    texts = ["let there be light.", "in the beginning god created", "and the earth."]
+    batch = {**CrossTokenizerCollator(tokenizers[1], tokenizers[0])(texts),
+             **_prompts(tokenizers[1])}
+    distiller = purekd.GeneralDistiller(
+        purekd.TrainingConfig(device="cpu", output_dir=str(tmp_path)),
+        _config("uld", lmbda=0.5, seed=0), teacher, student, hf_adaptor(causal=True),
+        hf_adaptor(causal=True), compile=False, tokenizers=tokenizers)
+    stage = distiller.step.outputs
+    draws = [stage.draw()[0] for _ in range(4)]
+    stage.generator.manual_seed(0)
+    assert True in draws and False in draws  # both kinds among the four batches
+    before = [p.detach().clone() for p in student.parameters()]
+    with distiller:
+        distiller.train(torch.optim.SGD(student.parameters(), lr=0.3), [batch] * 4,
+                        num_steps=4)
+    assert stage.last_cross_rollout is not None
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
