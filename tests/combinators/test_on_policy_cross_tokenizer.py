@@ -446,3 +446,33 @@ def test_seq_kd_across_tokenizers_the_teacher_samples_and_the_student_is_retoken
     torch.testing.assert_close(out.loss, reference.loss, rtol=1e-6, atol=1e-12)
     for got, want in zip(on_grads, _grads(student), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+
+
+def test_a_smollm2_student_samples_and_a_gemma3_teacher_scores():
+    # the real pair's tokenizers (byte-level BPE, 49,152; SentencePiece, 262,144) on tiny random
+    # models: random samples hold partial UTF-8 characters and odd merges; every step is finite
+    tokenizer_S, tokenizer_T = _tokenizers.smollm2(), _tokenizers.gemma3()
+    teacher = tiny_llama(1, 8, seed=0, vocab=len(tokenizer_T), context=256).float().eval()
+    student = tiny_llama(1, 8, seed=1, vocab=len(tokenizer_S), context=256).float()
+    student.generation_config.eos_token_id = tokenizer_S.eos_token_id
+    config = purekd.DistillationConfig(
+        kd_loss_type=["uld", {"top_k": 64}], temperature=1,
+        on_policy=purekd.OnPolicyConfig(max_new_tokens=24, seed=0))
+    step = purekd.make_step(config, teacher, student, hf_adaptor(causal=True),
+                            hf_adaptor(causal=True), compile=False,
+                            tokenizers=(tokenizer_T, tokenizer_S))
+    tokenizer_S.padding_side = "left"
+    try:
+        prompts = tokenizer_S(["In the beginning God created", "And God said, Let there"],
+                              padding=True, return_tensors="pt")
+    finally:
+        tokenizer_S.padding_side = "right"
+    out = step({"prompts": prompts["input_ids"],
+                "prompt_attention_mask": prompts["attention_mask"]})
+    out.loss.backward()
+    cross = step.outputs.last_cross_rollout
+    assert torch.isfinite(out.loss) and out.tokens.item() >= 30
+    assert cross.texts[0].startswith("In the beginning God created")
+    assert torch.equal(cross.student["input_ids"], step.outputs.last_rollout.input_ids)
+    assert cross.teacher["input_ids"][0, 0].item() == tokenizer_T.bos_token_id
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
