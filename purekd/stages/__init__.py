@@ -5,7 +5,7 @@ the shape checks that run before the loss path; ``next_token`` aligns a causal l
 logits with the tokens they predict; ``rollout`` samples completions of prompts (through a
 :class:`Sampler`, e.g. :class:`HFGenerateSampler`) for on-policy distillation; ``align_spans``,
 ``vocabulary_map`` and ``CrossTokenizerCollator`` serve a teacher and a student with different
-tokenizers.
+tokenizers, and ``retokenise_rollout`` turns an on-policy rollout into such a batch.
 
 Imports: the layers above (``purekd.losses``: the aligned-span record the cross-tokenizer
 losses take), the leaf ``purekd._keys`` (the adaptor key names) and the leaf
