@@ -71,20 +71,48 @@ class CrossRollout(NamedTuple):
     prompt_chars: list[int]
 
 
-def decode_with_offsets(tokenizer: Any, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+def decode_with_offsets(tokenizer: Any, ids: Sequence[int], *, window: int | None = 8
+                        ) -> tuple[str, list[tuple[int, int]]]:
     """``(text, offsets)``: ``ids`` decoded (``skip_special_tokens=True``) and each token's
     character offsets ``(start, end)`` in that text, from decoding prefixes (module docstring):
     the tokens of one multi-byte character share its offsets, a special token has zero width.
+
+    ``window=None`` decodes every prefix ``ids[:k]`` whole (``O(L^2)`` characters). ``window=w``
+    (the default, 8) decodes incrementally: token ``k``'s piece is the text that
+    ``ids[lo:k]`` adds to ``ids[lo:a]``, where ``a`` is the last token after which a boundary was
+    placed and ``lo = a - w`` (a few tokens of context, so leading-space and byte conventions
+    decode as they do in the whole sequence); when the piece is not the whole text's next
+    characters (a token ending inside a multi-byte character, or a decoder's clean-up joining the
+    window's end to the new token), the prefix is decoded whole and checked as with
+    ``window=None``. ``O(L w)`` decodes where the pieces agree; the same offsets as
+    ``window=None`` on the tokenizers tested (SmolLM2's byte-level BPE, Gemma 3's
+    SentencePiece, WordPiece, characters).
     """
     ids = [int(i) for i in ids]
     text = tokenizer.decode(ids, skip_special_tokens=True)
     boundaries: list[tuple[int, int]] = []  # (tokens so far, characters so far)
-    last = 0
-    for k in range(1, len(ids) + 1):
-        prefix = text if k == len(ids) else tokenizer.decode(ids[:k], skip_special_tokens=True)
-        if len(prefix) >= last and text.startswith(prefix):
-            boundaries.append((k, len(prefix)))
+    last = anchor = 0
+    for k in range(1, len(ids)):
+        if window is None:
+            prefix = tokenizer.decode(ids[:k], skip_special_tokens=True)
+            if len(prefix) >= last and text.startswith(prefix):
+                boundaries.append((k, len(prefix)))
+                last = len(prefix)
+            continue
+        lo = max(0, anchor - window)
+        base = tokenizer.decode(ids[lo:anchor], skip_special_tokens=True) if anchor > lo else ""
+        grown = tokenizer.decode(ids[lo:k], skip_special_tokens=True)
+        if grown.startswith(base) and text.startswith(grown[len(base):], last):
+            last += len(grown) - len(base)
+        else:  # e.g. a decoder's clean-up joined the window's end to the new token: decode whole
+            prefix = tokenizer.decode(ids[:k], skip_special_tokens=True)
+            if len(prefix) < last or not text.startswith(prefix):
+                continue
             last = len(prefix)
+        boundaries.append((k, last))
+        anchor = k
+    if ids:
+        boundaries.append((len(ids), len(text)))
     offsets: list[tuple[int, int]] = []
     start, done = 0, 0
     for count, end in boundaries:

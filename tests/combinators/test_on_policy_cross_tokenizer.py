@@ -476,3 +476,19 @@ def test_a_smollm2_student_samples_and_a_gemma3_teacher_scores():
     assert torch.equal(cross.student["input_ids"], step.outputs.last_rollout.input_ids)
     assert cross.teacher["input_ids"][0, 0].item() == tokenizer_T.bos_token_id
     assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("which", ["characters", "wordpiece_any", "wordpiece", "smollm2",
+                                   "gemma3"])
+def test_windowed_decoding_gives_the_offsets_of_whole_prefix_decoding(which):
+    tokenizer = (globals()[which]() if which in ("characters", "wordpiece_any")
+                 else getattr(_tokenizers, which)())
+    generator = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, len(tokenizer), (n,), generator=generator).tolist()
+                 for n in (1, 7, 64, 200)]
+    sequences.append(tokenizer(REAL_TEXT * 2, add_special_tokens=False)["input_ids"])
+    for ids in sequences:
+        exact = decode_with_offsets(tokenizer, ids, window=None)
+        for window in (1, 8):
+            assert decode_with_offsets(tokenizer, ids, window=window) == exact
+    assert decode_with_offsets(tokenizer, []) == ("", [])
