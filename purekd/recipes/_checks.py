@@ -12,7 +12,7 @@ before anything loads.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from ._paths import resolve
@@ -53,11 +53,23 @@ def _number(value: float) -> str:
     return repr(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
 
 
-class _Problems:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
+def _covers(failed: str, path: str) -> bool:
+    return path == failed or path.startswith((f"{failed}.", f"{failed}["))
 
-    def add(self, path: str, message: str) -> None:
+
+class _Problems:
+    """The problems found so far; a check that reads a key path that failed to structure
+    (``failed``: its value is a stand-in default) adds nothing."""
+
+    def __init__(self, failed: Collection[str] = ()) -> None:
+        self.lines: list[str] = []
+        self.failed = tuple(failed)
+
+    def add(self, path: str, message: str, *, about: tuple[str, ...] = ()) -> None:
+        """``path: message``, unless ``path`` or a key path in ``about`` (the other fields the
+        check read) failed to structure."""
+        if any(_covers(f, p) for f in self.failed for p in (path, *about)):
+            return
         self.lines.append(f"{path}: {message}")
 
     def within(self, path: str, value: float | None, low: float, high: float, *,
@@ -106,7 +118,7 @@ def _teacher(p: _Problems, teacher: Teacher, loss: Loss | None) -> None:
     p.one_of("teacher.cache_values", teacher.cache_values, CACHE_VALUES)
     if teacher.cache_dir is not None and teacher.source != "cache":
         p.add("teacher.cache_dir", f"set, but teacher.source is {teacher.source!r}: the cache "
-              "is read only with source: cache")
+              "is read only with source: cache", about=("teacher.source",))
 
 
 def _student(p: _Problems, student: Student) -> None:
@@ -114,7 +126,7 @@ def _student(p: _Problems, student: Student) -> None:
         p.add("student", "give either path (a model directory or .gguf file) or layers (the "
               "teacher's decoder layers to keep), not both" if student.path is not None
               else "give either path (a model directory or .gguf file) or layers (the "
-              "teacher's decoder layers to keep)")
+              "teacher's decoder layers to keep)", about=("student.path", "student.layers"))
     p.exists("student.path", student.path)
     layers = student.layers
     if isinstance(layers, int):
@@ -137,10 +149,10 @@ def _data(p: _Problems, data: Data) -> None:
     p.at_least("data.eval_rows", data.eval_rows, 0)
     if data.eval_path is not None and data.eval_rows:
         p.add("data.eval_rows", "set together with data.eval_path: hold rows out of data.path "
-              "or read a separate file, not both")
+              "or read a separate file, not both", about=("data.eval_path",))
     if data.separator is not None and not data.packing:
         p.add("data.separator", "set, but data.packing is false: the separator joins records "
-              "only when packing")
+              "only when packing", about=("data.packing",))
 
 
 def _loss(p: _Problems, loss: Loss, teacher: Teacher | None) -> None:
@@ -160,30 +172,34 @@ def _loss(p: _Problems, loss: Loss, teacher: Teacher | None) -> None:
         for key in given:
             if key not in known:
                 takes = ", ".join(known) if known else "no parameters"
-                p.add(f"loss.{key}", f"{name} takes no parameter {key!r} (it takes: {takes})")
+                p.add(f"loss.{key}", f"{name} takes no parameter {key!r} (it takes: {takes})",
+                      about=("loss.kd_loss_type",))
         if loss.params:
             p.add("loss.params", f"{sorted(loss.params)}: params are for a registered "
                   f"divergence; {name} takes {', '.join(known) or 'no parameters'} as "
-                  "loss.<name>")
+                  "loss.<name>", about=("loss.kd_loss_type",))
     if teacher is not None and teacher.source == "cache" and known is not None \
             and name not in TOPK_LOSSES:
         p.add("loss.kd_loss_type", f"{name!r} needs the teacher's whole distribution, a top-k "
               f"cache has only k entries: use one of {', '.join(TOPK_LOSSES)}, or "
-              "teacher.source: live")
+              "teacher.source: live", about=("teacher.source",))
     if loss.tail:
         if teacher is not None and teacher.source != "cache":
             p.add("loss.tail", "true needs a top-k teacher (teacher.source: cache): the tail "
-                  "bucket holds the mass outside the cached k entries")
+                  "bucket holds the mass outside the cached k entries",
+                  about=("teacher.source",))
         if loss.temperature != 1:
             p.add("loss.tail", f"true needs loss.temperature 1 (got "
-                  f"{_number(loss.temperature)}): the tail bucket is at temperature 1")
+                  f"{_number(loss.temperature)}): the tail bucket is at temperature 1",
+                  about=("loss.temperature",))
     for index, match in enumerate(loss.matches):
         p.at_least(f"loss.matches[{index}].layer_T", match.layer_T, 0)
         p.at_least(f"loss.matches[{index}].layer_S", match.layer_S, 0)
         p.within(f"loss.matches[{index}].weight", match.weight, 0, math.inf, open_high=True)
     if loss.matches and teacher is not None and teacher.source == "cache":
         p.add("loss.matches", "intermediate matches compare hidden states, which a top-k "
-              "teacher cache does not hold: use teacher.source: live")
+              "teacher cache does not hold: use teacher.source: live",
+              about=("teacher.source",))
 
 
 def _optimizer(p: _Problems, optimizer: Optimizer) -> None:
@@ -206,7 +222,8 @@ def _schedule(p: _Problems, schedule: Schedule) -> None:
 
 def _train(p: _Problems, train: Train) -> None:
     if (train.steps is None) == (train.epochs is None):
-        p.add("train", "give either steps or epochs" + (", not both" if train.steps else ""))
+        p.add("train", "give either steps or epochs" + (", not both" if train.steps else ""),
+              about=("train.steps", "train.epochs"))
     p.at_least("train.steps", train.steps, 1)
     p.at_least("train.epochs", train.epochs, 1)
     p.at_least("train.batch_size", train.batch_size, 1)
@@ -221,7 +238,7 @@ def _checkpoint(p: _Problems, checkpoint: Checkpoint) -> None:
     p.at_least("checkpoint.keep_last", checkpoint.keep_last, 1)
     if checkpoint.resume and not checkpoint.save_state:
         p.add("checkpoint.resume", "true needs checkpoint.save_state: true (a run resumes from "
-              "its saved states)")
+              "its saved states)", about=("checkpoint.save_state",))
 
 
 _SINK_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard"}
@@ -244,15 +261,19 @@ def _metrics(p: _Problems, metrics: Metrics) -> None:
               "record that resume truncates): list it")
     for key, sink in (("log_dir", "tensorboard"), ("wandb", "wandb"), ("mlflow", "mlflow")):
         if getattr(metrics, key) and sink not in metrics.sinks:
-            p.add(f"metrics.{key}", f"set, but {sink!r} is not in metrics.sinks")
+            p.add(f"metrics.{key}", f"set, but {sink!r} is not in metrics.sinks",
+                  about=("metrics.sinks",))
     if metrics.project is not None and not {"wandb", "mlflow"} & set(metrics.sinks):
-        p.add("metrics.project", "set, but neither 'wandb' nor 'mlflow' is in metrics.sinks")
+        p.add("metrics.project", "set, but neither 'wandb' nor 'mlflow' is in metrics.sinks",
+              about=("metrics.sinks",))
 
 
-def problems(sections: dict[str, Any], tokenizer: str | None = None) -> list[str]:
+def problems(sections: dict[str, Any], tokenizer: str | None = None, *,
+             failed: Collection[str] = ()) -> list[str]:
     """Every problem of the structured ``sections`` (section name -> instance; a section that
-    did not structure is absent and skipped)."""
-    p = _Problems()
+    did not structure is absent and skipped). ``failed``: key paths that did not structure
+    (their values in ``sections`` are stand-ins): a check that reads one is skipped."""
+    p = _Problems(failed)
     get = sections.get
     checks: list[tuple[str, Callable[..., None], tuple[Any, ...]]] = [
         ("teacher", _teacher, (get("loss"),)),
@@ -273,7 +294,8 @@ def problems(sections: dict[str, Any], tokenizer: str | None = None) -> list[str
     if train is not None and checkpoint is not None and train.epochs is not None \
             and checkpoint.every is not None:
         p.add("checkpoint.every", "set with train.epochs: an epochs run checkpoints at the end of "
-              "every epoch; give train.steps to checkpoint every N steps")
+              "every epoch; give train.steps to checkpoint every N steps",
+              about=("train.epochs",))
     return p.lines
 
 

@@ -149,13 +149,12 @@ def validate(data: Any, source: str | None = None, *, earlier: Sequence[str] = (
     if recipe is not None:
         sections = {key: getattr(recipe, key) for key in SECTIONS}
         tokenizer = recipe.tokenizer
+        failed: set[str] = set()
     else:
-        sections = _convert.sections(data) if isinstance(data, Mapping) else {}
-        sections = {k: v for k, v in sections.items()
-                    if not any(line.startswith((f"{k}.", f"{k}:")) for line in problems)}
+        sections, failed = _convert.sections(data) if isinstance(data, Mapping) else ({}, set())
         tokenizer = data.get("tokenizer") if isinstance(data, Mapping) else None
         tokenizer = tokenizer if isinstance(tokenizer, str) else None
-    problems.extend(_checks.problems(sections, tokenizer))
+    problems.extend(_checks.problems(sections, tokenizer, failed=failed))
     if problems:
         raise RecipeError(problems, source)
     assert recipe is not None

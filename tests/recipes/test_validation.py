@@ -153,11 +153,41 @@ def test_every_problem_is_listed_in_one_error(recipe_data, tmp_path):
         "train.stpes: unknown key; did you mean 'steps'? (valid keys: steps, epochs, batch_size, "
         "accumulation, max_grad_norm, bf16, fsdp, device, seed, compile)",
         f"data.path: {str(tmp_path / 'missing.jsonl')!r} does not exist",
+        "loss.beta: 1.5 is outside [0, 1]",  # loss.matches did not structure; beta still checked
         "optimizer.lr: -1 is outside (0, inf)",
-    ]  # loss did not structure: its range (beta 1.5) is checked once its types are right
+    ]
     text = str(info.value)
     assert text.startswith(f"my.yaml: {len(problems)} problems in the recipe:\n  - ")
     assert all(f"  - {p}" in text for p in problems)
+
+
+def test_type_and_range_errors_of_one_section_come_in_one_error(recipe_data):
+    """A section with a type error still has its other fields range-checked; a check that
+    reads a field that did not structure says nothing (its value is only a stand-in)."""
+    data = _with(recipe_data, "train", steps="3", batch_size=0, accumulation=0)
+    data = _with(data, "loss", kd_loss_type=5, beta=2.0, temperature=-1.0)
+    data = _with(data, "checkpoint", resume=True, save_state="no")
+    data["optimizer"] = 5
+    data = _with(data, "schedule", warmup=1.0)
+    assert _problems(data) == [
+        "loss.kd_loss_type: expected a string, got 5 (int)",
+        "optimizer: expected a mapping of keys to values, got 5 (int)",
+        "train.steps: expected an integer, got '3' (str)",
+        "checkpoint.save_state: expected true or false, got 'no' (str)",
+        "loss.temperature: -1 is outside (0, inf)",
+        "loss.beta: 2 is outside [0, 1]",
+        "schedule.warmup: 1 is outside [0, 1)",
+        "train.batch_size: 0 is less than 1",
+        "train.accumulation: 0 is less than 1",
+    ]  # not: "train: give either steps or epochs", "checkpoint.resume: true needs ...",
+    #    "loss.beta: forward_kl takes no parameter 'beta'" (they read fields that failed)
+
+
+def test_a_missing_teacher_section_hides_no_other_problem(recipe_data):
+    data = {k: v for k, v in recipe_data.items() if k != "teacher"}
+    data = _with(data, "loss", kd_loss_type="tvd", ce_weight=-2.0)
+    assert _problems(data) == ["teacher: missing (required)",
+                               "loss.ce_weight: -2 is outside [0, inf)"]
 
 
 def test_missing_sections_and_a_document_that_is_not_a_mapping():
