@@ -28,6 +28,7 @@ from ._schema import (
     Data,
     Loss,
     Metrics,
+    OnPolicy,
     Optimizer,
     Schedule,
     Student,
@@ -48,6 +49,10 @@ DIVERGENCES: dict[str, tuple[str, ...]] = {
 
 TOPK_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 """The divergences a top-k teacher cache supports."""
+
+SAMPLED: dict[str, tuple[str, ...]] = {"sampled_reverse_kl": ("gamma",)}
+"""The on-policy losses on sampled tokens (``purekd.presets.SAMPLED_KD_LOSSES``) and their
+parameters (given as ``loss.params``)."""
 
 def _number(value: float) -> str:
     return repr(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
@@ -111,9 +116,6 @@ class _Problems:
 def _teacher(p: _Problems, teacher: Teacher, loss: Loss | None) -> None:
     p.exists("teacher.path", teacher.path)
     p.one_of("teacher.source", teacher.source, SOURCES)
-    if teacher.source == "on_policy":
-        p.add("teacher.source", "'on_policy' is not available in recipes yet: use 'live' (a "
-              "teacher forward every step) or 'cache' (its top-k cached once)")
     p.at_least("teacher.k", teacher.k, 1)
     p.one_of("teacher.cache_values", teacher.cache_values, CACHE_VALUES)
     if teacher.cache_dir is not None and teacher.source != "cache":
@@ -168,6 +170,22 @@ def _loss(p: _Problems, loss: Loss, teacher: Teacher | None) -> None:
         return
     known = DIVERGENCES.get(name)
     given = [key for key in ("beta", "alpha", "tail") if getattr(loss, key) is not None]
+    if name in SAMPLED:
+        for key in given:
+            p.add(f"loss.{key}", f"{name} takes no parameter {key!r} (it takes: gamma, as "
+                  "loss.params: {gamma: ...})", about=("loss.kd_loss_type",))
+        for key in sorted(set(loss.params) - set(SAMPLED[name])):
+            p.add(f"loss.params.{key}", f"{name} takes no parameter {key!r} (it takes: "
+                  f"{', '.join(SAMPLED[name])})", about=("loss.kd_loss_type",))
+        gamma = loss.params.get("gamma")
+        if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float))):
+            p.add("loss.params.gamma", f"expected a number, got {gamma!r}")
+        elif gamma is not None:
+            p.within("loss.params.gamma", gamma, 0, 1)
+        if teacher is not None and teacher.source != "on_policy":
+            p.add("loss.kd_loss_type", f"{name!r} scores the student's own samples: it needs "
+                  f"teacher.source: on_policy (got {teacher.source!r})",
+                  about=("teacher.source",))
     if known is not None:
         for key in given:
             if key not in known:
@@ -200,6 +218,73 @@ def _loss(p: _Problems, loss: Loss, teacher: Teacher | None) -> None:
         p.add("loss.matches", "intermediate matches compare hidden states, which a top-k "
               "teacher cache does not hold: use teacher.source: live",
               about=("teacher.source",))
+
+
+def _on_policy(p: _Problems, on_policy: OnPolicy) -> None:
+    p.within("on_policy.lmbda", on_policy.lmbda, 0, 1)
+    p.at_least("on_policy.max_new_tokens", on_policy.max_new_tokens, 1)
+    p.within("on_policy.temperature", on_policy.temperature, 0, math.inf, open_low=True,
+             open_high=True)
+    p.within("on_policy.top_p", on_policy.top_p, 0, 1, open_low=True)
+    p.at_least("on_policy.top_k", on_policy.top_k, 0)
+    for index, token in enumerate(on_policy.stop_token_ids):
+        p.at_least(f"on_policy.stop_token_ids[{index}]", token, 0)
+    p.at_least("on_policy.pad_token_id", on_policy.pad_token_id, 0)
+    p.at_least("on_policy.seed", on_policy.seed, 0)
+    p.at_least("on_policy.prompt_tokens", on_policy.prompt_tokens, 1)
+
+
+def _on_policy_rules(p: _Problems, sections: dict[str, Any]) -> None:
+    """What ``teacher.source: on_policy`` needs of the other sections, and the reverse."""
+    teacher, on_policy = sections.get("teacher"), sections.get("on_policy")
+    data, loss = sections.get("data"), sections.get("loss")
+    if teacher is None:
+        return
+    if teacher.source != "on_policy":
+        if on_policy is not None and teacher.source == "cache":
+            p.add("teacher.source", "'cache' with an on_policy section: a top-k cache holds the "
+                  "teacher's outputs on the data's text, not on the student's samples; set "
+                  "teacher.source: on_policy (the teacher scores every sample), or remove "
+                  "on_policy", about=("on_policy",))
+        elif on_policy is not None:
+            p.add("on_policy", f"set, but teacher.source is {teacher.source!r}: set "
+                  "teacher.source: on_policy to sample, or remove on_policy",
+                  about=("teacher.source",))
+        return
+    settings = on_policy if on_policy is not None else OnPolicy()
+    why = ("(teacher.source: on_policy)")
+    if data is not None:
+        if data.packing:
+            p.add("data.packing", f"true joins the records into one stream, but on-policy "
+                  f"sampling starts from each record's prompt {why}: set data.packing: false",
+                  about=("teacher.source",))
+        if data.format == "text" and settings.prompt_tokens is None:
+            p.add("data.format", f"text records have no prompt to sample from {why}: set "
+                  "on_policy.prompt_tokens (the first N tokens of each record are its prompt), "
+                  "or give prompt_completion or messages records",
+                  about=("teacher.source", "on_policy.prompt_tokens"))
+        if data.format in ("prompt_completion", "messages") \
+                and settings.prompt_tokens is not None:
+            p.add("on_policy.prompt_tokens", f"set, but data.format is {data.format!r}: its "
+                  "records have their own prompts", about=("data.format",))
+    if loss is not None:
+        if loss.ce_weight and not settings.seq_kd:
+            p.add("loss.ce_weight", f"{_number(loss.ce_weight)} {why}: the cross-entropy would "
+                  "be on the student's own samples (it reinforces whatever the student drew); "
+                  "set 0, or on_policy.seq_kd: true (the teacher samples: sequence-level KD)",
+                  about=("teacher.source", "on_policy.seq_kd"))
+        if loss.matches:
+            p.add("loss.matches", f"intermediate matches are not available on-policy {why}: "
+                  "the sampled sequences' hidden states hold prompt and padding rows; remove "
+                  "them, or use teacher.source: live", about=("teacher.source",))
+        if loss.kd_loss_type in SAMPLED and settings.lmbda != 1:
+            p.add("on_policy.lmbda", f"{_number(settings.lmbda)} with loss.kd_loss_type "
+                  f"{loss.kd_loss_type!r}: the sampled-token loss needs every batch sampled; "
+                  "set 1", about=("loss.kd_loss_type",))
+        if loss.kd_loss_type in SAMPLED and loss.ce_weight and settings.seq_kd:
+            p.add("loss.ce_weight", f"{_number(loss.ce_weight)} with loss.kd_loss_type "
+                  f"{loss.kd_loss_type!r}: the sampled-token loss does not take the "
+                  "cross-entropy in its pass; set 0", about=("loss.kd_loss_type",))
 
 
 def _optimizer(p: _Problems, optimizer: Optimizer) -> None:
@@ -285,10 +370,12 @@ def problems(sections: dict[str, Any], tokenizer: str | None = None, *,
         ("train", _train, ()),
         ("checkpoint", _checkpoint, ()),
         ("metrics", _metrics, ()),
+        ("on_policy", _on_policy, ()),
     ]
     for key, check, extra in checks:
-        if key in sections:
+        if sections.get(key) is not None:
             check(p, sections[key], *extra)
+    _on_policy_rules(p, sections)
     p.exists("tokenizer", tokenizer)
     train, checkpoint = sections.get("train"), sections.get("checkpoint")
     if train is not None and checkpoint is not None and train.epochs is not None \
@@ -299,4 +386,4 @@ def problems(sections: dict[str, Any], tokenizer: str | None = None, *,
     return p.lines
 
 
-__all__ = ["DIVERGENCES", "TOPK_LOSSES", "problems"]
+__all__ = ["DIVERGENCES", "SAMPLED", "TOPK_LOSSES", "problems"]

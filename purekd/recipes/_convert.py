@@ -32,7 +32,7 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn
 
-from ._schema import SECTIONS, Match, Recipe
+from ._schema import OPTIONAL_SECTIONS, SECTIONS, Match, Recipe
 
 
 class RecipeError(ValueError):
@@ -198,8 +198,12 @@ def structure(data: Any) -> tuple[Recipe | None, list[str]]:
         value = data[field.name]
         cls = SECTIONS.get(field.name)
         try:
-            if cls is None:  # tokenizer, description: a string or null
+            if field.name == "imports":
+                values[field.name] = CONVERTER.structure(value, list[str])
+            elif cls is None:  # tokenizer, description: a string or null
                 values[field.name] = None if value is None else _strict_str(value, str)
+            elif value is None and field.name in OPTIONAL_SECTIONS:
+                values[field.name] = None
             else:
                 values[field.name] = CONVERTER.structure(value, cls)
         except Exception as error:
@@ -233,6 +237,9 @@ def sections(data: Any) -> tuple[dict[str, Any], set[str]]:
     failed: set[str] = set()
     for key, cls in SECTIONS.items():
         value = data.get(key, {}) if isinstance(data, Mapping) else {}
+        if key in OPTIONAL_SECTIONS and (not isinstance(data, Mapping) or data.get(key) is None):
+            out[key] = None
+            continue
         if not isinstance(value, Mapping):
             failed.add(key)
             continue

@@ -125,7 +125,11 @@ def run(recipe: Recipe, *, progress_bar: bool | None = None,
 
     say(f"teacher: {recipe.teacher.path}")
     teacher, student, tokenizer = load_models(recipe, progress_bar=progress_bar is not False)
-    split = build(recipe.data, tokenizer)
+    on_policy = recipe.teacher.source == "on_policy"
+    settings = recipe.on_policy
+    split = build(recipe.data, tokenizer, prompts=on_policy,
+                  prompt_tokens=settings.prompt_tokens if settings is not None else None,
+                  need_labels=not on_policy or (settings is not None and settings.lmbda < 1))
     say(f"data: {len(split.train)} training rows"
         + (f", {len(split.held_out)} held-out rows" if split.held_out is not None else "")
         + f" ({split.tokens:,} tokens read)")
@@ -157,7 +161,7 @@ def run(recipe: Recipe, *, progress_bar: bool | None = None,
     try:
         distiller = train_student(student, split.train, recipe, output_dir, teacher=teacher,
                                   cache=cache, pad_id=pad_id(tokenizer), callback=callback,
-                                  on_start=on_start)
+                                  on_start=on_start, tokenizer=tokenizer)
     finally:
         progress.close()
     steps = distiller.runner.counters.global_step

@@ -1,0 +1,70 @@
+"""A recipe with ``teacher.source: on_policy``: the student samples completions of each
+record's prompt (prompt/completion, chat, or the first tokens of text), the teacher scores
+them, the loss runs on the sampled tokens; the run writes a student that from_pretrained
+loads; the ``lmbda`` draws follow the recipe's seed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from purekd.recipes import validate
+from purekd.recipes._run import run
+
+
+@pytest.fixture
+def on_policy_data(recipe_data, data_files, tmp_path):
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in recipe_data.items()}
+    data["teacher"] = {"path": recipe_data["teacher"]["path"], "source": "on_policy"}
+    data["data"] = {"path": str(data_files["pc"]), "packing": False, "seq_len": 32,
+                    "eval_rows": 2}
+    data["loss"] = {"kd_loss_type": "reverse_kl"}
+    data["on_policy"] = {"lmbda": 0.5, "max_new_tokens": 6, "temperature": 0.9, "top_k": 20,
+                         "seed": 3}
+    data["checkpoint"] = {"output_dir": str(tmp_path / "op"), "every": 2}
+    return data
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """The batches the student sampled on (their prompt batch sizes)."""
+    from purekd.stages import HFGenerateSampler
+
+    calls: list[int] = []
+    original = HFGenerateSampler.__call__
+
+    def counting(self, model, prompt_ids, prompt_mask, *, seed):
+        calls.append(int(prompt_ids.shape[0]))
+        return original(self, model, prompt_ids, prompt_mask, seed=seed)
+
+    monkeypatch.setattr(HFGenerateSampler, "__call__", counting)
+    return calls
+
+
+def _expected_draws(seed, lmbda, batches):
+    generator = torch.Generator().manual_seed(seed)
+    decisions = []
+    for _ in range(batches):
+        decisions.append(float(torch.rand((), generator=generator)) < lmbda)
+        torch.randint(0, 2**62, (), generator=generator)
+    return decisions
+
+
+def test_an_on_policy_recipe_samples_on_a_share_lmbda_of_the_batches(on_policy_data, sampled,
+                                                                       tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    summary = run(validate(on_policy_data), progress_bar=False, echo=lambda _: None)
+    out = tmp_path / "op"
+    assert summary.steps == 4 and math.isfinite(summary.perplexity)
+    expected = _expected_draws(3, 0.5, 4)
+    assert len(sampled) == sum(expected) and 0 < len(sampled) < 4
+    assert all(size == 4 for size in sampled)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(math.isfinite(r["kd_loss"]) for r in records)
+    loaded = AutoModelForCausalLM.from_pretrained(out / "student")
+    final = torch.load(out / "gs4.pkl", weights_only=True)
+    assert all(torch.equal(v, final[k]) for k, v in loaded.state_dict().items())
