@@ -68,3 +68,46 @@ def test_an_on_policy_recipe_samples_on_a_share_lmbda_of_the_batches(on_policy_d
     loaded = AutoModelForCausalLM.from_pretrained(out / "student")
     final = torch.load(out / "gs4.pkl", weights_only=True)
     assert all(torch.equal(v, final[k]) for k, v in loaded.state_dict().items())
+
+
+def test_text_records_with_prompt_tokens_and_the_sampled_token_loss(on_policy_data, data_files,
+                                                                    sampled, tmp_path):
+    data = dict(on_policy_data)
+    data["data"] = {"path": str(data_files["text"]), "format": "text", "packing": False,
+                    "seq_len": 24, "limit": 12}
+    data["loss"] = {"kd_loss_type": "sampled_reverse_kl", "params": {"gamma": 0.5}}
+    data["on_policy"] = {"lmbda": 1.0, "max_new_tokens": 5, "prompt_tokens": 3, "seed": 1}
+    data["train"] = {**on_policy_data["train"], "steps": 2}
+    data["checkpoint"] = {"output_dir": str(tmp_path / "text"), "save_state": False}
+    summary = run(validate(data), progress_bar=False, echo=lambda _: None)
+    assert summary.steps == 2 and sampled == [4, 4]  # every batch sampled
+    assert 0 < summary.tokens <= 2 * 4 * 5  # the sampled tokens the loss read
+    records = [json.loads(line)
+               for line in (tmp_path / "text" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["kd_loss"]) for r in records)
+
+
+def test_prompts_are_the_records_prompts_left_padded(data_files):
+    from purekd.recipes._data import PromptCollate, RowDataset, build
+
+    from . import _tiny
+
+    tok = _tiny.tokenizer()
+    recipe = validate({"teacher": {"path": str(data_files["pc"]), "source": "on_policy"},
+                       "data": {"path": str(data_files["chat"]), "packing": False,
+                                "seq_len": 64},
+                       "student": {"layers": 1}, "train": {"steps": 1}})
+    split = build(recipe.data, tok, prompts=True)
+    batch = PromptCollate(tok.pad_token_id)([RowDataset(split.train)[i] for i in range(2)])
+    records = [json.loads(line) for line in data_files["chat"].read_text().splitlines()[:2]]
+    for row, record in enumerate(records):
+        text = tok.apply_chat_template(record["messages"][:-1], tokenize=False,
+                                       add_generation_prompt=True)
+        prompt = tok(text, add_special_tokens=False)["input_ids"]
+        width = batch["prompts"].shape[1]
+        assert batch["prompts"][row, width - len(prompt):].tolist() == prompt
+        assert batch["prompt_attention_mask"][row].tolist() == \
+            [0] * (width - len(prompt)) + [1] * len(prompt)
+        assert batch["input_ids"][row, :len(prompt)].tolist() == prompt  # the sequence follows
+        assert (batch["labels"][row, :len(prompt)] == -100).all()
+    assert text.endswith("<|assistant|>")
