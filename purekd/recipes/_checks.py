@@ -238,7 +238,7 @@ def _on_policy_rules(p: _Problems, sections: dict[str, Any]) -> None:
     """What ``teacher.source: on_policy`` needs of the other sections, and the reverse."""
     teacher, on_policy = sections.get("teacher"), sections.get("on_policy")
     data, loss = sections.get("data"), sections.get("loss")
-    if teacher is None:
+    if teacher is None or teacher.source not in SOURCES:  # (named by its own check)
         return
     if teacher.source != "on_policy":
         if on_policy is not None and teacher.source == "cache":
