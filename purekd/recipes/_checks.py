@@ -50,6 +50,9 @@ DIVERGENCES: dict[str, tuple[str, ...]] = {
 TOPK_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 """The divergences a top-k teacher cache supports."""
 
+CROSS_TOKENIZER = ("gold", "uld")
+"""The losses across two tokenizers (``gold`` needs them; ``uld`` also runs on one)."""
+
 SAMPLED: dict[str, tuple[str, ...]] = {"sampled_reverse_kl": ("gamma",)}
 """The on-policy losses on sampled tokens (``purekd.presets.SAMPLED_KD_LOSSES``) and their
 parameters (given as ``loss.params``)."""
@@ -115,6 +118,7 @@ class _Problems:
 
 def _teacher(p: _Problems, teacher: Teacher, loss: Loss | None) -> None:
     p.exists("teacher.path", teacher.path)
+    p.exists("teacher.tokenizer", teacher.tokenizer)
     p.one_of("teacher.source", teacher.source, SOURCES)
     p.at_least("teacher.k", teacher.k, 1)
     p.one_of("teacher.cache_values", teacher.cache_values, CACHE_VALUES)
@@ -287,6 +291,61 @@ def _on_policy_rules(p: _Problems, sections: dict[str, Any]) -> None:
                   "cross-entropy in its pass; set 0", about=("loss.kd_loss_type",))
 
 
+def _cross_tokenizer_rules(p: _Problems, sections: dict[str, Any],
+                           tokenizer: str | None) -> None:
+    """A teacher with a tokenizer of its own (``teacher.tokenizer``) and the two-tokenizer
+    losses (``gold``, ``uld``) need each other, and a few things of the rest."""
+    teacher, student = sections.get("teacher"), sections.get("student")
+    data, loss = sections.get("data"), sections.get("loss")
+    if teacher is None or loss is None:
+        return
+    name = loss.kd_loss_type
+    own = teacher.tokenizer
+    if own is None:
+        if name == "gold":
+            p.add("loss.kd_loss_type", "'gold' aligns two tokenizations of the text: give the "
+                  "teacher's tokenizer as teacher.tokenizer and the student's as tokenizer (for "
+                  "one tokenizer use a divergence such as forward_kl)",
+                  about=("teacher.tokenizer",))
+        return
+    if tokenizer is None:
+        p.add("tokenizer", "missing: with teacher.tokenizer (the teacher's) set, give the "
+              "student's tokenizer here", about=("teacher.tokenizer",))
+    elif own == tokenizer:
+        p.add("teacher.tokenizer", f"{own!r} is also the student's tokenizer: a cross-tokenizer "
+              "run needs two different ones; for one tokenizer remove teacher.tokenizer",
+              about=("tokenizer",))
+        return
+    if name not in CROSS_TOKENIZER:
+        p.add("loss.kd_loss_type", f"{name!r} compares the two models' distributions id by "
+              "id, but teacher.tokenizer gives the teacher a tokenizer of its own: use 'gold' "
+              "or 'uld' (docs/cross-tokenizer.md), or remove teacher.tokenizer",
+              about=("teacher.tokenizer",))
+        return
+    why = "(teacher.tokenizer: two tokenizers)"
+    if teacher.source != "live":
+        p.add("teacher.source", f"{teacher.source!r} {why}: the teacher must run on its own "
+              "tokenisation of each text; set teacher.source: live",
+              about=("teacher.tokenizer",))
+    if student is not None and student.path is None:
+        p.add("student.layers", f"a student cut from the teacher has the teacher's tokenizer "
+              f"{why}: give student.path (a model of the student's tokenizer)",
+              about=("teacher.tokenizer", "student.path"))
+    if data is not None:
+        if data.packing:
+            p.add("data.packing", f"true {why}: each record's text is tokenised by both "
+                  "tokenizers and aligned; set data.packing: false", about=("teacher.tokenizer",))
+        if data.format not in ("text", "auto"):
+            p.add("data.format", f"{data.format!r} {why}: only text records are aligned "
+                  "across tokenizers; use format: text", about=("teacher.tokenizer",))
+    if loss.ce_weight:
+        p.add("loss.ce_weight", f"{_number(loss.ce_weight)} {why}: the cross-entropy does not "
+              f"join the {name} term; set 0", about=("teacher.tokenizer", "loss.kd_loss_type"))
+    if loss.matches:
+        p.add("loss.matches", f"not available {why}: the two sides' positions differ",
+              about=("teacher.tokenizer",))
+
+
 def _optimizer(p: _Problems, optimizer: Optimizer) -> None:
     p.one_of("optimizer.name", optimizer.name, OPTIMIZERS)
     p.within("optimizer.lr", optimizer.lr, 0, math.inf, open_low=True, open_high=True)
@@ -376,6 +435,7 @@ def problems(sections: dict[str, Any], tokenizer: str | None = None, *,
         if sections.get(key) is not None:
             check(p, sections[key], *extra)
     _on_policy_rules(p, sections)
+    _cross_tokenizer_rules(p, sections, tokenizer)
     p.exists("tokenizer", tokenizer)
     train, checkpoint = sections.get("train"), sections.get("checkpoint")
     if train is not None and checkpoint is not None and train.epochs is not None \
@@ -386,4 +446,4 @@ def problems(sections: dict[str, Any], tokenizer: str | None = None, *,
     return p.lines
 
 
-__all__ = ["DIVERGENCES", "SAMPLED", "TOPK_LOSSES", "problems"]
+__all__ = ["CROSS_TOKENIZER", "DIVERGENCES", "SAMPLED", "TOPK_LOSSES", "problems"]

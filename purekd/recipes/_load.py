@@ -223,7 +223,9 @@ def validate(data: Any, source: str | None = None, *, earlier: Sequence[str] = (
     else:
         sections, failed = _convert.sections(data) if isinstance(data, Mapping) else ({}, set())
         tokenizer = data.get("tokenizer") if isinstance(data, Mapping) else None
-        tokenizer = tokenizer if isinstance(tokenizer, str) else None
+        if tokenizer is not None and not isinstance(tokenizer, str):
+            failed.add("tokenizer")
+            tokenizer = None
     problems.extend(_checks.problems(sections, tokenizer, failed=failed))
     if not any(_covers_loss(path) for path in failed):
         problems.extend(_registered_loss(sections.get("loss")))

@@ -62,6 +62,11 @@ def load_models(recipe: Recipe, *, progress_bar: bool = True) -> tuple[Any, Any,
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(resolve(recipe.tokenizer)))
+    if recipe.teacher.tokenizer is not None:  # two tokenizers: the vocabularies differ
+        from ._models import load_student
+
+        assert recipe.student.path is not None  # (the checks)
+        return teacher, load_student(resolve(recipe.student.path)), tokenizer
     spec = recipe.student
     if spec.path is not None:
         from ._models import load_student
@@ -79,6 +84,15 @@ def load_models(recipe: Recipe, *, progress_bar: bool = True) -> tuple[Any, Any,
         student.get_output_embeddings().weight.requires_grad_(False)
     check_same_vocabulary(teacher, student, tokenizer)
     return teacher, student, tokenizer
+
+
+def teacher_tokenizer(recipe: Recipe) -> Any:
+    """The teacher's own tokenizer (``teacher.tokenizer``), or ``None``."""
+    if recipe.teacher.tokenizer is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve(recipe.teacher.tokenizer)))
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -161,7 +175,8 @@ def run(recipe: Recipe, *, progress_bar: bool | None = None,
     try:
         distiller = train_student(student, split.train, recipe, output_dir, teacher=teacher,
                                   cache=cache, pad_id=pad_id(tokenizer), callback=callback,
-                                  on_start=on_start, tokenizer=tokenizer)
+                                  on_start=on_start, tokenizer=tokenizer,
+                                  tokenizer_T=teacher_tokenizer(recipe))
     finally:
         progress.close()
     steps = distiller.runner.counters.global_step

