@@ -302,7 +302,8 @@ def blockwise_on_logits(target: Target, logits_S: Tensor, teacher: tuple[Tensor,
     dense logits get one when they require it."""
     if len(teacher) not in (1, 2):
         raise ValueError(f"blockwise_on_logits: 1 or 2 teacher tensors, got {len(teacher)}")
-    compile_blocks = compile_blocks and blocks_may_compile()  # decided now, kept for backward
+    if compile_blocks and not torch.compiler.is_compiling():  # (a ContextVar breaks a graph)
+        compile_blocks = blocks_may_compile()  # decided now, kept for the backward
     result: Tensor = _OnLogits.apply(target, chunk_rows, sum_reduction, compile_blocks, logits_S,
                                      inv_tau, weights, teacher[0],
                                      teacher[1] if len(teacher) == 2 else None)
@@ -439,7 +440,8 @@ def fused_linear(options: FusedOptions, hidden_S: Tensor, weight_S: Tensor,
     """``(kd_weight KD + ce_weight CE, KD, CE)`` from 2-d hidden states, computed ``chunk_rows``
     rows at a time; only the first carries gradients (for ``hidden_S``, ``weight_S``,
     ``bias_S``); the teacher gets none."""
-    if options.compile_blocks and not blocks_may_compile():  # inside a compile=False step
+    if options.compile_blocks and not torch.compiler.is_compiling() \
+            and not blocks_may_compile():  # inside a compile=False step (eager: no graph)
         options = options._replace(compile_blocks=False)
     result: tuple[Tensor, Tensor, Tensor] = _FusedLinear.apply(
         options, hidden_S, weight_S, bias_S, inv_tau, weights, labels)
