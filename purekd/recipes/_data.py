@@ -84,6 +84,8 @@ def record_format(data: Data, record: Mapping[str, Any]) -> str:
         return "prompt_completion"
     if data.text_key in record:
         return "text"
+    if data.prompt_key in record:  # a prompt alone: an on-policy run samples its completion
+        return "prompt_completion"
     raise ValueError(f"data.format auto: the first record's keys {sorted(record)} hold none of "
                      f"{data.text_key!r} (text), {data.prompt_key!r} + {data.completion_key!r} "
                      f"or {data.messages_key!r} (chat); set data.format and its key")
@@ -185,16 +187,45 @@ def _pack(ids: list[int], labels: list[int], length: int) -> Rows:
     return Rows(list(table.clone()), list(marks.clone()))
 
 
+def _prompt_alone(record: Mapping[str, Any], index: int, form: str, data: Data,
+                  tokenizer: Any) -> list[int] | None:
+    """The prompt ids of a record that has no completion — a ``prompt`` without
+    ``completion``, a chat whose last message is not the assistant's (rendered with the
+    generation prompt) — or ``None`` when it has one."""
+    if form == "prompt_completion" and data.completion_key not in record:
+        return list(tokenizer(_field(record, data.prompt_key, index))["input_ids"])
+    if form == "messages":
+        messages = _field(record, data.messages_key, index, list)
+        if messages and isinstance(messages[-1], Mapping) \
+                and messages[-1].get("role") != "assistant":
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise ValueError("data.format messages needs a tokenizer with a chat template "
+                                 "(tokenizer.chat_template is None)")
+            text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=True)
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return None
+
+
 def _prompted_rows(records: list[dict[str, Any]], data: Data, tokenizer: Any,
-                   prompt_tokens: int | None) -> tuple[Rows, int]:
+                   prompt_tokens: int | None, prompts_alone: bool = False) -> tuple[Rows, int]:
     """One record a row with its prompt, for on-policy runs: a prompt/completion or chat
     record's prompt part; a text record's first ``prompt_tokens`` tokens (its labels ``-100``
-    there with ``completion_only``)."""
+    there with ``completion_only``). ``prompts_alone`` (every batch sampled): a record may be
+    a prompt without a completion (its row is the prompt, no label)."""
     ids_list, labels_list, prompts = [], [], []
     total = 0
     for index, record in enumerate(records):
         form = record_format(data, record)
-        if form == "text":
+        alone = None if form == "text" else _prompt_alone(record, index, form, data, tokenizer)
+        if alone is not None:
+            if not prompts_alone:
+                raise ValueError(
+                    f"data: record {index} is a prompt without a completion; with "
+                    "on_policy.lmbda < 1 the batches not sampled train on the records' own "
+                    "completions: give every record one, or set on_policy.lmbda: 1")
+            ids, labels, length = alone, [IGNORE] * len(alone), len(alone)
+        elif form == "text":
             if prompt_tokens is None:
                 raise ValueError(
                     f"data: record {index} is text, which has no prompt to sample from "
@@ -246,7 +277,8 @@ def build(data: Data, tokenizer: Any, *, prompts: bool = False,
     rows must have a token to learn (not when every batch is sampled)."""
     def rows_of(records: list[dict[str, Any]]) -> tuple[Rows, int]:
         if prompts:
-            return _prompted_rows(records, data, tokenizer, prompt_tokens)
+            return _prompted_rows(records, data, tokenizer, prompt_tokens,
+                                  prompts_alone=not need_labels)
         return _rows(records, data, tokenizer)
 
     rows, tokens = rows_of(read_records(data.path, data.limit))

@@ -160,6 +160,9 @@ def run(recipe: Recipe, *, progress_bar: bool | None = None,
         teacher = None  # training needs only the cache
     before = None
     held = split.held_out
+    if held is not None and not any(bool((t[1:] != -100).any()) for t in held.labels):
+        say("held-out rows without a completion (prompts alone): no held-out perplexity")
+        held = None
     if held is not None:
         before = masked_perplexity(student, held.ids, held.labels, pad_id(tokenizer)).perplexity
     seed_everything(recipe.train.seed)

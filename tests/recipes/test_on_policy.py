@@ -111,3 +111,44 @@ def test_prompts_are_the_records_prompts_left_padded(data_files):
         assert batch["input_ids"][row, :len(prompt)].tolist() == prompt  # the sequence follows
         assert (batch["labels"][row, :len(prompt)] == -100).all()
     assert text.endswith("<|assistant|>")
+
+
+def test_prompts_alone_when_every_batch_is_sampled(on_policy_data, sampled, tmp_path):
+    """TRL's DistillationTrainer form: records that are prompts only (a ``prompt`` without
+    ``completion``, a chat ending with the user's message); with lmbda < 1 they are refused
+    (the batches not sampled need completions)."""
+    from . import _tiny
+
+    path = tmp_path / "prompts.jsonl"
+    with open(path, "w") as f:
+        for i, line in enumerate(_tiny.LINES * 2):
+            if i % 2:
+                f.write(json.dumps({"prompt": " ".join(line.split()[:3])}) + "\n")
+            else:
+                f.write(json.dumps({"messages": [{"role": "user",
+                                                  "content": f"Say verse {i}."}]}) + "\n")
+    data = dict(on_policy_data)
+    data["data"] = {"path": str(path), "packing": False, "seq_len": 32}
+    data["on_policy"] = {"lmbda": 1.0, "max_new_tokens": 4, "seed": 5}
+    data["train"] = {**on_policy_data["train"], "steps": 2}
+    data["checkpoint"] = {"output_dir": str(tmp_path / "alone"), "save_state": False}
+    summary = run(validate(data), progress_bar=False, echo=lambda _: None)
+    assert summary.steps == 2 and sampled == [4, 4] and summary.perplexity is None
+
+    from purekd.recipes._data import build
+
+    rows = build(validate(data).data, _tiny.tokenizer(), prompts=True, need_labels=False).train
+    assert all(torch.equal(ids, prompt) for ids, prompt in zip(rows.ids, rows.prompts,
+                                                                strict=True))
+    assert all((labels == -100).all() for labels in rows.labels)
+    chat = _tiny.tokenizer().apply_chat_template(
+        [{"role": "user", "content": "Say verse 0."}], tokenize=False, add_generation_prompt=True)
+    assert rows.prompts[0].tolist() == _tiny.tokenizer()(chat, add_special_tokens=False)[
+        "input_ids"]
+
+    data["on_policy"] = {"lmbda": 0.5, "max_new_tokens": 4}
+    with pytest.raises(ValueError, match=r"data: record 0 is a prompt without a completion; "
+                                         r"with on_policy\.lmbda < 1 the batches not sampled "
+                                         r"train on the records' own completions: give every "
+                                         r"record one, or set on_policy\.lmbda: 1"):
+        run(validate(data), progress_bar=False, echo=lambda _: None)
