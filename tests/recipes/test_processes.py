@@ -188,3 +188,28 @@ def test_an_on_policy_run_killed_with_sigkill_resumes_to_the_uninterrupted_weigh
         assert torch.equal(a[name], b[name]), name
     assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"],
                            _weights(tmp_path / "whole", 2)["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_an_on_policy_recipe_on_two_gloo_ranks_trains_the_student_one_process_trains(
+        recipe_data, data_files, tmp_path, monkeypatch):
+    """Greedy sampling (top_k 1; with random sampling the draws depend on how a batch is split
+    between processes): each rank samples its half of every batch's prompts, completions of
+    different lengths; the loss normalised by the sampled tokens of all ranks."""
+    for key, value in _env().items():
+        monkeypatch.setenv(key, value)
+    sections = {"teacher": {"source": "on_policy"},
+                "data": {"path": str(data_files["pc"]), "format": "prompt_completion",
+                         "packing": False, "seq_len": 32, "eval_rows": 0},
+                "loss": {"kd_loss_type": "reverse_kl", "ce_weight": 0.0},
+                "on_policy": {"lmbda": 1.0, "max_new_tokens": 5, "top_k": 1}}
+    one = _write(recipe_data, tmp_path / "one.yaml", train={"batch_size": 4, "steps": 3},
+                 checkpoint={"output_dir": str(tmp_path / "one"), "every": 3,
+                             "save_state": False}, **sections)
+    two = _write(recipe_data, tmp_path / "two.yaml", train={"batch_size": 2, "steps": 3},
+                 checkpoint={"output_dir": str(tmp_path / "two"), "every": 3,
+                             "save_state": False}, **sections)
+    _in_process(one)
+    torchrun(MAIN, "distill", str(two), "--quiet")
+    a, b = _weights(tmp_path / "one", 3), _weights(tmp_path / "two", 3)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=name)
