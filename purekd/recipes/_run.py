@@ -5,7 +5,9 @@
 2. the teacher and its tokenizer (or the recipe's tokenizer), the student (a model of its own,
    or the teacher with only some of its decoder layers), the same vocabulary on both sides;
 3. the data: token rows and their loss labels, the held-out rows;
-4. the teacher's top-k cache (``teacher.source: cache``; then the teacher leaves memory);
+4. the teacher's top-k cache (``teacher.source: cache``; then the teacher leaves memory), or
+   the records' prompts for on-policy sampling (``teacher.source: on_policy``), or the two
+   tokenizers' alignment (``teacher.tokenizer``);
 5. training (:func:`._train.train_student`), a ``save_pretrained`` student beside every
    ``gs{N}.pkl`` checkpoint and at the end in ``OUTPUT_DIR/student``;
 6. the summary: steps, tokens, time, where the student is, held-out perplexity.
