@@ -12,7 +12,10 @@ this term. With ``S`` spans of weight :math:`w_s` (1 for a real span, 0 for padd
     \mathcal{L} = \frac{\sum_s w_s\, \ell(q^S_s, q^T_s)}{\sum_s w_s}
 
 where :math:`\ell` is ULD (:func:`~purekd.losses.aligned_uld`) or GOLD
-(:func:`~purekd.losses.aligned_gold`) of the span's merged distributions. The term's token count
+(:func:`~purekd.losses.aligned_gold`) of the span's merged distributions — or, when the teacher
+is a cross-tokenizer cache (its adaptor returns ``topk_ids``, ``topk_logprobs``,
+``topk_next_logprobs`` and ``topk_vocab_size`` instead of ``logits``),
+:func:`~purekd.losses.aligned_uld_topk` / :func:`~purekd.losses.aligned_gold_topk`. The term's token count
 (``kept_rows``) is :math:`\sum_s w_s`, the aligned spans: under
 ``loss_normalisation='tokens'`` the loss of several micro-batches (and processes) is the loss of
 one batch holding all their spans. Shapes: ``logits`` ``(B, L_S, V_S)`` and ``(B, L_T, V_T)``
