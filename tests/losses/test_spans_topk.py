@@ -185,3 +185,29 @@ def test_bad_input(logits):
     with pytest.raises(ValueError, match=r"spans.rows_T holds a row outside \[0, 4\)"):
         losses.aligned_uld_topk(logits_S, TopkSpanTeacher(*(t[:1] for t in teacher[:3]), V_T),
                                 spans)
+
+
+def test_compiled_equals_eager_without_graph_breaks(logits):
+    from tests.conftest import count_graph_breaks
+
+    logits_S, logits_T = (t.float() for t in logits)
+    spans = make_spans(PAIRS)
+    ids, logprobs, following, vocab = topk_teacher(logits_T, 4)
+
+    def both(student, ids, logprobs, following, spans):
+        teacher = TopkSpanTeacher(ids, logprobs, following, vocab)
+        return (losses.aligned_uld_topk(student, teacher, spans, chunk_spans=2),
+                losses.aligned_gold_topk(student, teacher, spans, VOCABULARY_MAP, chunk_spans=2,
+                                         top_k=3))
+
+    args = (ids, logprobs.float(), following.float(), spans)
+    assert count_graph_breaks(both, logits_S, *args) == 0
+    results = []
+    for fn in (both, torch.compile(both, fullgraph=True)):
+        student = logits_S.clone().requires_grad_()
+        values = fn(student, *args)
+        grads = torch.autograd.grad(values[0] + 2 * values[1], student)
+        results.append((*values, *grads))
+    torch._dynamo.reset()
+    for compiled, eager in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
