@@ -262,3 +262,36 @@ def test_a_model_with_a_scalar_parameter_has_a_fingerprint():
     with torch.no_grad():
         other.anchor.fill_(1.0)
     assert fingerprint_model(one) != fingerprint_model(other)
+
+
+@pytest.mark.parametrize("loss", ["uld", "gold"])
+def test_general_distiller_from_the_cache_ends_with_the_live_weights(pair, tmp_path, loss):
+    # k = V, float32: two epochs of SGD from the cache (no teacher model) give the weights the
+    # live teacher gives
+    tokenizer_S, tokenizer_T = pair
+    teacher = CausalLM(len(tokenizer_T), seed=0)
+    write(teacher, pair, tmp_path / "cache", k=len(tokenizer_T))
+    options = {"vocabulary_map": vocabulary_map(tokenizer_S, tokenizer_T)} if loss == "gold" else {}
+
+    def run(model_T: Any, adaptor_T: Any, loader: DataLoader, name: str) -> torch.nn.Module:
+        student = CausalLM(len(tokenizer_S), seed=1)
+        distiller = purekd.GeneralDistiller(
+            purekd.TrainingConfig(device="cpu", output_dir=str(tmp_path / name)),
+            purekd.DistillationConfig(kd_loss_type=loss, temperature=1.0), model_T, student,
+            adaptor_T, logits_adaptor, **options)
+        with distiller:
+            distiller.train(torch.optim.SGD(student.parameters(), lr=0.5), loader, num_epochs=2)
+        return student
+
+    live = run(teacher, logits_adaptor, DataLoader(
+        TEXTS, batch_size=2, collate_fn=CrossTokenizerCollator(tokenizer_S, tokenizer_T)), "live")
+    cache = TeacherCache(tmp_path / "cache", student_tokenizer=tokenizer_S)
+    cached = run(None, cached_adaptor, DataLoader(
+        CrossTokenizerCachedDataset(TEXTS, cache, tokenizer_S), batch_size=2,
+        collate_fn=CrossTokenizerCachedCollate(tokenizer_S)), "cached")
+    start = CausalLM(len(tokenizer_S), seed=1)
+    moved = max((a - b).abs().max().item() for a, b in zip(live.parameters(),
+                                                           start.parameters(), strict=True))
+    assert moved > 1e-3
+    for a, b in zip(cached.parameters(), live.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
