@@ -204,9 +204,9 @@ def test_refusals(pair, tmp_path):
     write(CausalLM(len(tokenizer_T), seed=0), pair, tmp_path, k=3)
     other = _tokenizers.wordpiece()
     other.add_tokens(["zebra"])
-    with pytest.raises(CacheError, match="student tokenizer fingerprint mismatch: the "
-                                         "cross-tokenizer cache at .* was written for the student "
-                                         "tokenizer"):
+    with pytest.raises(CacheError, match=r"student tokenizer fingerprint mismatch: the "
+                                         r"cross-tokenizer cache at .* was written for the "
+                                         r"student tokenizer"):
         TeacherCache(tmp_path, student_tokenizer=other)
     cache = TeacherCache(tmp_path)
     with pytest.raises(CacheError, match="student tokenizer fingerprint mismatch"):
@@ -227,10 +227,10 @@ def test_refusals(pair, tmp_path):
     assert json.loads((plain / "manifest.json").read_text())["version"] == 1
     with pytest.raises(CacheError, match="is not a cross-tokenizer cache"):
         CrossTokenizerCachedDataset(TEXTS, TeacherCache(plain), tokenizer_S)
-    with pytest.raises(CacheError, match="student_tokenizer= given, but the cache at .* is not a "
-                                         "cross-tokenizer cache"):
+    with pytest.raises(CacheError, match=r"student_tokenizer= given, but the cache at .* is not "
+                                         r"a cross-tokenizer cache"):
         TeacherCache(plain, student_tokenizer=tokenizer_S)
-    with pytest.raises(ValueError, match="give batches .*'offsets': \\(B, L, 2\\), 'texts'"):
+    with pytest.raises(ValueError, match=r"give batches .*'offsets': \(B, L, 2\), 'texts'"):
         write_teacher_cache(CausalLM(len(tokenizer_T), seed=0), writer_adaptor,
                             ({"sample_id": b["sample_id"], "teacher": b["teacher"]}
                              for b in loader), tmp_path / "bad", k=3, tokenizer=tokenizer_T,
@@ -241,7 +241,7 @@ def test_refusals(pair, tmp_path):
 
 
 def test_resuming_with_another_student_tokenizer_is_refused(pair, tmp_path):
-    tokenizer_S, tokenizer_T = pair
+    _, tokenizer_T = pair
     write(CausalLM(len(tokenizer_T), seed=0), pair, tmp_path, k=3)
     (tmp_path / "manifest.json").unlink()
     other = _tokenizers.wordpiece()
