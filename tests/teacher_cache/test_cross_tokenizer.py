@@ -242,14 +242,17 @@ def test_refusals(pair, tmp_path):
 
 def test_resuming_with_another_student_tokenizer_is_refused(pair, tmp_path):
     _, tokenizer_T = pair
-    write(CausalLM(len(tokenizer_T), seed=0), pair, tmp_path, k=3)
+    write(CausalLM(len(tokenizer_T), seed=0), pair, tmp_path, k=3, shard_samples=2)
+    written = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix != ".lock"}
     (tmp_path / "manifest.json").unlink()
+    (tmp_path / "rank00000-shard00002.rows.npy").unlink()  # as if killed before the last shard
     other = _tokenizers.wordpiece()
     other.add_tokens(["zebra"])
     with pytest.raises(CacheError, match="student_tokenizer_fingerprint"):
         write(CausalLM(len(tokenizer_T), seed=0), (other, tokenizer_T), tmp_path, k=3)
     # the same pair again finishes the cache, to the same bytes
-    write(CausalLM(len(tokenizer_T), seed=0), pair, tmp_path, k=3)
+    write(CausalLM(len(tokenizer_T), seed=0), pair, tmp_path, k=3, shard_samples=2)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix != ".lock"} == written
     assert TeacherCache(tmp_path).cross_tokenizer
 
 
