@@ -211,3 +211,24 @@ def test_compiled_equals_eager_without_graph_breaks(logits):
     torch._dynamo.reset()
     for compiled, eager in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_uld_from_a_top_k_teacher_holds_nothing_of_the_teachers_vocabulary():
+    # the teacher side of a block is (spans, k): a large teacher vocabulary costs nothing
+    from .test_uld import PeakMemory
+
+    rows, vocab_S, vocab_T, k = 64, 3000, 200_000, 8
+    generator = torch.Generator().manual_seed(1)
+    logits_S = torch.randn(rows, vocab_S, generator=generator).requires_grad_()
+    logprobs = torch.log_softmax(torch.randn(rows, k, generator=generator), -1) - 1.0
+    ids = torch.stack([torch.randperm(vocab_T, generator=generator)[:k] for _ in range(rows)])
+    teacher = TopkSpanTeacher(ids, logprobs.sort(-1, descending=True).values,
+                              torch.full((rows,), -0.5), vocab_T)
+    spans = make_spans([(([r], [r % vocab_S]), ([r], [int(ids[r, 0])])) for r in range(rows)])
+    with PeakMemory(logits_S, logprobs) as measured:
+        value = losses.aligned_uld_topk(logits_S, teacher, spans, chunk_spans=4)
+        value.backward()
+    grad_bytes = rows * vocab_S * 4
+    assert measured.peak < 2 * grad_bytes          # the student's gradient and small blocks
+    assert measured.peak < 4 * 4 * vocab_T          # not even four teacher-vocabulary rows
+    assert math.isfinite(value.item())
