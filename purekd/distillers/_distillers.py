@@ -42,9 +42,13 @@ class BasicDistiller(Distiller):
 
     ``vocabulary_map``: for ``kd_loss_type='gold'`` with a teacher and a student of different
     tokenizers (:func:`~purekd.stages.vocabulary_map`; docs/cross-tokenizer.md).
-    ``tokenizers``: ``(tokenizer_T, tokenizer_S)`` for on-policy distillation
-    (``DistillationConfig(on_policy=...)``): checked to be one vocabulary, or, with ``'gold'`` /
-    ``'uld'`` and two tokenizers, used to re-tokenise the student's samples for the teacher.
+
+    On-policy (``DistillationConfig(on_policy=...)``): ``tokenizers=(tokenizer_T, tokenizer_S)``
+    checks at construction that both models share one tokenizer
+    (:func:`~purekd.stages.check_same_tokenizer`) — or, with ``kd_loss_type='gold'`` (``'uld'``
+    with two different tokenizers), re-tokenises each rollout for the teacher (on-policy across
+    tokenizers, docs/cross-tokenizer.md); ``sampler``: a :class:`~purekd.stages.Sampler` in
+    place of ``transformers``' ``generate``.
     """
 
     caches_logits = True
@@ -53,13 +57,14 @@ class BasicDistiller(Distiller):
                  distill_config: DistillationConfig | Mapping[str, Any] | None,
                  model_T: nn.Module, model_S: nn.Module, adaptor_T: Adaptor, adaptor_S: Adaptor,
                  *, compile: bool | Literal["auto"] = "auto", vocabulary_map: Any = None,
-                 tokenizers: Sequence[Any] | None = None):
+                 tokenizers: Sequence[Any] | None = None, sampler: Any = None):
         super().__init__(train_config, distill_config, model_T, model_S)
         preflight.check_on_policy(self.t_config, self.d_config)
         self.adaptor_T, self.adaptor_S = adaptor_T, adaptor_S
         config = attrs.evolve(self.d_config, intermediate_matches=())
         self.step = make_step(config, model_T, model_S, adaptor_T, adaptor_S, compile=compile,
-                              vocabulary_map=vocabulary_map, tokenizers=tokenizers)
+                              vocabulary_map=vocabulary_map, tokenizers=tokenizers,
+                              sampler=sampler)
 
     def _teacher_stage(self) -> TeacherStage | None:
         return single_teacher(self.model_T, self.adaptor_T)
@@ -75,15 +80,16 @@ class GeneralDistiller(Distiller):
 
     ``vocabulary_map``: for ``kd_loss_type='gold'`` with a teacher and a student of different
     tokenizers (:func:`~purekd.stages.vocabulary_map`; docs/cross-tokenizer.md).
-    ``tokenizers``: ``(tokenizer_T, tokenizer_S)`` for on-policy distillation, as in
-    :class:`BasicDistiller`.
+
+    On-policy: ``tokenizers`` and ``sampler`` as for :class:`BasicDistiller`.
     """
 
     def __init__(self, train_config: TrainingConfig | Mapping[str, Any],
                  distill_config: DistillationConfig | Mapping[str, Any] | None,
                  model_T: Any, model_S: nn.Module, adaptor_T: Any, adaptor_S: Any,
                  custom_matches: Sequence[Any] | None = None, *, compile: bool | Literal["auto"] = "auto",
-                 vocabulary_map: Any = None, tokenizers: Sequence[Any] | None = None):
+                 vocabulary_map: Any = None, tokenizers: Sequence[Any] | None = None,
+                 sampler: Any = None):
         super().__init__(train_config, distill_config, model_T, model_S)
         preflight.check_on_policy(self.t_config, self.d_config)
         if self.d_config.is_caching_logits:
@@ -96,7 +102,7 @@ class GeneralDistiller(Distiller):
         self.step = make_step(self.d_config, model_T, model_S, adaptor_T, adaptor_S,
                               custom_matches=custom_matches, compile=compile,
                               projections=self.projs, vocabulary_map=vocabulary_map,
-                              tokenizers=tokenizers)
+                              tokenizers=tokenizers, sampler=sampler)
 
     def _extra_param_groups(self) -> list[tuple[nn.Module, dict[str, Any]]]:
         step: Step = (self.step if isinstance(self.step, Step)
@@ -127,12 +133,13 @@ class MultiTeacherDistiller(BasicDistiller):
 class MultiTaskDistiller(GeneralDistiller):
     """Teachers of different tasks into one student: ``model_T``, ``adaptor_T`` and
     ``adaptor_S`` are dicts by task. Each step samples a task with probability proportional to
-    ``len(dataloader) ** tau``.
+    ``len(dataloader) ** tau``. On-policy: ``tokenizers`` and ``sampler`` as for
+    :class:`BasicDistiller` (one pair, one sampler for every task).
 
-    ``vocabulary_map`` and ``tokenizers`` as in :class:`GeneralDistiller`; one of each serves
-    every task (one KD loss for all tasks): with ``kd_loss_type='gold'`` every task's batches are
-    cross-tokenizer batches of that pair of tokenizers; with ``'uld'`` (no map) a task whose
-    batches carry ``'spans'`` runs across tokenizers and the others row against row.
+    ``vocabulary_map`` as in :class:`GeneralDistiller`; one serves every task (one KD loss for
+    all tasks): with ``kd_loss_type='gold'`` every task's batches are cross-tokenizer batches of
+    that pair of tokenizers; with ``'uld'`` (no map) a task whose batches carry ``'spans'`` runs
+    across tokenizers and the others row against row.
     """
 
     def __init__(self, train_config: TrainingConfig | Mapping[str, Any],
@@ -140,11 +147,12 @@ class MultiTaskDistiller(GeneralDistiller):
                  model_T: Mapping[str, nn.Module], model_S: nn.Module,
                  adaptor_T: Mapping[str, Adaptor], adaptor_S: Mapping[str, Adaptor],
                  *, compile: bool | Literal["auto"] = "auto", vocabulary_map: Any = None,
-                 tokenizers: Sequence[Any] | None = None):
+                 tokenizers: Sequence[Any] | None = None, sampler: Any = None):
         if not isinstance(model_T, Mapping) or not model_T:
             raise TypeError("MultiTaskDistiller needs model_T as a dict of teachers by task")
         super().__init__(train_config, distill_config, model_T, model_S, adaptor_T, adaptor_S,
-                         compile=compile, vocabulary_map=vocabulary_map, tokenizers=tokenizers)
+                         compile=compile, vocabulary_map=vocabulary_map, tokenizers=tokenizers,
+                         sampler=sampler)
 
     def train(  # type: ignore[override]
         self,

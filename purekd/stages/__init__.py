@@ -43,9 +43,11 @@ from ._rollout import (
     check_context,
     check_prompts,
     check_same_tokenizer,
+    check_same_vocabulary,
     completion_rows,
     rollout,
     sampling_mode,
+    vocabulary_rows,
 )
 from ._sampler import HFGenerateSampler, Sample, Sampler, completion_mask
 from ._split import Split, batch_split
@@ -78,6 +80,7 @@ __all__ = [
     "check_prompts",
     "check_same_texts",
     "check_same_tokenizer",
+    "check_same_vocabulary",
     "check_tokenizers_fit",
     "completion_mask",
     "completion_rows",
@@ -99,4 +102,5 @@ __all__ = [
     "token_spans",
     "tokenizer_scheme",
     "vocabulary_map",
+    "vocabulary_rows",
 ]
