@@ -110,7 +110,9 @@ def test_the_spans_reach_the_step_intact_and_are_counted(tmp_path, pair):
     assert metrics["eval_loss"] == pytest.approx(float(expected.detach()), rel=1e-10)
 
 
-def test_on_policy_across_tokenizers_through_the_trainer_is_sgd_on_the_step_loss(tmp_path):
+@pytest.mark.parametrize("token_level", [False, True])
+def test_on_policy_across_tokenizers_through_the_trainer_is_sgd_on_the_step_loss(tmp_path,
+                                                                                 token_level):
     from purekd.integrations import hf_adaptor
     from purekd.stages import vocabulary_map
 
@@ -140,9 +142,13 @@ def test_on_policy_across_tokenizers_through_the_trainer_is_sgd_on_the_step_loss
     step = step_of(models_)
     trainer = DistillationTrainer(
         step, _arguments(tmp_path, 1, len(PROMPTS)), train_dataset=list(range(len(PROMPTS))),
-        data_collator=lambda items: _prompts(tokenizers[1]),
+        data_collator=lambda items: _prompts(tokenizers[1]), token_level=token_level,
+        tokenizers=tokenizers, processing_class=tokenizers[1],
         optimizers=(torch.optim.SGD(step.parameters(), lr=0.3), None))
     trainer.train()
     assert trainer.train_losses == [pytest.approx(float(loss.detach()), rel=1e-12)]
+    # token_level: the gradient of loss * spans, divided by the spans afterwards; the float64
+    # Llama's float32 RMSNorm rounds that order differently (about 2e-7 relative)
+    tolerance = {"rtol": 1e-6, "atol": 1e-9} if token_level else {"rtol": 1e-10, "atol": 1e-12}
     for key, p in models_[1].named_parameters():
-        torch.testing.assert_close(p.detach(), expected[key], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(p.detach(), expected[key], **tolerance)
