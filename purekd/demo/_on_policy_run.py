@@ -499,6 +499,8 @@ def _results(rows: list[Row], samples: dict[str, SampleScores], settings: Settin
                     for k, s in samples.items()},
         "seconds": seconds["total"],
         "seconds_by_phase": seconds,
+        "seconds_per_step": {"warmup": seconds["warmup"] / settings.warmup_steps,
+                             **{a: seconds[f"train_{a}"] / settings.steps for a in ARMS}},
         "tokens": arm_tokens,
         "tokens_per_second": {k: r.tokens_per_second for k, r in by_key.items()
                               if r.tokens_per_second is not None},
