@@ -349,11 +349,12 @@ def run(output_dir: str | Path = "purekd-demo-on-policy", *, teacher: str | Path
     seed_everything(settings.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seconds: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # the process's CPU seconds (all threads) per phase
 
     print("1/5 teacher: loading and dequantising the GGUF file; the student; the verses")
     with measured() as phase:
         model_T, tokenizer, path = lm.load_teacher(teacher, progress_bar=progress_bar is not False)
-    seconds["teacher_load"] = phase.seconds
+    seconds["teacher_load"], cpu["teacher_load"] = phase.seconds, phase.cpu_seconds
     total_layers = len(lm.decoder_layers(model_T))
     layers = lm.spread_layers(total_layers, settings.layers)
     student = lm.compress(model_T, layers)
@@ -380,7 +381,7 @@ def run(output_dir: str | Path = "purekd-demo-on-policy", *, teacher: str | Path
             scores = score_samples(model, model_T, eval_prompts, settings, stops, pad_id,
                                    tokenizer)
             ppl = lm.perplexity(model, data.held_out_rows).perplexity
-        seconds[f"eval_{name}"] = phase.seconds
+        seconds[f"eval_{name}"], cpu[f"eval_{name}"] = phase.seconds, phase.cpu_seconds
         return scores, ppl
 
     samples: dict[str, SampleScores] = {}
@@ -394,7 +395,7 @@ def run(output_dir: str | Path = "purekd-demo-on-policy", *, teacher: str | Path
     with measured() as phase:
         train(model_T, student, _config(settings, "off_policy", stops), warm_data,
               settings.warmup_steps, settings.warmup_lr, out / "warmup", settings, progress_bar)
-    seconds["warmup"] = phase.seconds
+    seconds["warmup"], cpu["warmup"] = phase.seconds, phase.cpu_seconds
     samples["warmup"], ppl = score(student, "warmup")
     rows.append(Row("student after warm-up", samples["warmup"].reverse_kl,
                     samples["warmup"].teacher_nll, ppl, samples["warmup"].mean_length,
@@ -417,7 +418,7 @@ def run(output_dir: str | Path = "purekd-demo-on-policy", *, teacher: str | Path
             step = train(model_T, copy_S, _config(settings, arm, stops), tokens.wrap(arm_data),
                          settings.steps, settings.lr, out / arm, settings, progress_bar)
         del step
-        seconds[f"train_{arm}"] = phase.seconds
+        seconds[f"train_{arm}"], cpu[f"train_{arm}"] = phase.seconds, phase.cpu_seconds
         arm_tokens[arm] = tokens.count(out / arm)
         samples[arm], ppl = score(copy_S, arm)
         rows.append(Row(names[arm], samples[arm].reverse_kl, samples[arm].teacher_nll, ppl,
@@ -433,15 +434,17 @@ def run(output_dir: str | Path = "purekd-demo-on-policy", *, teacher: str | Path
 
     seconds["total"] = time.perf_counter() - start
     seconds["on_policy_part"] = sum(seconds[f"train_{a}"] + seconds[f"eval_{a}"] for a in ARMS)
-    results = _results(rows, samples, settings, layers, total_layers, path, seconds,
+    cpu["on_policy_part"] = sum(cpu[f"train_{a}"] + cpu[f"eval_{a}"] for a in ARMS)
+    results = _results(rows, samples, settings, layers, total_layers, path, seconds, cpu,
                        arm_tokens, lm.parameter_count(model_T), lm.parameter_count(student))
     print("5/5 results")
     print()
     print(table(rows))
     print(f"\non-policy / off-policy reverse KL on their own samples: "
           f"{results['ratio']:.2f} (target <= 0.8)")
-    print(f"arms + evaluation: {seconds['on_policy_part']:.0f} s; whole job "
-          f"{seconds['total']:.0f} s")
+    print(f"arms + evaluation: {seconds['on_policy_part']:.0f} s "
+          f"({cpu['on_policy_part']:.0f} CPU seconds on {torch.get_num_threads()} thread(s)); "
+          f"whole job {seconds['total']:.0f} s")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     if plot:
         png = plot_results(out, out / "on_policy.png")
@@ -484,7 +487,7 @@ def _key(row: Row) -> str:
 
 def _results(rows: list[Row], samples: dict[str, SampleScores], settings: Settings,
              layers: list[int], total_layers: int, path: Path, seconds: dict[str, float],
-             arm_tokens: dict[str, int], parameters_T: int, parameters_S: int) -> dict[str, Any]:
+             cpu: dict[str, float], arm_tokens: dict[str, int], parameters_T: int, parameters_S: int) -> dict[str, Any]:
     by_key = {_key(r): r for r in rows}
     ratio = samples["on_policy"].reverse_kl / samples["off_policy"].reverse_kl
     return {
@@ -499,6 +502,8 @@ def _results(rows: list[Row], samples: dict[str, SampleScores], settings: Settin
                     for k, s in samples.items()},
         "seconds": seconds["total"],
         "seconds_by_phase": seconds,
+        "cpu_seconds_by_phase": cpu,
+        "threads": torch.get_num_threads(),
         "seconds_per_step": {"warmup": seconds["warmup"] / settings.warmup_steps,
                              **{a: seconds[f"train_{a}"] / settings.steps for a in ARMS}},
         "tokens": arm_tokens,

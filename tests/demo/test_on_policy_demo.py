@@ -138,8 +138,10 @@ def test_the_quick_demo_writes_its_results_and_plot(quick_run):
     for phase in ("teacher_load", "warmup", "train_off_policy", "train_on_policy", "train_mixed",
                   "eval_off_policy", "eval_on_policy", "eval_mixed", "on_policy_part", "total"):
         assert phases[phase] > 0, phase
-    assert phases["on_policy_part"] == pytest.approx(sum(
-        phases[f"{p}_{a}"] for p in ("train", "eval") for a in on_policy.ARMS))
+    for times in (phases, saved["cpu_seconds_by_phase"]):
+        assert times["on_policy_part"] == pytest.approx(sum(
+            times[f"{p}_{a}"] for p in ("train", "eval") for a in on_policy.ARMS))
+    assert set(saved["seconds_per_step"]) == {"warmup", *on_policy.ARMS}
     assert set(saved["tokens_per_second"]) == {"warmup", "off_policy", "on_policy", "mixed"}
     assert saved["parameters"]["teacher"] > 100_000_000  # the real SmolLM2-135M
     assert saved["student_layers"] == [0, 29]
