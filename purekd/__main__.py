@@ -148,6 +148,9 @@ def _cache_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentPars
     cache.add_argument("--shard-samples", type=int, default=1024, help="samples per shard")
     cache.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     cache.add_argument("--quiet", action="store_true", help="no progress bar")
+    cache.add_argument("--student-tokenizer", default=None,
+                       help="the student's tokenizer folder, when it is not the teacher's: a "
+                            "cross-tokenizer cache (texts only; see docs/cross-tokenizer.md)")
     return cache
 
 
