@@ -292,7 +292,7 @@ def _config(settings: Settings, arm: str, stops: Sequence[int]) -> purekd.Distil
                                         seed=settings.seed))
 
 
-def train(teacher: nn.Module, student: nn.Module, config: purekd.DistillationConfig,
+def train(teacher: Any, student: Any, config: purekd.DistillationConfig,
           data: list[Any], steps: int, lr: float, out: Path, settings: Settings,
           progress_bar: bool | None) -> Any:
     """``steps`` optimizer steps of ``GeneralDistiller`` over ``data`` (cycled) with AdamW at
@@ -360,7 +360,7 @@ def run(output_dir: str | Path = "purekd-demo-on-policy", *, teacher: str | Path
     student = lm.compress(model_T, layers)
     lm.check_same_vocabulary(model_T, student, tokenizer)
     newline = newline_id(tokenizer)
-    eos = model_T.generation_config.eos_token_id
+    eos = getattr(getattr(model_T, "generation_config", None), "eos_token_id", None)
     stops = (newline, *([eos] if isinstance(eos, int) and eos != newline else []))
     pad_id = int(eos if isinstance(eos, int) else newline)
     data = load_verses(tokenizer, settings)
