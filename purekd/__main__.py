@@ -1,6 +1,7 @@
 """Command line: ``purekd demo [--epochs N] [--labels N] [--output-dir DIR]`` (digits),
 ``purekd demo lm [--quick] [--teacher FILE_OR_DIR] [--steps N] [--output-dir DIR]`` (language
-model), ``purekd distill RECIPE.yaml [key=value ...]`` (a language-model distillation from a
+model), ``purekd demo cross-tokenizer [--quick] [--steps N] [--output-dir DIR]`` (Gemma 3 ->
+a SmolLM2 student, ULD and GOLD), ``purekd distill RECIPE.yaml [key=value ...]`` (a language-model distillation from a
 recipe file), ``purekd recipes [show NAME]`` (the shipped recipes) and ``purekd cache-teacher
 [MODEL_DIR | --gguf FILE] --data FILE --k K --out DIR``.
 
@@ -15,14 +16,17 @@ import time
 
 DIGITS_OPTIONS = ("epochs", "teacher_epochs", "labels", "compile")
 LM_OPTIONS = ("quick", "teacher", "steps", "layers", "k")
+CROSS_OPTIONS = ("quick", "steps")
 
 
 def _demo_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="`purekd demo`: distil a digits classifier into a small student that sees "
                      "few labels; `purekd demo lm`: distil SmolLM2-135M into a 6-layer student "
-                     "from a top-k teacher cache")
-    demo.add_argument("which", nargs="?", choices=["digits", "lm"], default="digits",
+                     "from a top-k teacher cache; `purekd demo cross-tokenizer`: distil Gemma 3 "
+                     "270M into a SmolLM2 student with ULD and GOLD")
+    demo.add_argument("which", nargs="?", choices=["digits", "lm", "cross-tokenizer"],
+                      default="digits",
                       help="which demo (default digits)")
     digits = demo.add_argument_group("digits demo")
     digits.add_argument("--epochs", type=int, default=None, help="student epochs (default 40)")
@@ -32,7 +36,7 @@ def _demo_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="labelled training images the students see (default 50)")
     digits.add_argument("--compile", action="store_true", default=None,
                         help="compile the loss path with torch.compile")
-    language = demo.add_argument_group("lm demo")
+    language = demo.add_argument_group("lm and cross-tokenizer demos")
     language.add_argument("--quick", action="store_true", default=None,
                           help="tiny sizes: a check that everything runs (seconds after the "
                                "teacher's load)")
@@ -46,7 +50,8 @@ def _demo_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParse
     language.add_argument("--k", type=int, default=None,
                           help="teacher entries cached per token (default 64)")
     demo.add_argument("--output-dir", default=None,
-                      help="where results go (default purekd-demo, or purekd-demo-lm)")
+                      help="where results go (default purekd-demo, purekd-demo-lm or "
+                           "purekd-demo-cross-tokenizer)")
     demo.add_argument("--seed", type=int, default=0)
     return demo
 
@@ -94,6 +99,29 @@ def _run_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         lm.run(args.output_dir or "purekd-demo-lm", teacher=args.teacher, settings=settings)
     except ValueError as error:
         print(f"purekd demo lm: {error}", file=sys.stderr)
+        return 2
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _run_cross_tokenizer(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        from purekd.demo import cross_tokenizer
+    except ImportError as error:
+        print(f"purekd demo cross-tokenizer needs the demo extra (scripts/setup-env.sh demo): "
+              f"{error}", file=sys.stderr)
+        return 2
+    settings = cross_tokenizer.QUICK if args.quick else cross_tokenizer.Settings()
+    if args.steps is not None:
+        if args.steps < 1:
+            parser.error("--steps must be >= 1")
+        settings = settings._replace(steps=args.steps)
+    settings = settings._replace(seed=args.seed)
+    start = time.perf_counter()
+    try:
+        cross_tokenizer.run(args.output_dir or "purekd-demo-cross-tokenizer", settings=settings)
+    except ValueError as error:
+        print(f"purekd demo cross-tokenizer: {error}", file=sys.stderr)
         return 2
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
@@ -227,12 +255,16 @@ def main(argv: list[str] | None = None) -> int:
         return run_cache_teacher(args)
 
     if args.command == "demo":
-        wrong = DIGITS_OPTIONS if args.which == "lm" else LM_OPTIONS
-        for name in wrong:
-            if getattr(args, name) is not None:
-                other = "digits" if args.which == "lm" else "lm"
-                demo.error(f"--{name.replace('_', '-')} is an option of the {other} demo, not "
-                           f"of `purekd demo {args.which}`")
+        allowed = {"digits": DIGITS_OPTIONS, "lm": LM_OPTIONS,
+                   "cross-tokenizer": CROSS_OPTIONS}
+        for name in dict.fromkeys(DIGITS_OPTIONS + LM_OPTIONS):
+            if getattr(args, name) is not None and name not in allowed[args.which]:
+                first, *more = [k for k, v in allowed.items() if name in v]
+                also = "".join(f" (and of the {k} demo)" for k in more)
+                demo.error(f"--{name.replace('_', '-')} is an option of the {first} demo{also}, "
+                           f"not of `purekd demo {args.which}`")
+        if args.which == "cross-tokenizer":
+            return _run_cross_tokenizer(demo, args)
         if args.which == "lm":
             return _run_lm(demo, args)
         return _run_digits(demo, args)
