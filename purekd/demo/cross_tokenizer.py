@@ -378,10 +378,10 @@ class Arm:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss.detach())):
             raise ValueError(f"the {self.name} student's loss is {float(loss)} at step "
                              f"{len(self.log) + 1}: lower lr (Settings.lr)")
-        self.log.append({"step": len(self.log) + 1, "loss": float(loss),
+        self.log.append({"step": len(self.log) + 1, "loss": float(loss.detach()),
                          **{k: float(v) for k, v in terms.items()}})
 
 
