@@ -15,12 +15,12 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM
 
-import purekd  # noqa: E402
-from purekd.__main__ import main  # noqa: E402
-from purekd.demo import cross_tokenizer as ct  # noqa: E402
-from purekd.recipes import _models as models  # noqa: E402
+import purekd
+from purekd.__main__ import main
+from purekd.demo import cross_tokenizer as ct
+from purekd.recipes import _models as models
 
 
 def _tiny_llama(vocab: int, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
@@ -129,7 +129,8 @@ def test_settings_reject_bad_values_naming_the_field(field, value, message):
 
 def _pair():
     """Two fast tokenizers that cut text differently: WordPiece and characters."""
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
     from tests.stages import _tokenizers

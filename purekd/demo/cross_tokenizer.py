@@ -382,7 +382,7 @@ class Arm:
             raise ValueError(f"the {self.name} student's loss is {float(loss)} at step "
                              f"{len(self.log) + 1}: lower lr (Settings.lr)")
         self.log.append({"step": len(self.log) + 1, "loss": float(loss.detach()),
-                         **{k: float(v) for k, v in terms.items()}})
+                         **{k: float(v.detach()) for k, v in terms.items()}})
 
 
 def make_arms(student: nn.Module, teacher: SharedTeacher, vocabulary_map: Any,
