@@ -55,3 +55,31 @@ def full_batch() -> dict[str, torch.Tensor]:
     labels[1, :5] = -100
     labels[2, :1] = -100
     return {**batch, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def tiny_cache(folder: Any) -> tuple[Any, Any]:
+    """A real top-k teacher cache of four token sequences, written to ``folder``:
+    ``(CachedTeacherDataset, TeacherCache)``."""
+    from purekd.teacher_cache import CachedTeacherDataset, TeacherCache
+    from tests.teacher_cache._helpers import TinyLM, Tokens, write
+
+    data = Tokens(4, vocab=VOCAB)
+    write(TinyLM(seed=0, vocab=VOCAB), data, folder, k=4)
+    cache = TeacherCache(folder)
+    return CachedTeacherDataset(data, cache), cache
+
+
+class Recording:
+    """A sampler that counts its calls and returns, for every prompt, ``width`` copies of
+    ``token`` with the mask ``kept`` (1: sampled tokens, 0: none)."""
+
+    def __init__(self, width: int, token: int = EOS, kept: int = 1):
+        self.width, self.token, self.kept, self.calls = width, token, kept, 0
+
+    def __call__(self, model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
+                 seed: int) -> Any:
+        from purekd.stages import Sample
+
+        self.calls += 1
+        shape = (prompt_ids.size(0), self.width)
+        return Sample(torch.full(shape, self.token), torch.full(shape, self.kept))

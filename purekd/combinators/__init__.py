@@ -37,7 +37,7 @@ from ._objective import (
     scheduled_after_start,
     weighted,
 )
-from ._on_policy import OnPolicyStage
+from ._on_policy import OnPolicyStage, on_policy_stage
 from ._step import Step
 from ._tasks import TaskRouter, route_by_task
 from ._tokens import token_normalised, token_share
@@ -62,6 +62,7 @@ __all__ = [
     "mean_of_teachers",
     "models_stage",
     "objective",
+    "on_policy_stage",
     "route_by_task",
     "scheduled_after_start",
     "single_teacher",

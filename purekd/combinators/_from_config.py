@@ -246,8 +246,16 @@ def make_step(
                 raise ValueError("DistillationConfig(on_policy=...) with a list of teachers: "
                                  "on-policy distillation scores the rollouts with one teacher; "
                                  "give a single teacher")
+            if teacher_model is None:
+                raise ValueError(
+                    "DistillationConfig(on_policy=...) with model_T=None (a teacher read from a "
+                    "top-k teacher cache): the teacher must score every newly sampled "
+                    "sequence, which no cache holds; give the teacher model, or train "
+                    "off-policy from the cache (on_policy=None)")
             outputs = OnPolicyStage(config.on_policy, outputs, teacher=teacher_model,
-                                    sampler=sampler, tokenizers=tokenizers)
+                                    sampler=sampler, tokenizers=tokenizers,
+                                    shared_vocab=config.shared_vocab)
+
         elif sampler is not None or tokenizers is not None:
             raise ValueError("make_step(sampler=..., tokenizers=...) are for on-policy "
                              "distillation: set DistillationConfig(on_policy=OnPolicyConfig())")

@@ -46,6 +46,7 @@ from purekd.stages import (
     check_context,
     check_prompts,
     check_same_tokenizer,
+    check_same_vocabulary,
     completion_rows,
     rollout,
     share_equal_masks,
@@ -96,7 +97,10 @@ class OnPolicyStage:
     ``teacher``: the teacher model (it samples with ``seq_kd``; its context is checked);
     ``sampler``: a :class:`~purekd.stages.Sampler` (default: :class:`~purekd.stages.HFGenerateSampler`
     with the config's knobs); ``tokenizers``: ``(tokenizer_T, tokenizer_S)`` to check that both
-    models share one vocabulary.
+    models share one vocabulary (:func:`~purekd.stages.check_same_tokenizer`). Without them the
+    sizes of the two models' next-token distributions are compared at construction
+    (:func:`~purekd.stages.check_same_vocabulary`; ``shared_vocab``: one tokenizer, output
+    layers padded to different sizes).
 
     ``stage.generator`` draws the ``lmbda`` decisions and the sampling seeds;
     ``stage.empty_rollouts`` counts the on-policy batches that had no completion token; the last
@@ -108,7 +112,7 @@ class OnPolicyStage:
 
     def __init__(self, config: OnPolicyConfig, models: ModelsStage, *, teacher: Any = None,
                  sampler: Sampler | None = None,
-                 tokenizers: Sequence[Any] | None = None):
+                 tokenizers: Sequence[Any] | None = None, shared_vocab: bool = False):
         if not isinstance(config, OnPolicyConfig):
             raise TypeError(f"OnPolicyStage(config=...): expected a purekd.OnPolicyConfig, got "
                             f"{type(config).__name__}")
@@ -118,10 +122,18 @@ class OnPolicyStage:
         if config.seq_kd and teacher is None:
             raise ValueError("OnPolicyConfig(seq_kd=True): the teacher samples, so give "
                              "OnPolicyStage(teacher=model_T)")
+        if teacher is not None and not callable(teacher):
+            raise ValueError(
+                f"on-policy: the teacher is a {type(teacher).__name__}, not a model: the teacher "
+                "must score every newly sampled sequence, which no cache of its outputs holds; "
+                "give the teacher model, or train off-policy (on_policy=None)")
         if tokenizers is not None:
             if len(tokenizers) != 2:
                 raise ValueError("OnPolicyStage(tokenizers=...): give (tokenizer_T, tokenizer_S)")
             check_same_tokenizer(*tokenizers)
+        if teacher is not None:
+            check_same_vocabulary(teacher, models.student, shared_vocab=shared_vocab,
+                                  seq_kd=config.seq_kd)
         self.config = config
         self._models = models
         self._teacher = teacher
@@ -219,6 +231,13 @@ class OnPolicyStage:
         sampled = rollout(self.sampler, sampler_model, prompts, prompt_mask, seed=seed,
                           pad_token_id=pad)
         self.last_rollout = sampled
+        longest = int(sampled.completion_lengths.max())
+        if longest > self.config.max_new_tokens:
+            raise ValueError(
+                f"on-policy: the sampler returned a completion of {longest} tokens (sample "
+                f"{int(sampled.completion_lengths.argmax())}), more than "
+                f"OnPolicyConfig.max_new_tokens={self.config.max_new_tokens}, which the models' "
+                "context was checked against; make the sampler stop at max_new_tokens")
         if int(sampled.completion_lengths.sum()) == 0:
             self.empty_rollouts += 1
             warnings.warn(
@@ -236,4 +255,18 @@ class OnPolicyStage:
         return Outputs(student, share_equal_masks(student, teacher))
 
 
-__all__ = ["GeneratorState", "OnPolicyStage"]
+def on_policy_stage(step: Any) -> OnPolicyStage | None:
+    """The :class:`OnPolicyStage` that ``step`` (a :class:`~purekd.Step`, or a models stage)
+    runs — found through ``step.outputs`` and wrappers that keep the stage they wrap as
+    ``.inner`` — or ``None``."""
+    stage = getattr(step, "outputs", step)
+    seen: set[int] = set()
+    while stage is not None and id(stage) not in seen:
+        if isinstance(stage, OnPolicyStage):
+            return stage
+        seen.add(id(stage))
+        stage = getattr(stage, "inner", None)
+    return None
+
+
+__all__ = ["GeneratorState", "OnPolicyStage", "on_policy_stage"]

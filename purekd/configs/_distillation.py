@@ -197,7 +197,11 @@ class DistillationConfig(_ConfigIO):
       teacher (see :func:`~purekd.terms.token_kd`); their temperature is constant.
     * ``shared_vocab``: teacher and student vocabularies of different sizes (padded output
       layers) are compared on their first ``min(V_S, V_T)`` entries; without it a mismatch
-      raises before training, naming both sizes.
+      raises before training, naming both sizes. With ``on_policy`` (where it also applies to
+      ``'sampled_reverse_kl'``, which reads only the sampled tokens' log-probabilities) it
+      says the two models share one tokenizer, and the sampling model's output layer must be
+      no larger than the other's (checked when the step is built).
+
     * ``loss_normalisation``: ``'batch'`` — each micro-batch's mean, averaged over
       micro-batches (TextBrewer); ``'tokens'`` — the optimizer step's loss is normalised by
       its kept tokens over every micro-batch and process (``StepOutput.tokens``); ``'auto'``
@@ -251,11 +255,13 @@ class DistillationConfig(_ConfigIO):
                 f"DistillationConfig.temperature_scheduler={self.temperature_scheduler!r} with "
                 f"kd_loss_type={name!r}: the token-level divergences take a constant "
                 "temperature; set temperature_scheduler='none' (or use kd_loss_type='ce')")
-        if self.shared_vocab and not token_level:
+        if self.shared_vocab and not (token_level or name in presets.SAMPLED_KD_LOSSES):
             raise ValueError(
                 f"DistillationConfig.shared_vocab=True with kd_loss_type={name!r}: the shared "
-                f"vocabulary applies to the token-level divergences {sorted(presets.TOKEN_KD_LOSSES)}; "
-                "choose one of them or leave shared_vocab=False")
+                f"vocabulary applies to the token-level divergences {sorted(presets.TOKEN_KD_LOSSES)} "
+                f"and the sampled-token loss {sorted(presets.SAMPLED_KD_LOSSES)}; choose one of "
+                "them or leave shared_vocab=False")
+
 
     @property
     def kd_loss(self) -> tuple[str, dict[str, Any]]:

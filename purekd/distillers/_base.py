@@ -180,13 +180,15 @@ class Distiller(ModeContext):
 
         The run's fingerprint (checked on resume) gets the distillation config and ``data``'s
         description (:func:`describe_data`) besides what the runner adds itself."""
+        steps = self.step.steps.values() if isinstance(self.step, TaskRouter) else [self.step]
+        preflight.check_on_policy_data(steps, data)
         self._prepare_optimizer(optimizer)
         preflight.check_optimizer(optimizer, self.student)
         preflight.check_weights(self.d_config, len(getattr(self, "custom_matches", None) or ()))
         preflight.check_device(self.t_config, self.student, self.teacher_modules)
         preflight.check_modes(self.teacher_modules, self.student)
-        steps = self.step.steps.values() if isinstance(self.step, TaskRouter) else [self.step]
         preflight.install_output_checks(steps, self.d_config, self.t_config.device)
+
         lr_scheduler = self._scheduler(optimizer, scheduler_class, scheduler_args, scheduler)
         self.runner = self._runner(options.progress_bar)
         teachers = {str(i): {k: list(v.shape) for k, v in t.state_dict().items()}

@@ -42,6 +42,11 @@ class BasicDistiller(Distiller):
 
     ``vocabulary_map``: for ``kd_loss_type='gold'`` with a teacher and a student of different
     tokenizers (:func:`~purekd.stages.vocabulary_map`; docs/cross-tokenizer.md).
+
+    On-policy (``DistillationConfig(on_policy=...)``): ``tokenizers=(tokenizer_T, tokenizer_S)``
+    checks at construction that both models share one tokenizer
+    (:func:`~purekd.stages.check_same_tokenizer`); ``sampler``: a
+    :class:`~purekd.stages.Sampler` in place of ``transformers``' ``generate``.
     """
 
     caches_logits = True
@@ -49,13 +54,15 @@ class BasicDistiller(Distiller):
     def __init__(self, train_config: TrainingConfig | Mapping[str, Any],
                  distill_config: DistillationConfig | Mapping[str, Any] | None,
                  model_T: nn.Module, model_S: nn.Module, adaptor_T: Adaptor, adaptor_S: Adaptor,
-                 *, compile: bool | Literal["auto"] = "auto", vocabulary_map: Any = None):
+                 *, compile: bool | Literal["auto"] = "auto", vocabulary_map: Any = None,
+                 tokenizers: Sequence[Any] | None = None, sampler: Any = None):
         super().__init__(train_config, distill_config, model_T, model_S)
         preflight.check_on_policy(self.t_config, self.d_config)
         self.adaptor_T, self.adaptor_S = adaptor_T, adaptor_S
         config = attrs.evolve(self.d_config, intermediate_matches=())
         self.step = make_step(config, model_T, model_S, adaptor_T, adaptor_S, compile=compile,
-                              vocabulary_map=vocabulary_map)
+                              vocabulary_map=vocabulary_map, tokenizers=tokenizers,
+                              sampler=sampler)
 
     def _teacher_stage(self) -> TeacherStage | None:
         return single_teacher(self.model_T, self.adaptor_T)
@@ -71,13 +78,16 @@ class GeneralDistiller(Distiller):
 
     ``vocabulary_map``: for ``kd_loss_type='gold'`` with a teacher and a student of different
     tokenizers (:func:`~purekd.stages.vocabulary_map`; docs/cross-tokenizer.md).
+
+    On-policy: ``tokenizers`` and ``sampler`` as for :class:`BasicDistiller`.
     """
 
     def __init__(self, train_config: TrainingConfig | Mapping[str, Any],
                  distill_config: DistillationConfig | Mapping[str, Any] | None,
                  model_T: Any, model_S: nn.Module, adaptor_T: Any, adaptor_S: Any,
                  custom_matches: Sequence[Any] | None = None, *, compile: bool | Literal["auto"] = "auto",
-                 vocabulary_map: Any = None):
+                 vocabulary_map: Any = None, tokenizers: Sequence[Any] | None = None,
+                 sampler: Any = None):
         super().__init__(train_config, distill_config, model_T, model_S)
         preflight.check_on_policy(self.t_config, self.d_config)
         if self.d_config.is_caching_logits:
@@ -89,7 +99,8 @@ class GeneralDistiller(Distiller):
         self.custom_matches = list(custom_matches or ())
         self.step = make_step(self.d_config, model_T, model_S, adaptor_T, adaptor_S,
                               custom_matches=custom_matches, compile=compile,
-                              projections=self.projs, vocabulary_map=vocabulary_map)
+                              projections=self.projs, vocabulary_map=vocabulary_map,
+                              tokenizers=tokenizers, sampler=sampler)
 
     def _extra_param_groups(self) -> list[tuple[nn.Module, dict[str, Any]]]:
         step: Step = (self.step if isinstance(self.step, Step)
@@ -120,17 +131,20 @@ class MultiTeacherDistiller(BasicDistiller):
 class MultiTaskDistiller(GeneralDistiller):
     """Teachers of different tasks into one student: ``model_T``, ``adaptor_T`` and
     ``adaptor_S`` are dicts by task. Each step samples a task with probability proportional to
-    ``len(dataloader) ** tau``."""
+    ``len(dataloader) ** tau``. On-policy: ``tokenizers`` and ``sampler`` as for
+    :class:`BasicDistiller` (one pair, one sampler for every task)."""
 
     def __init__(self, train_config: TrainingConfig | Mapping[str, Any],
                  distill_config: DistillationConfig | Mapping[str, Any] | None,
                  model_T: Mapping[str, nn.Module], model_S: nn.Module,
                  adaptor_T: Mapping[str, Adaptor], adaptor_S: Mapping[str, Adaptor],
-                 *, compile: bool | Literal["auto"] = "auto"):
+                 *, compile: bool | Literal["auto"] = "auto",
+                 tokenizers: Sequence[Any] | None = None, sampler: Any = None):
         if not isinstance(model_T, Mapping) or not model_T:
             raise TypeError("MultiTaskDistiller needs model_T as a dict of teachers by task")
         super().__init__(train_config, distill_config, model_T, model_S, adaptor_T, adaptor_S,
-                         compile=compile)
+                         compile=compile, tokenizers=tokenizers, sampler=sampler)
+
 
     def train(  # type: ignore[override]
         self,

@@ -15,14 +15,16 @@ value and the fix, or — where it can be intended — a ``UserWarning``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from purekd.combinators import on_policy_stage
 from purekd.configs import DistillationConfig, TrainingConfig
 from purekd.stages import Adapted
+from purekd.teacher_cache import CachedCollate, CachedTeacherDataset
 
 _TENSOR_KEYS = ("logits", "logits_mask", "labels", "losses", "hidden", "attention")
 _FLOAT_KEYS = ("logits", "losses", "hidden", "attention")
@@ -333,6 +335,34 @@ def check_on_policy(train_config: TrainingConfig, config: DistillationConfig) ->
             "use FSDPConfig(teacher='shard') or 'replicate'")
 
 
+def check_on_policy_data(steps: Iterable[Any], data: Any) -> None:
+    """An on-policy step is not fed from a top-k teacher cache: a loader over a
+    :class:`~purekd.teacher_cache.CachedTeacherDataset`, batched by a
+    :class:`~purekd.teacher_cache.CachedCollate`, or a list of batches carrying a
+    ``'teacher_cache'`` is refused when ``train()`` starts, before any sampling and any weight
+    change (the teacher must score the newly sampled sequences, which no cache holds)."""
+    if not any(on_policy_stage(step) is not None for step in steps):
+        return
+    loaders = data.items() if isinstance(data, Mapping) else [(None, data)]
+    for task, loader in loaders:
+        where = "the dataloader" if task is None else f"the dataloader of task {task!r}"
+        dataset, collate = getattr(loader, "dataset", None), getattr(loader, "collate_fn", None)
+        found = None
+        if isinstance(loader, CachedTeacherDataset) or isinstance(dataset, CachedTeacherDataset):
+            found = "its dataset is a CachedTeacherDataset"
+        elif isinstance(collate, CachedCollate):
+            found = "its collate_fn is a CachedCollate"
+        elif (isinstance(loader, Sequence) and not isinstance(loader, (str, bytes)) and loader
+              and isinstance(loader[0], Mapping) and "teacher_cache" in loader[0]):
+            found = "its first batch carries a 'teacher_cache'"
+        if found is not None:
+            raise ValueError(
+                f"on-policy: {where} reads a top-k teacher cache ({found}), but the teacher "
+                "must score every newly sampled sequence, which no cache holds; train from "
+                "the plain dataset with prompts (and the teacher model), or train off-policy "
+                "from the cache (on_policy=None)")
+
+
 def check_modes(teachers: list[nn.Module], student: nn.Module) -> None:
     """Warn when training starts with a teacher in training mode or the student in eval mode
     (``with distiller:`` sets both)."""
@@ -347,6 +377,7 @@ def check_modes(teachers: list[nn.Module], student: nn.Module) -> None:
 
 
 __all__ = ["CheckedOutputs", "check_device", "check_device_exists", "check_modes",
-           "check_on_policy", "check_optimizer", "check_outputs", "check_schedule",
+           "check_on_policy", "check_on_policy_data", "check_optimizer", "check_outputs",
+           "check_schedule",
            "check_weights",
            "install_output_checks"]

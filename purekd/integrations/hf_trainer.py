@@ -46,7 +46,16 @@ What it does beyond a plain ``Trainer(model=step)``:
 ``token_level`` needs the step's loss to be a mean over the tokens ``count_tokens`` counts
 (default: ``labels != -100``, over ``labels[..., 1:]`` with ``shift_labels=True`` as for causal
 LMs), for every term of the objective.
+
+With an **on-policy** step (:class:`~purekd.combinators.OnPolicyStage`) the tokens exist only
+after sampling, so ``token_level`` counts the step's own ``StepOutput.tokens`` (the sampled
+completion tokens) instead: each micro-batch back-propagates its token sum ``L_m * n_m``, and
+the last micro-batch of the optimizer step multiplies the accumulated gradients by
+``world_size / N`` (``N = sum_m n_m`` over the micro-batches and every process), before
+clipping and the optimizer step. ``tokenizers=(tokenizer_T, tokenizer_S)`` checks that both
+models share one tokenizer; a top-k teacher cache as the data is refused at construction.
 """
+
 
 from __future__ import annotations
 
@@ -61,10 +70,12 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from purekd.combinators import OnPolicyStage, Step
+from purekd.combinators import Objective, OnPolicyStage, Step, on_policy_stage
 from purekd.runner import MetricSink, NonFiniteLossError
 from purekd.runner._guard import non_finite_names, sums_finite
 from purekd.runner._sinks import check_sinks
+from purekd.stages import check_same_tokenizer, vocabulary_rows
+from purekd.teacher_cache import CachedCollate, CachedTeacherDataset
 
 PROJECTIONS_FILE = "purekd_projections.safetensors"
 # kept by remove_unused_columns: the split batch, the cache, and an on-policy batch's prompts
@@ -102,7 +113,8 @@ class DistillationTrainer(Trainer):
 
     def __init__(self, step: Step, args: Any = None, *, token_level: bool = False,
                  count_tokens: Callable[[Any], Any] | None = None, shift_labels: bool = True,
-                 metric_sinks: Sequence[MetricSink] = (), **kwargs: Any):
+                 metric_sinks: Sequence[MetricSink] = (),
+                 tokenizers: Sequence[Any] | None = None, **kwargs: Any):
         if not isinstance(step, Step):
             raise TypeError(f"DistillationTrainer(step=...): expected a purekd Step (from "
                             f"purekd.make_step or Step(...)), got {type(step).__name__}")
@@ -112,16 +124,14 @@ class DistillationTrainer(Trainer):
                                 "model and computes the loss")
         if not isinstance(token_level, bool):
             raise TypeError(f"DistillationTrainer(token_level={token_level!r}): True or False")
-        if token_level and isinstance(step.outputs, OnPolicyStage):
-            raise ValueError(
-                "DistillationTrainer(token_level=True) with an on-policy step: the tokens would "
-                "be counted from the batch's labels before the student samples its completions, "
-                "so the normalisation would not match the loss. Use token_level=False: each "
-                "micro-batch's loss is then its mean over its completion tokens")
+        self.on_policy = on_policy_stage(step) is not None
+        _check_on_policy(step, token_level=token_level, count_tokens=count_tokens,
+                         tokenizers=tokenizers, kwargs=kwargs)
         super().__init__(model=step, args=args, **kwargs)
         self.step = step
         self.token_level = token_level
         self.count_tokens = count_tokens or (lambda b: count_label_tokens(b, shift_labels))
+        self._window: _SampledTokens | None = None
         # Trainer.__init__ sets these from the model's forward signature (the step's **kwargs
         # would read as "normalises by num_items_in_batch itself"): decide them here, after it.
         self.model_accepts_loss_kwargs = token_level
@@ -161,7 +171,9 @@ class DistillationTrainer(Trainer):
         loss = out.loss
         if model.training:
             self._observe(float(loss.detach()), {k: float(v.detach()) for k, v in out.terms.items()})
-        if self.token_level and model.training:
+        if self.token_level and model.training and self.on_policy:
+            loss = self._sampled_token_sum(loss, out.tokens)
+        elif self.token_level and model.training:
             if num_items_in_batch is None:
                 raise ValueError(
                     "DistillationTrainer(token_level=True) got no num_items_in_batch from the "
@@ -233,8 +245,71 @@ class DistillationTrainer(Trainer):
             for sink in self.metric_sinks:
                 sink.close()
 
+    # ---- token_level with an on-policy step: normalised by the sampled tokens ---------------
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device
+                          ) -> tuple[list, Any]:
+        """``Trainer.get_batch_samples`` (the micro-batches of one optimizer step); with an
+        on-policy step and ``token_level``, a new window of sampled tokens starts."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.token_level and self.on_policy:
+            self._window = _SampledTokens(len(batch_samples))
+        return batch_samples, num_items
+
+    def _sampled_token_sum(self, loss: torch.Tensor, tokens: Any) -> torch.Tensor:
+        """A micro-batch's token sum ``L_m * n_m`` (``n_m`` its sampled tokens,
+        ``StepOutput.tokens``), whose gradient :meth:`training_step` rescales at the window's
+        last micro-batch."""
+        if tokens is None:
+            raise ValueError(
+                "DistillationTrainer(token_level=True) with an on-policy step: the step "
+                "returned no StepOutput.tokens (its loss is a per-batch mean); build it with a "
+                "token-level kd_loss_type or DistillationConfig(loss_normalisation='tokens')")
+        if self._window is None:  # not from Trainer.get_batch_samples: a window of its own
+            if self.args.gradient_accumulation_steps != 1:
+                raise RuntimeError(
+                    "DistillationTrainer(token_level=True) with an on-policy step: this "
+                    "micro-batch did not come through Trainer.get_batch_samples, so the "
+                    "micro-batches of its optimizer step are unknown and the gradients cannot "
+                    "be normalised by their sampled tokens; train with Trainer.train, or with "
+                    "gradient_accumulation_steps=1")
+            self._window = _SampledTokens(1)
+
+        count = torch.as_tensor(tokens, device=loss.device).detach().sum()
+        summed = loss * count.to(loss.dtype)
+        self._window.add(count, summed.detach())
+        return summed
+
+    def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any = None
+                      ) -> torch.Tensor:
+        """``Trainer.training_step``. With ``token_level`` and an on-policy step, the last
+        micro-batch of the optimizer step multiplies the accumulated gradients by
+        ``world_size / N`` (``N``: the step's sampled tokens over every micro-batch and process;
+        DDP has averaged the gradients over the processes), before clipping and the optimizer
+        step: the gradient of one batch holding every sampled token. The returned (logged) loss
+        is 0 for the earlier micro-batches and the step's token mean for the last one."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        window = self._window
+        if window is None or not (self.token_level and self.on_policy):
+            return loss
+        window.seen += 1
+        if window.seen < window.size:
+            return torch.zeros_like(loss)
+        self._window = None
+        tokens, summed = window.tokens.to(loss.device), window.summed.to(loss.device)
+        world = self.accelerator.num_processes
+        if world > 1:
+            tokens = self.accelerator.reduce(tokens, reduction="sum")
+        total = float(tokens)
+        scale = world / total if total > 0 else 1.0  # no token: the gradients are 0 anyway
+        with torch.no_grad():
+            for parameter in self.step.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.mul_(scale)
+        return (summed * scale).to(loss.dtype)
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
-        if not self.token_level:
+        if not self.token_level or self.on_policy:  # on-policy: counted after sampling
             return None
         counts = [torch.as_tensor(self.count_tokens(batch)) for batch in batch_samples]
         if not counts:
@@ -308,7 +383,85 @@ class DistillationTrainer(Trainer):
         self._load_from_checkpoint(best)
 
 
+class _SampledTokens:
+    """One optimizer step's sampled tokens (``tokens``, float64) and token-summed loss
+    (``summed``) so far, over ``size`` micro-batches (``seen`` of them run)."""
+
+    def __init__(self, size: int):
+        self.size, self.seen = size, 0
+        self.tokens = torch.zeros((), dtype=torch.float64)
+        self.summed = torch.zeros((), dtype=torch.float64)
+
+    def add(self, tokens: torch.Tensor, summed: torch.Tensor) -> None:
+        self.tokens = self.tokens + tokens.detach().to("cpu", torch.float64)
+        self.summed = self.summed + summed.detach().to("cpu", torch.float64)
+
+
+def _counts_tokens(step: Step) -> bool | None:
+    """Whether the step's objective reports ``StepOutput.tokens`` (``None``: not an
+    :class:`~purekd.combinators.Objective`, known at the first batch)."""
+    try:
+        objective = step.objective
+    except TypeError:
+        return None
+    return objective.count_tokens if isinstance(objective, Objective) else None
+
+
+def _check_on_policy(step: Step, *, token_level: bool, count_tokens: Any, tokenizers: Any,
+                     kwargs: Mapping[str, Any]) -> None:
+    """What the Trainer can check of an on-policy step at construction: the token count, the
+    tokenizers, and a top-k teacher cache in the data."""
+    stage = on_policy_stage(step)
+    if stage is None:
+        if tokenizers is not None:
+            raise ValueError("DistillationTrainer(tokenizers=...) is for an on-policy step "
+                             "(DistillationConfig(on_policy=...)), which checks that teacher "
+                             "and student share one tokenizer; leave it out")
+        return
+    if token_level and count_tokens is not None:
+        raise ValueError(
+            "DistillationTrainer(token_level=True, count_tokens=...) with an on-policy step: "
+            "the tokens are the sampled completion tokens the step reports "
+            "(StepOutput.tokens), known only after sampling; leave count_tokens out")
+    if token_level and _counts_tokens(step) is False:
+        raise ValueError(
+            "DistillationTrainer(token_level=True) with an on-policy step whose loss is a "
+            "per-batch mean (it reports no StepOutput.tokens): build the step with a "
+            "token-level kd_loss_type or DistillationConfig(loss_normalisation='tokens'), or "
+            "use token_level=False")
+    if tokenizers is not None:
+        if len(tokenizers) != 2:
+            raise ValueError("DistillationTrainer(tokenizers=...): give (tokenizer_T, tokenizer_S)")
+        check_same_tokenizer(*tokenizers)
+    tokenizer = kwargs.get("processing_class")
+    if tokenizer is not None and hasattr(tokenizer, "__len__"):
+        models = [("student", step.student)]
+        models += [(f"teacher {name!r}", t) for name, t in step.teachers.items()]
+        for who, model in models:
+            rows = vocabulary_rows(model)
+            if rows is not None and len(tokenizer) > rows:
+                raise ValueError(
+                    f"on-policy: processing_class has {len(tokenizer)} tokens but the {who}'s "
+                    f"next-token distribution has {rows} entries: the tokenizer is not this "
+                    "model's (ids past its vocabulary); give the models' tokenizer, or use "
+                    "cross-tokenizer distillation (docs/cross-tokenizer.md)")
+    for name in ("train_dataset", "eval_dataset"):
+        data = kwargs.get(name)
+        datasets = data.values() if isinstance(data, Mapping) else [data]
+        if any(isinstance(d, CachedTeacherDataset) for d in datasets):
+            raise ValueError(
+                f"on-policy: {name} is a CachedTeacherDataset (a top-k teacher cache), but the "
+                "teacher must score every newly sampled sequence, which no cache holds; give "
+                "a dataset of prompts (and the teacher model), or train off-policy")
+    if isinstance(kwargs.get("data_collator"), CachedCollate):
+        raise ValueError(
+            "on-policy: data_collator is a CachedCollate (batches of a top-k teacher cache), "
+            "but the teacher must score every newly sampled sequence, which no cache holds; "
+            "collate prompts ('prompts', 'prompt_attention_mask'), or train off-policy")
+
+
 class _Guard(TrainerCallback):
+
     """Checks the gradients before each optimizer step (not under fp16, whose scaler skips a
     step with inf gradients itself)."""
 

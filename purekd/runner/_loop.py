@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from purekd._devices import move_to_device
+from purekd.combinators import on_policy_stage
 from purekd.configs._training import TrainingConfig
 
 from . import _state as state
@@ -127,7 +128,24 @@ class _Run:
     options: RunOptions
 
 
+def _refuse_on_policy_without_teacher(step: Any, config: TrainingConfig) -> None:
+    """An on-policy step (one running an :class:`~purekd.combinators.OnPolicyStage`) needs a
+    teacher that runs: ``FSDPConfig(teacher='none')`` is refused before anything runs."""
+    fsdp = config.fsdp
+    if fsdp is None or fsdp.teacher != "none":
+        return
+    steps = getattr(step, "steps", None)
+    for one in (steps.values() if isinstance(steps, Mapping) else [step]):
+        if on_policy_stage(one) is not None:
+            raise ValueError(
+                "an on-policy step with TrainingConfig(fsdp=FSDPConfig(teacher='none')): the "
+                "teacher must score every newly sampled sequence, but teacher='none' runs no "
+                "teacher (the batches carry a cache of the dataset's text); use "
+                "FSDPConfig(teacher='shard') or 'replicate'")
+
+
 class Runner:
+
     """Trains ``step``'s parameters by TextBrewer's loop, with the additions of purekd.
 
     ``step(batch, progress=..., step=..., teacher_outputs=..., **args)`` (or
@@ -147,6 +165,7 @@ class Runner:
                                         if check_finite_every_step is None
                                         else check_finite_every_step)
         self.progress_bar = progress_bar
+        _refuse_on_policy_without_teacher(step, config)
         self.placement: Placement = placement_for(config)
         self.counters = Counters()
 

@@ -36,9 +36,11 @@ from ._rollout import (
     check_context,
     check_prompts,
     check_same_tokenizer,
+    check_same_vocabulary,
     completion_rows,
     rollout,
     sampling_mode,
+    vocabulary_rows,
 )
 from ._sampler import HFGenerateSampler, Sample, Sampler, completion_mask
 from ._split import Split, batch_split
@@ -70,6 +72,7 @@ __all__ = [
     "check_prompts",
     "check_same_texts",
     "check_same_tokenizer",
+    "check_same_vocabulary",
     "completion_mask",
     "completion_rows",
     "detach",
@@ -87,4 +90,5 @@ __all__ = [
     "token_spans",
     "tokenizer_scheme",
     "vocabulary_map",
+    "vocabulary_rows",
 ]

@@ -77,6 +77,56 @@ def check_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
     return lengths
 
 
+def _text_config(model: Any) -> Any:
+    """The model's (text) config: ``config.get_text_config()`` where it has one (a multimodal
+    model's language part), else ``config``; ``None`` without one."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "get_text_config", None)
+    return text() if callable(text) else config
+
+
+def vocabulary_rows(model: Any) -> int | None:
+    """The number of entries of ``model``'s next-token distribution: the rows of its output
+    layer (``get_output_embeddings().weight``, ``(V, H)``), else ``config.vocab_size``;
+    ``None`` when it has neither (a plain module)."""
+    get = getattr(model, "get_output_embeddings", None)
+    layer = get() if callable(get) else None
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])
+    size = getattr(_text_config(model), "vocab_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def check_same_vocabulary(model_T: Any, model_S: Any, *, shared_vocab: bool = False,
+                          seq_kd: bool = False) -> None:
+    """Raise unless teacher and student have next-token distributions over one vocabulary.
+
+    Their sizes (:func:`vocabulary_rows`) must be equal, or — ``shared_vocab``: one tokenizer,
+    output layers padded to different sizes — the sampling model's (the student's; the
+    teacher's with ``seq_kd``) no larger than the other's, which must have a row for every id
+    it can sample. A model whose size is unknown is not checked."""
+    size_T, size_S = vocabulary_rows(model_T), vocabulary_rows(model_S)
+    if size_T is None or size_S is None or size_T == size_S:
+        return
+    if not shared_vocab:
+        raise ValueError(
+            f"on-policy: the teacher's next-token distribution has {size_T} entries and the "
+            f"student's {size_S} (their output layers' rows): the teacher scores the sampled "
+            "token ids as they are, so both models must share one tokenizer. For different "
+            "tokenizers use cross-tokenizer distillation (kd_loss_type 'uld' or 'gold'; "
+            "docs/cross-tokenizer.md); if they share one tokenizer and only their output layers "
+            "are padded to different sizes, set DistillationConfig(shared_vocab=True)")
+    sampler, other = (("teacher", "student") if seq_kd else ("student", "teacher"))
+    sizes = {"teacher": size_T, "student": size_S}
+    if sizes[sampler] > sizes[other]:
+        raise ValueError(
+            f"on-policy: the {sampler} samples from {sizes[sampler]} entries but the {other}'s "
+            f"output layer has {sizes[other]} rows (shared_vocab=True): a sampled id >= "
+            f"{sizes[other]} has no row in the {other}. Resize the {sampler}'s output layer to "
+            f"{sizes[other]} rows, or sample with the smaller model")
+
+
 def check_context(prompt_lengths: Tensor, max_new_tokens: int,
                   models: Sequence[tuple[str, Any]]) -> None:
     """Raise when the longest prompt plus ``max_new_tokens`` exceeds a model's context
@@ -84,7 +134,7 @@ def check_context(prompt_lengths: Tensor, max_new_tokens: int,
     longest = int(prompt_lengths.max())
     index = int(prompt_lengths.argmax())
     for who, model in models:
-        config = getattr(model, "config", None)
+        config = _text_config(model)
         context = (getattr(config, "max_position_embeddings", None)
                    or getattr(config, "n_positions", None))
         if isinstance(context, int) and longest + max_new_tokens > context:
@@ -219,4 +269,5 @@ def check_same_tokenizer(tokenizer_T: Any, tokenizer_S: Any) -> None:
 
 
 __all__ = ["Rollout", "check_context", "check_prompts", "check_same_tokenizer",
-           "completion_rows", "rollout", "sampling_mode"]
+           "check_same_vocabulary", "completion_rows", "rollout", "sampling_mode",
+           "vocabulary_rows"]

@@ -15,7 +15,7 @@ from purekd.combinators import OnPolicyStage
 from purekd.integrations import hf_adaptor
 from purekd.losses import sampled_reverse_kl
 from purekd.stages import Sample
-from tests._on_policy import PAD, full_batch, prompt_batch, tiny_llama
+from tests._on_policy import EOS, PAD, Recording, full_batch, prompt_batch, tiny_cache, tiny_llama
 
 pytest.importorskip("transformers")
 
@@ -256,11 +256,131 @@ def test_an_adaptor_with_shifted_rows_is_told_to_return_one_row_per_position(mod
 
 
 def test_prompts_longer_than_the_context_raise_before_sampling(models):
-    step = _step(models, max_new_tokens=30)
-    with pytest.raises(ValueError, match=r"the longest prompt \(sample 1, 5 tokens\) plus "
-                                         r"max_new_tokens=30 is 35 positions, past the "
-                                         r"student's context of 32"):
+    teacher, student = models
+    sampler = Recording(2)
+    config = purekd.DistillationConfig(kd_loss_type="forward_kl", temperature=1,
+                                       on_policy={"max_new_tokens": 30})
+    step = purekd.make_step(config, teacher, student, *_adaptors(teacher, student, False),
+                            compile=False, sampler=sampler)
+    with pytest.raises(ValueError, match=r"^on-policy: the longest prompt \(sample 1, 5 tokens\) "
+                                         r"plus max_new_tokens=30 is 35 positions, past the "
+                                         r"student's context of 32: truncate the prompts to at "
+                                         r"most 2 tokens or lower max_new_tokens$"):
         step(prompt_batch())
+    # a prompt longer than the context by itself: the same error, naming it
+    long = {"prompts": torch.cat([torch.full((1, 40), PAD), torch.full((1, 40), 5)]),
+            "prompt_attention_mask": torch.cat([torch.zeros(1, 40), torch.ones(1, 40)]).long()}
+    long["prompt_attention_mask"][0, -3:] = 1
+    long["prompts"][0, -3:] = 6
+    with pytest.raises(ValueError, match=r"the longest prompt \(sample 1, 40 tokens\) plus "
+                                         r"max_new_tokens=30 is 70 positions"):
+        step(long)
+    assert sampler.calls == 0  # refused before sampling
+    # exactly at the context: accepted (2 + 30 = 32 positions)
+    fits = {"prompts": torch.tensor([[5, 6]]), "prompt_attention_mask": torch.ones(1, 2).long()}
+    step(fits)
+    assert sampler.calls == 1
+
+
+def test_a_sampler_past_max_new_tokens_is_refused(models):
+    """The context was checked against max_new_tokens: a sampler returning more is an error."""
+    teacher, student = models
+    config = purekd.DistillationConfig(kd_loss_type="forward_kl", temperature=1,
+                                       on_policy={"max_new_tokens": 2})
+    step = purekd.make_step(config, teacher, student, *_adaptors(teacher, student, False),
+                            compile=False, sampler=Recording(3, token=4))
+    with pytest.raises(ValueError, match=r"^on-policy: the sampler returned a completion of 3 "
+                                         r"tokens \(sample 0\), more than "
+                                         r"OnPolicyConfig.max_new_tokens=2, which the models' "
+                                         r"context was checked against"):
+        step(prompt_batch())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("kd", ["reverse_kl", "sampled_reverse_kl"])
+def test_empty_completions_and_an_immediate_eos_on_every_row(models, kd, fused):
+    """A sampler with no token at all ((B, 0) completions): loss 0, finite (zero) gradients, a
+    counted warning. A sampler whose every completion is the stop token alone: one completion
+    token per prompt (the stop token is learned), a finite loss and finite nonzero gradients,
+    and no warning."""
+    teacher, student = models
+    config = purekd.DistillationConfig(kd_loss_type=kd, temperature=1,
+                                       on_policy={"max_new_tokens": 3})
+    adaptors = _adaptors(teacher, student, fused)
+    empty = purekd.make_step(config, teacher, student, *adaptors, compile=False,
+                             sampler=Recording(0))
+    with pytest.warns(UserWarning, match=r"on-policy: the rollout has no completion token .* "
+                                         r"\(1 such batch\(es\) so far\)"):
+        out = empty(prompt_batch(), **_args(fused))
+    assert out.loss.item() == 0.0 and out.tokens == 0
+    assert empty.outputs.last_rollout.completion_lengths.tolist() == [0, 0, 0]
+    out.loss.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert all(torch.isfinite(g).all() and not g.any() for g in grads)
+    assert empty.outputs.empty_rollouts == 1
+    student.zero_grad()
+
+    eos = purekd.make_step(config, teacher, student, *adaptors, compile=False,
+                           sampler=Recording(1, token=EOS))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = eos(prompt_batch(), **_args(fused))
+    sampled = eos.outputs.last_rollout
+    assert sampled.completion_lengths.tolist() == [1, 1, 1] and out.tokens == 3
+    assert torch.equal(sampled.input_ids[torch.arange(3), sampled.prompt_lengths],
+                       torch.full((3,), EOS))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert all(torch.isfinite(g).all() for g in grads) and any(g.any() for g in grads)
+    assert eos.outputs.empty_rollouts == 0
+
+
+def test_a_teacher_read_from_a_cache_is_refused_at_construction(models, tmp_path):
+    _, student = models
+    config = purekd.DistillationConfig(kd_loss_type="forward_kl", temperature=1,
+                                       on_policy={"max_new_tokens": 2})
+    cached = lambda batch, outputs: dict(outputs)  # noqa: E731  (the cache's adaptor)
+    with pytest.raises(ValueError, match=r"^DistillationConfig\(on_policy=\.\.\.\) with "
+                                         r"model_T=None \(a teacher read from a top-k teacher "
+                                         r"cache\): the teacher must score every newly sampled "
+                                         r"sequence, which no cache holds"):
+        purekd.make_step(config, None, student, cached, hf_adaptor(causal=True))
+    dataset, cache = tiny_cache(tmp_path / "cache")
+    for thing, name in ((cache, "TeacherCache"), (dataset, "CachedTeacherDataset")):
+        with pytest.raises(ValueError, match=rf"^on-policy: the teacher is a {name}, not a "
+                                             r"model: the teacher must score every newly "
+                                             r"sampled sequence"):
+            purekd.make_step(config, thing, student, cached, hf_adaptor(causal=True))
+
+
+def test_models_of_different_vocabulary_sizes_are_refused_at_construction():
+    small, big = tiny_llama(1, 8, seed=0), tiny_llama(1, 8, seed=1, vocab=30)
+    adaptors = hf_adaptor(causal=True), hf_adaptor(causal=True)
+    config = purekd.DistillationConfig(kd_loss_type="reverse_kl", temperature=1,
+                                       on_policy={"max_new_tokens": 2})
+    with pytest.raises(ValueError, match=r"^on-policy: the teacher's next-token distribution has "
+                                         r"30 entries and the student's 24 \(their output "
+                                         r"layers' rows\): .* use cross-tokenizer distillation "
+                                         r"\(kd_loss_type 'uld' or 'gold'; "
+                                         r"docs/cross-tokenizer.md\); .* set "
+                                         r"DistillationConfig\(shared_vocab=True\)$"):
+        purekd.make_step(config, big, small, *adaptors)
+    # one tokenizer, padded output layers: the student samples ids the teacher has rows for
+    shared = config.replace(shared_vocab=True)
+    step = purekd.make_step(shared, big, small, *adaptors, compile=False)
+    assert torch.isfinite(step(prompt_batch()).loss)
+    for kd in ("sampled_reverse_kl", ["jsd", {"beta": 0.5}]):
+        purekd.make_step(shared.replace(kd_loss_type=kd), big, small, *adaptors, compile=False)
+    with pytest.raises(ValueError, match=r"^on-policy: the student samples from 30 entries but "
+                                         r"the teacher's output layer has 24 rows "
+                                         r"\(shared_vocab=True\): a sampled id >= 24 has no row"):
+        purekd.make_step(shared, small, big, *adaptors)
+    seq_kd = shared.replace(on_policy=shared.on_policy.replace(seq_kd=True))
+    with pytest.raises(ValueError, match=r"^on-policy: the teacher samples from 30 entries but "
+                                         r"the student's output layer has 24 rows"):
+        purekd.make_step(seq_kd, big, small, *adaptors)
 
 
 def test_construction_errors(models):

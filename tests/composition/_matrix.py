@@ -1,7 +1,9 @@
 """The composition matrix: one tiny GPT-2 distillation run per combination of
 
 * KD form — ``logits``, ``topk`` (a top-k teacher cache in the batches), ``fused`` (the output
-  layer fused with the loss, ``hf_adaptor(lm_head=...)``), ``fused+topk``;
+  layer fused with the loss, ``hf_adaptor(lm_head=...)``), ``fused+topk``; and on-policy
+  (``onpolicy``, ``onpolicy+fused``: the student samples greedy completions of prompts, the
+  KD loss runs on them, normalised by the sampled tokens of the optimizer step);
 * placement — ``single`` (one process), ``ddp``, ``shard`` / ``replicate`` / ``none`` (FSDP2
   with the teacher sharded, replicated or absent), ``keep`` (FSDP2, teacher sharded, the
   student's blocks and root kept gathered from the forward to the backward:
@@ -46,6 +48,12 @@ KILL_AT = 3  # SIGKILLed while the state of step 3 is written: resumes from step
 DISTILL = {"kd_loss_type": "forward_kl", "temperature": 2.0}
 
 FORMS = ("logits", "topk", "fused", "fused+topk")
+ON_POLICY_FORMS = ("onpolicy", "onpolicy+fused")
+PROMPT, MAX_NEW_TOKENS = 3, 4
+# greedy (top_k=1): the rollouts do not depend on how the batch is split over ranks and
+# micro-batches; stop ids that the student reaches, so completions differ in length
+ON_POLICY = {"max_new_tokens": MAX_NEW_TOKENS, "top_k": 1, "seed": 3,
+             "stop_token_ids": list(range(0, VOCAB, 3))}
 PLACEMENTS = ("single", "ddp", "shard", "replicate", "none", "keep")
 DISTRIBUTED = PLACEMENTS[1:]
 
@@ -74,7 +82,11 @@ class Combo(NamedTuple):
 
     @property
     def fused(self) -> bool:
-        return self.form in ("fused", "fused+topk")
+        return self.form in ("fused", "fused+topk", "onpolicy+fused")
+
+    @property
+    def on_policy(self) -> bool:
+        return self.form in ON_POLICY_FORMS
 
 
 def gpt2(width: int, layers: int, seed: int) -> torch.nn.Module:
@@ -111,7 +123,16 @@ def topk_cache(teacher: torch.nn.Module, rows: list[dict[str, torch.Tensor]]) ->
             for ids, lp in zip(top.indices, top.values, strict=True)]
 
 
+def prompts() -> list[dict[str, torch.Tensor]]:
+    """The first ``PROMPT`` tokens of each sample, as on-policy prompts (all of one length: no
+    padding)."""
+    return [{"prompts": row["input_ids"][:PROMPT],
+             "prompt_attention_mask": torch.ones(PROMPT, dtype=torch.long)} for row in samples()]
+
+
 def dataset(combo: Combo) -> list[dict[str, Any]]:
+    if combo.on_policy:
+        return prompts()
     rows = samples()
     if not combo.cached:
         return rows
@@ -133,10 +154,11 @@ def training_config(combo: Combo, out: Path) -> purekd.TrainingConfig:
 def distiller(combo: Combo, out: Path) -> tuple[purekd.GeneralDistiller, torch.nn.Module]:
     teacher, student = models()
     adaptor_T = hf_adaptor(causal=True, lm_head=teacher.get_output_embeddings()
-                           if combo.form == "fused" else None)
+                           if combo.form in ("fused", "onpolicy+fused") else None)
     adaptor_S = hf_adaptor(causal=True, lm_head=student.get_output_embeddings()
                            if combo.fused else None)
-    return (purekd.GeneralDistiller(training_config(combo, out), DISTILL, teacher, student,
+    config = {**DISTILL, "on_policy": ON_POLICY} if combo.on_policy else DISTILL
+    return (purekd.GeneralDistiller(training_config(combo, out), config, teacher, student,
                                     adaptor_T, adaptor_S, compile=False), student)
 
 

@@ -10,7 +10,12 @@ accumulation, on the same global batches — or refused with an error naming bot
 * killed while a state is written and resumed: exactly the weights of the same run
   uninterrupted;
 * ``FSDPConfig(teacher="none")`` with a form that needs the teacher (logits, fused): refused at
-  the first batch, before any weight changes, naming the placement and the missing cache.
+  the first batch, before any weight changes, naming the placement and the missing cache; with
+  an on-policy form: refused when the distiller is built.
+
+The on-policy forms (greedy sampling, completions of different lengths) run in a launch of their
+own: every placement but ``none`` against their plain reference, a SIGKILLed FSDP2 run resumed
+to the uninterrupted weights, and one process with accumulation.
 
 The default suite covers each axis at least once with every KD form; the whole product of
 forms x placements x precisions x accumulations runs under ``-m slow`` (about 4 minutes on two
@@ -43,6 +48,7 @@ BF16_ATOL = {"logits": 5e-5, "fused": 5e-5,  # measured at most 1.0e-5 (weights 
              "topk": 1e-3, "fused+topk": 1e-3}  # measured at most 2.4e-4 (weights move by 5e-2)
 
 NEEDS_TEACHER = ("logits", "fused")  # placement "none" refuses these
+ALL_FORMS = (*matrix.FORMS, *matrix.ON_POLICY_FORMS)
 DEFAULT = [
     *(f"{form}-{placement}-fp32-acc1" for form in matrix.FORMS for placement in ("ddp", "replicate")),
     *(f"{form}-shard-fp32-acc2" for form in matrix.FORMS),
@@ -54,9 +60,14 @@ DEFAULT = [
 ]
 KILLED = ["logits-ddp-fp32-acc1+kill", "topk-shard-fp32-acc2+kill", "fused-shard-fp32-acc2+kill",
           "fused+topk-none-bf16-acc2+kill"]
-SINGLE = [*(f"{form}-single-fp32-acc2" for form in matrix.FORMS),
+ON_POLICY = ["onpolicy-ddp-fp32-acc1", "onpolicy-shard-fp32-acc2", "onpolicy-none-fp32-acc1",
+             "onpolicy+fused-replicate-fp32-acc1", "onpolicy+fused-ddp-fp32-acc2",
+             "onpolicy+fused-keep-fp32-acc2", "onpolicy+fused-shard-fp32-acc1"]
+ON_POLICY_KILLED = ["onpolicy+fused-shard-fp32-acc1+kill"]
+SINGLE = [*(f"{form}-single-fp32-acc2" for form in ALL_FORMS),
           *(f"{form}-single-bf16-acc1" for form in matrix.FORMS)]
-SINGLE_KILLED = ["fused-single-fp32-acc1+kill", "fused+topk-single-fp32-acc1+kill"]
+SINGLE_KILLED = ["fused-single-fp32-acc1+kill", "fused+topk-single-fp32-acc1+kill",
+                 "onpolicy-single-fp32-acc1+kill"]
 SWEEP = [f"{form}-{placement}-{precision}-acc{acc}" for form, placement, precision, acc in
          itertools.product(matrix.FORMS, matrix.DISTRIBUTED, ("fp32", "bf16"), (1, 2))]
 
@@ -76,7 +87,7 @@ def _eager_blocks() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, torch.Tensor]]:
     work = tmp_path_factory.mktemp("references")
-    return {form: matrix.reference(form, work / form) for form in matrix.FORMS}
+    return {form: matrix.reference(form, work / form) for form in ALL_FORMS}
 
 
 def _launch(work: Path, names: list[str], killed: list[str]) -> Path:
@@ -88,6 +99,11 @@ def _launch(work: Path, names: list[str], killed: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _launch(tmp_path_factory.mktemp("matrix"), DEFAULT, KILLED)
+
+
+@pytest.fixture(scope="module")
+def launched_on_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _launch(tmp_path_factory.mktemp("on_policy"), ON_POLICY, ON_POLICY_KILLED)
 
 
 def _report(work: Path, name: str) -> dict[str, object]:
@@ -102,6 +118,12 @@ def _difference(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor])
 def _check(name: str, report: dict[str, object],
            references: dict[str, dict[str, torch.Tensor]]) -> None:
     combo = matrix.Combo.parse(name)
+    if combo.placement == "none" and combo.on_policy:
+        assert report.get("error", "").startswith(  # type: ignore[union-attr]
+            "ValueError: DistillationConfig(on_policy=...) with TrainingConfig(fsdp=FSDPConfig("
+            "teacher='none')): the teacher must score every newly sampled sequence"), \
+            report.get("error")
+        return
     if combo.placement == "none" and combo.form in NEEDS_TEACHER:
         assert report.get("error", "").startswith(  # type: ignore[union-attr]
             "ValueError: TrainingConfig.fsdp.teacher='none' but the teacher GPT2LMHeadModel was "
@@ -117,6 +139,19 @@ def _check(name: str, report: dict[str, object],
 def test_distributed_runs_equal_the_plain_reference(name: str, launched: Path,
                                                     references: dict[str, dict[str, torch.Tensor]]) -> None:
     _check(name, _report(launched, name), references)
+
+
+@pytest.mark.parametrize("name", ON_POLICY)
+def test_on_policy_distributed_runs_equal_the_plain_reference(
+        name: str, launched_on_policy: Path,
+        references: dict[str, dict[str, torch.Tensor]]) -> None:
+    _check(name, _report(launched_on_policy, name), references)
+
+
+@pytest.mark.parametrize("name", ON_POLICY_KILLED)
+def test_a_sigkilled_on_policy_distributed_run_resumes_to_the_uninterrupted_weights(
+        name: str, launched_on_policy: Path) -> None:
+    test_a_sigkilled_distributed_run_resumes_to_the_uninterrupted_weights(name, launched_on_policy)
 
 
 @pytest.mark.parametrize("name", KILLED)

@@ -89,6 +89,25 @@ def test_cached_teacher_logits_cannot_score_rollouts():
                                          r"on_policy=\.\.\.\): cached teacher logits belong to "
                                          r"the batch's own sequences"):
         DistillationConfig(is_caching_logits=True, on_policy=OnPolicyConfig())
+    # every road to the combination: replace, from_dict (a distiller's dict config)
+    with pytest.raises(ValueError, match=r"DistillationConfig\(is_caching_logits=True, "
+                                         r"on_policy=\.\.\.\)"):
+        DistillationConfig(on_policy=OnPolicyConfig()).replace(is_caching_logits=True)
+    with pytest.raises(ValueError, match=r"DistillationConfig\(is_caching_logits=True, "
+                                         r"on_policy=\.\.\.\)"):
+        DistillationConfig.from_dict({"is_caching_logits": True, "on_policy": {"lmbda": 0.5}})
+
+
+def test_shared_vocab_applies_to_the_sampled_token_loss_too():
+    config = DistillationConfig(kd_loss_type="sampled_reverse_kl", shared_vocab=True,
+                                on_policy=OnPolicyConfig())
+    assert config.shared_vocab
+    with pytest.raises(ValueError, match=r"shared_vocab=True with kd_loss_type='ce': the shared "
+                                         r"vocabulary applies to the token-level divergences "
+                                         r"\[.*\] and the sampled-token loss "
+                                         r"\['sampled_reverse_kl'\]"):
+        DistillationConfig(kd_loss_type="ce", shared_vocab=True)
+
 
 
 def test_immutable():

@@ -213,3 +213,25 @@ def test_without_logprobs_the_same_tokens_are_sampled(student):
     assert without.sampler_logprobs is None and with_scores.sampler_logprobs is not None
     assert torch.equal(with_scores.input_ids, without.input_ids)
     assert torch.equal(with_scores.completion_mask, without.completion_mask)
+
+
+def test_the_context_of_a_multimodal_model_is_its_text_configs():
+    text = SimpleNamespace(max_position_embeddings=10)
+    model = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text))
+    with pytest.raises(ValueError, match=r"is 11 positions, past the student's context of 10"):
+        check_context(torch.tensor([7]), 4, [("student", model)])
+    check_context(torch.tensor([6]), 4, [("student", model)])
+
+
+def test_vocabulary_rows_and_the_vocabulary_check():
+    from purekd.stages import check_same_vocabulary, vocabulary_rows
+
+    llama = tiny_llama(1, 8, seed=0, vocab=30)
+    assert vocabulary_rows(llama) == 30  # the output layer's rows
+    text = SimpleNamespace(vocab_size=40)
+    assert vocabulary_rows(SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text))) == 40
+    assert vocabulary_rows(torch.nn.Linear(2, 3)) is None
+    check_same_vocabulary(llama, torch.nn.Linear(2, 3))  # a size unknown: nothing to compare
+    check_same_vocabulary(llama, tiny_llama(1, 8, seed=1, vocab=30))
+    with pytest.raises(ValueError, match=r"has 30 entries and the student's 24"):
+        check_same_vocabulary(llama, tiny_llama(1, 8, seed=1))
