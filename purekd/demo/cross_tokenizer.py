@@ -40,10 +40,12 @@ import torch
 from torch import Tensor, nn
 
 import purekd
+from purekd.recipes import Schedule
 from purekd.recipes import _models as lm
+from purekd.recipes._train import lr_factor
 
 from . import _bible as bible
-from ._lm_run import _lr_lambda, _reset_rss_peak, _rss_peak_mb, seed_everything
+from ._lm_run import _reset_rss_peak, _rss_peak_mb, seed_everything
 
 ARMS = ("text_only", "uld", "gold")
 """The three students, in the order they train on each batch."""
@@ -235,7 +237,8 @@ def kd_configs(settings: Settings) -> dict[str, purekd.DistillationConfig]:
     if settings.matched_weight is not None:
         gold.update(matched_weight=settings.matched_weight,
                     unmatched_weight=settings.unmatched_weight)
-    common = {"temperature": settings.temperature, "kd_loss_weight": settings.kd_weight,
+    common: dict[str, Any] = {"temperature": settings.temperature,
+                              "kd_loss_weight": settings.kd_weight,
               "hard_label_weight": settings.ce_weight}
     return {"uld": purekd.DistillationConfig(kd_loss_type=["uld", uld], **common),
             "gold": purekd.DistillationConfig(kd_loss_type=["gold", gold], **common)}
@@ -331,7 +334,7 @@ def span_analysis(teacher: Any, students: Mapping[str, Any], collated: Mapping[s
                               if k != "labels"}).logits
         student.train(was)
         matched_S = _flags(vocabulary_map.matched_S, logits_S.size(-1))
-        common = {"temperature": settings.temperature, "top_k": top_k}
+        common: dict[str, Any] = {"temperature": settings.temperature, "top_k": top_k}
         gold_args = {k: v for k, v in kd.items() if k not in ("top_k",)}
         parts = {k: v for k, v in gold_args.items()
                  if k not in ("matched_weight", "unmatched_weight")}
@@ -361,7 +364,9 @@ class Arm:
         self.name, self.student, self.step = name, student, step
         params = [p for p in student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(settings))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(Schedule(name="linear", warmup=settings.warmup),
+                                      settings.steps))
         self.meter = Meter()
         self.log: list[dict[str, float]] = []
 
