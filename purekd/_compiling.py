@@ -4,9 +4,11 @@ Shared by the losses (the chunked KD kernels) and the combinators (the step's lo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import statistics
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -18,6 +20,29 @@ def _inside_functorch_transform() -> bool:
 
 
 AUTO = "auto"
+
+_EAGER_BLOCKS: contextvars.ContextVar[bool] = contextvars.ContextVar("purekd_eager_blocks",
+                                                                    default=False)
+"""Set (for the extent of one call, then reset) by a :class:`Compiled` configured
+``enabled=False``: the block kernels of the chunked and fused losses it calls run eagerly too."""
+
+
+@contextlib.contextmanager
+def eager_blocks() -> Iterator[None]:
+    """While open (in this thread or task only), the losses' block kernels are not compiled:
+    ``compile=False`` on a step reaches the fused and chunked losses inside its loss path.
+    The previous setting is restored on exit, so nothing leaks into a later call or run."""
+    token = _EAGER_BLOCKS.set(True)
+    try:
+        yield
+    finally:
+        _EAGER_BLOCKS.reset(token)
+
+
+def blocks_may_compile() -> bool:
+    """Whether a loss called now may compile its block kernels (not inside
+    :func:`eager_blocks`)."""
+    return not _EAGER_BLOCKS.get()
 
 AUTO_WARMUP_CALLS = 1
 """Calls run eagerly and not measured before ``"auto"`` starts measuring (first-call costs)."""
@@ -36,7 +61,8 @@ class Compiled:
     """A function compiled with ``torch.compile`` on first use, with a clean eager fallback.
 
     * ``enabled=True`` compiles on the first call; ``enabled=False`` runs eagerly (same
-      results, no compilation);
+      results, no compilation), the block kernels of the chunked and fused losses it calls
+      included (:func:`eager_blocks`, for the extent of each call);
     * ``enabled="auto"`` runs eagerly while the caller (a :class:`~purekd.Step`) measures a few
       calls with :meth:`observe`, then compiles only if the loss path is heavy: at least
       :data:`AUTO_MIN_SHARE` of the step's forward time and :data:`AUTO_MIN_SECONDS` per call.
@@ -102,6 +128,9 @@ class Compiled:
         return self.enabled is True and self.fallback_reason is None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._configured is False:  # compile=False all the way down, for this call only
+            with eager_blocks():
+                return self.eager(*args, **kwargs)
         if not self.is_compiled or _inside_functorch_transform():
             return self.eager(*args, **kwargs)
         if self._compiled is None:
@@ -128,4 +157,4 @@ def compiled(fn: Callable[..., Any], *, enabled: bool | Literal["auto"] = True,
     return Compiled(fn, enabled=enabled, **options)
 
 
-__all__ = ["AUTO", "Compiled", "compiled"]
+__all__ = ["AUTO", "Compiled", "blocks_may_compile", "compiled", "eager_blocks"]

@@ -12,10 +12,13 @@ LM_KEYS: list[str] = ["lm_hidden", "lm_weight", "lm_bias"]
 the output layer's ``lm_weight`` ``(V, H)`` and optional ``lm_bias`` ``(V,)``; given instead of
 ``logits``, the KD loss is computed without materialising ``(rows, V)`` logits."""
 
-TOPK_KEYS: list[str] = ["topk_ids", "topk_logprobs", "topk_mask"]
+TOPK_KEYS: list[str] = ["topk_ids", "topk_logprobs", "topk_mask", "topk_next_logprobs",
+                        "topk_vocab_size"]
 """Adaptor keys of a teacher's top-k distribution (e.g. from a top-k cache): ``topk_ids``
 ``(*rows, k)``, ``topk_logprobs`` ``(*rows, k)`` (log-softmax at temperature 1), optional
-``topk_mask`` ``rows`` 0/1; given instead of the teacher's ``logits``."""
+``topk_mask`` ``rows`` 0/1; given instead of the teacher's ``logits``. A cross-tokenizer cache
+adds ``topk_next_logprobs`` ``rows`` (the log-probability of the token following each row in
+the teacher's own sequence) and ``topk_vocab_size`` (an int: the teacher's vocabulary)."""
 
 ADAPTOR_KEYS: list[str] = ["logits", "logits_mask", "losses", "inputs_mask", "labels", *FEATURES,
                            *LM_KEYS, *TOPK_KEYS]

@@ -16,6 +16,7 @@ from torch import nn
 from purekd import losses, presets
 from purekd._compiling import compiled
 from purekd.configs import DistillationConfig, IntermediateMatch
+from purekd.stages import check_same_tokenizer
 from purekd.terms import (
     Term,
     cross_tokenizer_kd,
@@ -160,6 +161,22 @@ def _cross_tokenizer(config: DistillationConfig, kd_term: Term, vocabulary_map: 
     return forbid_spans(kd_term, name)
 
 
+def _on_policy_across(config: DistillationConfig, tokenizers: Sequence[Any] | None) -> bool:
+    """Whether on-policy distillation runs across tokenizers: ``'gold'`` always (it needs
+    ``tokenizers``, checked by the stage); ``'uld'`` when ``tokenizers`` are given and differ
+    (with one tokenizer it compares row against row)."""
+    name = config.kd_loss[0]
+    if name == "gold":
+        return True
+    if name != "uld" or tokenizers is None or len(tokenizers) != 2:
+        return False
+    try:
+        check_same_tokenizer(*tokenizers)
+    except ValueError:
+        return True
+    return False
+
+
 def make_step(
     distill_config: DistillationConfig | Mapping[str, Any] | None,
     model_T: Any,
@@ -205,7 +222,10 @@ def make_step(
     On-policy (``config.on_policy`` set): an :class:`~purekd.combinators.OnPolicyStage` goes in
     front of the models stage; batches carry ``'prompts'`` (see its docstring). ``sampler``:
     a :class:`~purekd.stages.Sampler` in place of ``transformers``' ``generate``;
-    ``tokenizers``: ``(tokenizer_T, tokenizer_S)``, checked to be one vocabulary.
+    ``tokenizers``: ``(tokenizer_T, tokenizer_S)``, checked to be one vocabulary — except with
+    ``kd_loss_type='gold'`` (and ``'uld'`` when they differ): then on-policy runs across
+    tokenizers, each rollout decoded and re-tokenised for the teacher
+    (:func:`~purekd.stages.retokenise_rollout`; docs/cross-tokenizer.md).
 
     Cross-tokenizer (a teacher and a student with different tokenizers, batches
     ``{'student': ..., 'teacher': ..., 'spans': AlignedSpans}`` from
@@ -254,8 +274,8 @@ def make_step(
                     "off-policy from the cache (on_policy=None)")
             outputs = OnPolicyStage(config.on_policy, outputs, teacher=teacher_model,
                                     sampler=sampler, tokenizers=tokenizers,
-                                    shared_vocab=config.shared_vocab)
-
+                                    shared_vocab=config.shared_vocab,
+                                    cross_tokenizer=_on_policy_across(config, tokenizers))
         elif sampler is not None or tokenizers is not None:
             raise ValueError("make_step(sampler=..., tokenizers=...) are for on-policy "
                              "distillation: set DistillationConfig(on_policy=OnPolicyConfig())")

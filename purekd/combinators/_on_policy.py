@@ -47,7 +47,10 @@ from purekd.stages import (
     check_prompts,
     check_same_tokenizer,
     check_same_vocabulary,
+    check_tokenizers_fit,
     completion_rows,
+    prompts_for,
+    retokenise_rollout,
     rollout,
     share_equal_masks,
 )
@@ -56,6 +59,8 @@ from ._models import ModelsStage, Outputs
 
 PROMPT_KEYS = ("prompts", "prompt_attention_mask")
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
+CROSS_KEYS = ("student", "teacher", "spans")
+"""An on-policy batch across tokenizers: the off-policy part is a cross-tokenizer batch."""
 
 
 _RANK_STRIDE = 0x9E3779B97F4A7C15
@@ -68,6 +73,14 @@ def _rank() -> int:
     if distributed.is_available() and distributed.is_initialized():
         return int(distributed.get_rank())
     return 0
+
+
+def _context(model: Any) -> int | None:
+    """A model's context (``config.max_position_embeddings`` or ``n_positions``), if it has one."""
+    config = getattr(model, "config", None)
+    context = (getattr(config, "max_position_embeddings", None)
+               or getattr(config, "n_positions", None))
+    return context if isinstance(context, int) else None
 
 
 def _is_split(batch: Mapping[str, Any]) -> bool:
@@ -102,6 +115,17 @@ class OnPolicyStage:
     (:func:`~purekd.stages.check_same_vocabulary`; ``shared_vocab``: one tokenizer, output
     layers padded to different sizes).
 
+    ``cross_tokenizer=True`` (a teacher and a student with different tokenizers, both given in
+    ``tokenizers``): each rollout is decoded and re-tokenised for the teacher
+    (:func:`~purekd.stages.retokenise_rollout`), and the models stage gets a cross-tokenizer
+    batch ``{'student', 'teacher', 'spans'}`` (the KD loss is then ``'gold'`` or ``'uld'`` over
+    the completion's aligned spans). The off-policy batches (``lmbda < 1``) are the batch's own
+    cross-tokenizer parts (``'student'``, ``'teacher'``, ``'spans'``, from
+    :class:`~purekd.stages.CrossTokenizerCollator`), beside ``'prompts'`` in the student's ids.
+    With ``seq_kd`` the prompts are decoded and tokenised for the teacher
+    (:func:`~purekd.stages.prompts_for`), the teacher samples, and the student's side is
+    re-tokenised.
+
     ``stage.generator`` draws the ``lmbda`` decisions and the sampling seeds;
     ``stage.empty_rollouts`` counts the on-policy batches that had no completion token; the last
     rollout is kept in ``stage.last_rollout`` (for logging and tests). ``prompt_keys``: the batch
@@ -112,7 +136,8 @@ class OnPolicyStage:
 
     def __init__(self, config: OnPolicyConfig, models: ModelsStage, *, teacher: Any = None,
                  sampler: Sampler | None = None,
-                 tokenizers: Sequence[Any] | None = None, shared_vocab: bool = False):
+                 tokenizers: Sequence[Any] | None = None, shared_vocab: bool = False,
+                 cross_tokenizer: bool = False):
         if not isinstance(config, OnPolicyConfig):
             raise TypeError(f"OnPolicyStage(config=...): expected a purekd.OnPolicyConfig, got "
                             f"{type(config).__name__}")
@@ -127,13 +152,23 @@ class OnPolicyStage:
                 f"on-policy: the teacher is a {type(teacher).__name__}, not a model: the teacher "
                 "must score every newly sampled sequence, which no cache of its outputs holds; "
                 "give the teacher model, or train off-policy (on_policy=None)")
-        if tokenizers is not None:
-            if len(tokenizers) != 2:
-                raise ValueError("OnPolicyStage(tokenizers=...): give (tokenizer_T, tokenizer_S)")
-            check_same_tokenizer(*tokenizers)
-        if teacher is not None:
-            check_same_vocabulary(teacher, models.student, shared_vocab=shared_vocab,
-                                  seq_kd=config.seq_kd)
+        if tokenizers is not None and len(tokenizers) != 2:
+            raise ValueError("OnPolicyStage(tokenizers=...): give (tokenizer_T, tokenizer_S)")
+        if cross_tokenizer:
+            if tokenizers is None:
+                raise ValueError(
+                    "on-policy across tokenizers: the student's samples are decoded and "
+                    "re-tokenised for the teacher, which needs both tokenizers: give "
+                    "make_step(..., tokenizers=(tokenizer_T, tokenizer_S)) (fast tokenizers)")
+            check_tokenizers_fit(tokenizers[0], tokenizers[1], teacher, models.student)
+        else:
+            if tokenizers is not None:
+                check_same_tokenizer(*tokenizers)
+            if teacher is not None:
+                check_same_vocabulary(teacher, models.student, shared_vocab=shared_vocab,
+                                      seq_kd=config.seq_kd)
+        self.cross_tokenizer = cross_tokenizer
+        self.tokenizers = tuple(tokenizers) if tokenizers is not None else None
         self.config = config
         self._models = models
         self._teacher = teacher
@@ -144,6 +179,7 @@ class OnPolicyStage:
         self.state = GeneratorState(config.seed)
         self.empty_rollouts = 0
         self.last_rollout: Rollout | None = None
+        self.last_cross_rollout: Any = None
 
     # -- the step sees the stage as its models stage --------------------------------------
     @property
@@ -185,7 +221,7 @@ class OnPolicyStage:
                 "on-policy: the batch carries a 'teacher_cache' (a top-k teacher cache), but "
                 "the teacher must score the newly sampled sequences, which no cache holds; "
                 "drop the cache (run the teacher), or train off-policy (on_policy=None)")
-        if _is_split(batch):
+        if _is_split(batch) and not self.cross_tokenizer:
             raise ValueError(
                 "on-policy: the batch has 'teacher'/'student' parts; on-policy distillation "
                 "feeds both models the same sampled token ids (one tokenizer), so give one "
@@ -195,6 +231,9 @@ class OnPolicyStage:
                 f"on-policy: the batch has no 'prompts' (its keys: {sorted(batch)}); give the "
                 "prompts to sample from as 'prompts' (B, P) token ids, left-padded, with "
                 "'prompt_attention_mask' (B, P)")
+        if self.cross_tokenizer:
+            self._check_cross_batch(batch)
+            return
         unknown = sorted(set(batch) - set(PROMPT_KEYS) - set(SEQUENCE_KEYS))
         if unknown:
             raise ValueError(
@@ -207,6 +246,37 @@ class OnPolicyStage:
                 "sequences on a share 1 - lmbda of the batches, but the batch has no "
                 "'input_ids'; give the full sequences ('input_ids', 'attention_mask', "
                 "'labels' with -100 on the prompt) beside 'prompts', or set lmbda=1.0")
+
+    def _check_cross_batch(self, batch: Mapping[str, Any]) -> None:
+        unknown = sorted(set(batch) - set(PROMPT_KEYS) - set(CROSS_KEYS))
+        if unknown:
+            raise ValueError(
+                f"on-policy across tokenizers: the batch has key(s) {unknown}; it takes "
+                f"{list(PROMPT_KEYS)} (the student's token ids) and, for the off-policy "
+                f"batches, the cross-tokenizer parts {list(CROSS_KEYS)} "
+                "(CrossTokenizerCollator)")
+        missing = [k for k in CROSS_KEYS if k not in batch]
+        if self.config.lmbda < 1 and missing:
+            raise ValueError(
+                f"on-policy across tokenizers: OnPolicyConfig(lmbda={self.config.lmbda}) uses "
+                f"the batch's own texts on a share 1 - lmbda of the batches, but the batch has "
+                f"no {missing}; give the CrossTokenizerCollator's output ('student', 'teacher', "
+                "'spans') beside 'prompts', or set lmbda=1.0")
+
+    def _cross(self, sampled: Rollout, batch: Mapping[str, Any], args: Mapping[str, Any]
+               ) -> Outputs:
+        assert self.tokenizers is not None
+        tokenizer_T, tokenizer_S = self.tokenizers
+        student_part = batch.get("student")
+        labels = "labels" in batch or (isinstance(student_part, Mapping)
+                                       and "labels" in student_part)
+        cross = retokenise_rollout(sampled, tokenizer_S, tokenizer_T, labels=labels,
+                                   context_T=_context(self._teacher),
+                                   context_S=_context(self.student),
+                                   sampled_by="teacher" if self.config.seq_kd else "student")
+        self.last_cross_rollout = cross
+        return self._models({"student": cross.student, "teacher": cross.teacher,
+                             "spans": cross.spans}, **args)
 
     def __call__(self, batch: Any, *, teacher_outputs: Adapted | None = None,
                 **args: Any) -> Outputs:
@@ -224,9 +294,18 @@ class OnPolicyStage:
             prompt_mask = torch.ones_like(prompts, dtype=torch.int64)
         lengths = check_prompts(prompts, prompt_mask)
         sampler_model = self._teacher if self.config.seq_kd else self.student
-        check_context(lengths, self.config.max_new_tokens,
-                      [("student", self.student)]
-                      + ([("teacher", self._teacher)] if self._teacher is not None else []))
+        if self.cross_tokenizer:  # only the sampler's context: the other side is re-tokenised
+            if self.config.seq_kd:  # the teacher samples from the prompts in its own tokens
+                assert self.tokenizers is not None
+                prompts, prompt_mask = prompts_for(prompts, prompt_mask, self.tokenizers[1],
+                                                   self.tokenizers[0])
+                lengths = check_prompts(prompts, prompt_mask)
+            check_context(lengths, self.config.max_new_tokens,
+                          [("teacher" if self.config.seq_kd else "student", sampler_model)])
+        else:
+            check_context(lengths, self.config.max_new_tokens,
+                          [("student", self.student)]
+                          + ([("teacher", self._teacher)] if self._teacher is not None else []))
         pad = self._pad_id(sampler_model)
         sampled = rollout(self.sampler, sampler_model, prompts, prompt_mask, seed=seed,
                           pad_token_id=pad)
@@ -244,6 +323,8 @@ class OnPolicyStage:
                 f"on-policy: the rollout has no completion token (every sample ended at once); "
                 f"this batch's KD loss is 0 ({self.empty_rollouts} such batch(es) so far)",
                 UserWarning, stacklevel=2)
+        if self.cross_tokenizer:
+            return self._cross(sampled, batch, args)
         inputs: dict[str, Tensor] = {"input_ids": sampled.input_ids,
                                      "attention_mask": sampled.attention_mask}
         if "labels" in batch:
@@ -269,4 +350,4 @@ def on_policy_stage(step: Any) -> OnPolicyStage | None:
     return None
 
 
-__all__ = ["GeneratorState", "OnPolicyStage", "on_policy_stage"]
+__all__ = ["CROSS_KEYS", "GeneratorState", "OnPolicyStage", "on_policy_stage"]

@@ -121,18 +121,20 @@ def _reset_rss_peak() -> bool:
 
 class Phase:
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     peak_mb: float | None = None
 
 
 @contextmanager
 def measured() -> Iterator[Phase]:
-    """Wall time and peak resident memory of the block (the peak only where Linux lets the
-    process reset its high-water mark; else None)."""
+    """Wall time, the process's CPU time (all threads) and peak resident memory of the block
+    (the peak only where Linux lets the process reset its high-water mark; else None)."""
     phase = Phase()
     resettable = _reset_rss_peak()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     yield phase
     phase.seconds = time.perf_counter() - start
+    phase.cpu_seconds = time.process_time() - cpu
     phase.peak_mb = _rss_peak_mb() if resettable else None
 
 

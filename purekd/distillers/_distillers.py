@@ -45,8 +45,10 @@ class BasicDistiller(Distiller):
 
     On-policy (``DistillationConfig(on_policy=...)``): ``tokenizers=(tokenizer_T, tokenizer_S)``
     checks at construction that both models share one tokenizer
-    (:func:`~purekd.stages.check_same_tokenizer`); ``sampler``: a
-    :class:`~purekd.stages.Sampler` in place of ``transformers``' ``generate``.
+    (:func:`~purekd.stages.check_same_tokenizer`) — or, with ``kd_loss_type='gold'`` (``'uld'``
+    with two different tokenizers), re-tokenises each rollout for the teacher (on-policy across
+    tokenizers, docs/cross-tokenizer.md); ``sampler``: a :class:`~purekd.stages.Sampler` in
+    place of ``transformers``' ``generate``.
     """
 
     caches_logits = True
@@ -132,19 +134,25 @@ class MultiTaskDistiller(GeneralDistiller):
     """Teachers of different tasks into one student: ``model_T``, ``adaptor_T`` and
     ``adaptor_S`` are dicts by task. Each step samples a task with probability proportional to
     ``len(dataloader) ** tau``. On-policy: ``tokenizers`` and ``sampler`` as for
-    :class:`BasicDistiller` (one pair, one sampler for every task)."""
+    :class:`BasicDistiller` (one pair, one sampler for every task).
+
+    ``vocabulary_map`` as in :class:`GeneralDistiller`; one serves every task (one KD loss for
+    all tasks): with ``kd_loss_type='gold'`` every task's batches are cross-tokenizer batches of
+    that pair of tokenizers; with ``'uld'`` (no map) a task whose batches carry ``'spans'`` runs
+    across tokenizers and the others row against row.
+    """
 
     def __init__(self, train_config: TrainingConfig | Mapping[str, Any],
                  distill_config: DistillationConfig | Mapping[str, Any] | None,
                  model_T: Mapping[str, nn.Module], model_S: nn.Module,
                  adaptor_T: Mapping[str, Adaptor], adaptor_S: Mapping[str, Adaptor],
-                 *, compile: bool | Literal["auto"] = "auto",
+                 *, compile: bool | Literal["auto"] = "auto", vocabulary_map: Any = None,
                  tokenizers: Sequence[Any] | None = None, sampler: Any = None):
         if not isinstance(model_T, Mapping) or not model_T:
             raise TypeError("MultiTaskDistiller needs model_T as a dict of teachers by task")
         super().__init__(train_config, distill_config, model_T, model_S, adaptor_T, adaptor_S,
-                         compile=compile, tokenizers=tokenizers, sampler=sampler)
-
+                         compile=compile, vocabulary_map=vocabulary_map, tokenizers=tokenizers,
+                         sampler=sampler)
 
     def train(  # type: ignore[override]
         self,

@@ -45,15 +45,20 @@ What it does beyond a plain ``Trainer(model=step)``:
 
 ``token_level`` needs the step's loss to be a mean over the tokens ``count_tokens`` counts
 (default: ``labels != -100``, over ``labels[..., 1:]`` with ``shift_labels=True`` as for causal
-LMs), for every term of the objective.
+LMs; a cross-tokenizer batch, ``{'student', 'teacher', 'spans'}`` from
+:class:`~purekd.stages.CrossTokenizerCollator`, counts its aligned spans, over which ``'gold'`` and
+``'uld'`` average), for every term of the objective. Cross-tokenizer batches keep their
+``AlignedSpans`` intact on the way to the device (``_prepare_input``).
 
 With an **on-policy** step (:class:`~purekd.combinators.OnPolicyStage`) the tokens exist only
 after sampling, so ``token_level`` counts the step's own ``StepOutput.tokens`` (the sampled
-completion tokens) instead: each micro-batch back-propagates its token sum ``L_m * n_m``, and
-the last micro-batch of the optimizer step multiplies the accumulated gradients by
-``world_size / N`` (``N = sum_m n_m`` over the micro-batches and every process), before
-clipping and the optimizer step. ``tokenizers=(tokenizer_T, tokenizer_S)`` checks that both
-models share one tokenizer; a top-k teacher cache as the data is refused at construction.
+completion tokens; across tokenizers, the completion's aligned spans) instead: each micro-batch
+back-propagates its token sum ``L_m * n_m``, and the last micro-batch of the optimizer step
+multiplies the accumulated gradients by ``world_size / N`` (``N = sum_m n_m`` over the
+micro-batches and every process), before clipping and the optimizer step.
+``tokenizers=(tokenizer_T, tokenizer_S)`` checks that both models share one tokenizer (across
+tokenizers: that each fits its model); a top-k teacher cache as the data is refused at
+construction.
 """
 
 
@@ -74,19 +79,29 @@ from purekd.combinators import Objective, OnPolicyStage, Step, on_policy_stage
 from purekd.runner import MetricSink, NonFiniteLossError
 from purekd.runner._guard import non_finite_names, sums_finite
 from purekd.runner._sinks import check_sinks
-from purekd.stages import check_same_tokenizer, vocabulary_rows
+from purekd.stages import check_same_tokenizer, check_tokenizers_fit, vocabulary_rows
 from purekd.teacher_cache import CachedCollate, CachedTeacherDataset
 
 PROJECTIONS_FILE = "purekd_projections.safetensors"
-# kept by remove_unused_columns: the split batch, the cache, and an on-policy batch's prompts
-_SPLIT_KEYS = ["teacher", "student", "teacher_cache", *OnPolicyStage.prompt_keys]
+# kept by remove_unused_columns: the split batch, the cache, a cross-tokenizer batch's spans and
+# an on-policy batch's prompts
+_SPLIT_KEYS = ["teacher", "student", "teacher_cache", "spans", *OnPolicyStage.prompt_keys]
 
 __all__ = ["PROJECTIONS_FILE", "DistillationTrainer", "count_label_tokens"]
 
 
 def count_label_tokens(batch: Mapping[str, Any], shift_labels: bool = True) -> torch.Tensor:
     """The tokens a token-level loss averages over: ``labels != -100`` (``labels[..., 1:]`` when
-    ``shift_labels``, as a causal LM predicts token ``t + 1`` at position ``t``)."""
+    ``shift_labels``, as a causal LM predicts token ``t + 1`` at position ``t``). A
+    cross-tokenizer batch (``'spans'``: :class:`~purekd.losses.AlignedSpans`) counts its aligned
+    spans instead (``spans.weight.sum()``), which is what ``'gold'`` / ``'uld'`` average over."""
+    spans = batch.get("spans") if isinstance(batch, Mapping) and "student" in batch else None
+    if spans is not None:
+        weight = getattr(spans, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"the batch's 'spans' is a {type(spans).__name__}: it must be the "
+                            "AlignedSpans of the two tokenisations (CrossTokenizerCollator)")
+        return weight.detach().sum()
     labels = batch.get("labels") if isinstance(batch, Mapping) else None
     if isinstance(batch, Mapping) and "student" in batch and labels is None:
         labels = batch["student"].get("labels") if isinstance(batch["student"], Mapping) else None
@@ -319,6 +334,16 @@ class DistillationTrainer(Trainer):
             total = self.accelerator.gather(total).sum()
         return total
 
+    def _prepare_input(self, data: Any) -> Any:
+        """``Trainer._prepare_input``, except that a NamedTuple (a cross-tokenizer batch's
+        :class:`~purekd.losses.AlignedSpans`) stays that NamedTuple, each of its tensors moved to
+        the device with its own dtype (the Trainer rebuilds tuples from a generator, which a
+        NamedTuple's constructor does not take, and may cast floating tensors under DeepSpeed)."""
+        if isinstance(data, tuple) and hasattr(data, "_fields"):
+            return type(data)(*(v.to(self.args.device) if isinstance(v, torch.Tensor)
+                                else self._prepare_input(v) for v in data))
+        return super()._prepare_input(data)
+
     def prediction_step(self, model: nn.Module, inputs: Any, prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> Any:
         """The step's loss on ``inputs`` (no logits or labels are returned)."""
@@ -429,14 +454,20 @@ def _check_on_policy(step: Step, *, token_level: bool, count_tokens: Any, tokeni
             "per-batch mean (it reports no StepOutput.tokens): build the step with a "
             "token-level kd_loss_type or DistillationConfig(loss_normalisation='tokens'), or "
             "use token_level=False")
+    across = stage.cross_tokenizer  # the teacher reads its own tokenisation of the samples
     if tokenizers is not None:
         if len(tokenizers) != 2:
             raise ValueError("DistillationTrainer(tokenizers=...): give (tokenizer_T, tokenizer_S)")
-        check_same_tokenizer(*tokenizers)
+        if across:
+            check_tokenizers_fit(tokenizers[0], tokenizers[1], step.teachers.get("teacher"),
+                                 step.student)
+        else:
+            check_same_tokenizer(*tokenizers)
     tokenizer = kwargs.get("processing_class")
     if tokenizer is not None and hasattr(tokenizer, "__len__"):
         models = [("student", step.student)]
-        models += [(f"teacher {name!r}", t) for name, t in step.teachers.items()]
+        if not across:
+            models += [(f"teacher {name!r}", t) for name, t in step.teachers.items()]
         for who, model in models:
             rows = vocabulary_rows(model)
             if rows is not None and len(tokenizer) > rows:

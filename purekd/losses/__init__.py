@@ -14,7 +14,9 @@ Top-k teacher: :func:`topk_kl`, :func:`topk_reverse_kl`, :func:`topk_jsd`
 ``(logits_S, ids_T, logprobs_T, *, tail=False, ...)``. From hidden states and output-layer
 weights, never holding the logits: :func:`fused_linear_kd`, :func:`fused_linear_topk_kl`,
 :func:`fused_linear_distill` (with the student's hard-label cross-entropy).
-Different tokenizers (aligned spans): :func:`aligned_uld`, :func:`aligned_gold`; :func:`uld`
+Different tokenizers (aligned spans): :func:`aligned_uld`, :func:`aligned_gold`, and from a
+top-k teacher (a cross-tokenizer cache) :func:`aligned_uld_topk`, :func:`aligned_gold_topk`;
+:func:`uld`
 is the sorted-probability L1 row against row (``kd_loss_type="uld"``).
 Sampled tokens (on-policy): :func:`sampled_reverse_kl` on per-token log-probabilities, and
 :func:`token_logprobs` (a token's log-probability from hidden states, without the logits).
@@ -54,6 +56,7 @@ from ._logits import kd_ce, kd_mse
 from ._sampled import discounted_suffix_sum, sampled_reverse_kl
 from ._similarity import fsp, gram, mmd, nst
 from ._spans import AlignedSpans, merged_log_probs
+from ._spans_topk import TopkSpanTeacher, aligned_gold_topk, aligned_uld_topk
 from ._token_logprob import token_logprobs
 from ._topk import topk_jsd, topk_kl, topk_reverse_kl
 from ._uld import aligned_uld, sorted_l1, uld
@@ -79,10 +82,13 @@ __all__ = [
     "AlignedSpans",
     "DenseTeacher",
     "FusedLoss",
+    "TopkSpanTeacher",
     "TopkTeacher",
     "VocabularyMap",
     "aligned_gold",
+    "aligned_gold_topk",
     "aligned_uld",
+    "aligned_uld_topk",
     "attention_ce",
     "attention_ce_mean",
     "attention_mse",

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from purekd._compiling import Compiled, compiled
+from purekd._compiling import Compiled, blocks_may_compile, compiled
 from purekd._masked import safe_divide
 
 from ._divergences import Divergence, through_log_softmax
@@ -38,7 +38,9 @@ DEFAULT_BLOCK_ELEMENTS = 1 << 23
 """Logits per block when no ``chunk_rows`` is given: 8 Mi entries (32 MiB in float32)."""
 
 COMPILE_BLOCKS = True
-"""Whether block kernels may be compiled at all (tests switch it off to skip compile time)."""
+"""Whether block kernels may be compiled at all (tests switch it off to skip compile time). A
+step built with ``compile=False`` runs its losses' blocks eagerly without touching this: its
+loss path runs inside :func:`purekd._compiling.eager_blocks`, for the extent of each call."""
 
 BlockOutput = tuple[Tensor, Tensor | None, tuple[Tensor | None, ...], Tensor]
 """A target's block: per-row value, gradient for the student's (scaled) logits, gradients for
@@ -300,6 +302,8 @@ def blockwise_on_logits(target: Target, logits_S: Tensor, teacher: tuple[Tensor,
     dense logits get one when they require it."""
     if len(teacher) not in (1, 2):
         raise ValueError(f"blockwise_on_logits: 1 or 2 teacher tensors, got {len(teacher)}")
+    if compile_blocks and not torch.compiler.is_compiling():  # (a ContextVar breaks a graph)
+        compile_blocks = blocks_may_compile()  # decided now, kept for the backward
     result: Tensor = _OnLogits.apply(target, chunk_rows, sum_reduction, compile_blocks, logits_S,
                                      inv_tau, weights, teacher[0],
                                      teacher[1] if len(teacher) == 2 else None)
@@ -436,6 +440,9 @@ def fused_linear(options: FusedOptions, hidden_S: Tensor, weight_S: Tensor,
     """``(kd_weight KD + ce_weight CE, KD, CE)`` from 2-d hidden states, computed ``chunk_rows``
     rows at a time; only the first carries gradients (for ``hidden_S``, ``weight_S``,
     ``bias_S``); the teacher gets none."""
+    if options.compile_blocks and not torch.compiler.is_compiling() \
+            and not blocks_may_compile():  # inside a compile=False step (eager: no graph)
+        options = options._replace(compile_blocks=False)
     result: tuple[Tensor, Tensor, Tensor] = _FusedLinear.apply(
         options, hidden_S, weight_S, bias_S, inv_tau, weights, labels)
     return result

@@ -110,6 +110,47 @@ def check_vocabulary_map(vocabulary_map: VocabularyMap, vocab_S: int, vocab_T: i
                              f"must be matched at most once")
 
 
+def gold_weights(vocabulary_map: VocabularyMap, vocab_T: int, matched_weight: float | None,
+                 unmatched_weight: float | None, where: str) -> tuple[float, float]:
+    """``(w_m, w_u)``: both given (numbers >= 0), or TRL's ``M / V_T`` and its complement."""
+    if (matched_weight is None) != (unmatched_weight is None):
+        raise ValueError(f"{where}: matched_weight={matched_weight!r} and unmatched_weight="
+                         f"{unmatched_weight!r}: give both (numbers >= 0) or neither (TRL's "
+                         f"matched share M / V_T and 1 - M / V_T)")
+    if matched_weight is None or unmatched_weight is None:
+        w_m = vocabulary_map.matched_T.numel() / vocab_T
+        return w_m, 1.0 - w_m
+    for field, value in (("matched_weight", matched_weight),
+                         ("unmatched_weight", unmatched_weight)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{where}: {field}={value!r} must be a number >= 0")
+    return float(matched_weight), float(unmatched_weight)
+
+
+def gold_per_span(vocabulary_map: VocabularyMap, vocab_S: int, vocab_T: int,
+                  device_S: torch.device, device_T: torch.device, *, loss: str, w_m: float,
+                  w_u: float, top_k: int | None, where: str,
+                  **loss_params: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """``(log_q_S (C, V_S), log_q_T (C, V_T)) -> (C,)``: GOLD of each span's merged vectors
+    (module docstring), the divergence's parameters validated."""
+    matched_rows = divergence_rows(loss, where, **loss_params)
+    m_S, m_T = vocabulary_map.matched_S.to(device_S), vocabulary_map.matched_T.to(device_T)
+    # the unmatched columns as the full vectors with the matched ones at probability 0: they
+    # sort after every unmatched entry, so the sorted L1 (zero-padded) is that of the
+    # unmatched columns alone, with no data-dependent shape
+    in_S, in_T = _is_matched(m_S, vocab_S), _is_matched(m_T, vocab_T)
+
+    def per_span(log_q_S: Tensor, log_q_T: Tensor) -> Tensor:
+        matched = matched_rows(log_q_S.index_select(-1, m_S), log_q_T.index_select(-1, m_T))
+        if w_u == 0:
+            return w_m * matched
+        rest = sorted_l1(torch.where(in_S, float("-inf"), log_q_S),
+                         torch.where(in_T, float("-inf"), log_q_T), top_k)
+        return w_m * matched + w_u * rest
+
+    return per_span
+
+
 def aligned_gold(logits_S: Tensor, logits_T: Tensor, spans: AlignedSpans,
          vocabulary_map: VocabularyMap, *, loss: str = "jsd", temperature: float = 1.0,
          matched_weight: float | None = None, unmatched_weight: float | None = None,
@@ -130,38 +171,13 @@ def aligned_gold(logits_S: Tensor, logits_T: Tensor, spans: AlignedSpans,
     check_top_k(top_k, where)
     vocab_S, vocab_T = logits_S.size(-1), logits_T.size(-1)
     check_vocabulary_map(vocabulary_map, vocab_S, vocab_T, where)
-    if (matched_weight is None) != (unmatched_weight is None):
-        raise ValueError(f"{where}: matched_weight={matched_weight!r} and unmatched_weight="
-                         f"{unmatched_weight!r}: give both (numbers >= 0) or neither (TRL's "
-                         f"matched share M / V_T and 1 - M / V_T)")
-    if matched_weight is None or unmatched_weight is None:
-        w_m = vocabulary_map.matched_T.numel() / vocab_T
-        w_u = 1.0 - w_m
-    else:
-        for field, value in (("matched_weight", matched_weight),
-                             ("unmatched_weight", unmatched_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{where}: {field}={value!r} must be a number >= 0")
-        w_m, w_u = float(matched_weight), float(unmatched_weight)
-    matched_rows = divergence_rows(loss, where, **loss_params)
-    device_S, device_T = logits_S.device, logits_T.device
-    m_S, m_T = vocabulary_map.matched_S.to(device_S), vocabulary_map.matched_T.to(device_T)
-    # the unmatched columns as the full vectors with the matched ones at probability 0: they
-    # sort after every unmatched entry, so the sorted L1 (zero-padded) is that of the
-    # unmatched columns alone, with no data-dependent shape
-    in_S, in_T = _is_matched(m_S, vocab_S), _is_matched(m_T, vocab_T)
-
-    def per_span(log_q_S: Tensor, log_q_T: Tensor) -> Tensor:
-        matched = matched_rows(log_q_S.index_select(-1, m_S), log_q_T.index_select(-1, m_T))
-        if w_u == 0:
-            return w_m * matched
-        rest = sorted_l1(torch.where(in_S, float("-inf"), log_q_S),
-                         torch.where(in_T, float("-inf"), log_q_T), top_k)
-        return w_m * matched + w_u * rest
-
+    w_m, w_u = gold_weights(vocabulary_map, vocab_T, matched_weight, unmatched_weight, where)
+    per_span = gold_per_span(vocabulary_map, vocab_S, vocab_T, logits_S.device, logits_T.device,
+                             loss=loss, w_m=w_m, w_u=w_u, top_k=top_k, where=where,
+                             **loss_params)
     return span_loss(per_span, logits_S, logits_T, spans, temperature=temperature,
                      reduction=reduction, chunk_spans=chunk_spans, blockwise=blockwise,
                      where=where)
 
 
-__all__ = ["VocabularyMap", "aligned_gold", "divergence_rows"]
+__all__ = ["VocabularyMap", "aligned_gold", "divergence_rows", "gold_per_span", "gold_weights"]

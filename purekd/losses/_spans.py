@@ -47,8 +47,9 @@ from purekd._masked import safe_divide
 DEFAULT_BLOCK_ELEMENTS = 1 << 23
 """Logit entries per block of spans when no ``chunk_spans`` is given (32 MiB in float32)."""
 
-SpanFunction = Callable[[Tensor, Tensor], Tensor]
-"""``(log_q_S (C, V_S), log_q_T (C, V_T)) -> (C,)``: a per-span loss of the merged vectors."""
+SpanFunction = Callable[[Tensor, Any], Tensor]
+"""``(log_q_S (C, V_S), target) -> (C,)``: a per-span loss of the merged vectors (``target``:
+the teacher's, ``log_q_T`` ``(C, V_T)`` for dense logits; see :data:`TeacherMerge`)."""
 
 
 class AlignedSpans(NamedTuple):
@@ -135,45 +136,62 @@ def merged_log_probs(logits: Tensor, rows: Tensor, ids: Tensor, mask: Tensor,
     return first + torch.where(mask[:, 1:], later, 0.0).sum(-1, keepdim=True)
 
 
-def _block_value(per_span: SpanFunction, logits_S: Tensor, logits_T: Tensor,
+TeacherMerge = Callable[[Tensor, Tensor, Tensor, float, torch.dtype], Any]
+"""``(rows_T (C, L_T), ids_T (C, L_T), mask_T (C, L_T), inv_tau, dtype) -> target``: the
+teacher's merged vectors of a block of spans (no gradient), in the form ``per_span`` takes as
+its second argument: ``log_q_T`` ``(C, V_T)`` for dense logits, a :class:`TopkSpanTarget` for a
+top-k teacher (:mod:`._spans_topk`)."""
+
+
+def dense_teacher(flat_T: Tensor) -> TeacherMerge:
+    """The :data:`TeacherMerge` of dense teacher logits ``(N_T, V_T)``."""
+    detached = flat_T.detach()
+
+    def merge(rows: Tensor, ids: Tensor, mask: Tensor, inv_tau: float,
+              dtype: torch.dtype) -> Tensor:
+        return merged_log_probs(detached, rows, ids, mask, inv_tau, dtype)
+
+    return merge
+
+
+def _block_value(per_span: SpanFunction, logits_S: Tensor, merge_T: TeacherMerge,
                  spans: AlignedSpans, block: slice, inv_tau: float,
                  dtype: torch.dtype) -> Tensor:
     """``sum_s weight_s loss_s`` over one block of spans."""
     weight = spans.weight[block].to(dtype)
     with torch.no_grad():
-        log_q_T = merged_log_probs(logits_T.detach(), spans.rows_T[block], spans.ids_T[block],
-                                   spans.mask_T[block], inv_tau, dtype)
+        target = merge_T(spans.rows_T[block], spans.ids_T[block], spans.mask_T[block], inv_tau,
+                         dtype)
     log_q_S = merged_log_probs(logits_S, spans.rows_S[block], spans.ids_S[block],
                                spans.mask_S[block], inv_tau, dtype)
-    values = per_span(log_q_S, log_q_T)
+    values = per_span(log_q_S, target)
     return torch.where(weight != 0, values, 0.0).mul(weight).sum()
 
 
 class _Blockwise(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, per_span: SpanFunction, chunk: int, sum_reduction: bool,
-                inv_tau: float, logits_S: Tensor, logits_T: Tensor, *fields: Tensor) -> Tensor:
+    def forward(ctx: Any, per_span: SpanFunction, merge_T: TeacherMerge, dtype: torch.dtype,
+                chunk: int, sum_reduction: bool, inv_tau: float, logits_S: Tensor,
+                *fields: Tensor) -> Tensor:
         spans = AlignedSpans(*fields)
-        dtype = accumulation_dtype(logits_S, logits_T)
         total = torch.zeros((), dtype=dtype, device=logits_S.device)
         with torch.no_grad():
             for start in range(0, spans.weight.size(0), chunk):
-                total = total + _block_value(per_span, logits_S, logits_T, spans,
+                total = total + _block_value(per_span, logits_S, merge_T, spans,
                                              slice(start, start + chunk), inv_tau, dtype)
         weight = spans.weight.to(dtype)
         denominator = weight.new_ones(()) if sum_reduction else weight.sum()
-        ctx.save_for_backward(logits_S, logits_T, denominator, *fields)
-        ctx.options = (per_span, chunk, inv_tau)
+        ctx.save_for_backward(logits_S, denominator, *fields)
+        ctx.options = (per_span, merge_T, dtype, chunk, inv_tau)
         return safe_divide(total, denominator)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        logits_S, logits_T, denominator, *fields = ctx.saved_tensors
-        per_span, chunk, inv_tau = ctx.options
+        logits_S, denominator, *fields = ctx.saved_tensors
+        per_span, merge_T, dtype, chunk, inv_tau = ctx.options
         spans = AlignedSpans(*fields)
         grad_S = None
-        if ctx.needs_input_grad[4]:
-            dtype = accumulation_dtype(logits_S, logits_T)
+        if ctx.needs_input_grad[6]:
             scale = safe_divide(grad_output.to(dtype), denominator)
             grad_S = torch.zeros_like(logits_S)
             for start in range(0, spans.weight.size(0), chunk):
@@ -187,19 +205,27 @@ class _Blockwise(torch.autograd.Function):
                     for f in ("ids_S", "mask_S", "rows_T", "ids_T", "mask_T", "weight")})
 
                 def block_loss(z: Tensor, block_spans: AlignedSpans = block_spans) -> Tensor:
-                    return _block_value(per_span, z, logits_T, block_spans, slice(None),
+                    return _block_value(per_span, z, merge_T, block_spans, slice(None),
                                         inv_tau, dtype) * scale
 
                 # torch.func.grad, not torch.autograd.grad: it also traces under torch.compile
                 g = torch.func.grad(block_loss)(picked)
                 grad_S.index_add_(0, rows.reshape(-1), g.to(grad_S.dtype))
-        return (None, None, None, None, grad_S, None, *([None] * len(fields)))
+        return (None, None, None, None, None, None, grad_S, *([None] * len(fields)))
 
 
 def default_chunk_spans(spans: AlignedSpans, vocab_S: int, vocab_T: int) -> int:
     """Spans per block: :data:`DEFAULT_BLOCK_ELEMENTS` logit entries over both sides' rows."""
     per_span = spans.rows_S.size(1) * vocab_S + spans.rows_T.size(1) * vocab_T
     return max(1, DEFAULT_BLOCK_ELEMENTS // max(per_span, 1))
+
+
+def check_reduction_and_temperature(reduction: str, temperature: float, where: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"{where}: reduction={reduction!r}; choose 'mean' or 'sum'")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not temperature > 0:
+        raise ValueError(f"{where}: temperature={temperature!r} must be a number > 0")
 
 
 def span_loss(per_span: SpanFunction, logits_S: Tensor, logits_T: Tensor, spans: AlignedSpans,
@@ -212,30 +238,39 @@ def span_loss(per_span: SpanFunction, logits_S: Tensor, logits_T: Tensor, spans:
     spans at once with plain autograd (the dense reference, ``(S, L, V)`` tensors held).
     Every span of weight 0 → 0 with finite (zero) gradients.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"{where}: reduction={reduction!r}; choose 'mean' or 'sum'")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not temperature > 0:
-        raise ValueError(f"{where}: temperature={temperature!r} must be a number > 0")
+    check_reduction_and_temperature(reduction, temperature, where)
     vocab_S, vocab_T = logits_S.size(-1), logits_T.size(-1)
     flat_S, flat_T = logits_S.reshape(-1, vocab_S), logits_T.reshape(-1, vocab_T)
     check_spans(spans, flat_S.size(0), flat_T.size(0), vocab_S, vocab_T, where)
+    return spans_loss_from(per_span, flat_S, dense_teacher(flat_T), spans,
+                           dtype=accumulation_dtype(flat_S, flat_T), rows_T=flat_T.size(0),
+                           width_T=vocab_T, temperature=temperature, reduction=reduction,
+                           chunk_spans=chunk_spans, blockwise=blockwise, where=where)
+
+
+def spans_loss_from(per_span: SpanFunction, flat_S: Tensor, merge_T: TeacherMerge,
+                    spans: AlignedSpans, *, dtype: torch.dtype, rows_T: int, width_T: int,
+                    temperature: float, reduction: str, chunk_spans: int | None,
+                    blockwise: bool, where: str) -> Tensor:
+    """:func:`span_loss` over checked spans, the teacher given as a :data:`TeacherMerge`
+    (``rows_T`` rows; ``width_T`` values a teacher row takes in a block, for the default
+    block size)."""
     spans = AlignedSpans(*spans)  # a plain tuple after a runner moved the batch to a device
     inv_tau = 1.0 / float(temperature)
-    if flat_S.size(0) == 0 or flat_T.size(0) == 0:  # no rows at all: no span either
-        return flat_S.sum().to(accumulation_dtype(flat_S, flat_T)) * 0.0
+    if flat_S.size(0) == 0 or rows_T == 0:  # no rows at all: no span either
+        return flat_S.sum().to(dtype) * 0.0
     if not blockwise:
-        dtype = accumulation_dtype(flat_S, flat_T)
-        total = _block_value(per_span, flat_S, flat_T, spans, slice(None), inv_tau, dtype)
+        total = _block_value(per_span, flat_S, merge_T, spans, slice(None), inv_tau, dtype)
         weight = spans.weight.to(dtype)
         return total if reduction == "sum" else safe_divide(total, weight.sum())
     if chunk_spans is None:
-        chunk_spans = default_chunk_spans(spans, vocab_S, vocab_T)
+        chunk_spans = default_chunk_spans(spans, flat_S.size(-1), width_T)
     if isinstance(chunk_spans, bool) or not isinstance(chunk_spans, int) or chunk_spans < 1:
         raise ValueError(f"{where}: chunk_spans={chunk_spans!r} must be a positive int (or None)")
-    result: Tensor = _Blockwise.apply(per_span, chunk_spans, reduction == "sum", inv_tau,
-                                      flat_S, flat_T, *spans)
+    result: Tensor = _Blockwise.apply(per_span, merge_T, dtype, chunk_spans, reduction == "sum",
+                                      inv_tau, flat_S, *spans)
     return result
 
 
-__all__ = ["AlignedSpans", "merged_log_probs", "span_loss"]
+__all__ = ["AlignedSpans", "TeacherMerge", "dense_teacher", "merged_log_probs", "span_loss",
+           "spans_loss_from"]

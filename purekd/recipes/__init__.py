@@ -5,7 +5,9 @@
   validated by :func:`load` / :func:`validate` — every problem in one :class:`RecipeError`,
   each with its key path — before anything heavy is imported; :func:`apply_overrides` types
   the command line's dotted ``key=value`` overrides by the schema.
-* :func:`run` runs a recipe: models, data, the teacher's top-k cache, training through
+* :func:`run` runs a recipe: models, data, the teacher (live, its top-k cache, on the
+  student's own samples with ``teacher.source: on_policy``, or with a tokenizer of its own
+  and ``gold``/``uld``), training through
   ``GeneralDistiller``, a ``save_pretrained`` student (:func:`save_pretrained_student`) at each
   checkpoint and at the end, a progress bar and a summary.
 * Shipped recipes: :func:`names`, :func:`shipped_text` (``purekd recipes [show NAME]``).
@@ -26,6 +28,7 @@ from ._schema import (
     Loss,
     Match,
     Metrics,
+    OnPolicy,
     Optimizer,
     Recipe,
     Schedule,
@@ -61,6 +64,7 @@ __all__ = [
     "Loss",
     "Match",
     "Metrics",
+    "OnPolicy",
     "Optimizer",
     "Recipe",
     "RecipeError",

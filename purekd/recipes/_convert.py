@@ -9,9 +9,10 @@ failure of a structure with the path to it (its default formatter drops messages
 ``bool("false") is True`` — so strict hooks replace them: a recipe's ``steps: "3"`` or
 ``bf16: "no"`` is a type error, not a guess.
 
-Each top-level section is structured on its own, so a type error in one section does not hide a
-range error in another: :func:`structure` returns the recipe and the problems of the sections
-that did structure are then checked by :mod:`._checks`.
+A type error hides no range error, in its own section or another: when the recipe does not
+structure whole, :func:`sections` structures every field on its own (a failed one replaced by
+its default and remembered), and :mod:`._checks` checks the rest, skipping any check that reads
+a failed field — one error lists every problem.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn
 
-from ._schema import SECTIONS, Match, Recipe
+from ._schema import OPTIONAL_SECTIONS, SECTIONS, Match, Recipe
 
 
 class RecipeError(ValueError):
@@ -197,8 +198,12 @@ def structure(data: Any) -> tuple[Recipe | None, list[str]]:
         value = data[field.name]
         cls = SECTIONS.get(field.name)
         try:
-            if cls is None:  # tokenizer, description: a string or null
+            if field.name == "imports":
+                values[field.name] = CONVERTER.structure(value, list[str])
+            elif cls is None:  # tokenizer, description: a string or null
                 values[field.name] = None if value is None else _strict_str(value, str)
+            elif value is None and field.name in OPTIONAL_SECTIONS:
+                values[field.name] = None
             else:
                 values[field.name] = CONVERTER.structure(value, cls)
         except Exception as error:
@@ -209,17 +214,53 @@ def structure(data: Any) -> tuple[Recipe | None, list[str]]:
     return recipe, problems
 
 
-def sections(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The sections of ``data`` that structure on their own (the defaults for absent ones):
-    what the checks can still look at when the whole recipe does not structure."""
+_PLACEHOLDERS: dict[Any, Any] = {str: "", int: 0, float: 0.0, bool: False}
+
+
+def _default(field: Any) -> Any:
+    if isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
+        return field.default.factory()
+    if field.default is attrs.NOTHING:  # a required field: a value of its type, never checked
+        return _PLACEHOLDERS.get(field.type)
+    return field.default
+
+
+def sections(data: Any) -> tuple[dict[str, Any], set[str]]:
+    """What the checks can still look at when the recipe does not structure whole: each
+    section of ``data`` that is a mapping, its fields structured one by one, a field that
+    fails (or a required one that is missing) replaced by its default; and the key paths
+    that failed (``'train.batch_size'``; a whole section, ``'train'``, when it is not a
+    mapping). A check that reads a failed path is skipped (:func:`._checks.problems`), so
+    a range error in a section with a type error is still reported, with no spurious
+    problem from the stand-in value."""
     out: dict[str, Any] = {}
+    failed: set[str] = set()
     for key, cls in SECTIONS.items():
         value = data.get(key, {}) if isinstance(data, Mapping) else {}
-        try:
-            out[key] = CONVERTER.structure(value, cls)
-        except Exception:
+        if key in OPTIONAL_SECTIONS and (not isinstance(data, Mapping) or data.get(key) is None):
+            out[key] = None
             continue
-    return out
+        if not isinstance(value, Mapping):
+            failed.add(key)
+            continue
+        if not (isinstance(data, Mapping) and key in data) and any(
+                f.default is attrs.NOTHING for f in attrs.fields(cls)):
+            failed.add(key)  # a required section that is missing: all of it stands in
+        values: dict[str, Any] = {}
+        for field in attrs.fields(cls):
+            path = f"{key}.{field.name}"
+            if field.name not in value:
+                values[field.name] = _default(field)
+                if field.default is attrs.NOTHING:
+                    failed.add(path)
+                continue
+            try:
+                values[field.name] = CONVERTER.structure(value[field.name], field.type)
+            except Exception:
+                values[field.name] = _default(field)
+                failed.add(path)
+        out[key] = cls(**values)
+    return out, failed
 
 
 def unstructure(recipe: Recipe) -> dict[str, Any]:

@@ -84,6 +84,8 @@ def record_format(data: Data, record: Mapping[str, Any]) -> str:
         return "prompt_completion"
     if data.text_key in record:
         return "text"
+    if data.prompt_key in record:  # a prompt alone: an on-policy run samples its completion
+        return "prompt_completion"
     raise ValueError(f"data.format auto: the first record's keys {sorted(record)} hold none of "
                      f"{data.text_key!r} (text), {data.prompt_key!r} + {data.completion_key!r} "
                      f"or {data.messages_key!r} (chat); set data.format and its key")
@@ -106,15 +108,23 @@ def _eos(tokenizer: Any) -> list[int]:
 
 def encode(record: Mapping[str, Any], index: int, form: str, data: Data,
            tokenizer: Any) -> tuple[list[int], list[int]]:
+    """:func:`encode_parts` without the prompt's length."""
+    ids, labels, _ = encode_parts(record, index, form, data, tokenizer)
+    return ids, labels
+
+
+def encode_parts(record: Mapping[str, Any], index: int, form: str, data: Data,
+                 tokenizer: Any) -> tuple[list[int], list[int], int]:
     """``(ids, labels)`` of one record. ``text``: the tokenizer's ids (special tokens included),
     every one a label. ``prompt_completion``: the prompt's ids (with the tokenizer's special
     tokens), then the completion's and the end-of-sequence token. ``messages``: the chat
     rendered by the tokenizer's chat template — the conversation before the last message with
     the assistant's generation prompt, then the rest (the last message, which must be the
-    assistant's). With ``completion_only`` the prompt's labels are ``-100``."""
+    assistant's). With ``completion_only`` the prompt's labels are ``-100``. Returns
+    ``(ids, labels, prompt_length)`` (0 for text)."""
     if form == "text":
         ids = list(tokenizer(_field(record, data.text_key, index))["input_ids"])
-        return ids, list(ids)
+        return ids, list(ids), 0
     if form == "prompt_completion":
         prompt = list(tokenizer(_field(record, data.prompt_key, index))["input_ids"])
         completion = list(tokenizer(_field(record, data.completion_key, index),
@@ -141,7 +151,7 @@ def encode(record: Mapping[str, Any], index: int, form: str, data: Data,
     else:
         raise ValueError(f"data.format {form!r}: not a format")
     labels = ([IGNORE] * len(prompt) if data.completion_only else list(prompt)) + completion
-    return prompt + completion, labels
+    return prompt + completion, labels, len(prompt)
 
 
 # -- rows ----------------------------------------------------------------------------------
@@ -149,16 +159,19 @@ def encode(record: Mapping[str, Any], index: int, form: str, data: Data,
 
 class Rows(NamedTuple):
     """Token rows and their labels: ``ids`` and ``labels`` lists of ``(L_i,)`` int64 tensors
-    (all of length ``seq_len`` when packed)."""
+    (all of length ``seq_len`` when packed); for on-policy runs ``prompts``, each row's prompt
+    ``(P_i,)`` (the row's first ``P_i`` ids)."""
 
     ids: list[Tensor]
     labels: list[Tensor]
+    prompts: list[Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def slice(self, start: int, stop: int | None) -> Rows:
-        return Rows(self.ids[start:stop], self.labels[start:stop])
+        return Rows(self.ids[start:stop], self.labels[start:stop],
+                    None if self.prompts is None else self.prompts[start:stop])
 
 
 class Split(NamedTuple):
@@ -172,6 +185,67 @@ def _pack(ids: list[int], labels: list[int], length: int) -> Rows:
     table = torch.tensor(ids[:count * length], dtype=torch.long).view(count, length)
     marks = torch.tensor(labels[:count * length], dtype=torch.long).view(count, length)
     return Rows(list(table.clone()), list(marks.clone()))
+
+
+def _prompt_alone(record: Mapping[str, Any], index: int, form: str, data: Data,
+                  tokenizer: Any) -> list[int] | None:
+    """The prompt ids of a record that has no completion — a ``prompt`` without
+    ``completion``, a chat whose last message is not the assistant's (rendered with the
+    generation prompt) — or ``None`` when it has one."""
+    if form == "prompt_completion" and data.completion_key not in record:
+        return list(tokenizer(_field(record, data.prompt_key, index))["input_ids"])
+    if form == "messages":
+        messages = _field(record, data.messages_key, index, list)
+        if messages and isinstance(messages[-1], Mapping) \
+                and messages[-1].get("role") != "assistant":
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise ValueError("data.format messages needs a tokenizer with a chat template "
+                                 "(tokenizer.chat_template is None)")
+            text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=True)
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return None
+
+
+def _prompted_rows(records: list[dict[str, Any]], data: Data, tokenizer: Any,
+                   prompt_tokens: int | None, prompts_alone: bool = False) -> tuple[Rows, int]:
+    """One record a row with its prompt, for on-policy runs: a prompt/completion or chat
+    record's prompt part; a text record's first ``prompt_tokens`` tokens (its labels ``-100``
+    there with ``completion_only``). ``prompts_alone`` (every batch sampled): a record may be
+    a prompt without a completion (its row is the prompt, no label)."""
+    ids_list, labels_list, prompts = [], [], []
+    total = 0
+    for index, record in enumerate(records):
+        form = record_format(data, record)
+        alone = None if form == "text" else _prompt_alone(record, index, form, data, tokenizer)
+        if alone is not None:
+            if not prompts_alone:
+                raise ValueError(
+                    f"data: record {index} is a prompt without a completion; with "
+                    "on_policy.lmbda < 1 the batches not sampled train on the records' own "
+                    "completions: give every record one, or set on_policy.lmbda: 1")
+            ids, labels, length = alone, [IGNORE] * len(alone), len(alone)
+        elif form == "text":
+            if prompt_tokens is None:
+                raise ValueError(
+                    f"data: record {index} is text, which has no prompt to sample from "
+                    "(teacher.source: on_policy): set on_policy.prompt_tokens (the first N "
+                    "tokens of each record are its prompt), or give prompt_completion or "
+                    "messages records")
+            ids, _ = encode(record, index, form, data, tokenizer)
+            length = min(prompt_tokens, len(ids))
+            labels = ([IGNORE] * length + ids[length:]) if data.completion_only else list(ids)
+        else:
+            ids, labels, length = encode_parts(record, index, form, data, tokenizer)
+        total += len(ids)
+        ids_list.append(torch.tensor(ids[:data.seq_len], dtype=torch.long))
+        labels_list.append(torch.tensor(labels[:data.seq_len], dtype=torch.long))
+        prompts.append(torch.tensor(ids[:min(length, data.seq_len)], dtype=torch.long))
+    for index, prompt in enumerate(prompts):
+        if not len(prompt):
+            raise ValueError(f"data: record {index} has an empty prompt: on-policy sampling "
+                             "starts from each record's prompt; give every record one")
+    return Rows(ids_list, labels_list, prompts), total
 
 
 def _rows(records: list[dict[str, Any]], data: Data, tokenizer: Any) -> tuple[Rows, int]:
@@ -195,13 +269,22 @@ def _rows(records: list[dict[str, Any]], data: Data, tokenizer: Any) -> tuple[Ro
     return rows, total
 
 
-def build(data: Data, tokenizer: Any) -> Split:
+def build(data: Data, tokenizer: Any, *, prompts: bool = False,
+          prompt_tokens: int | None = None, need_labels: bool = True) -> Split:
     """The training rows (the first ``train_rows``) and the held-out ones (the last
-    ``eval_rows``, or ``eval_path``'s)."""
-    rows, tokens = _rows(read_records(data.path, data.limit), data, tokenizer)
+    ``eval_rows``, or ``eval_path``'s). ``prompts``: one record a row with its prompt (an
+    on-policy run; ``prompt_tokens`` for text records); ``need_labels``: whether training
+    rows must have a token to learn (not when every batch is sampled)."""
+    def rows_of(records: list[dict[str, Any]]) -> tuple[Rows, int]:
+        if prompts:
+            return _prompted_rows(records, data, tokenizer, prompt_tokens,
+                                  prompts_alone=not need_labels)
+        return _rows(records, data, tokenizer)
+
+    rows, tokens = rows_of(read_records(data.path, data.limit))
     held_out: Rows | None = None
     if data.eval_path is not None:
-        held_out, _ = _rows(read_records(data.eval_path), data, tokenizer)
+        held_out, _ = rows_of(read_records(data.eval_path))
     wanted = (data.train_rows or 0) + data.eval_rows
     if len(rows) < max(wanted, data.eval_rows + 1):
         raise ValueError(
@@ -213,6 +296,8 @@ def build(data: Data, tokenizer: Any) -> Split:
     train = rows.slice(0, data.train_rows if data.train_rows is not None
                        else len(rows) - data.eval_rows)
     empty = sum(1 for labels in train.labels if not bool((labels[1:] != IGNORE).any()))
+    if not need_labels:
+        return Split(train, held_out, tokens)
     if empty == len(train):
         raise ValueError("data: no training row has a token to learn (every label is masked): "
                          "longer rows (data.seq_len), or data.completion_only: false")
@@ -235,8 +320,11 @@ class RowDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         ids = self.rows.ids[index]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+        item = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                 "labels": self.rows.labels[index]}
+        if self.rows.prompts is not None:
+            item["prompt"] = self.rows.prompts[index]
+        return item
 
 
 class PadCollate:
@@ -256,6 +344,26 @@ class PadCollate:
             for key in fill:
                 batch[key][row, :n] = item[key]
         return batch
+
+
+class PromptCollate:
+    """:class:`PadCollate`'s batch plus the on-policy stage's prompts: ``prompts`` ``(B, P)``
+    left-padded with ``pad_id`` and ``prompt_attention_mask`` (0 on the padding)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+        self.sequences = PadCollate(pad_id)
+
+    def __call__(self, items: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        batch = self.sequences(items)
+        width = max(len(item["prompt"]) for item in items)
+        prompts = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(items), width, dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["prompt"])
+            prompts[row, width - n:] = item["prompt"]
+            mask[row, width - n:] = 1
+        return {"prompts": prompts, "prompt_attention_mask": mask, **batch}
 
 
 class RankBatches:
@@ -292,5 +400,5 @@ class RankBatches:
         torch.randperm(self.rows, generator=self.generator)  # RandomSampler's remainder draw
 
 
-__all__ = ["IGNORE", "PadCollate", "RankBatches", "RowDataset", "Rows", "Split", "build",
-           "encode", "read_records", "record_format"]
+__all__ = ["IGNORE", "PadCollate", "PromptCollate", "RankBatches", "RowDataset", "Rows", "Split",
+           "build", "encode", "encode_parts", "read_records", "record_format"]

@@ -140,26 +140,103 @@ def _copy(value: Any) -> Any:
     return value
 
 
+def import_modules(names: Any) -> list[str]:
+    """Import each of ``names`` (the recipe's ``imports``: module names, or ``.py`` files, a
+    path relative to the working directory as every path of a recipe); the problems, one
+    ``imports[i]: ...`` line each. A file is imported once per process (under a name made of
+    its resolved path), so a module that registers a divergence registers it once."""
+    import hashlib
+    import importlib
+    import importlib.util
+    import sys
+
+    if not isinstance(names, list):
+        return []  # not a list: structure() says so
+    problems: list[str] = []
+    for index, name in enumerate(names):
+        if not isinstance(name, str):
+            continue
+        where = f"imports[{index}]"
+        try:
+            if name.endswith(".py") or "/" in name or "\\" in name:
+                path = Path(name).expanduser()
+                if not path.is_file():
+                    problems.append(f"{where}: {name!r} does not exist"
+                                    + (" (a file)" if path.exists() else ""))
+                    continue
+                resolved = str(path.resolve())
+                module = "_purekd_recipe_" + hashlib.sha1(resolved.encode()).hexdigest()[:12]
+                if module in sys.modules:
+                    continue
+                spec = importlib.util.spec_from_file_location(module, resolved)
+                assert spec is not None and spec.loader is not None
+                loaded = importlib.util.module_from_spec(spec)
+                sys.modules[module] = loaded
+                try:
+                    spec.loader.exec_module(loaded)
+                except BaseException:
+                    del sys.modules[module]
+                    raise
+            else:
+                importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            problems.append(f"{where}: cannot import {name!r}: {error}; give an installed "
+                            "module's name or a .py file")
+        except Exception as error:
+            problems.append(f"{where}: importing {name!r} raised {type(error).__name__}: "
+                            f"{error}")
+    return problems
+
+
+def _registered_loss(loss: Any) -> list[str]:
+    """A ``kd_loss_type`` the built-in table does not know, checked by ``DistillationConfig``
+    now when a module of ``imports`` has loaded purekd's losses (a registered divergence and
+    its parameters), else when the run starts (:func:`._run.check_loss`)."""
+    import sys
+
+    if loss is None or loss.kd_loss_type in _checks.DIVERGENCES \
+            or loss.kd_loss_type in _checks.SAMPLED \
+            or "purekd.losses" not in sys.modules:
+        return []
+    from ._train import distill_config_of
+
+    try:
+        distill_config_of(loss)
+    except (ValueError, TypeError) as error:
+        return [f"loss: {error}"]
+    return []
+
+
 def validate(data: Any, source: str | None = None, *, earlier: Sequence[str] = ()) -> Recipe:
     """The :class:`Recipe` of ``data``, or one :class:`RecipeError` listing every problem:
     type errors, unknown keys (with the closest valid one), missing keys, values out of range,
-    files that do not exist (after the ``earlier`` problems, the overrides')."""
+    files that do not exist (after the ``earlier`` problems, the overrides'). The modules of
+    ``imports`` are imported first (a divergence they register is then known to the
+    checks)."""
+    imported = import_modules(data.get("imports")) if isinstance(data, Mapping) else []
     recipe, problems = _convert.structure(data)
-    problems = [*earlier, *problems]
+    problems = [*earlier, *problems, *imported]
     if recipe is not None:
         sections = {key: getattr(recipe, key) for key in SECTIONS}
         tokenizer = recipe.tokenizer
+        failed: set[str] = set()
     else:
-        sections = _convert.sections(data) if isinstance(data, Mapping) else {}
-        sections = {k: v for k, v in sections.items()
-                    if not any(line.startswith((f"{k}.", f"{k}:")) for line in problems)}
+        sections, failed = _convert.sections(data) if isinstance(data, Mapping) else ({}, set())
         tokenizer = data.get("tokenizer") if isinstance(data, Mapping) else None
-        tokenizer = tokenizer if isinstance(tokenizer, str) else None
-    problems.extend(_checks.problems(sections, tokenizer))
+        if tokenizer is not None and not isinstance(tokenizer, str):
+            failed.add("tokenizer")
+            tokenizer = None
+    problems.extend(_checks.problems(sections, tokenizer, failed=failed))
+    if not any(_covers_loss(path) for path in failed):
+        problems.extend(_registered_loss(sections.get("loss")))
     if problems:
         raise RecipeError(problems, source)
     assert recipe is not None
     return recipe
+
+
+def _covers_loss(path: str) -> bool:
+    return path == "loss" or path.startswith("loss.")
 
 
 def load(recipe: str | Path, overrides: Sequence[str] = ()) -> Recipe:

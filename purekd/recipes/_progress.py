@@ -58,7 +58,11 @@ class Progress:
         batch = _student_batch(args[0]) if args else None
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
-        if isinstance(mask, Tensor):
+        counted = getattr(output, "tokens", None)
+        if isinstance(batch, Mapping) and "prompts" in batch and isinstance(counted, Tensor):
+            # on-policy: the tokens the loss read (the sampled ones, on a sampled batch)
+            self._tokens = self._tokens + counted.detach().sum() * self.world
+        elif isinstance(mask, Tensor):
             self._tokens = self._tokens + mask.detach().sum() * self.world
         elif isinstance(ids, Tensor):
             self._tokens = self._tokens + ids.numel() * self.world

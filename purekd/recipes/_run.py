@@ -5,7 +5,9 @@
 2. the teacher and its tokenizer (or the recipe's tokenizer), the student (a model of its own,
    or the teacher with only some of its decoder layers), the same vocabulary on both sides;
 3. the data: token rows and their loss labels, the held-out rows;
-4. the teacher's top-k cache (``teacher.source: cache``; then the teacher leaves memory);
+4. the teacher's top-k cache (``teacher.source: cache``; then the teacher leaves memory), or
+   the records' prompts for on-policy sampling (``teacher.source: on_policy``), or the two
+   tokenizers' alignment (``teacher.tokenizer``);
 5. training (:func:`._train.train_student`), a ``save_pretrained`` student beside every
    ``gs{N}.pkl`` checkpoint and at the end in ``OUTPUT_DIR/student``;
 6. the summary: steps, tokens, time, where the student is, held-out perplexity.
@@ -62,6 +64,11 @@ def load_models(recipe: Recipe, *, progress_bar: bool = True) -> tuple[Any, Any,
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(resolve(recipe.tokenizer)))
+    if recipe.teacher.tokenizer is not None:  # two tokenizers: the vocabularies differ
+        from ._models import load_student
+
+        assert recipe.student.path is not None  # (the checks)
+        return teacher, load_student(resolve(recipe.student.path)), tokenizer
     spec = recipe.student
     if spec.path is not None:
         from ._models import load_student
@@ -79,6 +86,15 @@ def load_models(recipe: Recipe, *, progress_bar: bool = True) -> tuple[Any, Any,
         student.get_output_embeddings().weight.requires_grad_(False)
     check_same_vocabulary(teacher, student, tokenizer)
     return teacher, student, tokenizer
+
+
+def teacher_tokenizer(recipe: Recipe) -> Any:
+    """The teacher's own tokenizer (``teacher.tokenizer``), or ``None``."""
+    if recipe.teacher.tokenizer is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve(recipe.teacher.tokenizer)))
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -125,7 +141,11 @@ def run(recipe: Recipe, *, progress_bar: bool | None = None,
 
     say(f"teacher: {recipe.teacher.path}")
     teacher, student, tokenizer = load_models(recipe, progress_bar=progress_bar is not False)
-    split = build(recipe.data, tokenizer)
+    on_policy = recipe.teacher.source == "on_policy"
+    settings = recipe.on_policy
+    split = build(recipe.data, tokenizer, prompts=on_policy,
+                  prompt_tokens=settings.prompt_tokens if settings is not None else None,
+                  need_labels=not on_policy or (settings is not None and settings.lmbda < 1))
     say(f"data: {len(split.train)} training rows"
         + (f", {len(split.held_out)} held-out rows" if split.held_out is not None else "")
         + f" ({split.tokens:,} tokens read)")
@@ -142,6 +162,9 @@ def run(recipe: Recipe, *, progress_bar: bool | None = None,
         teacher = None  # training needs only the cache
     before = None
     held = split.held_out
+    if held is not None and not any(bool((t[1:] != -100).any()) for t in held.labels):
+        say("held-out rows without a completion (prompts alone): no held-out perplexity")
+        held = None
     if held is not None:
         before = masked_perplexity(student, held.ids, held.labels, pad_id(tokenizer)).perplexity
     seed_everything(recipe.train.seed)
@@ -157,7 +180,8 @@ def run(recipe: Recipe, *, progress_bar: bool | None = None,
     try:
         distiller = train_student(student, split.train, recipe, output_dir, teacher=teacher,
                                   cache=cache, pad_id=pad_id(tokenizer), callback=callback,
-                                  on_start=on_start)
+                                  on_start=on_start, tokenizer=tokenizer,
+                                  tokenizer_T=teacher_tokenizer(recipe))
     finally:
         progress.close()
     steps = distiller.runner.counters.global_step

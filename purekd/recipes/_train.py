@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from ._data import PadCollate, RankBatches, RowDataset, Rows
-from ._schema import Loss, Recipe, Schedule
+from ._data import PadCollate, PromptCollate, RankBatches, RowDataset, Rows
+from ._schema import Loss, OnPolicy, Recipe, Schedule
 
 
 def kd_params(loss: Loss) -> dict[str, Any]:
@@ -35,12 +35,41 @@ def kd_params(loss: Loss) -> dict[str, Any]:
     return {**given, **loss.params}
 
 
-def distill_config(recipe: Recipe) -> Any:
-    """The ``DistillationConfig`` of the recipe's loss (its own checks: a ``ValueError`` naming
-    the field)."""
+def distill_config(recipe: Recipe, tokenizer: Any = None) -> Any:
+    """The ``DistillationConfig`` of the recipe's loss and, with ``teacher.source:
+    on_policy``, its sampling (:func:`on_policy_config`; its own checks: a ``ValueError``
+    naming the field)."""
+    on_policy = None
+    if recipe.teacher.source == "on_policy":
+        on_policy = on_policy_config(recipe, tokenizer)
+    return distill_config_of(recipe.loss, on_policy)
+
+
+def on_policy_config(recipe: Recipe, tokenizer: Any = None) -> Any:
+    """The ``purekd.OnPolicyConfig`` of the recipe's ``on_policy`` section (its defaults when
+    absent). Stop tokens: the section's, else the tokenizer's end-of-sequence token; the
+    filler after a completion: ``pad_token_id``, else the tokenizer's padding token."""
     import purekd
 
-    loss = recipe.loss
+    section = recipe.on_policy if recipe.on_policy is not None else OnPolicy()
+    stops = list(section.stop_token_ids)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if not stops and eos is not None:
+        stops = [int(eos)]
+    pad = section.pad_token_id
+    if pad is None and getattr(tokenizer, "pad_token_id", None) is not None:
+        pad = int(tokenizer.pad_token_id)
+    return purekd.OnPolicyConfig(lmbda=section.lmbda, seq_kd=section.seq_kd,
+                                 max_new_tokens=section.max_new_tokens,
+                                 temperature=section.temperature, top_p=section.top_p,
+                                 top_k=section.top_k, stop_token_ids=tuple(stops),
+                                 pad_token_id=pad, seed=section.seed)
+
+
+def distill_config_of(loss: Loss, on_policy: Any = None) -> Any:
+    """:func:`distill_config` of a ``loss`` section (and an ``OnPolicyConfig``)."""
+    import purekd
+
     params = {k: v for k, v in kd_params(loss).items() if not (k == "tail" and v is False)}
     spec: Any = [loss.kd_loss_type, params] if params else loss.kd_loss_type
     matches = [{"layer_T": m.layer_T, "layer_S": m.layer_S, "feature": m.feature,
@@ -48,7 +77,7 @@ def distill_config(recipe: Recipe) -> Any:
                for m in loss.matches]
     return purekd.DistillationConfig(kd_loss_type=spec, temperature=loss.temperature,
                                      kd_loss_weight=1, hard_label_weight=0,
-                                     intermediate_matches=matches or None)
+                                     intermediate_matches=matches or None, on_policy=on_policy)
 
 
 def kd_and_text_term(loss: Loss) -> Any:
@@ -163,14 +192,33 @@ def metric_sinks(recipe: Recipe) -> list[Any]:
     return sinks
 
 
-def loader_for(rows: Rows, recipe: Recipe, cache: Any, pad_id: int) -> DataLoader:
+class _Texts(Dataset):
+    """The training rows' texts (one record a row), for the cross-tokenizer collator."""
+
+    def __init__(self, rows: Rows, tokenizer: Any):
+        self.rows, self.tokenizer = rows, tokenizer
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> str:
+        return str(self.tokenizer.decode(self.rows.ids[index], skip_special_tokens=True))
+
+
+def loader_for(rows: Rows, recipe: Recipe, cache: Any, pad_id: int, *,
+               tokenizers: tuple[Any, Any] | None = None) -> DataLoader:
     """The training loader: this rank's batches (:class:`RankBatches`), padded, with the cached
     teacher beside each row when there is a cache."""
     from purekd.teacher_cache import CachedCollate, CachedTeacherDataset
 
     rank, size = world()
     data: Any = RowDataset(rows)
-    collate: Any = PadCollate(pad_id)
+    collate: Any = PadCollate(pad_id) if rows.prompts is None else PromptCollate(pad_id)
+    if tokenizers is not None:  # each side tokenises the text itself; the spans align them
+        from purekd.stages import CrossTokenizerCollator
+
+        data = _Texts(rows, tokenizers[0])
+        collate = CrossTokenizerCollator(*tokenizers, max_length=recipe.data.seq_len)
     if cache is not None:
         data, collate = CachedTeacherDataset(data, cache), CachedCollate(collate)
     batches = RankBatches(len(data), recipe.train.batch_size, seed=recipe.train.seed, rank=rank,
@@ -182,17 +230,24 @@ def loader_for(rows: Rows, recipe: Recipe, cache: Any, pad_id: int) -> DataLoade
 def train_student(student: Any, rows: Rows, recipe: Recipe, output_dir: Path, *,
                   teacher: Any = None, cache: Any = None, pad_id: int = 0,
                   callback: Callable[..., Any] | None = None,
-                  on_start: Callable[[Any, Any], None] | None = None) -> Any:
+                  on_start: Callable[[Any, Any], None] | None = None,
+                  tokenizer: Any = None, tokenizer_T: Any = None) -> Any:
     """Train ``student`` in place by ``recipe`` on ``rows``, from the live ``teacher`` or the
     top-k ``cache``; returns the distiller (its ``runner.counters`` say where training
     ended). ``callback(model=, step=)`` runs after each checkpoint; ``on_start(distiller,
-    optimizer)`` right before training (the progress bar attaches there)."""
+    optimizer)`` right before training (the progress bar attaches there). On-policy
+    (``teacher.source: on_policy``) ``rows`` carry their prompts and the ``tokenizer`` gives
+    the default stop and padding tokens. ``tokenizer_T``: the teacher's own tokenizer (a
+    cross-tokenizer run: each record's text tokenised by both and aligned, ``gold`` or
+    ``uld`` on the two sides' logits)."""
     import purekd
     from purekd.integrations import hf_adaptor
 
     if (teacher is None) == (cache is None):
         raise ValueError("train_student: give the live teacher or its cache (one of them)")
-    loader = loader_for(rows, recipe, cache, pad_id)
+    cross = tokenizer_T is not None
+    loader = loader_for(rows, recipe, cache, pad_id,
+                        tokenizers=(tokenizer, tokenizer_T) if cross else None)
     train = recipe.train
     total = train.steps if train.steps is not None else (
         len(loader) // train.accumulation * (train.epochs or 1))
@@ -205,10 +260,20 @@ def train_student(student: Any, rows: Rows, recipe: Recipe, output_dir: Path, *,
     adaptor_S = adaptor(student)
     adaptor_T = hf_adaptor(causal=True) if teacher is None else adaptor(teacher)
     model_args: dict[str, Any] = {"output_hidden_states": True, "logits_to_keep": 1}
+    vocabulary_map = None
+    if cross:  # the aligned losses read both sides' (B, L, V) logits
+        adaptor_S = adaptor_T = hf_adaptor()
+        model_args = {}
+        if recipe.loss.kd_loss_type == "gold":
+            from purekd.stages import vocabulary_map as build_map
+
+            vocabulary_map = build_map(tokenizer, tokenizer_T)
     distiller = purekd.GeneralDistiller(training_config(recipe, output_dir, total),
-                                        distill_config(recipe), teacher, student, adaptor_T,
+                                        distill_config(recipe, tokenizer), teacher, student,
+                                        adaptor_T,
                                         adaptor_S,
-                                        compile="auto" if train.compile is None else train.compile)
+                                        compile="auto" if train.compile is None else train.compile,
+                                        vocabulary_map=vocabulary_map)
     if recipe.loss.ce_weight:
         distiller.step = distiller.step.replace_term("kd_loss", kd_and_text_term(recipe.loss))
     optimizer = optimizer_for(student, recipe)
@@ -228,5 +293,6 @@ def train_student(student: Any, rows: Rows, recipe: Recipe, output_dir: Path, *,
     return distiller
 
 
-__all__ = ["distill_config", "kd_and_text_term", "labels_kept_from", "loader_for", "lr_factor",
-           "metric_sinks", "optimizer_for", "train_student", "training_config", "world"]
+__all__ = ["distill_config", "distill_config_of", "kd_and_text_term", "labels_kept_from",
+           "loader_for", "lr_factor", "metric_sinks", "on_policy_config", "optimizer_for",
+           "train_student", "training_config", "world"]

@@ -5,7 +5,7 @@ the shape checks that run before the loss path; ``next_token`` aligns a causal l
 logits with the tokens they predict; ``rollout`` samples completions of prompts (through a
 :class:`Sampler`, e.g. :class:`HFGenerateSampler`) for on-policy distillation; ``align_spans``,
 ``vocabulary_map`` and ``CrossTokenizerCollator`` serve a teacher and a student with different
-tokenizers.
+tokenizers, and ``retokenise_rollout`` turns an on-policy rollout into such a batch.
 
 Imports: the layers above (``purekd.losses``: the aligned-span record the cross-tokenizer
 losses take), the leaf ``purekd._keys`` (the adaptor key names) and the leaf
@@ -27,6 +27,13 @@ from ._cross_batches import (
     align_batches,
     check_offsets_support,
     check_same_texts,
+)
+from ._cross_rollout import (
+    CrossRollout,
+    check_tokenizers_fit,
+    decode_with_offsets,
+    prompts_for,
+    retokenise_rollout,
 )
 from ._forward import forward
 from ._next_token import IGNORE_INDEX, NextToken, next_token, shift_left
@@ -55,6 +62,7 @@ __all__ = [
     "IGNORE_INDEX",
     "Adapted",
     "AdaptorError",
+    "CrossRollout",
     "CrossTokenizerCollator",
     "HFGenerateSampler",
     "NextToken",
@@ -73,8 +81,10 @@ __all__ = [
     "check_same_texts",
     "check_same_tokenizer",
     "check_same_vocabulary",
+    "check_tokenizers_fit",
     "completion_mask",
     "completion_rows",
+    "decode_with_offsets",
     "detach",
     "forward",
     "match_vocabularies",
@@ -83,6 +93,8 @@ __all__ = [
     "normalise",
     "normalise_token",
     "probability_shift",
+    "prompts_for",
+    "retokenise_rollout",
     "rollout",
     "sampling_mode",
     "share_equal_masks",

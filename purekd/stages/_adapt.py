@@ -36,6 +36,8 @@ class _AdaptedFields(NamedTuple):
     topk_ids: Tensor | None = None
     topk_logprobs: Tensor | None = None
     topk_mask: Tensor | None = None
+    topk_next_logprobs: Tensor | None = None
+    topk_vocab_size: int | None = None
     next_ids: Tensor | None = None
     sampler_logprobs: Tensor | None = None
     spans: Any = None  # cross-tokenizer: the batch's AlignedSpans (set by the models stage)
@@ -86,6 +88,10 @@ class Adapted(_AdaptedFields):
       most likely tokens per row and their log-probabilities (log-softmax at temperature 1), e.g.
       from a top-k cache; ``topk_mask`` ``rows`` 0/1: the rows the teacher has (rows past a
       sample's length are 0). Rows are the same positions as the student's rows.
+      From a cross-tokenizer cache (rows are the teacher's own positions, aligned to the
+      student's by the batch's spans): ``topk_next_logprobs`` ``rows``, the log-probability of
+      the token that follows each row in the teacher's sequence, and ``topk_vocab_size`` (an
+      int, the teacher's vocabulary ``V_T``).
 
     ``logits_mask[0]`` and ``labels[0]`` refer to these rows when there are no ``logits``.
 
@@ -116,7 +122,8 @@ class Adapted(_AdaptedFields):
 
 
 _LIST_KEYS = ("logits", "logits_mask", "labels", "losses", "hidden", "attention")
-_TENSOR_KEYS = ("lm_hidden", "lm_weight", "lm_bias", "topk_ids", "topk_logprobs", "topk_mask")
+_TENSOR_KEYS = ("lm_hidden", "lm_weight", "lm_bias", "topk_ids", "topk_logprobs", "topk_mask",
+                "topk_next_logprobs")
 
 
 def _as_tuple(key: str, value: Any) -> Tensors:
@@ -167,6 +174,8 @@ def normalise(result: Any) -> Adapted:
         if value is not None and key in ("lm_weight", "lm_bias"):
             value = whole(value)
         fields[key] = value
+    if result.get("topk_vocab_size") is not None:
+        fields["topk_vocab_size"] = _vocab_size(result["topk_vocab_size"])
     adapted = Adapted(**fields)
     _check_language_model_keys(adapted)
     n = adapted.row_outputs
@@ -183,6 +192,16 @@ def normalise(result: Any) -> Adapted:
     return adapted
 
 
+def _vocab_size(value: Any) -> int:
+    """``topk_vocab_size`` as an int (a Python int or a 0-dim integer tensor)."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AdaptorError(f"adaptor key 'topk_vocab_size': expected a positive int (the "
+                           f"teacher's vocabulary), got {value!r}")
+    return value
+
+
 def _check_language_model_keys(adapted: Adapted) -> None:
     """``lm_weight`` goes with ``lm_hidden``, ``topk_logprobs`` with ``topk_ids``, and
     language-model outputs come instead of ``logits``."""
@@ -194,9 +213,10 @@ def _check_language_model_keys(adapted: Adapted) -> None:
             raise AdaptorError(f"the adaptor returned {given!r} without {missing!r}: return both")
     if adapted.lm_bias is not None and adapted.lm_hidden is None:
         raise AdaptorError("the adaptor returned 'lm_bias' without 'lm_hidden' and 'lm_weight'")
-    if adapted.topk_mask is not None and adapted.topk_ids is None:
-        raise AdaptorError("the adaptor returned 'topk_mask' without 'topk_ids' and "
-                           "'topk_logprobs'")
+    for key in ("topk_mask", "topk_next_logprobs", "topk_vocab_size"):
+        if getattr(adapted, key) is not None and adapted.topk_ids is None:
+            raise AdaptorError(f"the adaptor returned {key!r} without 'topk_ids' and "
+                               "'topk_logprobs'")
     forms = [key for key in ("lm_hidden", "topk_ids") if getattr(adapted, key) is not None]
     if len(forms) > 1 or (forms and adapted.logits):
         keys = (["logits"] if adapted.logits else []) + forms
@@ -225,6 +245,7 @@ def detach(adapted: Adapted) -> Adapted:
         **singles,
         inputs_mask=mask.detach() if isinstance(mask, Tensor) else mask,
         captured=off(adapted.captured),
+        topk_vocab_size=adapted.topk_vocab_size,
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from purekd.losses import AlignedSpans
@@ -102,13 +103,18 @@ class CrossTokenizerCollator:
     """Texts → ``{'student': batch_S, 'teacher': batch_T, 'spans': AlignedSpans}``.
 
     Each side's batch is its tokenizer's output for the same texts (``input_ids``,
-    ``attention_mask``, ``labels`` = the ids with padding as ``-100``; padded to the longest,
+    ``attention_mask``, ``labels`` = the ids with padding as ``-100``; right-padded to the longest
+    whatever the tokenizer's ``padding_side``,
     truncated to ``max_length`` tokens when given); ``spans`` aligns them
     (:func:`~purekd.stages.align_spans`, ``shift=1``: causal LMs' unshifted logits). Both
     tokenizers must be fast (``ValueError`` naming the one that is not, and the fix). The
     offsets are dropped from the model inputs (models do not take them).
 
-    Use it as a ``DataLoader``'s ``collate_fn`` over a dataset of strings.
+    Use it as a ``DataLoader``'s ``collate_fn`` over a dataset of strings. An item may also be a
+    ``(prompt, completion)`` pair of strings: the text is ``prompt + completion`` and only the
+    completion is in the loss (each side's ``labels`` are ``-100`` on the tokens that start
+    before the completion's first character, so spans over the prompt are dropped) — the data
+    form of an on-policy rollout across tokenizers.
     """
 
     def __init__(self, tokenizer_S: Any, tokenizer_T: Any, *, max_length: int | None = None,
@@ -118,22 +124,40 @@ class CrossTokenizerCollator:
         self.tokenizer_S, self.tokenizer_T = tokenizer_S, tokenizer_T
         self.max_length, self.shift = max_length, shift
 
-    def _encode(self, tokenizer: Any, texts: list[str]) -> dict[str, Any]:
+    def _encode(self, tokenizer: Any, texts: list[str], prompt_chars: list[int]
+                ) -> dict[str, Any]:
+        # right-padded whatever the tokenizer's padding_side: a causal LM numbers positions
+        # from column 0 unless given position ids, so left padding would shift every row
         encoded = tokenizer(texts, return_offsets_mapping=True, padding=True,
+                            padding_side="right",
                             truncation=self.max_length is not None, max_length=self.max_length,
                             return_tensors="pt")
         batch = dict(encoded)
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        outside = batch["attention_mask"] == 0
+        if any(prompt_chars):
+            starts = batch["offset_mapping"][..., 0]
+            outside = outside | (starts < torch.tensor(prompt_chars).unsqueeze(1))
+        batch["labels"] = batch["input_ids"].masked_fill(outside, -100)
         return batch
 
-    def __call__(self, texts: Sequence[str]) -> dict[str, Any]:
-        texts = list(texts)
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("CrossTokenizerCollator: the batch must be a list of strings")
-        batch_S = self._encode(self.tokenizer_S, texts)
-        batch_T = self._encode(self.tokenizer_T, texts)
+    def __call__(self, texts: Sequence[str | tuple[str, str]]) -> dict[str, Any]:
+        joined: list[str] = []
+        prompt_chars: list[int] = []
+        for item in texts:
+            if isinstance(item, str):
+                joined.append(item)
+                prompt_chars.append(0)
+            elif (isinstance(item, (tuple, list)) and len(item) == 2
+                  and all(isinstance(part, str) for part in item)):
+                joined.append(item[0] + item[1])
+                prompt_chars.append(len(item[0]))
+            else:
+                raise TypeError("CrossTokenizerCollator: the batch must be a list of strings or "
+                                "of (prompt, completion) pairs of strings")
+        batch_S = self._encode(self.tokenizer_S, joined, prompt_chars)
+        batch_T = self._encode(self.tokenizer_T, joined, prompt_chars)
         spans = align_batches(batch_S, batch_T, tokenizer_S=self.tokenizer_S,
-                              tokenizer_T=self.tokenizer_T, texts=texts, shift=self.shift)
+                              tokenizer_T=self.tokenizer_T, texts=joined, shift=self.shift)
         batch_S.pop("offset_mapping")
         batch_T.pop("offset_mapping")
         return {STUDENT_KEY: batch_S, TEACHER_KEY: batch_T, SPANS_KEY: spans}

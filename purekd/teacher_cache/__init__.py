@@ -9,8 +9,14 @@ teacher model in memory). See ``docs/teacher-cache.md``.
   for memory-mapped lookup by sample id.
 * :class:`CachedTeacherDataset` + :class:`CachedCollate` yield ``{'student': batch, 'teacher':
   batch, 'teacher_cache': {'topk_ids', 'topk_logprobs', 'topk_mask'}}``.
+* A teacher with another tokenizer than the student's: :class:`TeacherTextCollate` feeds the
+  writer (``student_tokenizer=``: a cross-tokenizer cache, which also stores the teacher's
+  tokens, offsets and next-token log-probabilities), and :class:`CrossTokenizerCachedDataset`
+  + :class:`CrossTokenizerCachedCollate` yield batches with the aligned ``'spans'`` for
+  ``kd_loss_type="uld"`` / ``"gold"``.
 """
 
+from ._cross import CrossTokenizerCachedCollate, CrossTokenizerCachedDataset, TeacherTextCollate
 from ._dataset import CachedCollate, CachedTeacherDataset, WithSampleIds, pad_teacher_cache
 from ._fingerprint import fingerprint_model, fingerprint_tokenizer
 from ._format import VALUE_DTYPES, CacheError, bytes_per_token, id_dtype
@@ -24,8 +30,11 @@ __all__ = [
     "CachedCollate",
     "CachedSample",
     "CachedTeacherDataset",
+    "CrossTokenizerCachedCollate",
+    "CrossTokenizerCachedDataset",
     "MissingSamplesError",
     "TeacherCache",
+    "TeacherTextCollate",
     "WithSampleIds",
     "bytes_per_token",
     "default_tokens",

@@ -18,8 +18,9 @@ def fingerprint_model(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         value = tensor.detach().cpu().contiguous()
+        flat = value.reshape(-1)  # a 0-dim tensor cannot be viewed as bytes; the same bytes
         digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}\n".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
 
 

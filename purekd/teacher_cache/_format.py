@@ -15,6 +15,14 @@ temporary name, flushed to disk and renamed with ``os.replace``, so a crash leav
 A token's record holds the teacher's ``k`` most likely next-token ids (descending probability)
 and their log-probabilities at temperature 1 in one of the codecs of :data:`VALUE_DTYPES`, and
 the input token itself when the writer knew it.
+
+A **cross-tokenizer** cache (the teacher's tokenizer is not the student's; format version 2,
+``cross_tokenizer: true`` in the manifest) also stores per token what aligning the teacher's
+tokenisation with the student's needs: the token's character offsets ``(start, end)`` in the
+sample's text, ``next`` — the log-probability of the token that follows in the teacher's
+sequence (exact, whatever ``k``: the merged span distribution needs it) — and ``text``, the
+first 8 bytes of the sha256 of the sample's text (the same on every row of the sample), so
+that a reader given another text refuses it. Version 1 caches (one tokenizer) are unchanged.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -33,6 +41,10 @@ from purekd._atomic import atomic_write
 
 FORMAT = "purekd-teacher-cache"
 VERSION = 1
+CROSS_VERSION = 2
+"""The version of a cross-tokenizer cache (version 1 plus the per-token offsets, the next
+token's log-probability and the text digest); a plain cache is still written as version 1."""
+VERSIONS = (VERSION, CROSS_VERSION)
 MANIFEST = "manifest.json"
 INDEX = "index.npy"
 
@@ -64,8 +76,20 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<i8")
 
 
-def record_dtype(k: int, vocab_size: int, values: str, with_tokens: bool) -> np.dtype:
-    """One token's record: ``ids`` ``(k,)``, the encoded log-probabilities, the input token."""
+def version_of(cross: bool) -> int:
+    """The format version a cache is written in."""
+    return CROSS_VERSION if cross else VERSION
+
+
+def text_digest(text: str) -> int:
+    """The first 8 bytes of the sha256 of ``text`` (UTF-8), as an unsigned 64-bit int."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+
+
+def record_dtype(k: int, vocab_size: int, values: str, with_tokens: bool,
+                 cross: bool = False) -> np.dtype:
+    """One token's record: ``ids`` ``(k,)``, the encoded log-probabilities, the input token;
+    with ``cross``, also ``next`` (float32), ``offsets`` ``(2,)`` uint32 and ``text`` uint64."""
     ids = id_dtype(vocab_size)
     fields: list[tuple[Any, ...]] = [("ids", ids, (k,))]
     if values == "float32":
@@ -80,13 +104,24 @@ def record_dtype(k: int, vocab_size: int, values: str, with_tokens: bool) -> np.
         raise ValueError(f"values={values!r}: expected one of {VALUE_DTYPES}")
     if with_tokens:
         fields.append(("token", ids))
+    if cross:
+        fields += [("next", "<f4"), ("offsets", "<u4", (2,)), ("text", "<u8")]
     return np.dtype(fields)
 
 
+class CrossFields(NamedTuple):
+    """A sample's cross-tokenizer fields: ``next`` ``(N,)`` float32, ``offsets`` ``(N, 2)``,
+    ``text`` (its :func:`text_digest`)."""
+
+    next: Tensor
+    offsets: Tensor
+    text: int
+
+
 def encode(ids: Tensor, logprobs: Tensor, tokens: Tensor | None, dtype: np.dtype,
-           values: str) -> np.ndarray:
+           values: str, cross: CrossFields | None = None) -> np.ndarray:
     """Records for ``N`` tokens from ``ids`` ``(N, k)``, ``logprobs`` ``(N, k)`` (descending,
-    float32) and ``tokens`` ``(N,)`` (or ``None``)."""
+    float32), ``tokens`` ``(N,)`` (or ``None``) and the cross-tokenizer fields (or ``None``)."""
     records = np.zeros(ids.shape[0], dtype=dtype)
     records["ids"] = ids.cpu().numpy().astype(dtype["ids"].base, copy=False)
     lp = logprobs.detach().float().cpu().clamp_min(LOGPROB_FLOOR)
@@ -108,6 +143,10 @@ def encode(ids: Tensor, logprobs: Tensor, tokens: Tensor | None, dtype: np.dtype
         records["step"] = step.half().numpy()
     if tokens is not None:
         records["token"] = tokens.cpu().numpy().astype(dtype["token"], copy=False)
+    if cross is not None:
+        records["next"] = cross.next.detach().float().cpu().clamp_min(LOGPROB_FLOOR).numpy()
+        records["offsets"] = cross.offsets.cpu().numpy().astype(np.uint32)
+        records["text"] = cross.text
     return records
 
 
@@ -134,9 +173,10 @@ def decode_ids(records: np.ndarray) -> Tensor:
     return torch.from_numpy(field(records, "ids").astype(np.int64, copy=False))
 
 
-def bytes_per_token(k: int, vocab_size: int, values: str, with_tokens: bool) -> int:
+def bytes_per_token(k: int, vocab_size: int, values: str, with_tokens: bool,
+                    cross: bool = False) -> int:
     """Bytes on disk per kept token (the per-sample index adds 48 bytes a sample)."""
-    return record_dtype(k, vocab_size, values, with_tokens).itemsize
+    return record_dtype(k, vocab_size, values, with_tokens, cross).itemsize
 
 
 # -- files --------------------------------------------------------------------------------------
@@ -174,7 +214,32 @@ def progress_name(rank: int) -> str:
     return f"rank{rank:05d}.progress.json"
 
 
-__all__ = ["FORMAT", "INDEX", "LOGPROB_FLOOR", "MANIFEST", "Q8_RANGE", "VALUE_DTYPES", "VERSION",
-           "CacheError", "atomic_write", "bytes_per_token", "decode_ids", "decode_logprobs",
-           "encode", "field", "id_dtype", "load_json", "progress_name", "record_dtype", "save_array",
-           "save_json", "sha256", "shard_name"]
+__all__ = [
+    "CROSS_VERSION",
+    "FORMAT",
+    "INDEX",
+    "LOGPROB_FLOOR",
+    "MANIFEST",
+    "Q8_RANGE",
+    "VALUE_DTYPES",
+    "VERSION",
+    "VERSIONS",
+    "CacheError",
+    "CrossFields",
+    "atomic_write",
+    "bytes_per_token",
+    "decode_ids",
+    "decode_logprobs",
+    "encode",
+    "field",
+    "id_dtype",
+    "load_json",
+    "progress_name",
+    "record_dtype",
+    "save_array",
+    "save_json",
+    "sha256",
+    "shard_name",
+    "text_digest",
+    "version_of",
+]

@@ -68,12 +68,15 @@ def load_causal_lm(model: str | os.PathLike[str] | None = None, *,
 
 
 class TokenSamples(Dataset):
-    """Token sequences with their sample ids: item ``i`` is ``{'input_ids': (L_i,) int64}``."""
+    """Token sequences with their sample ids: item ``i`` is ``{'input_ids': (L_i,) int64}``.
+    ``texts``: each sample's text (``None`` for one given as ``input_ids``), when known."""
 
-    def __init__(self, ids: Sequence[int], tokens: Sequence[Tensor]):
+    def __init__(self, ids: Sequence[int], tokens: Sequence[Tensor],
+                 texts: Sequence[str | None] | None = None):
         if len(ids) != len(tokens):
             raise ValueError(f"{len(ids)} ids but {len(tokens)} token sequences")
         self.ids, self.tokens = list(ids), list(tokens)
+        self.texts = list(texts) if texts is not None else None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -183,7 +186,8 @@ def read_samples(path: str | os.PathLike[str], tokenizer: Any, *, max_length: in
         if not sequence:
             raise ValueError(f"{file}:{lines[sample_id]}: no tokens (sample id {sample_id})")
         tokens.append(torch.tensor(sequence, dtype=torch.long))
-    return TokenSamples(ids, tokens)
+    return TokenSamples(ids, tokens, [text if given is None else None
+                                      for text, given in zip(texts, token_lists, strict=True)])
 
 
 def _pad_with_ids(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
@@ -206,18 +210,33 @@ def cache_causal_lm(model: Any, tokenizer: Any, samples: TokenSamples,
                     out: str | os.PathLike[str], *, k: int, values: str = "float16",
                     batch_size: int = 8, shard_samples: int = 1024,
                     device: str | torch.device = "cpu",
-                    progress_bar: bool | None = None) -> CacheSummary:
-    """Write the cache of a causal LM over ``samples`` (batched longest first, to pad little)."""
+                    progress_bar: bool | None = None, student_tokenizer: Any = None,
+                    max_length: int | None = None) -> CacheSummary:
+    """Write the cache of a causal LM over ``samples`` (batched longest first, to pad little).
+    ``student_tokenizer`` (not the teacher's): a cross-tokenizer cache of the samples' texts,
+    each tokenised by ``tokenizer`` (cut to ``max_length``) with its offsets."""
+    from ._cross import TeacherTextCollate
     from ._dataset import WithSampleIds
 
     order = sorted(range(len(samples)), key=lambda i: (-len(samples.tokens[i]), samples.ids[i]))
-    ordered = TokenSamples([samples.ids[i] for i in order], [samples.tokens[i] for i in order])
-    pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
-    loader = DataLoader(WithSampleIds(ordered, ordered.ids), batch_size=batch_size,
-                        collate_fn=lambda items: _pad_with_ids(items, pad_id))
+    ids = [samples.ids[i] for i in order]
     vocab = model.get_output_embeddings().weight.shape[0]
+    if student_tokenizer is not None:
+        texts = [samples.texts[i] if samples.texts is not None else None for i in order]
+        if any(text is None for text in texts):
+            raise ValueError("a cross-tokenizer cache (--student-tokenizer) stores character "
+                             "offsets in each sample's text: give texts, not 'input_ids'")
+        loader = DataLoader(WithSampleIds(texts, ids), batch_size=batch_size,
+                            collate_fn=TeacherTextCollate(tokenizer, max_length=max_length))
+    else:
+        ordered = TokenSamples(ids, [samples.tokens[i] for i in order])
+        pad_id = (tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None
+                  else 0)
+        loader = DataLoader(WithSampleIds(ordered, ordered.ids), batch_size=batch_size,
+                            collate_fn=lambda items: _pad_with_ids(items, pad_id))
     return write_teacher_cache(model, _adaptor, loader, out, k=k, values=values,
-                               vocab_size=vocab, tokenizer=tokenizer, shard_samples=shard_samples,
+                               vocab_size=vocab, tokenizer=tokenizer,
+                               student_tokenizer=student_tokenizer, shard_samples=shard_samples,
                                device=device, progress_bar=progress_bar)
 
 
@@ -236,6 +255,16 @@ def run_cache_teacher(args: Any) -> int:
     except (OSError, ValueError) as error:
         print(f"purekd cache-teacher: {error}", file=sys.stderr)
         return 2
+    student_tokenizer = None
+    if getattr(args, "student_tokenizer", None) is not None:
+        try:
+            from transformers import AutoTokenizer
+
+            student_tokenizer = AutoTokenizer.from_pretrained(args.student_tokenizer)
+        except (OSError, ValueError) as error:
+            print(f"purekd cache-teacher: --student-tokenizer {args.student_tokenizer!r}: "
+                  f"{error}", file=sys.stderr)
+            return 2
     loaded = time.perf_counter()
     try:
         lm: Any = model
@@ -245,17 +274,25 @@ def run_cache_teacher(args: Any) -> int:
     except (OSError, ValueError) as error:
         print(f"purekd cache-teacher: {error}", file=sys.stderr)
         return 2
-    summary = cache_causal_lm(model, tokenizer, samples, args.out, k=args.k, values=args.values,
-                              batch_size=args.batch_size, shard_samples=args.shard_samples,
-                              device=device, progress_bar=None if not args.quiet else False)
+    try:
+        summary = cache_causal_lm(model, tokenizer, samples, args.out, k=args.k,
+                                  values=args.values, batch_size=args.batch_size,
+                                  shard_samples=args.shard_samples, device=device,
+                                  progress_bar=None if not args.quiet else False,
+                                  student_tokenizer=student_tokenizer,
+                                  max_length=args.max_length)
+    except ValueError as error:
+        print(f"purekd cache-teacher: {error}", file=sys.stderr)
+        return 2
     on_disk = sum(p.stat().st_size for p in Path(args.out).iterdir() if p.is_file())
     from ._reader import TeacherCache
 
     cache = TeacherCache(args.out, verify=False)
     tokens = int(cache.lengths.sum())
     seconds = time.perf_counter() - loaded
+    cross = ", cross-tokenizer" if cache.cross_tokenizer else ""
     print(f"cached {len(cache)} samples, {tokens} tokens (k={cache.k}, {cache.values}, "
-          f"vocabulary {cache.vocab_size}) in {args.out}\n"
+          f"vocabulary {cache.vocab_size}{cross}) in {args.out}\n"
           f"  this run: {summary.samples} samples, {summary.tokens} tokens written, "
           f"{summary.skipped_samples} already there\n"
           f"  {summary.bytes_per_token:.0f} bytes/token in records, "

@@ -26,11 +26,18 @@ class MissingSamplesError(fmt.CacheError, KeyError):
 
 class CachedSample(NamedTuple):
     """One sample's cached rows: ``topk_ids`` ``(length, k)`` int64, ``topk_logprobs``
-    ``(length, k)`` float32 (descending), ``tokens`` ``(length,)`` int64 or ``None``."""
+    ``(length, k)`` float32 (descending), ``tokens`` ``(length,)`` int64 or ``None``; from a
+    cross-tokenizer cache also ``next_logprobs`` ``(length,)`` float32 (the log-probability of
+    the token following each row), ``offsets`` ``(length, 2)`` int64 (character offsets in the
+    text) and ``text_digest`` (:func:`~purekd.teacher_cache._format.text_digest` of the text),
+    else ``None``."""
 
     topk_ids: Tensor
     topk_logprobs: Tensor
     tokens: Tensor | None
+    next_logprobs: Tensor | None = None
+    offsets: Tensor | None = None
+    text_digest: int | None = None
 
 
 class TeacherCache:
@@ -56,7 +63,7 @@ class TeacherCache:
 
     def __init__(self, path: str | os.PathLike[str], *, vocab_size: int | None = None,
                  k: int | None = None, tokenizer: Any = None, teacher: Any = None,
-                 verify: bool = True):
+                 student_tokenizer: Any = None, verify: bool = True):
         self.path = Path(path)
         manifest_path = self.path / fmt.MANIFEST
         if not manifest_path.exists():
@@ -69,9 +76,10 @@ class TeacherCache:
                                  f"cache; {hint}")
         self.root = self.path.resolve()
         manifest = check.load_json_object(check.inside(self.root, manifest_path))
-        if manifest.get("format") != fmt.FORMAT or manifest.get("version") != fmt.VERSION:
+        if manifest.get("format") != fmt.FORMAT or manifest.get("version") not in fmt.VERSIONS:
             raise fmt.CacheError(f"{manifest_path}: not a {fmt.FORMAT} manifest of version "
-                                 f"{fmt.VERSION} (format {manifest.get('format')!r}, version "
+                                 f"{' or '.join(map(str, fmt.VERSIONS))} (format "
+                                 f"{manifest.get('format')!r}, version "
                                  f"{manifest.get('version')!r})")
         settings = check.check_manifest(manifest_path, manifest)
         self.manifest = manifest
@@ -79,6 +87,11 @@ class TeacherCache:
         self.vocab_size: int = settings.vocab_size
         self.values: str = settings.values
         self.with_tokens: bool = settings.with_tokens
+        self.cross_tokenizer: bool = settings.cross
+        if vocab_size is not None and vocab_size != self.vocab_size and self.cross_tokenizer:
+            raise fmt.CacheError(
+                f"vocab_size={vocab_size} but the cross-tokenizer cache at {self.path} holds a "
+                f"teacher of vocabulary {self.vocab_size} (vocab_size= is the teacher's here)")
         if vocab_size is not None and vocab_size != self.vocab_size:
             raise fmt.CacheError(
                 f"vocab_size={vocab_size} but the cache at {self.path} was written for a "
@@ -87,20 +100,7 @@ class TeacherCache:
                 "the cache with the right teacher)")
         if k is not None and k != self.k:
             raise fmt.CacheError(f"k={k} but the cache at {self.path} holds the top {self.k}")
-        if tokenizer is not None:
-            expected = fingerprint_tokenizer(tokenizer)
-            recorded = manifest.get("tokenizer_fingerprint")
-            if recorded is None:
-                raise fmt.CacheError(
-                    f"the cache at {self.path} records no tokenizer fingerprint, so the "
-                    "tokenizer cannot be checked: write it with tokenizer=..., or open it "
-                    "without tokenizer=")
-            if recorded != expected:
-                raise fmt.CacheError(
-                    f"tokenizer fingerprint mismatch: the cache at {self.path} was written with "
-                    f"tokenizer {str(recorded)[:16]}…, this one is {expected[:16]}…; the cached "
-                    "ids would mean other tokens. Use the tokenizer the cache was written with, "
-                    "or write a new cache")
+        self.check_tokenizers(tokenizer_T=tokenizer, tokenizer_S=student_tokenizer)
         if teacher is not None:
             expected = teacher if isinstance(teacher, str) else fingerprint_model(teacher)
             recorded = manifest.get("teacher_fingerprint")
@@ -131,6 +131,47 @@ class TeacherCache:
                                  f"lengths sum to {tokens} rows")
         if verify:
             self._verify_structure()
+
+    def check_tokenizers(self, *, tokenizer_T: Any = None, tokenizer_S: Any = None) -> None:
+        """Raise a :class:`CacheError` unless ``tokenizer_T`` (the tokenizer the teacher read the
+        texts with; for a plain cache, the one tokenizer) and ``tokenizer_S`` (a cross-tokenizer
+        cache's student) are those the writer recorded (fingerprints; a tokenizer, a
+        vocabulary or a fingerprint string each; ``None`` is not checked)."""
+        if tokenizer_T is not None:
+            expected = fingerprint_tokenizer(tokenizer_T)
+            recorded = self.manifest.get("tokenizer_fingerprint")
+            if recorded is None:
+                raise fmt.CacheError(
+                    f"the cache at {self.path} records no tokenizer fingerprint, so the "
+                    "tokenizer cannot be checked: write it with tokenizer=..., or open it "
+                    "without tokenizer=")
+            if recorded != expected:
+                raise fmt.CacheError(
+                    f"tokenizer fingerprint mismatch: the cache at {self.path} was written with "
+                    f"tokenizer {str(recorded)[:16]}…, this one is {expected[:16]}…; the cached "
+                    "ids would mean other tokens. Use the tokenizer the cache was written with, "
+                    "or write a new cache")
+        self._check_student_tokenizer(tokenizer_S)
+
+    def _check_student_tokenizer(self, student_tokenizer: Any) -> None:
+        """A cross-tokenizer cache is for one pair: the student's tokenizer must be the one the
+        writer recorded; a plain cache has none (the student shares the teacher's)."""
+        if student_tokenizer is None:
+            return
+        expected = fingerprint_tokenizer(student_tokenizer)
+        if not self.cross_tokenizer:
+            raise fmt.CacheError(
+                f"student_tokenizer= given, but the cache at {self.path} is not a "
+                "cross-tokenizer cache: it holds the teacher's top-k over the student's own "
+                "tokens (open it with tokenizer=, or write a cross-tokenizer cache with "
+                "write_teacher_cache(..., student_tokenizer=...))")
+        recorded = str(self.manifest.get("student_tokenizer_fingerprint"))
+        if recorded != expected:
+            raise fmt.CacheError(
+                f"student tokenizer fingerprint mismatch: the cross-tokenizer cache at "
+                f"{self.path} was written for the student tokenizer {recorded[:16]}…, this one "
+                f"is {expected[:16]}…; its offsets align with another tokenizer pair. Use the "
+                "pair the cache was written for, or write a new cache")
 
     def _files(self) -> list[tuple[Path, str, str]]:
         """Every file of the cache: its path, its sha256 in the manifest and what it is."""
@@ -284,8 +325,14 @@ class TeacherCache:
         records = self.records(sample_id)
         tokens = (torch.from_numpy(fmt.field(records, "token").astype(np.int64))
                   if self.with_tokens else None)
+        if not self.cross_tokenizer:
+            return CachedSample(fmt.decode_ids(records),
+                                fmt.decode_logprobs(records, self.values), tokens)
+        digests = fmt.field(records, "text")
         return CachedSample(fmt.decode_ids(records), fmt.decode_logprobs(records, self.values),
-                            tokens)
+                            tokens, torch.from_numpy(fmt.field(records, "next")).float(),
+                            torch.from_numpy(fmt.field(records, "offsets").astype(np.int64)),
+                            int(digests[0]) if len(digests) else None)
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen their own maps
         state = dict(self.__dict__)
@@ -293,8 +340,9 @@ class TeacherCache:
         return state
 
     def __repr__(self) -> str:
+        cross = ", cross_tokenizer=True" if self.cross_tokenizer else ""
         return (f"TeacherCache({str(self.path)!r}, samples={len(self)}, k={self.k}, "
-                f"vocab_size={self.vocab_size}, values={self.values!r})")
+                f"vocab_size={self.vocab_size}, values={self.values!r}{cross})")
 
 
 __all__ = ["CachedSample", "MissingSamplesError", "TeacherCache"]

@@ -91,6 +91,7 @@ class Settings(NamedTuple):
     samples: int
     tokens: int
     shards: list[dict[str, Any]]
+    cross: bool = False
 
 
 def check_manifest(path: Path, manifest: dict[str, Any]) -> Settings:
@@ -121,7 +122,23 @@ def check_manifest(path: Path, manifest: dict[str, Any]) -> Settings:
     if ids != fmt.id_dtype(vocab).str:
         raise fmt.CacheError(f"{path}: id_dtype={ids!r} does not match the vocabulary: {vocab} "
                              f"ids are stored as {fmt.id_dtype(vocab).str!r}")
-    dtype = fmt.record_dtype(k, vocab, values, with_tokens)
+    cross = manifest.get("cross_tokenizer", False)
+    if manifest.get("version") == fmt.CROSS_VERSION:
+        if cross is not True:
+            raise fmt.CacheError(f"{path}: version {fmt.CROSS_VERSION} is a cross-tokenizer "
+                                 f"cache, but cross_tokenizer={cross!r}")
+        if not with_tokens:
+            raise fmt.CacheError(f"{path}: a cross-tokenizer cache stores the teacher's tokens, "
+                                 "but with_tokens=false")
+        student = manifest.get("student_tokenizer_fingerprint")
+        if not (isinstance(student, str) and student):
+            raise fmt.CacheError(f"{path}: student_tokenizer_fingerprint={student!r}: a "
+                                 "cross-tokenizer cache records the student's tokenizer")
+    elif cross is not False:
+        raise fmt.CacheError(f"{path}: cross_tokenizer={cross!r} in a version "
+                             f"{manifest.get('version')!r} manifest (cross-tokenizer caches are "
+                             f"version {fmt.CROSS_VERSION})")
+    dtype = fmt.record_dtype(k, vocab, values, with_tokens, cross)
     record_bytes = need("record_bytes")
     if record_bytes != dtype.itemsize:
         raise fmt.CacheError(f"{path}: record_bytes={record_bytes!r} does not match: k={k}, "
@@ -136,7 +153,7 @@ def check_manifest(path: Path, manifest: dict[str, Any]) -> Settings:
         raise fmt.CacheError(f"{path}: index_sha256={index_sum!r} is not a hex sha256 digest")
     shards = check_shards(path, need("shards"))
     return Settings(k, vocab, values, with_tokens, dtype, manifest["samples"],
-                    manifest["tokens"], shards)
+                    manifest["tokens"], shards, cross)
 
 
 def inside(root: Path, path: Path) -> Path:
@@ -360,8 +377,15 @@ def check_records(path: Path, rows: np.ndarray, vocab_size: int, values: str,
         else:
             problems.append((_not_log_probabilities(block["logprobs"], values),
                              "log-probabilities that are NaN, +inf or positive"))
+        if "next" in names:
+            problems.append((_not_log_probabilities(block["next"], "float32"),
+                             "a next-token log-probability that is NaN, +inf or positive"))
+            offsets = block["offsets"]
+            reversed_ = offsets[:, 0] > offsets[:, 1]
+            problems.append((reversed_ if reversed_.any() else None,
+                             "character offsets whose start is after their end"))
         for bad, what in problems:
-            if bad is not None:
+            if bad is not None and bad.any():  # (+0.0 passes the quick test's bounds only here)
                 where = int(np.flatnonzero(bad)[0])
                 raise fmt.CacheError(f"{path.name}: record {begin + where} holds {what}; the "
                                      "cache was not written by this version's writer (or was "

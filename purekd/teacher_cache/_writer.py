@@ -36,6 +36,10 @@ from ._fingerprint import fingerprint_model, fingerprint_tokenizer
 
 Adaptor = Callable[[Any, Any], Any]
 SAMPLE_ID, TEACHER = "sample_id", "teacher"
+OFFSETS, TEXTS = "offsets", "texts"
+"""A cross-tokenizer writer's batches also carry the teacher tokens' character offsets
+``(B, L, 2)`` and the ``B`` texts beside ``'sample_id'`` and ``'teacher'``
+(:class:`~purekd.teacher_cache.TeacherTextCollate` builds them)."""
 
 
 class CacheSummary(NamedTuple):
@@ -86,6 +90,25 @@ def _as_ids(value: Any, batch_size: int | None = None) -> list[int]:
         if not -2**63 <= v < 2**63:
             raise ValueError(f"sample id {v} does not fit in 64 bits (the cache stores int64 ids)")
     return ids
+
+
+def _cross_parts(batch: Any, size: int, length: int) -> tuple[Tensor, list[str]]:
+    """A cross-tokenizer writer batch's offsets ``(B, L, 2)`` and texts, checked."""
+    if not (isinstance(batch, Mapping) and OFFSETS in batch and TEXTS in batch):
+        raise ValueError(
+            "a cross-tokenizer cache (student_tokenizer= differs from tokenizer=) stores the "
+            "teacher tokens' character offsets and the texts: give batches {'sample_id': ids, "
+            "'teacher': batch, 'offsets': (B, L, 2), 'texts': [str, ...]} (collate texts with "
+            "purekd.teacher_cache.TeacherTextCollate(tokenizer_T))")
+    offsets, texts = batch[OFFSETS], batch[TEXTS]
+    if not isinstance(offsets, Tensor) or tuple(offsets.shape) != (size, length, 2):
+        shape = tuple(offsets.shape) if isinstance(offsets, Tensor) else type(offsets).__name__
+        raise ValueError(f"the batch's 'offsets' is {shape}, expected a tensor ({size}, "
+                         f"{length}, 2) (the teacher's logits are ({size}, {length}, V))")
+    if not (isinstance(texts, (list, tuple)) and len(texts) == size
+            and all(isinstance(t, str) for t in texts)):
+        raise ValueError(f"the batch's 'texts' must be a list of {size} strings")
+    return offsets, list(texts)
 
 
 def _split_batch(batch: Any, sample_ids: Callable[[Any], Any] | None) -> tuple[list[int], Any]:
@@ -153,12 +176,18 @@ def read_progress(path: Path) -> dict[str, Any]:
     """A rank's progress file, checked: format, version, settings and shard list (plain shard
     names inside the folder, checksums, counts)."""
     saved = check.load_json_object(path)
-    if saved.get("format") != fmt.FORMAT or saved.get("version") != fmt.VERSION:
-        raise fmt.CacheError(f"{path}: not a {fmt.FORMAT} progress file of version {fmt.VERSION} "
-                             f"(format {saved.get('format')!r}, version {saved.get('version')!r})"
+    if saved.get("format") != fmt.FORMAT or saved.get("version") not in fmt.VERSIONS:
+        raise fmt.CacheError(f"{path}: not a {fmt.FORMAT} progress file of version "
+                             f"{' or '.join(map(str, fmt.VERSIONS))} (format "
+                             f"{saved.get('format')!r}, version {saved.get('version')!r})"
                              ": write to a new folder")
     if not isinstance(saved.get("config"), dict):
         raise fmt.CacheError(f"{path}: no 'config' object")
+    cross = saved["config"].get("cross_tokenizer", False)
+    if cross not in (True, False) or saved["version"] != fmt.version_of(bool(cross)):
+        raise fmt.CacheError(f"{path}: version {saved['version']} with config.cross_tokenizer="
+                             f"{cross!r} (a cross-tokenizer cache is version "
+                             f"{fmt.CROSS_VERSION}, any other version {fmt.VERSION})")
     if not isinstance(saved.get("finished"), bool):
         raise fmt.CacheError(f"{path}: finished={saved.get('finished')!r} is not true or false")
     check.check_shards(path, saved.get("shards"))
@@ -231,7 +260,8 @@ class _RankWriter:
         self.save_progress(finished=False)
 
     def save_progress(self, finished: bool) -> None:
-        fmt.save_json(self.progress_path, {"format": fmt.FORMAT, "version": fmt.VERSION,
+        version = fmt.version_of(bool(self.config.get("cross_tokenizer", False)))
+        fmt.save_json(self.progress_path, {"format": fmt.FORMAT, "version": version,
                                            "config": self.config, "rank": self.rank,
                                            "finished": finished, "shards": self.shards})
 
@@ -323,10 +353,11 @@ def finalize_teacher_cache(out: str | os.PathLike[str]) -> Path | None:
         _check_repeats(folder, shards, pieces, repeats, bool(config["with_tokens"]))
     index_sum = fmt.save_array(folder / fmt.INDEX, merged)
     tokens = int(merged[:, 3].sum())
+    cross = bool(config.get("cross_tokenizer", False))
     manifest = {
-        "format": fmt.FORMAT, "version": fmt.VERSION, **config,
+        "format": fmt.FORMAT, "version": fmt.version_of(cross), **config,
         "record_bytes": fmt.record_dtype(config["k"], config["vocab_size"], config["values"],
-                                         config["with_tokens"]).itemsize,
+                                         config["with_tokens"], cross).itemsize,
         "samples": len(merged), "tokens": tokens,
         "lengths": "index.npy column 3 (per sample id)",
         "index_sha256": index_sum,
@@ -381,6 +412,7 @@ def write_teacher_cache(
     sample_ids: Callable[[Any], Any] | None = None,
     tokens: Callable[[Any], Tensor | None] | None = default_tokens,
     tokenizer: Any = None,
+    student_tokenizer: Any = None,
     teacher_fingerprint: str | None = None,
     shard_samples: int = 1024,
     device: str | torch.device | None = None,
@@ -402,6 +434,13 @@ def write_teacher_cache(
     * ``tokenizer`` (a tokenizer, vocabulary or fingerprint string) and the teacher's weights
       (``teacher_fingerprint``, else :func:`fingerprint_model` of ``model`` when it is a module)
       are fingerprinted into the manifest, and checked by the reader.
+    * ``student_tokenizer`` (the student's tokenizer or its fingerprint), when it differs from
+      ``tokenizer`` (the teacher's, then required): a **cross-tokenizer cache** (format version
+      2). Batches then also carry ``'offsets'`` ``(B, L, 2)`` and ``'texts'`` (collate texts
+      with :class:`TeacherTextCollate`), and each token's record also holds its character
+      offsets, the log-probability of the token following it (``log p_t(x_{t+1})``; 0 on a
+      sample's last row) and the text's digest; both fingerprints are recorded and checked by
+      the reader. See docs/cross-tokenizer.md.
     * Resumes a partial cache in ``out`` written with the same settings; under torchrun (or with
       ``rank`` / ``world_size`` given) each rank writes its own shards.
     """
@@ -424,6 +463,15 @@ def write_teacher_cache(
         device = params[0].device if params else torch.device("cpu")
     args = dict(model_args or {})
     tokenizer_fp = fingerprint_tokenizer(tokenizer) if tokenizer is not None else None
+    student_fp = None
+    if student_tokenizer is not None:
+        if tokenizer_fp is None:
+            raise ValueError("write_teacher_cache(student_tokenizer=...) without tokenizer=: give "
+                             "the teacher's tokenizer too (the cache records both to refuse "
+                             "another pair)")
+        student_fp = fingerprint_tokenizer(student_tokenizer)
+        if student_fp == tokenizer_fp:
+            student_fp = None  # one tokenizer: a plain cache
 
     started = time.perf_counter()
     lock = _lock(folder, rank)  # before anything in the folder is read, cleaned or written
@@ -431,7 +479,8 @@ def write_teacher_cache(
         writer, summary = _write(model, adaptor, dataloader, folder, k=k, values=values,
                                  vocab_size=vocab_size, sample_ids=sample_ids, tokens=tokens,
                                  teacher_fingerprint=teacher_fingerprint,
-                                 tokenizer_fp=tokenizer_fp, shard_samples=shard_samples,
+                                 tokenizer_fp=tokenizer_fp, student_fp=student_fp,
+                                 shard_samples=shard_samples,
                                  device=device, args=args, progress_bar=progress_bar, rank=rank,
                                  world_size=world_size)
         writer.flush()
@@ -453,23 +502,27 @@ def write_teacher_cache(
 def _write(model: Callable[..., Any], adaptor: Adaptor, dataloader: Iterable[Any], folder: Path,
            *, k: int, values: str, vocab_size: int | None,
            sample_ids: Callable[[Any], Any] | None, tokens: Callable[[Any], Tensor | None] | None,
-           teacher_fingerprint: str | None, tokenizer_fp: str | None, shard_samples: int,
-           device: Any, args: dict[str, Any], progress_bar: bool | None, rank: int,
-           world_size: int) -> tuple[_RankWriter, CacheSummary]:
+           teacher_fingerprint: str | None, tokenizer_fp: str | None, student_fp: str | None,
+           shard_samples: int, device: Any, args: dict[str, Any], progress_bar: bool | None,
+           rank: int, world_size: int) -> tuple[_RankWriter, CacheSummary]:
     """The teacher over the loader into ``rank``'s shards (not flushed, not finished)."""
+    cross = student_fp is not None
+    cross_config = ({"cross_tokenizer": True, "student_tokenizer_fingerprint": student_fp}
+                    if cross else {})
     writer: _RankWriter | None = None
     dtype: np.dtype | None = None
     with_tokens: bool | None = None
     progress_path = folder / fmt.progress_name(rank)
     if progress_path.exists():  # resume: check what is known before any forward, skip done ids
         saved = read_progress(progress_path)["config"]
-        check_settings(folder, saved, {
+        check_settings(folder, {"cross_tokenizer": False, **saved}, {
+            "cross_tokenizer": cross, **cross_config,
             "k": k, "values": values, "shard_samples": shard_samples, "world_size": world_size,
             "teacher_fingerprint": teacher_fingerprint, "tokenizer_fingerprint": tokenizer_fp,
             **({"vocab_size": vocab_size} if vocab_size is not None else {})})
         writer = _RankWriter(folder, rank, saved)
         with_tokens = bool(saved["with_tokens"])
-        dtype = fmt.record_dtype(k, saved["vocab_size"], values, with_tokens)
+        dtype = fmt.record_dtype(k, saved["vocab_size"], values, with_tokens, cross)
     order = _LoaderOrder(rank)
     stored_samples = stored_tokens = skipped = 0
     total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore[arg-type]
@@ -477,6 +530,7 @@ def _write(model: Callable[..., Any], adaptor: Adaptor, dataloader: Iterable[Any
     try:
         for batch in dataloader:
             ids, batch_T = _split_batch(batch, sample_ids)
+            full_batch = batch
             order.add_batch(ids)  # a repeated id is an error, stored before or not
             if writer is not None and not any(writer.wants(i) for i in ids):
                 skipped += len(ids)
@@ -510,15 +564,20 @@ def _write(model: Callable[..., Any], adaptor: Adaptor, dataloader: Iterable[Any
             batch_tokens = tokens(batch_T) if tokens is not None else None
             if batch_tokens is not None and tuple(batch_tokens.shape) != (batch_size, length):
                 batch_tokens = None
+            offsets, texts = (_cross_parts(full_batch, batch_size, length) if cross
+                              else (None, None))
+            if cross and batch_tokens is None:
+                raise ValueError("a cross-tokenizer cache stores the teacher's tokens: "
+                                 "tokens(batch) found no input ids (B, L) in the teacher's batch")
             if writer is None:
                 with_tokens = batch_tokens is not None
                 config = {"k": k, "vocab_size": vocab, "values": values,
                           "id_dtype": fmt.id_dtype(vocab).str, "with_tokens": with_tokens,
                           "shard_samples": shard_samples, "world_size": world_size,
                           "teacher_fingerprint": teacher_fingerprint,
-                          "tokenizer_fingerprint": tokenizer_fp}
+                          "tokenizer_fingerprint": tokenizer_fp, **cross_config}
                 writer = _RankWriter(folder, rank, config)
-                dtype = fmt.record_dtype(k, vocab, values, with_tokens)
+                dtype = fmt.record_dtype(k, vocab, values, with_tokens, cross)
             elif vocab != writer.config["vocab_size"]:
                 raise ValueError(f"the teacher's logits have {vocab} classes in this batch but "
                                  f"{writer.config['vocab_size']} before (or in the partial cache "
@@ -535,9 +594,13 @@ def _write(model: Callable[..., Any], adaptor: Adaptor, dataloader: Iterable[Any
                 scores = torch.log_softmax(logits[row, :n].float(), dim=-1)
                 top, top_ids = scores.topk(k, dim=-1, sorted=True)
                 _check_logprobs(sample_id, top)
+                extra = None
+                if offsets is not None and texts is not None and batch_tokens is not None:
+                    extra = _cross_fields(scores, batch_tokens[row, :n], offsets[row, :n],
+                                          texts[row], sample_id)
                 encoded.append((sample_id, fmt.encode(
                     top_ids, top, batch_tokens[row, :n] if batch_tokens is not None else None,
-                    dtype, values)))
+                    dtype, values, extra)))
             for sample_id, records in encoded:
                 writer.add(sample_id, records)
                 stored_samples += 1
@@ -552,6 +615,25 @@ def _write(model: Callable[..., Any], adaptor: Adaptor, dataloader: Iterable[Any
     assert dtype is not None
     return writer, CacheSummary(folder, stored_samples, stored_tokens, skipped, 0.0,
                                 float(dtype.itemsize), False)
+
+
+def _cross_fields(scores: Tensor, tokens: Tensor, offsets: Tensor, text: str,
+                  sample_id: int) -> fmt.CrossFields:
+    """One sample's cross-tokenizer fields: ``next[t] = scores[t, tokens[t + 1]]`` (0 on the
+    last row), its offsets (checked: ``0 <= start <= end <= len(text)``), its text's digest."""
+    n = scores.shape[0]
+    following = torch.zeros(n, dtype=torch.float32, device=scores.device)
+    if n > 1:
+        following[:-1] = scores[:-1].gather(-1, tokens[1:].to(scores.device).long()[:, None])[:, 0]
+    spans = offsets.to(torch.int64).cpu()
+    bad = (spans[:, 0] < 0) | (spans[:, 1] < spans[:, 0]) | (spans[:, 1] > len(text))
+    if bool(bad.any()):
+        position = int(bad.nonzero()[0, 0])
+        raise fmt.CacheError(
+            f"sample id {sample_id}, position {position}: offsets {spans[position].tolist()} do "
+            f"not lie in its text of {len(text)} characters: the offsets must come from the "
+            "teacher's tokenizer on that very text (return_offsets_mapping=True)")
+    return fmt.CrossFields(following, spans, fmt.text_digest(text))
 
 
 def _check_logprobs(sample_id: int, top: Tensor) -> None:

@@ -12,7 +12,10 @@ this term. With ``S`` spans of weight :math:`w_s` (1 for a real span, 0 for padd
     \mathcal{L} = \frac{\sum_s w_s\, \ell(q^S_s, q^T_s)}{\sum_s w_s}
 
 where :math:`\ell` is ULD (:func:`~purekd.losses.aligned_uld`) or GOLD
-(:func:`~purekd.losses.aligned_gold`) of the span's merged distributions. The term's token count
+(:func:`~purekd.losses.aligned_gold`) of the span's merged distributions — or, when the teacher
+is a cross-tokenizer cache (its adaptor returns ``topk_ids``, ``topk_logprobs``,
+``topk_next_logprobs`` and ``topk_vocab_size`` instead of ``logits``),
+:func:`~purekd.losses.aligned_uld_topk` / :func:`~purekd.losses.aligned_gold_topk`. The term's token count
 (``kept_rows``) is :math:`\sum_s w_s`, the aligned spans: under
 ``loss_normalisation='tokens'`` the loss of several micro-batches (and processes) is the loss of
 one batch holding all their spans. Shapes: ``logits`` ``(B, L_S, V_S)`` and ``(B, L_T, V_T)``
@@ -46,11 +49,24 @@ def spans_of(adapted_S: Adapted) -> Any:
     return adapted_S.spans
 
 
+def _has_teacher(adapted_T: Adapted) -> bool:
+    """The teacher gave dense ``logits`` or a top-k (a cross-tokenizer cache)."""
+    return bool(adapted_T.logits) or adapted_T.topk_ids is not None
+
+
+def topk_teacher(adapted_T: Adapted) -> losses.TopkSpanTeacher:
+    """The teacher's top-k from a cross-tokenizer cache, as the aligned top-k losses take it."""
+    assert adapted_T.topk_ids is not None and adapted_T.topk_logprobs is not None
+    assert adapted_T.topk_next_logprobs is not None and adapted_T.topk_vocab_size is not None
+    return losses.TopkSpanTeacher(adapted_T.topk_ids, adapted_T.topk_logprobs,
+                                  adapted_T.topk_next_logprobs, adapted_T.topk_vocab_size)
+
+
 def span_count(adapted_S: Adapted, adapted_T: Adapted) -> Tensor | None:
     r"""The aligned spans :math:`\sum_s w_s` of the batch, a 0-dim float32 (float64 with
     float64 logits); ``None`` without spans or logits."""
     spans = spans_of(adapted_S)
-    if spans is None or not adapted_S.logits or not adapted_T.logits:
+    if spans is None or not adapted_S.logits or not _has_teacher(adapted_T):
         return None
     dtype = torch.promote_types(adapted_S.logits[0].dtype, torch.float32)
     return spans.weight.sum().to(dtype)
@@ -128,7 +144,17 @@ def cross_tokenizer_kd(
         raise ValueError("cross_tokenizer_kd('uld'): ULD compares sorted probabilities and uses "
                          "no vocabulary map; leave vocabulary_map out, or use 'gold'")
 
-    def value(logits_S: Tensor, logits_T: Tensor, spans: Any) -> Tensor:
+    def value(logits_S: Tensor, adapted_T: Adapted, spans: Any) -> Tensor:
+        if not adapted_T.logits:  # a top-k teacher: a cross-tokenizer cache
+            if loss == "gold":
+                assert vocabulary_map is not None
+                return losses.aligned_gold_topk(logits_S, topk_teacher(adapted_T), spans,
+                                                vocabulary_map, temperature=temperature,
+                                                chunk_spans=chunk_spans, **options)
+            return losses.aligned_uld_topk(logits_S, topk_teacher(adapted_T), spans,
+                                           temperature=temperature, chunk_spans=chunk_spans,
+                                           **options)
+        logits_T = adapted_T.logits[0]
         if loss == "gold":
             assert vocabulary_map is not None
             return losses.aligned_gold(logits_S, logits_T, spans, vocabulary_map,
@@ -140,9 +166,9 @@ def cross_tokenizer_kd(
     def term(adapted_S: Adapted, adapted_T: Adapted, ctx: Context) -> dict[str, Tensor]:
         del ctx
         spans = spans_of(adapted_S)
-        if spans is None or not adapted_S.logits or not adapted_T.logits:
+        if spans is None or not adapted_S.logits or not _has_teacher(adapted_T):
             return {}
-        return {name: value(adapted_S.logits[0], adapted_T.logits[0], spans)}
+        return {name: value(adapted_S.logits[0], adapted_T, spans)}
 
     def check(adapted_S: Adapted, adapted_T: Adapted) -> None:
         if spans_of(adapted_S) is None:
@@ -151,14 +177,29 @@ def cross_tokenizer_kd(
                 f"{{'student': ..., 'teacher': ..., 'spans': AlignedSpans}} (build it with "
                 f"purekd.stages.CrossTokenizerCollator(tokenizer_S, tokenizer_T)); this batch has "
                 f"no 'spans' (see {DOCS})")
-        for side, adapted in (("student", adapted_S), ("teacher", adapted_T)):
-            if not adapted.logits:
-                raise ValueError(f"kd_loss_type={loss!r} on a cross-tokenizer batch compares "
-                                 f"logits: the {side}'s adaptor returned no 'logits' (the fused "
-                                 f"and top-k forms have no cross-tokenizer version)")
+        if not adapted_S.logits:
+            raise ValueError(f"kd_loss_type={loss!r} on a cross-tokenizer batch compares "
+                             f"logits: the student's adaptor returned no 'logits' (the fused "
+                             f"form has no cross-tokenizer version)")
+        if not _has_teacher(adapted_T):
+            raise ValueError(f"kd_loss_type={loss!r} on a cross-tokenizer batch: the teacher's "
+                             f"adaptor returned no 'logits' and no top-k of a cross-tokenizer "
+                             f"cache (the fused form has no cross-tokenizer version)")
+        if not adapted_T.logits:
+            missing = [key for key in ("topk_next_logprobs", "topk_vocab_size")
+                       if getattr(adapted_T, key) is None]
+            if missing:
+                raise ValueError(
+                    f"kd_loss_type={loss!r} on a cross-tokenizer batch with a top-k teacher: "
+                    f"the teacher's adaptor returned no {missing}; a top-k teacher across "
+                    f"tokenizers comes from a cross-tokenizer cache (purekd.teacher_cache."
+                    f"CrossTokenizerCachedCollate), which gives them (see {DOCS})")
         if vocabulary_map is not None:
-            check_vocabulary_map(vocabulary_map, adapted_S.logits[0].size(-1),
-                                 adapted_T.logits[0].size(-1), f"kd_loss_type={loss!r}")
+            vocab_T = (adapted_T.logits[0].size(-1) if adapted_T.logits
+                       else adapted_T.topk_vocab_size)
+            assert vocab_T is not None
+            check_vocabulary_map(vocabulary_map, adapted_S.logits[0].size(-1), vocab_T,
+                                 f"kd_loss_type={loss!r}")
 
     return Term(term, weight, check, name, kept_rows=span_count)
 
@@ -185,4 +226,4 @@ def by_spans(one_vocabulary: Term, cross: Term) -> Term:
 
 
 __all__ = ["CROSS_TOKENIZER_LOSSES", "by_spans", "cross_batch_error", "cross_tokenizer_kd",
-           "forbid_spans", "span_count"]
+           "forbid_spans", "span_count", "topk_teacher"]

@@ -156,3 +156,60 @@ def test_fsdp_on_two_gloo_ranks_writes_the_gathered_student(recipe_data, tmp_pat
     for folder in ("student-gs2", "student"):  # gathered on rank 0, whole
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / folder)
         assert all(torch.equal(v, b[k]) for k, v in loaded.state_dict().items()), folder
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_an_on_policy_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights(
+        recipe_data, data_files, tmp_path):
+    """lmbda 0.5 (sampled and data batches), sampling at 0.9: the resumed run draws the same
+    lmbda decisions and the same samples (the generator travels with the saved state)."""
+    sections = {"teacher": {"source": "on_policy"},
+                "data": {"path": str(data_files["pc"]), "format": "prompt_completion",
+                         "packing": False, "seq_len": 32, "eval_rows": 0},
+                "loss": {"kd_loss_type": "reverse_kl", "ce_weight": 0.0},
+                "on_policy": {"lmbda": 0.5, "max_new_tokens": 5, "temperature": 0.9,
+                              "seed": 2},
+                "train": {"steps": 6, "batch_size": 2, "accumulation": 2}}
+    whole = _write(recipe_data, tmp_path / "whole.yaml",
+                   checkpoint={"output_dir": str(tmp_path / "whole"), "every": 2}, **sections)
+    cut = _write(recipe_data, tmp_path / "cut.yaml",
+                 checkpoint={"output_dir": str(tmp_path / "cut"), "every": 2}, **sections)
+    _in_process(whole)
+    script = tmp_path / "killing.py"
+    script.write_text(KILLING)
+    died = subprocess.run([sys.executable, str(script), "4", "distill", str(cut), "--quiet"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    out = tmp_path / "cut"
+    assert (out / "gs2.state.pt").exists() and not (out / "gs4.state.pt").exists()
+    _distill(str(cut), "checkpoint.resume=true")
+    a, b = _weights(tmp_path / "whole", 6), _weights(out, 6)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"],
+                           _weights(tmp_path / "whole", 2)["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_an_on_policy_recipe_on_two_gloo_ranks_trains_the_student_one_process_trains(
+        recipe_data, data_files, tmp_path, monkeypatch):
+    """Greedy sampling (top_k 1; with random sampling the draws depend on how a batch is split
+    between processes): each rank samples its half of every batch's prompts, completions of
+    different lengths; the loss normalised by the sampled tokens of all ranks."""
+    for key, value in _env().items():
+        monkeypatch.setenv(key, value)
+    sections = {"teacher": {"source": "on_policy"},
+                "data": {"path": str(data_files["pc"]), "format": "prompt_completion",
+                         "packing": False, "seq_len": 32, "eval_rows": 0},
+                "loss": {"kd_loss_type": "reverse_kl", "ce_weight": 0.0},
+                "on_policy": {"lmbda": 1.0, "max_new_tokens": 5, "top_k": 1}}
+    one = _write(recipe_data, tmp_path / "one.yaml", train={"batch_size": 4, "steps": 3},
+                 checkpoint={"output_dir": str(tmp_path / "one"), "every": 3,
+                             "save_state": False}, **sections)
+    two = _write(recipe_data, tmp_path / "two.yaml", train={"batch_size": 2, "steps": 3},
+                 checkpoint={"output_dir": str(tmp_path / "two"), "every": 3,
+                             "save_state": False}, **sections)
+    _in_process(one)
+    torchrun(MAIN, "distill", str(two), "--quiet")
+    a, b = _weights(tmp_path / "one", 3), _weights(tmp_path / "two", 3)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=name)

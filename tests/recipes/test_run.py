@@ -161,3 +161,28 @@ def test_a_cached_teacher_on_unpacked_chats_of_different_lengths(recipe_data, da
     split = build(validate(data).data, _tiny.tokenizer())
     assert [len(cache[i].topk_ids) for i in range(len(split.train))] == \
         [len(ids) for ids in split.train.ids]  # only real tokens stored, no padding
+
+
+def test_compile_false_keeps_the_fused_losses_block_kernels_eager(recipe_data, tmp_path,
+                                                                  monkeypatch):
+    """``train.compile: false`` reaches the fused loss's block kernels (no global switch: the
+    step's loss path runs them eagerly, call by call)."""
+    from purekd import _compiling
+    from purekd.losses import _blockwise
+
+    monkeypatch.setattr(_blockwise, "COMPILE_BLOCKS", True)  # as in a real run
+    made = _blockwise.block_kernel
+    compiled = []
+
+    def recording(*args, **kwargs):
+        kernel = made(*args, **kwargs)
+        compiled.append(isinstance(kernel, _compiling.Compiled))
+        return kernel
+
+    monkeypatch.setattr(_blockwise, "block_kernel", recording)
+    data = dict(recipe_data)
+    data["train"] = {**recipe_data["train"], "steps": 2, "compile": False}
+    data["checkpoint"] = {"output_dir": str(tmp_path / "eager"), "save_state": False}
+    run(validate(data), echo=lambda _: None)
+    assert compiled and not any(compiled)  # every block of every step, eager
+    assert _compiling.blocks_may_compile()

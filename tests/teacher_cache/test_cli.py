@@ -193,3 +193,54 @@ def test_data_file_ids(tmp_path: Path) -> None:
     text = tmp_path / "data.txt"
     text.write_text("w1\n\nw2 w3\n")  # a text file: line numbers from 0, empty lines skipped
     assert read_samples(text, tokenizer).ids == [0, 2]
+
+
+def test_cache_teacher_for_a_student_with_another_tokenizer(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # --student-tokenizer: a cross-tokenizer cache (the teacher's tokens, offsets, next-token
+    # log-probabilities), which the cross-tokenizer reader opens for that student only
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+    from purekd.teacher_cache import CrossTokenizerCachedCollate, CrossTokenizerCachedDataset
+
+    model_dir = _model_dir(tmp_path / "model")
+    characters = ["[UNK]", "[PAD]", *"w0123456789 "]
+    backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(characters)},
+                                         unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
+                            pad_token="[PAD]").save_pretrained(tmp_path / "student")
+    lines = ["w1 w2 w3 w4", "w5 w6", "w7 w8 w9 w10 w11 w12 w13"]
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "cache"
+    code = main(["cache-teacher", str(model_dir), "--data", str(data), "--out", str(out),
+                 "--k", "4", "--values", "float32", "--max-length", "5", "--quiet",
+                 "--student-tokenizer", str(tmp_path / "student")])
+    assert code == 0, capsys.readouterr().err
+    assert "(k=4, float32, vocabulary 64, cross-tokenizer)" in capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    student_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "student")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    cache = TeacherCache(out, tokenizer=tokenizer, teacher=model,
+                         student_tokenizer=student_tokenizer)
+    for sample_id, text in enumerate(lines):
+        encoded = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=5)
+        tokens = torch.tensor(encoded["input_ids"])
+        got = cache[sample_id]
+        assert torch.equal(got.tokens, tokens)
+        assert got.offsets.tolist() == [list(o) for o in encoded["offset_mapping"]]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=tokens[None]).logits[0], -1)
+        torch.testing.assert_close(got.next_logprobs[:-1],
+                                   logp[:-1].gather(-1, tokens[1:, None])[:, 0], atol=1e-5, rtol=0)
+    batch = CrossTokenizerCachedCollate(student_tokenizer)(
+        [CrossTokenizerCachedDataset(lines, cache, student_tokenizer)[i] for i in range(3)])
+    assert int(batch["spans"].weight.sum()) > 0
+    tokenised = tmp_path / "ids.jsonl"
+    tokenised.write_text(json.dumps({"input_ids": [2, 3]}) + "\n")
+    code = main(["cache-teacher", str(model_dir), "--data", str(tokenised), "--out",
+                 str(tmp_path / "ids"), "--quiet", "--student-tokenizer", str(tmp_path / "student")])
+    assert code == 2
+    assert "give texts, not 'input_ids'" in capsys.readouterr().err

@@ -164,9 +164,20 @@ def test_a_manifest_that_is_not_a_json_object(cache, text) -> None:
 
 
 def test_a_manifest_of_another_version(cache) -> None:
+    rewrite(cache, lambda m: m.update(version=3))
+    with pytest.raises(CacheError, match=r"not a purekd-teacher-cache manifest of version 1 or 2 "
+                                         r"\(format 'purekd-teacher-cache', version 3\)"):
+        TeacherCache(cache)
+
+
+def test_a_plain_manifest_that_claims_the_cross_tokenizer_version(cache) -> None:
+    # version 2 is the cross-tokenizer format: a version 1 cache relabelled is refused
     rewrite(cache, lambda m: m.update(version=2))
-    with pytest.raises(CacheError, match=r"not a purekd-teacher-cache manifest of version 1 "
-                                         r"\(format 'purekd-teacher-cache', version 2\)"):
+    with pytest.raises(CacheError, match=r"manifest\.json: version 2 is a cross-tokenizer cache, "
+                                         r"but cross_tokenizer=False"):
+        TeacherCache(cache)
+    rewrite(cache, lambda m: m.update(version=1, cross_tokenizer=True))
+    with pytest.raises(CacheError, match=r"cross_tokenizer=True in a version 1 manifest"):
         TeacherCache(cache)
 
 

@@ -113,8 +113,8 @@ def test_top_k_teacher_adaptor_gives_the_live_teachers_loss(setup) -> None:
     ``topk_logprobs``, ``topk_mask``): make_step's token-level KD term dispatches to
     ``topk_kl``, which with k = V equals the dense forward KL of the live teacher.
 
-    (Through ``GeneralDistiller`` this is refused today by the distillers' preflight check,
-    which asks the teacher's adaptor for 'logits'; hence make_step in a plain loop.)"""
+    (make_step in a plain loop; the distillers take the same adaptor, as the recipe path and
+    the LM demo do.)"""
     teacher, student, data, cache_dir = setup
     config = {"temperature": 1.0, "kd_loss_type": "forward_kl"}
     live_step = purekd.make_step(config, teacher, student, live_adaptor, student_adaptor,

