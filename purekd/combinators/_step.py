@@ -16,6 +16,7 @@ from purekd.terms import Term, TermFn, Weight, make_context
 
 from ._models import Outputs
 from ._objective import LossFn, Objective, StepOutput
+from ._on_policy import on_policy_stage
 
 
 def _loss_modules(loss: Any) -> tuple[nn.Module, ...]:
@@ -138,6 +139,12 @@ class Step(nn.Module):
                         "Step(projections=...); if it is meant to stay fixed, freeze it "
                         "(module.requires_grad_(False))",
                         UserWarning, stacklevel=3)
+
+    @property
+    def samples_rollouts(self) -> bool:
+        """Whether the step samples completions itself (an on-policy stage runs in it): its
+        teacher must then score sequences that no dataset or cache holds."""
+        return on_policy_stage(self) is not None
 
     @property
     def teachers(self) -> dict[str, Any]:

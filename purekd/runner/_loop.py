@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from purekd._devices import move_to_device
-from purekd.combinators import on_policy_stage
 from purekd.configs._training import TrainingConfig
 
 from . import _state as state
@@ -129,14 +128,15 @@ class _Run:
 
 
 def _refuse_on_policy_without_teacher(step: Any, config: TrainingConfig) -> None:
-    """An on-policy step (one running an :class:`~purekd.combinators.OnPolicyStage`) needs a
-    teacher that runs: ``FSDPConfig(teacher='none')`` is refused before anything runs."""
+    """An on-policy step (one whose ``samples_rollouts`` is true: a
+    :class:`~purekd.combinators.Step` running an ``OnPolicyStage``; the runner asks the step and
+    imports no combinator) needs a teacher that runs: ``FSDPConfig(teacher='none')`` is refused before anything runs."""
     fsdp = config.fsdp
     if fsdp is None or fsdp.teacher != "none":
         return
     steps = getattr(step, "steps", None)
     for one in (steps.values() if isinstance(steps, Mapping) else [step]):
-        if on_policy_stage(one) is not None:
+        if getattr(one, "samples_rollouts", False):
             raise ValueError(
                 "an on-policy step with TrainingConfig(fsdp=FSDPConfig(teacher='none')): the "
                 "teacher must score every newly sampled sequence, but teacher='none' runs no "

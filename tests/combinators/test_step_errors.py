@@ -155,7 +155,7 @@ def test_unknown_adaptor_key(compile):
         step, toy_batch(), "unknown key 'hiddens'",
         "valid keys: ['logits', 'logits_mask', 'losses', 'inputs_mask', 'labels', 'hidden', "
         "'attention', 'lm_hidden', 'lm_weight', 'lm_bias', 'topk_ids', 'topk_logprobs', "
-        "'topk_mask']")
+        "'topk_mask', 'topk_next_logprobs', 'topk_vocab_size']")
 
 
 def test_adaptor_returning_a_non_dict():

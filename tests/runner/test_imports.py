@@ -40,10 +40,11 @@ def test_the_teacher_cache_does_not_import_the_runner() -> None:
     ("runner", "Layer 6", {"purekd._atomic", "purekd._devices", "purekd.configs._training",
                            "purekd.stages"}),
     ("distillers", "Layer 7", {"purekd._devices", "purekd.combinators", "purekd.configs",
-                               "purekd.runner", "purekd.stages", "purekd.terms"}),
+                               "purekd.runner", "purekd.stages", "purekd.teacher_cache",
+                               "purekd.terms"}),
     ("integrations", "Layer 7", {"purekd.combinators", "purekd.runner", "purekd.runner._guard",
                                  "purekd.runner._sinks", "purekd.stages",
-                                 "purekd.integrations.hf_trainer"}),
+                                 "purekd.teacher_cache", "purekd.integrations.hf_trainer"}),
 ])
 def test_each_docstring_names_its_layer_and_imports(package: str, layer: str,
                                                     allowed: set[str]) -> None:
