@@ -174,7 +174,7 @@ def test_an_on_policy_run_killed_with_sigkill_resumes_to_the_uninterrupted_weigh
                    checkpoint={"output_dir": str(tmp_path / "whole"), "every": 2}, **sections)
     cut = _write(recipe_data, tmp_path / "cut.yaml",
                  checkpoint={"output_dir": str(tmp_path / "cut"), "every": 2}, **sections)
-    _in_process(whole)
+    _distill(str(whole))  # a process like the killed one: same threads, same kernels
     script = tmp_path / "killing.py"
     script.write_text(KILLING)
     died = subprocess.run([sys.executable, str(script), "4", "distill", str(cut), "--quiet"],
@@ -208,7 +208,7 @@ def test_an_on_policy_recipe_on_two_gloo_ranks_trains_the_student_one_process_tr
     two = _write(recipe_data, tmp_path / "two.yaml", train={"batch_size": 2, "steps": 3},
                  checkpoint={"output_dir": str(tmp_path / "two"), "every": 3,
                              "save_state": False}, **sections)
-    _in_process(one)
+    _distill(str(one))  # in its own process, as the ranks are (threads and kernels alike)
     torchrun(MAIN, "distill", str(two), "--quiet")
     a, b = _weights(tmp_path / "one", 3), _weights(tmp_path / "two", 3)
     for name in a:
