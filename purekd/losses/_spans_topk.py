@@ -163,6 +163,21 @@ def _check_temperature_one(temperature: float, where: str) -> None:
                          f"cannot be re-tempered; use temperature=1.0 (or the live teacher)")
 
 
+def _checked_inputs(logits_S: Tensor, teacher: TopkSpanTeacher, spans: AlignedSpans,
+                    top_k: int | None, reduction: str, temperature: float,
+                    where: str) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, int]]:
+    """The checks both top-k span losses run first, in their order: ``top_k``, ``reduction``
+    and ``temperature`` (which must be 1), the teacher, then the spans against both sides.
+    Returns the student's logits as rows ``(N_S, V_S)`` and the checked teacher."""
+    check_top_k(top_k, where)
+    check_reduction_and_temperature(reduction, temperature, where)
+    _check_temperature_one(temperature, where)
+    checked = _checked_teacher(teacher, where)
+    flat_S = logits_S.reshape(-1, logits_S.size(-1))
+    check_spans(spans, flat_S.size(0), checked[0].size(0), flat_S.size(-1), checked[3], where)
+    return flat_S, checked
+
+
 def aligned_uld_topk(logits_S: Tensor, teacher: TopkSpanTeacher, spans: AlignedSpans, *,
                      temperature: float = 1.0, top_k: int | None = None,
                      reduction: str = "mean", chunk_spans: int | None = None,
@@ -177,12 +192,8 @@ def aligned_uld_topk(logits_S: Tensor, teacher: TopkSpanTeacher, spans: AlignedS
     ``logits_S`` only; options as :func:`~purekd.losses.aligned_uld`.
     """
     where = "aligned_uld_topk"
-    check_top_k(top_k, where)
-    check_reduction_and_temperature(reduction, temperature, where)
-    _check_temperature_one(temperature, where)
-    ids, logprobs, next_logprobs, vocab_T = _checked_teacher(teacher, where)
-    flat_S = logits_S.reshape(-1, logits_S.size(-1))
-    check_spans(spans, flat_S.size(0), ids.size(0), flat_S.size(-1), vocab_T, where)
+    flat_S, (ids, logprobs, next_logprobs, _) = _checked_inputs(
+        logits_S, teacher, spans, top_k, reduction, temperature, where)
 
     def per_span(log_q_S: Tensor, target: TopkSpanTarget) -> Tensor:
         return sorted_l1_topk(log_q_S, target, top_k)
@@ -209,13 +220,9 @@ def aligned_gold_topk(logits_S: Tensor, teacher: TopkSpanTeacher, spans: Aligned
     ``temperature`` must be 1. Gradients flow into ``logits_S`` only.
     """
     where = "aligned_gold_topk"
-    check_top_k(top_k, where)
-    check_reduction_and_temperature(reduction, temperature, where)
-    _check_temperature_one(temperature, where)
-    ids, logprobs, next_logprobs, vocab_T = _checked_teacher(teacher, where)
-    flat_S = logits_S.reshape(-1, logits_S.size(-1))
+    flat_S, (ids, logprobs, next_logprobs, vocab_T) = _checked_inputs(
+        logits_S, teacher, spans, top_k, reduction, temperature, where)
     vocab_S = flat_S.size(-1)
-    check_spans(spans, flat_S.size(0), ids.size(0), vocab_S, vocab_T, where)
     check_vocabulary_map(vocabulary_map, vocab_S, vocab_T, where)
     w_m, w_u = gold_weights(vocabulary_map, vocab_T, matched_weight, unmatched_weight, where)
     dense = gold_per_span(vocabulary_map, vocab_S, vocab_T, flat_S.device, ids.device,
