@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any
 
@@ -18,10 +19,20 @@ def local_rank_from(config_rank: int) -> int:
 
 
 def ensure_process_group(device: str | torch.device) -> None:
-    """Initialise the default process group from torchrun's environment if nobody has."""
+    """Initialise the default process group from torchrun's environment if nobody has.
+
+    A group opened here is also closed here, when the interpreter exits: a gloo group left open
+    at exit can abort the process ("terminate called without an active exception", exit code
+    -6) after a run that succeeded. A group the user opened stays the user's to close."""
     if not dist.is_initialized():
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
+        atexit.register(_close_process_group)
+
+
+def _close_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:

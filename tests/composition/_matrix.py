@@ -278,3 +278,6 @@ def main(work: Path, names: list[str]) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2:])
+    import torch.distributed as dist
+    if dist.is_initialized():  # a gloo group left open at exit can abort the process
+        dist.destroy_process_group()

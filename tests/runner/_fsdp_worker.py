@@ -261,3 +261,6 @@ def main(work: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    import torch.distributed as dist
+    if dist.is_initialized():  # a gloo group left open at exit can abort the process
+        dist.destroy_process_group()
