@@ -43,6 +43,7 @@ from typing import Any
 import attrs
 from torch import Tensor
 
+from purekd._keys import TOPK_KEYS
 from purekd.stages import IGNORE_INDEX, next_token, shift_left
 
 __all__ = ["HFAdaptor", "hf_adaptor"]
@@ -244,15 +245,21 @@ class HFAdaptor:
         return {"logits_mask": next_token(labels, mask, ignore_index=self.ignore_index).mask}
 
     def _cached_topk(self, batch: Any, cache: Any) -> dict[str, Any]:
-        """A top-k teacher cache (``topk_ids``, ``topk_logprobs``, ``topk_mask``), passed on."""
+        """A top-k teacher cache, passed on: every key of :data:`~purekd._keys.TOPK_KEYS` it
+        holds (``topk_ids``, ``topk_logprobs``, ``topk_mask``; from a cross-tokenizer cache also
+        ``topk_next_logprobs`` and ``topk_vocab_size``). A cross-tokenizer cache's rows are the
+        teacher's own tokenisation, which the aligned spans index: no mask of the (student's)
+        batch is attached to them."""
         adapted: dict[str, Any] = {}
-        for key in ("topk_ids", "topk_logprobs", "topk_mask"):
+        for key in TOPK_KEYS:
             value = _field(cache, key)
             if value is not None:
                 adapted[key] = value
         if "topk_logprobs" not in adapted:
             raise ValueError("hf_adaptor: the teacher cache has 'topk_ids' but no "
                              "'topk_logprobs'; a top-k cache holds both")
+        if "topk_next_logprobs" in adapted:  # a cross-tokenizer cache
+            return adapted
         adapted.update(self._causal_mask(batch))
         mask = _from_batch(batch, self.mask_key, "mask_key")
         if mask is not None:
