@@ -44,6 +44,7 @@ from purekd.stages import (
     Rollout,
     Sampler,
     check_context,
+    check_offsets_support,
     check_prompts,
     check_same_tokenizer,
     check_same_vocabulary,
@@ -163,6 +164,8 @@ class OnPolicyStage:
                     "on-policy across tokenizers: the student's samples are decoded and "
                     "re-tokenised for the teacher, which needs both tokenizers: give "
                     "make_step(..., tokenizers=(tokenizer_T, tokenizer_S)) (fast tokenizers)")
+            check_offsets_support(tokenizers[1], "student")  # before any sampling
+            check_offsets_support(tokenizers[0], "teacher")
             check_tokenizers_fit(tokenizers[0], tokenizers[1], teacher, models.student)
         else:
             if tokenizers is not None:

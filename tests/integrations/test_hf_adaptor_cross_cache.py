@@ -37,7 +37,7 @@ def pair() -> tuple[Any, Any]:
 
 
 def test_hf_adaptor_passes_every_key_of_the_cross_cache(pair, tmp_path):
-    tokenizer_S, tokenizer_T = pair
+    _, tokenizer_T = pair
     write(CausalLM(len(tokenizer_T), seed=0), pair, tmp_path, k=3)
     (batch,) = cached_batches(pair, tmp_path)
     cached = batch["teacher_cache"]
