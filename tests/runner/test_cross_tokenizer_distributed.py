@@ -114,7 +114,7 @@ def test_two_processes_equal_one_process_on_the_combined_batches(launched, tmp_p
     for key, value in expected.items():
         assert got[key].dtype == value.dtype == torch.float64
         torch.testing.assert_close(got[key], value, atol=ATOL, rtol=0,
-                                   msg=lambda m, k=key: f"{key}: {m}")
+                                   msg=lambda m, k=key: f"{k}: {m}")
 
 
 def test_the_micro_batches_have_unequal_span_counts_so_per_batch_means_differ(launched,
