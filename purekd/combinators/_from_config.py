@@ -6,6 +6,7 @@ step is built."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, cast
 
@@ -144,6 +145,25 @@ def _terms(config: DistillationConfig, projections: Sequence[nn.Module | None],
     return terms
 
 
+def _check_stops_matched(stage: OnPolicyStage, vocabulary_map: Any) -> None:
+    """Warn where an end-of-text pair of the on-policy stage (the sampler's stop token and the
+    other side's end token) is not a matched pair of GOLD's vocabulary map: GOLD then compares
+    the stop probabilities only through the ULD part of the unmatched columns."""
+    pairs = set(zip(vocabulary_map.matched_S.tolist(), vocabulary_map.matched_T.tolist(),
+                    strict=True))
+    seq_kd = stage.config.seq_kd
+    missing = [(t, s) if seq_kd else (s, t) for s, t in stage.end_tokens.items()
+               if ((t, s) if seq_kd else (s, t)) not in pairs]
+    if missing:
+        warnings.warn(
+            f"kd_loss_type='gold' on-policy across tokenizers: the end-of-text pair(s) "
+            f"(student id, teacher id) {missing} are not matched in the vocabulary map, so GOLD "
+            f"compares the probability of stopping only through its ULD part (sorted, "
+            f"unmatched); build the map after setting each tokenizer's eos_token to its stop "
+            f"token (vocabulary_map pairs the two eos tokens; see docs/cross-tokenizer.md)",
+            UserWarning, stacklevel=4)
+
+
 def _cross_tokenizer(config: DistillationConfig, kd_term: Term, vocabulary_map: Any) -> Term:
     """The KD term for two tokenizers (issue 20): ``'gold'`` over the aligned spans; ``'uld'``
     over them when the batch has spans (else row against row); any other loss refuses a batch
@@ -279,6 +299,8 @@ def make_step(
                                     shared_vocab=config.shared_vocab,
                                     cross_tokenizer=_on_policy_across(config, tokenizers),
                                     logprobs=config.kd_loss[0] in presets.SAMPLED_KD_LOSSES)
+            if config.kd_loss[0] == "gold" and vocabulary_map is not None:
+                _check_stops_matched(outputs, vocabulary_map)
         elif sampler is not None or tokenizers is not None:
             raise ValueError("make_step(sampler=..., tokenizers=...) are for on-policy "
                              "distillation: set DistillationConfig(on_policy=OnPolicyConfig())")

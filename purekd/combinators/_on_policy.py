@@ -54,6 +54,7 @@ from purekd.stages import (
     retokenise_rollout,
     rollout,
     share_equal_masks,
+    stop_pairs,
 )
 
 from ._models import ModelsStage, Outputs
@@ -183,9 +184,41 @@ class OnPolicyStage:
             top_p=config.top_p, top_k=config.top_k, stop_token_ids=config.stop_token_ids,
             pad_token_id=config.pad_token_id, logprobs=logprobs)
         self.state = GeneratorState(config.seed)
+        self.end_tokens: dict[int, int] = {}
+        if cross_tokenizer:
+            self.end_tokens = self._stop_pairs(teacher)
         self.empty_rollouts = 0
         self.last_rollout: Rollout | None = None
         self.last_cross_rollout: Any = None
+
+    def _stop_pairs(self, teacher: Any) -> dict[int, int]:
+        """The sampling side's stop ids that are not text, each paired with the other side's
+        end-of-text token (:func:`~purekd.stages.stop_pairs`); a warning, when built, where
+        the other tokenizer has none: the stop cannot be taught."""
+        assert self.tokenizers is not None
+        tokenizer_T, tokenizer_S = self.tokenizers
+        seq_kd = self.config.seq_kd
+        sampler_model = teacher if seq_kd else self.student
+        tokenizer_A, tokenizer_B = (tokenizer_T, tokenizer_S) if seq_kd else (tokenizer_S,
+                                                                               tokenizer_T)
+        stops = list(self.config.stop_token_ids)
+        stops_and_pad = getattr(self.sampler, "stops_and_pad", None)
+        if stops_and_pad is not None:
+            stops += list(stops_and_pad(sampler_model)[0])
+        if getattr(tokenizer_A, "eos_token_id", None) is not None:
+            stops.append(int(tokenizer_A.eos_token_id))
+        pairs, unpaired = stop_pairs(stops, tokenizer_A, tokenizer_B)
+        if unpaired:
+            sampler, other = ("teacher", "student") if seq_kd else ("student", "teacher")
+            warnings.warn(
+                f"on-policy across tokenizers: the {sampler}'s stop token(s) {unpaired} decode to "
+                f"no text, and the {other}'s tokenizer ({type(tokenizer_B).__name__}) has no "
+                f"eos_token to pair them with, so no end-of-text span scores where the "
+                f"{sampler}'s samples stop: the student is not taught where to stop; set "
+                f"tokenizer_{other[0].upper()}.eos_token to "
+                f"the {other}'s end-of-text token (e.g. '<eos>' or '<end_of_turn>') before "
+                f"building the step", UserWarning, stacklevel=4)
+        return pairs
 
     # -- the step sees the stage as its models stage --------------------------------------
     @property
@@ -279,7 +312,8 @@ class OnPolicyStage:
         cross = retokenise_rollout(sampled, tokenizer_S, tokenizer_T, labels=labels,
                                    context_T=_context(self._teacher),
                                    context_S=_context(self.student),
-                                   sampled_by="teacher" if self.config.seq_kd else "student")
+                                   sampled_by="teacher" if self.config.seq_kd else "student",
+                                   end_tokens=self.end_tokens)
         self.last_cross_rollout = cross
         return self._models({"student": cross.student, "teacher": cross.teacher,
                              "spans": cross.spans}, **args)

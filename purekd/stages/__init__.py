@@ -21,7 +21,7 @@ from ._adapt import (
     normalise,
     share_equal_masks,
 )
-from ._align import align_spans, batches_without_spans, token_spans
+from ._align import EndOfText, align_spans, batches_without_spans, end_of_text, token_spans
 from ._cross_batches import (
     CrossTokenizerCollator,
     align_batches,
@@ -34,6 +34,7 @@ from ._cross_rollout import (
     decode_with_offsets,
     prompts_for,
     retokenise_rollout,
+    stop_pairs,
 )
 from ._forward import forward
 from ._next_token import IGNORE_INDEX, NextToken, next_token, shift_left
@@ -64,6 +65,7 @@ __all__ = [
     "AdaptorError",
     "CrossRollout",
     "CrossTokenizerCollator",
+    "EndOfText",
     "HFGenerateSampler",
     "NextToken",
     "Rollout",
@@ -86,6 +88,7 @@ __all__ = [
     "completion_rows",
     "decode_with_offsets",
     "detach",
+    "end_of_text",
     "forward",
     "match_vocabularies",
     "mean_logits",
@@ -97,6 +100,7 @@ __all__ = [
     "retokenise_rollout",
     "rollout",
     "sampling_mode",
+    "stop_pairs",
     "share_equal_masks",
     "shift_left",
     "token_spans",

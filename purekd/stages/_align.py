@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -121,7 +121,8 @@ def _as_rows(value: Any, name: str) -> list[list[Any]]:
 def align_spans(ids_S: Any, offsets_S: Any, ids_T: Any, offsets_T: Any, *,
                 mask_S: Any = None, mask_T: Any = None, attended_S: Any = None,
                 attended_T: Any = None, texts: Sequence[str] | None = None,
-                shift: int = 1, device: torch.device | str | None = None) -> AlignedSpans:
+                shift: int = 1, device: torch.device | str | None = None,
+                ends: Sequence[EndOfText | None] | None = None) -> AlignedSpans:
     """The aligned spans of a batch, as padded index tensors (:class:`~purekd.losses.AlignedSpans`).
 
     ``ids_S`` ``(B, L_S)`` and ``offsets_S`` ``(B, L_S, 2)``: the student's token ids and their
@@ -135,6 +136,11 @@ def align_spans(ids_S: Any, offsets_S: Any, ids_T: Any, offsets_T: Any, *,
     is dropped. ``texts``: the ``B``
     texts (whitespace-tolerant cuts). ``shift``: row = position - shift (1 for a causal LM's
     unshifted logits ``(B, L, V)``).
+
+    ``ends``: per sequence, ``None`` or an :class:`EndOfText` — a stop token that is not text
+    (it decodes to nothing, so no cut can hold it) paired with the other side's: one more span,
+    after the sequence's aligned ones, of the two rows that predict them (``position - shift``
+    each; dropped when either row is not attended). See :func:`end_of_text`.
 
     Rows index each side's logits flattened to ``(B * L, V)``. No span in the whole batch → one
     padding span of weight 0 (the losses then give 0 with zero gradients).
@@ -150,6 +156,8 @@ def align_spans(ids_S: Any, offsets_S: Any, ids_T: Any, offsets_T: Any, *,
                              f"both sides must tokenise the same texts")
     if texts is not None and len(texts) != batch:
         raise ValueError(f"align_spans: {len(texts)} texts for {batch} sequences")
+    if ends is not None and len(ends) != batch:
+        raise ValueError(f"align_spans: {len(ends)} ends for {batch} sequences")
     if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
         raise ValueError(f"align_spans: shift={shift!r} must be an int >= 0 (1 for a causal "
                          f"LM's unshifted logits)")
@@ -183,6 +191,13 @@ def align_spans(ids_S: Any, offsets_S: Any, ids_T: Any, offsets_T: Any, *,
                           [rows_ids_S[b][p] for p in span_S],
                           [b * length_T + p - shift for p in span_T],
                           [rows_ids_T[b][p] for p in span_T]))
+        end = ends[b] if ends is not None else None
+        if end is not None:
+            row_S, row_T = end.position_S - shift, end.position_T - shift
+            if (0 <= row_S < length_S and 0 <= row_T < length_T and masks[2][b][row_S]
+                    and masks[3][b][row_T]):
+                found.append(([b * length_S + row_S], [end.id_S], [b * length_T + row_T],
+                              [end.id_T]))
     if not found:
         _NO_SPAN[0] += 1
         warnings.warn(
@@ -194,6 +209,36 @@ def align_spans(ids_S: Any, offsets_S: Any, ids_T: Any, offsets_T: Any, *,
 
 
 _NO_SPAN = [0]
+
+
+class EndOfText(NamedTuple):
+    """The end of one sequence's text on both sides: the student's stop token ``id_S`` at
+    ``position_S`` and the teacher's ``id_T`` at ``position_T`` (a position may be one past the
+    sequence: only the row predicting it, ``position - shift``, must exist)."""
+
+    position_S: int
+    id_S: int
+    position_T: int
+    id_T: int
+
+
+def end_of_text(offsets_S: Offsets, offsets_T: Offsets, text: str | None = None
+                ) -> tuple[int, int] | None:
+    """``(p_S, p_T)``: the positions of each side's last text token when both tokenisations
+    cover the text to the same end (their final cuts agree, whitespace-tolerant as every cut;
+    module docstring), else ``None`` (e.g. one side truncated, or no text token). The row of
+    ``p`` (shift 1) is then each side's prediction of what follows the whole text, conditioned
+    on the same text."""
+    offsets_S, offsets_T = _tolist(offsets_S), _tolist(offsets_T)
+    positions_S, cuts_S = _cuts(offsets_S, text)
+    positions_T, cuts_T = _cuts(offsets_T, text)
+    if not positions_S or not positions_T:
+        return None
+    lo_S, hi_S, _ = cuts_S[-1]
+    lo_T, hi_T, _ = cuts_T[-1]
+    if lo_S <= hi_T and lo_T <= hi_S:
+        return positions_S[-1], positions_T[-1]
+    return None
 
 
 def batches_without_spans() -> int:
@@ -225,4 +270,4 @@ def _padded(found: list[tuple[list[int], list[int], list[int], list[int]]],
     return AlignedSpans(*(t.to(device) for t in spans)) if device is not None else spans
 
 
-__all__ = ["align_spans", "batches_without_spans", "token_spans"]
+__all__ = ["EndOfText", "align_spans", "batches_without_spans", "end_of_text", "token_spans"]

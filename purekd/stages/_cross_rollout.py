@@ -49,7 +49,7 @@ from torch import Tensor
 
 from purekd.losses import AlignedSpans
 
-from ._align import align_spans
+from ._align import EndOfText, align_spans, end_of_text
 from ._cross_batches import check_offsets_support
 from ._next_token import IGNORE_INDEX
 from ._rollout import Rollout
@@ -151,10 +151,25 @@ def check_tokenizers_fit(tokenizer_T: Any, tokenizer_S: Any, teacher: Any, stude
                 f"tokenizer_S), each its own model's")
 
 
+def stop_pairs(stop_ids: Sequence[int], tokenizer_A: Any, tokenizer_B: Any
+               ) -> tuple[dict[int, int], list[int]]:
+    """``(pairs, unpaired)``: the sampling side's stop ids that are not text (they decode to
+    nothing with ``tokenizer_A``), each paired with the other side's end-of-text token,
+    ``tokenizer_B.eos_token_id`` (module docstring, "Stopping"); ``unpaired``: those stop ids
+    when ``tokenizer_B`` has no ``eos_token`` (the stop cannot be taught)."""
+    silent = [int(i) for i in dict.fromkeys(stop_ids)
+              if 0 <= int(i) < len(tokenizer_A)
+              and tokenizer_A.decode([int(i)], skip_special_tokens=True) == ""]
+    end = getattr(tokenizer_B, "eos_token_id", None)
+    if end is None:
+        return {}, silent
+    return dict.fromkeys(silent, int(end)), []
+
+
 def retokenise_rollout(rollout: Rollout, tokenizer_S: Any, tokenizer_T: Any, *,
                        labels: bool = False, context_T: int | None = None,
-                       sampled_by: str = "student", context_S: int | None = None
-                       ) -> CrossRollout:
+                       sampled_by: str = "student", context_S: int | None = None,
+                       end_tokens: dict[int, int] | None = None) -> CrossRollout:
     """The rollout (the sampling side's token ids) as a cross-tokenizer batch (module docstring).
 
     ``sampled_by``: ``"student"`` (the rollout holds the student's ids; the teacher's side is
@@ -162,7 +177,9 @@ def retokenise_rollout(rollout: Rollout, tokenizer_S: Any, tokenizer_T: Any, *,
     is re-tokenised). Both tokenizers must be fast (offsets). ``labels``: add each side's
     ``labels`` (``-100`` outside the completion and on padding). ``context_T`` /
     ``context_S``: the re-tokenised side's context; a sequence longer than it raises, naming
-    the sequence.
+    the sequence. ``end_tokens``: ``{stop id of the sampling side: end-of-text id of the
+    other}`` (:func:`stop_pairs`); a sequence whose last completion token is one of these stop
+    ids, and is not text, gets an end-of-text span (module docstring, "Stopping").
     """
     if sampled_by not in ("student", "teacher"):
         raise ValueError(f"retokenise_rollout(sampled_by={sampled_by!r}): 'student' or "
@@ -204,6 +221,10 @@ def retokenise_rollout(rollout: Rollout, tokenizer_S: Any, tokenizer_T: Any, *,
             f"on-policy across tokenizers: sequence {index} re-tokenised for the {side_B} is "
             f"{int(lengths[index])} tokens, past the {side_B}'s context of {context}: shorten "
             f"the prompts or lower max_new_tokens")
+    ends: list[EndOfText | None] = []
+    for b in range(ids_A.size(0)):
+        ends.append(_end(b, rollout, offsets_A[b], offsets_B[b], attended_B[b], texts[b],
+                         end_tokens or {}, by_student))
     starts_B = offsets_B[..., 0].to(device)
     chars = torch.tensor(prompt_chars, device=device).unsqueeze(1)
     completion_B = ((starts_B >= chars) & (attended_B != 0)).to(torch.int64)
@@ -216,12 +237,38 @@ def retokenise_rollout(rollout: Rollout, tokenizer_S: Any, tokenizer_T: Any, *,
     if by_student:
         spans = align_spans(ids_A, offsets_A, ids_B, offsets_B, mask_S=completion_A,
                             mask_T=completion_B, attended_S=attended_A, attended_T=attended_B,
-                            texts=texts, shift=1, device=device)
+                            texts=texts, shift=1, device=device, ends=ends)
         return CrossRollout(kept, retokenised, spans, texts, prompt_chars)
     spans = align_spans(ids_B, offsets_B, ids_A, offsets_A, mask_S=completion_B,
                         mask_T=completion_A, attended_S=attended_B, attended_T=attended_A,
-                        texts=texts, shift=1, device=device)
+                        texts=texts, shift=1, device=device, ends=ends)
     return CrossRollout(retokenised, kept, spans, texts, prompt_chars)
+
+
+def _end(b: int, rollout: Rollout, offsets_A: list[tuple[int, int]], offsets_B: Tensor,
+         attended_B: Tensor, text: str, end_tokens: dict[int, int], by_student: bool
+         ) -> EndOfText | None:
+    """Sequence ``b``'s end-of-text pair (``S`` / ``T`` order), or ``None``: its last
+    completion token must be a stop id of ``end_tokens`` that is not text (zero width), and
+    both tokenisations must cover the text to the same end (:func:`end_of_text`)."""
+    completion = int(rollout.completion_lengths[b])
+    if completion < 1 or not end_tokens:
+        return None
+    last = int(rollout.prompt_lengths[b]) + completion - 1
+    stop = int(rollout.input_ids[b, last])
+    start, end = offsets_A[last]
+    if stop not in end_tokens or end > start:
+        return None
+    real_B = int(attended_B.sum())
+    found = end_of_text(offsets_A[:last], offsets_B[:real_B].tolist(), text)
+    if found is None:
+        return None
+    # the sampling side's row predicting its stop, the other side's row after its last text
+    # token: both see the whole text (row = position - 1)
+    position_A, position_B = last, found[1] + 1
+    if by_student:
+        return EndOfText(position_A, stop, position_B, end_tokens[stop])
+    return EndOfText(position_B, end_tokens[stop], position_A, stop)
 
 
 def prompts_for(prompt_ids: Tensor, prompt_mask: Tensor, tokenizer_S: Any, tokenizer_T: Any
@@ -237,4 +284,4 @@ def prompts_for(prompt_ids: Tensor, prompt_mask: Tensor, tokenizer_S: Any, token
 
 
 __all__ = ["CrossRollout", "check_tokenizers_fit", "decode_with_offsets", "model_vocabulary",
-           "prompts_for", "retokenise_rollout"]
+           "prompts_for", "retokenise_rollout", "stop_pairs"]

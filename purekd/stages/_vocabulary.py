@@ -15,7 +15,8 @@ scheme              spelling                                        normalised
 ==================  ==============================================  =========================
 
 Special tokens (``<bos>``, ``[CLS]``, ``<|endoftext|>``) are not text: they match only a special
-token of the other side with the same string. Within one vocabulary two tokens can normalise to
+token of the other side with the same string — except the two end-of-text tokens (each
+tokenizer's ``eos_token``), which match each other whatever their strings. Within one vocabulary two tokens can normalise to
 the same bytes (``A`` and the byte-fallback ``<0x41>``): the ordinary token is kept, then the
 lowest id. The matched pairs are one to one.
 
@@ -84,12 +85,19 @@ def normalise_token(token: str, scheme: str) -> bytes:
     raise ValueError(f"unknown tokenizer scheme {scheme!r}; choose one of {list(SCHEMES)}")
 
 
-def _keys(vocab: Mapping[str, int], scheme: str, special: Iterable[str]
-          ) -> dict[tuple[str, bytes], int]:
+END_OF_TEXT = ("end", b"")
+"""The key of a vocabulary's end-of-text token: the two sides' match each other, whatever their
+strings (``<|endoftext|>``, ``<eos>``, ``</s>``)."""
+
+
+def _keys(vocab: Mapping[str, int], scheme: str, special: Iterable[str],
+          end: str | None = None) -> dict[tuple[str, bytes], int]:
     specials = set(special)
     best: dict[tuple[str, bytes], tuple[bool, int]] = {}
     for token, index in vocab.items():
-        if token in specials:
+        if token == end:
+            key, fallback = END_OF_TEXT, False
+        elif token in specials:
             key = ("special", token.encode())
             fallback = False
         else:
@@ -102,10 +110,14 @@ def _keys(vocab: Mapping[str, int], scheme: str, special: Iterable[str]
 
 
 def fingerprint(vocab_S: Mapping[str, int], vocab_T: Mapping[str, int], scheme_S: str,
-                scheme_T: str, special_S: Iterable[str] = (), special_T: Iterable[str] = ()
-                ) -> str:
-    """A SHA-256 digest of both vocabularies, their schemes and special tokens."""
+                scheme_T: str, special_S: Iterable[str] = (), special_T: Iterable[str] = (),
+                end_S: str | None = None, end_T: str | None = None) -> str:
+    """A SHA-256 digest of both vocabularies, their schemes, special tokens and end-of-text
+    tokens (when both are given)."""
     digest = hashlib.sha256()
+    if end_S is not None and end_T is not None:
+        digest.update(json.dumps(["end of text", end_S, end_T]).encode("utf-8",
+                                                                        "surrogatepass"))
     for vocab, scheme, special in ((vocab_S, scheme_S, special_S), (vocab_T, scheme_T,
                                                                     special_T)):
         ordered = sorted(vocab.items(), key=operator.itemgetter(1))  # ids are unique
@@ -121,12 +133,17 @@ _CACHE: dict[str, VocabularyMap] = {}
 
 def match_vocabularies(vocab_S: Mapping[str, int], vocab_T: Mapping[str, int], *,
                        scheme_S: str, scheme_T: str, special_S: Iterable[str] = (),
-                       special_T: Iterable[str] = (),
+                       special_T: Iterable[str] = (), end_S: str | None = None,
+                       end_T: str | None = None,
                        cache_dir: str | Path | None = None) -> VocabularyMap:
     """The :class:`~purekd.losses.VocabularyMap` of two vocabularies ``{token: id}``.
 
     ``scheme_*``: how each spells its tokens (one of :data:`SCHEMES`); ``special_*``: its
-    special tokens. Pairs are sorted by teacher id. Cached by :func:`fingerprint` in memory,
+    special tokens; ``end_S`` / ``end_T``: each one's end-of-text token (e.g. its
+    ``eos_token``): when both are given (and in their vocabularies) they are matched to each
+    other, whatever their strings — the end of the text is the same event for both models (what
+    an on-policy rollout's end-of-text span compares, docs/cross-tokenizer.md). Pairs are sorted
+    by teacher id. Cached by :func:`fingerprint` in memory,
     and as ``cache_dir/vocabulary-map-<fingerprint>.pt`` when ``cache_dir`` is given.
 
     >>> match_vocabularies({"Ġa": 0, "b": 1}, {"▁a": 5, "c": 6}, scheme_S="byte_level",
@@ -138,7 +155,9 @@ def match_vocabularies(vocab_S: Mapping[str, int], vocab_T: Mapping[str, int], *
             raise ValueError(f"match_vocabularies: {name}={scheme!r}; choose one of "
                              f"{list(SCHEMES)}")
     special_S, special_T = tuple(special_S), tuple(special_T)
-    key = fingerprint(vocab_S, vocab_T, scheme_S, scheme_T, special_S, special_T)
+    if end_S is None or end_T is None or end_S not in vocab_S or end_T not in vocab_T:
+        end_S = end_T = None  # one side without: nothing to pair
+    key = fingerprint(vocab_S, vocab_T, scheme_S, scheme_T, special_S, special_T, end_S, end_T)
     if key in _CACHE:
         return _CACHE[key]
     path = Path(cache_dir) / f"vocabulary-map-{key}.pt" if cache_dir is not None else None
@@ -146,8 +165,8 @@ def match_vocabularies(vocab_S: Mapping[str, int], vocab_T: Mapping[str, int], *
         stored = torch.load(path, weights_only=True)
         result = VocabularyMap(stored["matched_S"], stored["matched_T"], key)
     else:
-        keys_S = _keys(vocab_S, scheme_S, special_S)
-        keys_T = _keys(vocab_T, scheme_T, special_T)
+        keys_S = _keys(vocab_S, scheme_S, special_S, end_S)
+        keys_T = _keys(vocab_T, scheme_T, special_T, end_T)
         pairs = sorted((index_T, keys_S[k]) for k, index_T in keys_T.items() if k in keys_S)
         matched_T = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
         matched_S = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
@@ -189,12 +208,16 @@ def special_tokens(tokenizer: Any) -> list[str]:
 def vocabulary_map(tokenizer_S: Any, tokenizer_T: Any, *,
                    cache_dir: str | Path | None = None) -> VocabularyMap:
     """:func:`match_vocabularies` of two ``transformers`` fast tokenizers (the student's, then
-    the teacher's): their ``get_vocab()``, schemes (:func:`tokenizer_scheme`) and special
-    tokens."""
+    the teacher's): their ``get_vocab()``, schemes (:func:`tokenizer_scheme`), special
+    tokens, and end-of-text tokens: their ``eos_token`` s, matched to each other when both
+    have one (set ``tokenizer.eos_token`` first to pair other stop tokens, e.g. a chat
+    format's ``<end_of_turn>``)."""
     return match_vocabularies(
         tokenizer_S.get_vocab(), tokenizer_T.get_vocab(),
         scheme_S=tokenizer_scheme(tokenizer_S), scheme_T=tokenizer_scheme(tokenizer_T),
         special_S=special_tokens(tokenizer_S), special_T=special_tokens(tokenizer_T),
+        end_S=getattr(tokenizer_S, "eos_token", None), end_T=getattr(tokenizer_T, "eos_token",
+                                                                      None),
         cache_dir=cache_dir)
 
 
