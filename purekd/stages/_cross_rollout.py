@@ -34,9 +34,17 @@ and the student's side is re-tokenised (the student did not sample, so its canon
 tokenisation is the right one); :func:`prompts_for` gives the teacher the prompts in its tokens.
 
 Prompt spans are out: the sampling side's mask is the completion mask, the re-tokenised side's
-the tokens that start at or after the prompt's decoded text. A stop token (EOS) decodes to nothing, so it is in
-no span: across tokenizers the KD loss does not teach where to stop (the teacher's tokenizer has
-its own stop token, which the re-tokenised text does not contain).
+the tokens that start at or after the prompt's decoded text.
+
+**Stopping.** A stop token that is not text (EOS, ``<|im_end|>``: it decodes to nothing) is in
+no aligned span. A sequence whose last completion token is such a stop gets an **end-of-text
+span** instead: the sampling side's row that predicts the stop, paired with the other side's
+row after its last text token (both conditioned on the whole text), the other side's
+end-of-text token (its tokenizer's ``eos_token``, :func:`stop_pairs`) standing as that span's
+id — provided both tokenisations cover the text to the same end
+(:func:`~purekd.stages.end_of_text`). ULD compares the two rows sorted; GOLD compares the
+student's stop with the teacher's end token directly, as :func:`~purekd.stages.vocabulary_map`
+matches the two ``eos_token`` s. See docs/cross-tokenizer.md, "Stopping across tokenizers".
 """
 
 from __future__ import annotations
@@ -221,10 +229,10 @@ def retokenise_rollout(rollout: Rollout, tokenizer_S: Any, tokenizer_T: Any, *,
             f"on-policy across tokenizers: sequence {index} re-tokenised for the {side_B} is "
             f"{int(lengths[index])} tokens, past the {side_B}'s context of {context}: shorten "
             f"the prompts or lower max_new_tokens")
-    ends: list[EndOfText | None] = []
+    text_ends: list[EndOfText | None] = []
     for b in range(ids_A.size(0)):
-        ends.append(_end(b, rollout, offsets_A[b], offsets_B[b], attended_B[b], texts[b],
-                         end_tokens or {}, by_student))
+        text_ends.append(_end(b, rollout, offsets_A[b], offsets_B[b], attended_B[b], texts[b],
+                              end_tokens or {}, by_student))
     starts_B = offsets_B[..., 0].to(device)
     chars = torch.tensor(prompt_chars, device=device).unsqueeze(1)
     completion_B = ((starts_B >= chars) & (attended_B != 0)).to(torch.int64)
@@ -237,11 +245,11 @@ def retokenise_rollout(rollout: Rollout, tokenizer_S: Any, tokenizer_T: Any, *,
     if by_student:
         spans = align_spans(ids_A, offsets_A, ids_B, offsets_B, mask_S=completion_A,
                             mask_T=completion_B, attended_S=attended_A, attended_T=attended_B,
-                            texts=texts, shift=1, device=device, ends=ends)
+                            texts=texts, shift=1, device=device, ends=text_ends)
         return CrossRollout(kept, retokenised, spans, texts, prompt_chars)
     spans = align_spans(ids_B, offsets_B, ids_A, offsets_A, mask_S=completion_B,
                         mask_T=completion_A, attended_S=attended_B, attended_T=attended_A,
-                        texts=texts, shift=1, device=device, ends=ends)
+                        texts=texts, shift=1, device=device, ends=text_ends)
     return CrossRollout(retokenised, kept, spans, texts, prompt_chars)
 
 
