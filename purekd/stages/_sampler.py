@@ -68,6 +68,22 @@ def _as_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+def _stops_and_pad(stop_token_ids: tuple[int, ...], pad_token_id: int | None,
+                   model: Any) -> tuple[tuple[int, ...], int]:
+    """The stop ids (``stop_token_ids``, else the model's ``generation_config.eos_token_id``)
+    and the pad id (``pad_token_id``, else the model's, else the first stop id, else 0)."""
+    defaults = getattr(model, "generation_config", None)
+    stops = stop_token_ids or _as_ids(getattr(defaults, "eos_token_id", None))
+    pad = pad_token_id
+    if pad is None:
+        pad = getattr(defaults, "pad_token_id", None)
+        if isinstance(pad, (list, tuple)):
+            pad = pad[0] if pad else None
+    if pad is None:
+        pad = stops[0] if stops else 0
+    return stops, int(pad)
+
+
 class HFGenerateSampler:
     """A :class:`Sampler` over ``transformers``' ``model.generate`` (KV cache, ancestral sampling).
 
@@ -103,16 +119,7 @@ class HFGenerateSampler:
 
     def stops_and_pad(self, model: Any) -> tuple[tuple[int, ...], int]:
         """The stop ids and the pad id this sampler uses for ``model``."""
-        defaults = getattr(model, "generation_config", None)
-        stops = self.stop_token_ids or _as_ids(getattr(defaults, "eos_token_id", None))
-        pad = self.pad_token_id
-        if pad is None:
-            pad = getattr(defaults, "pad_token_id", None)
-            if isinstance(pad, (list, tuple)):
-                pad = pad[0] if pad else None
-        if pad is None:
-            pad = stops[0] if stops else 0
-        return stops, int(pad)
+        return _stops_and_pad(self.stop_token_ids, self.pad_token_id, model)
 
     def __call__(self, model: Any, prompt_ids: Tensor, prompt_mask: Tensor, *,
                  seed: int) -> Sample:
@@ -223,7 +230,10 @@ class KVCacheSampler:
         self.synced_gpus = synced_gpus
         self.logprobs = logprobs
 
-    stops_and_pad = HFGenerateSampler.stops_and_pad
+    def stops_and_pad(self, model: Any) -> tuple[tuple[int, ...], int]:
+        """The stop ids and the pad id this sampler uses for ``model`` (as
+        :meth:`HFGenerateSampler.stops_and_pad`)."""
+        return _stops_and_pad(self.stop_token_ids, self.pad_token_id, model)
 
     def process(self, scores: Tensor) -> Tensor:
         """The sampling distribution's log-weights ``(B, V)`` from float32 scores ``(B, V)``:

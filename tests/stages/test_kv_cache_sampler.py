@@ -117,6 +117,6 @@ def test_a_model_without_a_kv_cache_points_to_generate():
             return {"logits": torch.zeros(*input_ids.shape, 5)}
 
     batch = prompt_batch()
-    with pytest.raises(ValueError, match="KV cache.*use HFGenerateSampler"):
+    with pytest.raises(ValueError, match=r"KV cache.*use HFGenerateSampler"):
         KVCacheSampler(max_new_tokens=2, stop_token_ids=(EOS,), pad_token_id=PAD)(
             NoCache(), batch["prompts"], batch["prompt_attention_mask"], seed=0)
