@@ -16,10 +16,12 @@ One optimizer step of on-policy distillation, the same on both sides:
 
 Contenders:
 
-* ``purekd`` — ``make_step(DistillationConfig(on_policy=OnPolicyConfig(lmbda=1, ...)), ...)`` with
-  ``hf_adaptor(causal=True, lm_head=...)`` on both models (the fused path: only completion rows
-  go through the output layer, no ``(N, V)`` logits), called with ``output_hidden_states=True,
-  logits_to_keep=1``;
+* ``purekd`` — ``make_step(DistillationConfig(on_policy=OnPolicyConfig(lmbda=1, ...)), ...,
+  sampler=KVCacheSampler(...))`` with ``hf_adaptor(causal=True, lm_head=...)`` on both models
+  (the fused path: only completion rows go through the output layer, no ``(N, V)`` logits),
+  called with the adaptor's ``forward_kwargs()`` (``output_hidden_states=True`` and
+  ``logits_to_keep`` an empty index: no output-layer row); ``KVCacheSampler`` is purekd's own
+  decode loop (the same draws as ``HFGenerateSampler``/``generate``, tested token for token);
 * ``trl`` — ``trl.DistillationTrainer`` (trl 1.16) with ``beta=1``, ``bf16=False`` (float32 as
   purekd), no gradient checkpointing (``--trl-gradient-checkpointing``: TRL's default, on), driven
   one step at a time (``training_step``, then the optimizer) — its generation, its chunked
@@ -285,11 +287,21 @@ class Purekd(Contender):
             kd_loss_type=["jsd", {"beta": 1.0}], temperature=1.0,
             on_policy=purekd.OnPolicyConfig(lmbda=1.0, max_new_tokens=workload.max_new_tokens,
                                             temperature=1.0, top_p=1.0, top_k=workload.top_k))
+        from purekd.stages import KVCacheSampler
+
+        on_policy = config.on_policy
+        assert on_policy is not None
+        adaptor_S = hf_adaptor(causal=True, lm_head=self.student.get_output_embeddings())
+        # purekd's own decode loop (the same draws as HFGenerateSampler: tested token for token)
+        sampler = KVCacheSampler(max_new_tokens=on_policy.max_new_tokens,
+                                 temperature=on_policy.temperature, top_p=on_policy.top_p,
+                                 top_k=on_policy.top_k, logprobs=False)
         self.step_fn = purekd.make_step(
             config, self.teacher, self.student,
-            hf_adaptor(causal=True, lm_head=self.teacher.get_output_embeddings()),
-            hf_adaptor(causal=True, lm_head=self.student.get_output_embeddings()),
-            compile=False)
+            hf_adaptor(causal=True, lm_head=self.teacher.get_output_embeddings()), adaptor_S,
+            compile=False, sampler=sampler)
+        # output_hidden_states=True, logits_to_keep=<no position>: no output-layer row at all
+        self.forward_kwargs = adaptor_S.forward_kwargs()
         stage = self.step_fn.outputs
         self.sampler = stage.sampler
         stage.sampler = Timed(self.sampler, self.clock, "sampling", sampling=True)
@@ -302,7 +314,7 @@ class Purekd(Contender):
                 "prompt_attention_mask": encoded["attention_mask"].to(device())}
 
     def run(self, texts: list[str]) -> tuple[float, int]:
-        out = self.step_fn(self.prompts(texts), output_hidden_states=True, logits_to_keep=1)
+        out = self.step_fn(self.prompts(texts), **self.forward_kwargs)
         with self.clock.part("backward"):
             out.loss.backward()
         with self.clock.part("optimizer"):
@@ -316,10 +328,11 @@ class Purekd(Contender):
         return float(out.loss.detach()), int(rollout.completion_lengths.sum())
 
     def rollout_speed(self, texts: list[str], repeats: int) -> dict[str, Any]:
-        """Tokens per second of the stage's sampler (``make_step``'s default: no
-        log-probabilities for a full-distribution loss), of ``HFGenerateSampler`` keeping its
-        log-probabilities (as the sampled-token loss has it) and of a plain ``generate`` loop,
-        same settings (interleaved; the student in eval mode under no_grad for all)."""
+        """Tokens per second of the stage's sampler (``KVCacheSampler``, no log-probabilities
+        for a full-distribution loss), of ``HFGenerateSampler`` (``make_step``'s default, over
+        ``generate``) keeping its log-probabilities (as the sampled-token loss has it) and of a
+        plain ``generate`` loop, same settings (interleaved; the student in eval mode under
+        no_grad for all)."""
         import transformers
 
         from purekd.stages import HFGenerateSampler, sampling_mode

@@ -41,6 +41,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
+import torch
 from torch import Tensor
 
 from purekd._keys import TOPK_KEYS
@@ -195,6 +196,22 @@ class HFAdaptor:
                 "hf_adaptor(logits_mask=True, mask_key=None): the logits mask is the batch's "
                 "padding mask; give mask_key (e.g. 'attention_mask')"
             )
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments the model's forward needs for this adaptor: ``{}``, or with
+        ``lm_head`` (the fused path) ``output_hidden_states=True`` and ``logits_to_keep`` an
+        empty index tensor, so the model runs its output layer on no position at all (its
+        ``logits`` are ``(B, 0, V)``; ``logits_to_keep=1`` would still form one ``(B, V)`` row
+        per model and step, which the fused loss never reads). With ``loss=True`` the model
+        computes its own loss on the full logits, so ``logits_to_keep`` is left out. Use it as
+        ``step(batch, **adaptor.forward_kwargs())`` (one adaptor's for both models when both
+        are fused)."""
+        if self.lm_head is None:
+            return {}
+        kwargs: dict[str, Any] = {"output_hidden_states": True}
+        if not self.loss:
+            kwargs["logits_to_keep"] = torch.empty(0, dtype=torch.long)
+        return kwargs
 
     def __call__(self, batch: Any, outputs: Any) -> dict[str, Any]:
         _check_outputs(outputs)
@@ -378,9 +395,10 @@ def hf_adaptor(
         lm_head: the output layer (``model.get_output_embeddings()``): return the last hidden
             state and the layer's weight and bias (``'lm_hidden'``, ``'lm_weight'``,
             ``'lm_bias'``) instead of the logits, for the fused KD path; needs
-            ``output_hidden_states=True``. Pass ``logits_to_keep=1`` to the forward as well
-            (``distiller.train(..., output_hidden_states=True, logits_to_keep=1)``) so the
-            model does not compute the full logits itself.
+            ``output_hidden_states=True``. Pass ``logits_to_keep`` to the forward as well so
+            the model does not compute the full logits itself: :meth:`HFAdaptor.forward_kwargs`
+            gives both (``step(batch, **adaptor.forward_kwargs())``; ``logits_to_keep=1``
+            works too, at the cost of one ``(B, V)`` row per model and step).
 
     Example::
 

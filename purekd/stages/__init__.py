@@ -50,7 +50,7 @@ from ._rollout import (
     sampling_mode,
     vocabulary_rows,
 )
-from ._sampler import HFGenerateSampler, Sample, Sampler, completion_mask
+from ._sampler import HFGenerateSampler, KVCacheSampler, Sample, Sampler, completion_mask
 from ._split import Split, batch_split
 from ._vocabulary import (
     match_vocabularies,
@@ -67,6 +67,7 @@ __all__ = [
     "CrossTokenizerCollator",
     "EndOfText",
     "HFGenerateSampler",
+    "KVCacheSampler",
     "NextToken",
     "Rollout",
     "Sample",

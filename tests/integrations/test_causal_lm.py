@@ -181,6 +181,41 @@ def test_the_fused_adaptor_keys():
         with_loss(batch, short)
 
 
+def test_forward_kwargs_run_no_output_layer_row_and_change_nothing_else(models):
+    """adaptor.forward_kwargs(): the fused path's model call forms no logits row at all (the
+    models' logits are (B, 0, V)), and the step's loss and gradients are those of the call with
+    logits_to_keep=1, bit for bit."""
+    teacher, student = models
+    batch = {k: v for k, v in lm_batch().items() if k != "labels"}  # labels: the model's loss
+    config = purekd.DistillationConfig(kd_loss_type=["jsd", {"beta": 0.4}], temperature=1.5)
+    fused_T = hf_adaptor(causal=True, lm_head=teacher.get_output_embeddings())
+    fused_S = hf_adaptor(causal=True, lm_head=student.get_output_embeddings())
+    kwargs = fused_S.forward_kwargs()
+    assert set(kwargs) == {"output_hidden_states", "logits_to_keep"}
+    assert kwargs["output_hidden_states"] is True and kwargs["logits_to_keep"].numel() == 0
+    logits = student(input_ids=batch["input_ids"], **kwargs).logits
+    assert tuple(logits.shape) == (BATCH, 0, VOCAB)
+    step = purekd.make_step(config, teacher, student, fused_T, fused_S, compile=False)
+    results = []
+    for call in (kwargs, {"output_hidden_states": True, "logits_to_keep": 1}):
+        out = step(batch, **call)
+        grads = torch.autograd.grad(out.loss, list(student.parameters()))
+        results.append((out.loss, grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_forward_kwargs_of_the_other_adaptors():
+    student = tiny_llama(1, 8, seed=1)
+    assert hf_adaptor(causal=True).forward_kwargs() == {}
+    assert hf_adaptor(logits=True, hidden=True).forward_kwargs() == {}
+    # the model computes its own loss (loss=True) on every position: no logits_to_keep
+    with_loss = hf_adaptor(causal=True, lm_head=student.get_output_embeddings(), loss=True)
+    assert with_loss.forward_kwargs() == {"output_hidden_states": True}
+
+
 def test_next_token_mask_and_labels_from_hf_adaptor():
     batch = lm_batch()
     adapted = hf_adaptor(causal=True)(batch, {"logits": torch.zeros(BATCH, LENGTH, VOCAB)})

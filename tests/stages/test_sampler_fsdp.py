@@ -1,7 +1,8 @@
 """Sampling from an FSDP2-sharded model on two gloo ranks (``_sampler_fsdp_worker.py``): ranks
 whose completions end at different lengths take the same number of decode steps (``synced_gpus``,
 no deadlock), and each rank's rollout equals the one an unsharded copy of the model samples in
-one process from the same prompts and seed."""
+one process from the same prompts and seed; for ``HFGenerateSampler`` (``generate``'s
+``synced_gpus``) and ``KVCacheSampler`` (its ranks all-reduce their unfinished rows each step)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with the gloo backend is unavailable")
 
 
-def test_sharded_ranks_step_together_and_sample_what_one_process_samples(tmp_path):
+@pytest.mark.parametrize("sampler", ["generate", "kv_cache"])
+def test_sharded_ranks_step_together_and_sample_what_one_process_samples(tmp_path, sampler):
     from . import _sampler_fsdp_worker as worker
 
-    torchrun(Path(worker.__file__), str(tmp_path), timeout=300)
+    torchrun(Path(worker.__file__), str(tmp_path), sampler, timeout=300)
     reports = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     lengths = [int(r["sharded"][5].max()) for r in reports]
     assert lengths == [1, worker.MAX_NEW_TOKENS]  # rank 0 stopped at once, rank 1 ran on
