@@ -59,7 +59,7 @@ class Settings(NamedTuple):
     max_length: int = 128
     held_out_texts: int = 24
     batch_size: int = 4
-    steps: int = 60
+    steps: int = 30
     layers: int = 6
     lr: float = 3e-3
     warmup: float = 0.1
@@ -507,8 +507,11 @@ def cached_batches(texts: Sequence[str], folder: Path, tokenizer_S: Any, tokeniz
                    settings: Settings) -> list[dict[str, Any]]:
     """The training batches from the cache, in order: ``{'student', 'teacher', 'teacher_cache',
     'spans'}`` (:class:`~purekd.teacher_cache.CrossTokenizerCachedCollate`)."""
-    from purekd.teacher_cache import (CrossTokenizerCachedCollate, CrossTokenizerCachedDataset,
-                                      TeacherCache)
+    from purekd.teacher_cache import (
+        CrossTokenizerCachedCollate,
+        CrossTokenizerCachedDataset,
+        TeacherCache,
+    )
 
     cache = TeacherCache(folder, tokenizer=tokenizer_T, student_tokenizer=tokenizer_S)
     data = CrossTokenizerCachedDataset(list(texts), cache, tokenizer_S, tokenizer_T=tokenizer_T)
