@@ -10,13 +10,14 @@ student trained on the text alone.
    (:func:`purekd.stages.vocabulary_map`, cached on disk too);
 3. build the student: SmolLM2-135M keeping a few of its 30 decoder layers (as the LM demo
    does: :func:`purekd.recipes._models.compress`), with SmolLM2's tokenizer;
-4. train three copies of it from the same start over the same batches with the same optimizer:
-   the text alone (next-token cross-entropy), ULD and GOLD — the last two through purekd's own
-   path: :class:`~purekd.stages.CrossTokenizerCollator` batches and
+4. run the teacher once over the training texts into a cross-tokenizer top-k cache
+   (:func:`write_cache`: its body, then its output layer a vocabulary block at a time — the
+   ``(B, L, 262144)`` logits are never formed), and train three copies of the student from the
+   same start over the same batches with the same optimizer: the text alone (next-token
+   cross-entropy), ULD and GOLD — the last two through purekd's own path, from the cache:
+   :class:`~purekd.teacher_cache.CrossTokenizerCachedCollate` batches and
    :func:`purekd.make_step` with ``kd_loss_type="uld"`` / ``"gold"`` (and ``vocabulary_map``),
-   the KD term mixed with the text's cross-entropy (``hard_label_weight``). The three are
-   trained in lockstep, batch by batch, so the teacher's forward over a batch (its
-   ``(B, L, 262144)`` logits) runs once and serves both KD students;
+   the KD term mixed with the text's cross-entropy (``hard_label_weight``);
 5. score held-out texts in bits per byte (the tokenizer-independent measure) and print a
    table (bits per byte, tokens/s, peak memory), write ``results.json`` and ``curves.png``.
 
@@ -736,7 +737,8 @@ def plot_results(results_path: Path, path: Path) -> Path:
     return path
 
 
-__all__ = ["ARMS", "DEFAULT", "QUICK", "Arm", "Meter", "Row", "Settings", "SharedTeacher",
-           "Texts", "bits_per_byte", "chunk_texts", "default_cache_dir", "kd_configs",
-           "load_pair", "make_arms", "plot_results", "run", "span_analysis", "split_texts",
-           "table"]
+__all__ = ["ARMS", "DEFAULT", "QUICK", "Arm", "Clock", "Meter", "Row", "Settings",
+           "SharedTeacher", "Texts", "bits_per_byte", "cached_batches", "cached_teacher",
+           "chunk_texts", "default_cache_dir", "kd_configs", "load_pair", "make_arms",
+           "plot_results", "run", "span_analysis", "split_texts", "table", "teacher_hidden",
+           "write_cache"]
