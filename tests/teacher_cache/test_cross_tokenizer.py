@@ -157,7 +157,8 @@ def one_step(step: Any, student: torch.nn.Module, batch: Any) -> tuple[Tensor, l
 
 @pytest.mark.parametrize(("loss", "params"), [
     ("uld", {}), ("gold", {}), ("gold", {"beta": 0.9, "matched_weight": 1.0,
-                                         "unmatched_weight": 0.5, "top_k": 5})])
+                                         "unmatched_weight": 0.5, "top_k": 5}),
+    ("gold", {"tail": "uniform"}), ("gold", {"tail": "total", "loss": "forward_kl"})])
 def test_make_step_from_the_cache_at_k_equal_v_is_the_live_step(pair, tmp_path, loss, params):
     tokenizer_S, tokenizer_T = pair
     teacher = CausalLM(len(tokenizer_T), seed=0)
@@ -351,3 +352,26 @@ def test_a_cache_from_hidden_states_and_the_output_layer_is_the_logits_cache(pai
         torch.testing.assert_close(a.topk_logprobs, b.topk_logprobs, rtol=0, atol=1e-5)
         torch.testing.assert_close(a.next_logprobs, b.next_logprobs, rtol=0, atol=1e-5)
         assert b.next_logprobs[-1] == 0
+
+
+@pytest.mark.parametrize("tail", ["total", "uniform"])
+def test_the_gold_config_chooses_the_top_k_tail(pair, tmp_path, tail):
+    # kd_loss_type=["gold", {"tail": ...}] from a k < V_T cache is aligned_gold_topk(tail=...)
+    tokenizer_S, tokenizer_T = pair
+    write(CausalLM(len(tokenizer_T), seed=0), pair, tmp_path, k=3)
+    student = CausalLM(len(tokenizer_S), seed=1)
+    mapping = vocabulary_map(tokenizer_S, tokenizer_T)
+    step = purekd.make_step({"kd_loss_type": ["gold", {"tail": tail}], "temperature": 1.0}, None,
+                            student, cached_adaptor, logits_adaptor, compile=False,
+                            vocabulary_map=mapping)
+    (batch,) = cached_batches(pair, tmp_path)
+    got = step(batch).loss
+    cached = batch["teacher_cache"]
+    teacher = purekd.losses.TopkSpanTeacher(cached["topk_ids"], cached["topk_logprobs"],
+                                            cached["topk_next_logprobs"],
+                                            cached["topk_vocab_size"])
+    want = purekd.losses.aligned_gold_topk(student(**batch["student"]).logits, teacher,
+                                           batch["spans"], mapping, tail=tail)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"tail='flat'; choose 'total'"):
+        purekd.DistillationConfig(kd_loss_type=["gold", {"tail": "flat"}], temperature=1.0)
