@@ -10,13 +10,14 @@ student trained on the text alone.
    (:func:`purekd.stages.vocabulary_map`, cached on disk too);
 3. build the student: SmolLM2-135M keeping a few of its 30 decoder layers (as the LM demo
    does: :func:`purekd.recipes._models.compress`), with SmolLM2's tokenizer;
-4. train three copies of it from the same start over the same batches with the same optimizer:
-   the text alone (next-token cross-entropy), ULD and GOLD — the last two through purekd's own
-   path: :class:`~purekd.stages.CrossTokenizerCollator` batches and
+4. run the teacher once over the training texts into a cross-tokenizer top-k cache
+   (:func:`write_cache`: its body, then its output layer a vocabulary block at a time — the
+   ``(B, L, 262144)`` logits are never formed), and train three copies of the student from the
+   same start over the same batches with the same optimizer: the text alone (next-token
+   cross-entropy), ULD and GOLD — the last two through purekd's own path, from the cache:
+   :class:`~purekd.teacher_cache.CrossTokenizerCachedCollate` batches and
    :func:`purekd.make_step` with ``kd_loss_type="uld"`` / ``"gold"`` (and ``vocabulary_map``),
-   the KD term mixed with the text's cross-entropy (``hard_label_weight``). The three are
-   trained in lockstep, batch by batch, so the teacher's forward over a batch (its
-   ``(B, L, 262144)`` logits) runs once and serves both KD students;
+   the KD term mixed with the text's cross-entropy (``hard_label_weight``);
 5. score held-out texts in bits per byte (the tokenizer-independent measure) and print a
    table (bits per byte, tokens/s, peak memory), write ``results.json`` and ``curves.png``.
 
@@ -59,7 +60,7 @@ class Settings(NamedTuple):
     max_length: int = 128
     held_out_texts: int = 24
     batch_size: int = 4
-    steps: int = 60
+    steps: int = 30
     layers: int = 6
     lr: float = 3e-3
     warmup: float = 0.1
@@ -67,16 +68,18 @@ class Settings(NamedTuple):
     kd_weight: float = 1.0
     ce_weight: float = 1.0
     top_k: int | None = 256
+    cache_k: int = 256
+    teacher_batch_size: int = 8
     gold_loss: str = "forward_kl"
     beta: float = 0.5
     matched_weight: float | None = 1.0
     unmatched_weight: float | None = 1.0
-    analysis_texts: int = 8
+    analysis_texts: int = 4
     seed: int = 0
 
     def check(self) -> None:
         positive = ("verses", "text_chars", "max_length", "held_out_texts", "batch_size",
-                    "steps", "layers")
+                    "steps", "layers", "cache_k", "teacher_batch_size")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -109,7 +112,7 @@ DEFAULT = Settings()
 """The documented run."""
 
 QUICK = Settings(verses=300, text_chars=120, max_length=32, held_out_texts=4, batch_size=2,
-                 steps=3, layers=2, top_k=16, analysis_texts=2)
+                 steps=3, layers=2, top_k=16, cache_k=16, analysis_texts=2)
 """``--quick``: seconds of compute after the models' load (a check that everything runs)."""
 
 
@@ -263,6 +266,7 @@ class Meter:
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.cpu = 0.0
         self.calls = 0
         self.peak_mb: float | None = None
 
@@ -270,10 +274,12 @@ class Meter:
         self._resettable = _reset_rss_peak()
         self._before = _rss_mb()
         self._start = time.perf_counter()
+        self._start_cpu = time.process_time()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.seconds += time.perf_counter() - self._start
+        self.cpu += time.process_time() - self._start_cpu
         self.calls += 1
         peak = _rss_peak_mb() if self._resettable else None
         if peak is not None and self._before is not None:
@@ -327,6 +333,15 @@ def span_analysis(teacher: Any, students: Mapping[str, Any], collated: Mapping[s
         "teacher_matched_mass": matched_mass(logits_T, spans.rows_T, spans.ids_T, spans.mask_T,
                                              matched_T),
         "students": {}}
+    # the teacher as the cache holds it (its top-cache_k and the following tokens' log-probs),
+    # to measure what the top-k forms of the two losses give against the dense ones here
+    log_p = torch.log_softmax(logits_T.float(), -1)
+    values, ids = log_p.topk(settings.cache_k, -1)
+    tokens_T = collated["teacher"]["input_ids"]
+    following = torch.zeros(tokens_T.shape, dtype=torch.float32)
+    following[:, :-1] = log_p[:, :-1].gather(-1, tokens_T[:, 1:, None])[..., 0]
+    del log_p
+    topk_T = purekd.losses.TopkSpanTeacher(ids, values, following, logits_T.size(-1))
     for name, student in students.items():
         was = student.training
         student.eval()
@@ -350,6 +365,13 @@ def span_analysis(teacher: Any, students: Mapping[str, Any], collated: Mapping[s
             "gold_unmatched_uld": float(purekd.losses.aligned_gold(
                 logits_S, logits_T, spans, vocabulary_map, **common, **parts,
                 matched_weight=0.0, unmatched_weight=1.0)),
+            "uld_from_top_k": float(purekd.losses.aligned_uld_topk(logits_S, topk_T, spans,
+                                                                   **common)),
+            "gold_from_top_k": float(purekd.losses.aligned_gold_topk(
+                logits_S, topk_T, spans, vocabulary_map, **common, **gold_args)),
+            "gold_from_top_k_uniform_tail": float(purekd.losses.aligned_gold_topk(
+                logits_S, topk_T, spans, vocabulary_map, **common, **gold_args,
+                tail="uniform")),
         }
     return result
 
@@ -390,11 +412,20 @@ class Arm:
                          **{k: float(v.detach()) for k, v in terms.items()}})
 
 
-def make_arms(student: nn.Module, teacher: SharedTeacher, vocabulary_map: Any,
+def cached_teacher(batch: Any, cached: Mapping[str, Any]) -> dict[str, Any]:
+    """The teacher's adaptor for batches of a cross-tokenizer cache: its cached top-k as they
+    are (``topk_ids``, ``topk_logprobs``, ``topk_mask``, ``topk_next_logprobs``,
+    ``topk_vocab_size``)."""
+    del batch
+    return dict(cached)
+
+
+def make_arms(student: nn.Module, teacher: SharedTeacher | None, vocabulary_map: Any,
               settings: Settings) -> dict[str, Arm]:
     """Three copies of ``student``: the text alone, ULD and GOLD (:func:`kd_configs` through
-    :func:`purekd.make_step`, ``hf_adaptor`` on both sides; the student's also returns its own
-    cross-entropy)."""
+    :func:`purekd.make_step`; the student's ``hf_adaptor`` also returns its own cross-entropy).
+    ``teacher``: a live teacher (``hf_adaptor``), or ``None`` for batches of a cross-tokenizer
+    teacher cache (:func:`cached_teacher`; the demo's route)."""
     from purekd.integrations.huggingface import hf_adaptor
 
     configs = kd_configs(settings)
@@ -403,7 +434,8 @@ def make_arms(student: nn.Module, teacher: SharedTeacher, vocabulary_map: Any,
         copy_ = copy.deepcopy(student).train()
         step = None
         if name != "text_only":
-            step = purekd.make_step(configs[name], teacher, copy_, hf_adaptor(),
+            step = purekd.make_step(configs[name], teacher, copy_,
+                                    hf_adaptor() if teacher is not None else cached_teacher,
                                     hf_adaptor(loss=True), compile=False,
                                     vocabulary_map=vocabulary_map if name == "gold" else None)
         arms[name] = Arm(name, copy_, settings, step)
@@ -423,6 +455,72 @@ class Row(NamedTuple):
     peak_memory_mb: float | None
 
 
+class Clock:
+    """Wall and CPU seconds (``time.process_time``: every thread of the process) per phase."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def stop(self, phase: str) -> float:
+        wall = time.perf_counter() - self._wall
+        self.wall[phase] = self.wall.get(phase, 0.0) + wall
+        self.cpu[phase] = self.cpu.get(phase, 0.0) + time.process_time() - self._cpu
+        return wall
+
+
+def teacher_hidden(batch: Mapping[str, Any], outputs: Any, *, head: nn.Module) -> dict[str, Any]:
+    """The teacher's adaptor for the cache writer: its final hidden states and output layer
+    (the writer applies the layer a vocabulary block at a time: the ``(B, L, 262144)`` logits
+    are never formed), and the attention mask as the rows to keep."""
+    return {"lm_hidden": outputs.last_hidden_state, "lm_weight": head.weight,
+            "logits_mask": batch["attention_mask"]}
+
+
+def write_cache(teacher: Any, tokenizer_T: Any, tokenizer_S: Any, texts: Sequence[str],
+                folder: Path, settings: Settings, fingerprint: str,
+                progress_bar: bool = True) -> Any:
+    """The teacher's top-``cache_k`` over its own tokenisation of ``texts`` (a cross-tokenizer
+    cache, :func:`purekd.teacher_cache.write_teacher_cache`), written afresh into ``folder``:
+    the teacher's body runs on ``teacher_batch_size`` texts at a time and its output layer is
+    applied to the real (unpadded) rows only, a vocabulary block at a time."""
+    import functools
+    import shutil
+
+    from purekd.teacher_cache import TeacherTextCollate, WithSampleIds, write_teacher_cache
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    loader = torch.utils.data.DataLoader(
+        WithSampleIds(list(texts)), batch_size=settings.teacher_batch_size,
+        collate_fn=TeacherTextCollate(tokenizer_T, max_length=settings.max_length))
+    adaptor = functools.partial(teacher_hidden, head=teacher.get_output_embeddings())
+    return write_teacher_cache(teacher.model, adaptor, loader, folder, k=settings.cache_k,
+                               values="float32", tokenizer=tokenizer_T,
+                               student_tokenizer=tokenizer_S, teacher_fingerprint=fingerprint,
+                               progress_bar=progress_bar)
+
+
+def cached_batches(texts: Sequence[str], folder: Path, tokenizer_S: Any, tokenizer_T: Any,
+                   settings: Settings) -> list[dict[str, Any]]:
+    """The training batches from the cache, in order: ``{'student', 'teacher', 'teacher_cache',
+    'spans'}`` (:class:`~purekd.teacher_cache.CrossTokenizerCachedCollate`)."""
+    from purekd.teacher_cache import (
+        CrossTokenizerCachedCollate,
+        CrossTokenizerCachedDataset,
+        TeacherCache,
+    )
+
+    cache = TeacherCache(folder, tokenizer=tokenizer_T, student_tokenizer=tokenizer_S)
+    data = CrossTokenizerCachedDataset(list(texts), cache, tokenizer_S, tokenizer_T=tokenizer_T)
+    collate = CrossTokenizerCachedCollate(tokenizer_S, max_length=settings.max_length)
+    return [collate([data[i] for i in range(start, min(start + settings.batch_size, len(data)))])
+            for start in range(0, len(data), settings.batch_size)]
+
+
 def run(output_dir: str | Path = "purekd-demo-cross-tokenizer", *,
         settings: Settings = DEFAULT, cache_dir: str | Path | None = "default",
         plot: bool = True, progress_bar: bool | None = None) -> dict[str, Any]:
@@ -430,34 +528,34 @@ def run(output_dir: str | Path = "purekd-demo-cross-tokenizer", *,
     where converted models and the vocabulary map are kept (``"default"``:
     :func:`default_cache_dir`; ``None``: no cache, every run converts the GGUF files)."""
     settings.check()
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = default_cache_dir() if cache_dir == "default" else (
         Path(cache_dir) if cache_dir is not None else None)
     seed_everything(settings.seed)
-    phases: dict[str, float] = {}
+    clock = Clock()
 
-    print("1/6 models: Gemma 3 270M (teacher) and SmolLM2-135M-Instruct (the student's source)")
-    start = time.perf_counter()
+    print("1/7 models: Gemma 3 270M (teacher) and SmolLM2-135M-Instruct (the student's source)")
+    clock.start()
     teacher_model, tokenizer_T, source, tokenizer_S, loads = load_pair(
         cache, progress_bar=progress_bar is not False)
-    phases["load"] = time.perf_counter() - start
+    clock.stop("load")
     for info in loads.values():
         print(f"    {info['file']}: {info['seconds']:.0f} s"
               f"{' (converted copy from the cache)' if info['from_cache'] else ''}")
 
-    start = time.perf_counter()
+    clock.start()
     texts = split_texts(settings)
     vocabulary_map = purekd.stages.vocabulary_map(tokenizer_S, tokenizer_T, cache_dir=cache)
     vocab_S, vocab_T = len(tokenizer_S), lm.vocabulary_size(teacher_model)
     matched = int(vocabulary_map.matched_T.numel())
-    phases["texts_and_vocabulary_map"] = time.perf_counter() - start
-    print(f"2/6 text: {len(texts.train)} training texts of >= {settings.text_chars} characters, "
+    clock.stop("texts_and_vocabulary_map")
+    print(f"2/7 text: {len(texts.train)} training texts of >= {settings.text_chars} characters, "
           f"{len(texts.held_out)} held-out; vocabularies {vocab_S:,} (student) and {vocab_T:,} "
           f"(teacher) share {matched:,} token strings")
 
-    start = time.perf_counter()
+    clock.start()
     teacher_bpb = bits_per_byte(teacher_model, tokenizer_T, texts.held_out)
     source_bpb = bits_per_byte(source, tokenizer_S, texts.held_out)
     total_layers = len(lm.decoder_layers(source))
@@ -467,51 +565,58 @@ def run(output_dir: str | Path = "purekd-demo-cross-tokenizer", *,
                   "source": lm.parameter_count(source), "student": lm.parameter_count(student)}
     del source
     initial_bpb = bits_per_byte(student, tokenizer_S, texts.held_out)
-    phases["score_before"] = time.perf_counter() - start
-    print(f"3/6 held-out bits per byte: teacher {teacher_bpb:.3f}, SmolLM2-135M {source_bpb:.3f}"
+    clock.stop("score_before")
+    print(f"3/7 held-out bits per byte: teacher {teacher_bpb:.3f}, SmolLM2-135M {source_bpb:.3f}"
           f", student (layers {layers} of {total_layers}) {initial_bpb:.3f} before training")
 
-    collate = purekd.stages.CrossTokenizerCollator(tokenizer_S, tokenizer_T,
-                                                   max_length=settings.max_length)
-    batches = [collate(texts.train[i:i + settings.batch_size])
-               for i in range(0, len(texts.train), settings.batch_size)]
-    shared = SharedTeacher(teacher_model)
-    arms = make_arms(student, shared, vocabulary_map, settings)
+    print(f"4/7 the teacher's top-{settings.cache_k} over its own tokenisation of the "
+          f"{len(texts.train)} training texts, once (a cross-tokenizer cache)")
+    clock.start()
     teacher_meter = Meter()
-    tokens_S = tokens_T = 0
-    print(f"4/6 training three students in lockstep: {settings.steps} steps of "
-          f"{settings.batch_size} texts each (the text alone, ULD, GOLD; the teacher runs once "
-          f"per batch)")
-    start = time.perf_counter()
+    folder = out / "teacher-cache"
+    with teacher_meter:
+        summary = write_cache(teacher_model, tokenizer_T, tokenizer_S, texts.train, folder,
+                              settings, fingerprint=loads["teacher"]["file"],
+                              progress_bar=progress_bar is not False)
+    clock.stop("teacher_cache")
+    tokens_T = int(summary.tokens)
+    print(f"    {tokens_T:,} teacher tokens in {teacher_meter.seconds:.0f} s")
+
+    clock.start()
+    batches = cached_batches(texts.train, folder, tokenizer_S, tokenizer_T, settings)
+    arms = make_arms(student, None, vocabulary_map, settings)
+    clock.stop("batches")
+    tokens_S = 0
+    print(f"5/7 training three students from the cache: {settings.steps} steps of "
+          f"{settings.batch_size} texts each (the text alone, ULD + CE, GOLD + CE)")
+    clock.start()
     for index, batch in enumerate(batches):
         progress = index / settings.steps
-        with teacher_meter:
-            shared.prime(**batch["teacher"])
         for arm in arms.values():
             arm.train_on(batch, progress)
-        shared.release()
         tokens_S += int(batch["student"]["attention_mask"].sum())
-        tokens_T += int(batch["teacher"]["attention_mask"].sum())
         if progress_bar is not False and ((index + 1) % 10 == 0 or index + 1 == len(batches)):
             losses = ", ".join(f"{a.name} {a.log[-1]['loss']:.3f}" for a in arms.values())
             print(f"    step {index + 1}/{settings.steps}: {losses} "
-                  f"({time.perf_counter() - start:.0f} s)")
-    phases["train"] = time.perf_counter() - start
+                  f"({time.perf_counter() - clock._wall:.0f} s)")
+    clock.stop("train")
 
-    start = time.perf_counter()
+    clock.start()
     final = {name: bits_per_byte(arm.student, tokenizer_S, texts.held_out)
              for name, arm in arms.items()}
-    phases["score_after"] = time.perf_counter() - start
-    print("5/6 held-out bits per byte after training: "
+    clock.stop("score_after")
+    print("6/7 held-out bits per byte after training: "
           + ", ".join(f"{k} {v:.3f}" for k, v in final.items()))
 
-    start = time.perf_counter()
+    clock.start()
     analysis: dict[str, Any] = {}
     if settings.analysis_texts:
-        held = collate(texts.held_out[:settings.analysis_texts])
+        held = purekd.stages.CrossTokenizerCollator(tokenizer_S, tokenizer_T,
+                                                    max_length=settings.max_length)(
+            texts.held_out[:settings.analysis_texts])
         students = {"student_initial": student, **{k: a.student for k, a in arms.items()}}
         analysis = span_analysis(teacher_model, students, held, vocabulary_map, settings)
-    phases["span_analysis"] = time.perf_counter() - start
+    clock.stop("span_analysis")
 
     rows = [Row("teacher (Gemma 3 270M)", parameters["teacher"], teacher_bpb,
                 tokens_T / teacher_meter.seconds, teacher_meter.peak_mb),
@@ -523,20 +628,25 @@ def run(output_dir: str | Path = "purekd-demo-cross-tokenizer", *,
         rows.append(Row(labels[name], parameters["student"], final[name],
                         tokens_S / arm.meter.seconds, arm.meter.peak_mb))
     seconds = time.perf_counter() - began
+    phases = {**clock.wall, "teacher_forward": teacher_meter.seconds}
     results = _results(rows, arms, settings, layers, total_layers, phases, seconds, loads,
                        {"student": vocab_S, "teacher": vocab_T, "matched": matched},
                        {"student": tokens_S, "teacher": tokens_T}, teacher_meter, analysis)
+    results["cpu_seconds_by_phase"] = {**clock.cpu,
+                                       **{f"step_{k}": a.meter.cpu for k, a in arms.items()}}
+    results["cpu_seconds"] = time.process_time() - began_cpu
+    results["threads"] = torch.get_num_threads()
     print()
     print(table(rows))
     print(f"\nGOLD / text-only bits per byte: {results['ratio']['gold']:.3f}; "
           f"ULD / text-only: {results['ratio']['uld']:.3f}")
-    print("tokens/s of ULD and GOLD: the student's step alone; add the teacher's forward "
-          f"({teacher_meter.seconds / max(teacher_meter.calls, 1):.2f} s a batch) for a run "
-          "with one KD student")
+    print("seconds by phase (wall / CPU): " + ", ".join(
+        f"{k} {clock.wall[k]:.0f}/{clock.cpu[k]:.0f}" for k in clock.wall))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     if plot:
-        print(f"6/6 plot: {plot_results(out / 'results.json', out / 'curves.png')}")
-    print(f"results: {out / 'results.json'} ({seconds:.0f} s)")
+        print(f"7/7 plot: {plot_results(out / 'results.json', out / 'curves.png')}")
+    print(f"results: {out / 'results.json'} ({seconds:.0f} s, {results['cpu_seconds']:.0f} CPU s"
+          f" on {results['threads']} threads)")
     return results
 
 
@@ -555,7 +665,7 @@ def _results(rows: list[Row], arms: Mapping[str, Arm], settings: Settings, layer
                               for key in ("teacher", *ARMS)},
         "peak_memory_mb": {key: by_key[key].peak_memory_mb for key in ("teacher", *ARMS)},
         "seconds": seconds,
-        "seconds_by_phase": {**phases, "teacher_forward": teacher_meter.seconds,
+        "seconds_by_phase": {**phases,
                              **{f"step_{k}": a.meter.seconds for k, a in arms.items()}},
         "loads": loads,
         "parameters": {key: by_key[key].parameters
@@ -627,7 +737,8 @@ def plot_results(results_path: Path, path: Path) -> Path:
     return path
 
 
-__all__ = ["ARMS", "DEFAULT", "QUICK", "Arm", "Meter", "Row", "Settings", "SharedTeacher",
-           "Texts", "bits_per_byte", "chunk_texts", "default_cache_dir", "kd_configs",
-           "load_pair", "make_arms", "plot_results", "run", "span_analysis", "split_texts",
-           "table"]
+__all__ = ["ARMS", "DEFAULT", "QUICK", "Arm", "Clock", "Meter", "Row", "Settings",
+           "SharedTeacher", "Texts", "bits_per_byte", "cached_batches", "cached_teacher",
+           "chunk_texts", "default_cache_dir", "kd_configs", "load_pair", "make_arms",
+           "plot_results", "run", "span_analysis", "split_texts", "table", "teacher_hidden",
+           "write_cache"]

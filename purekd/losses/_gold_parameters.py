@@ -11,8 +11,10 @@ from typing import Any
 from . import _divergences
 
 GOLD_DEFAULTS: dict[str, Any] = {"loss": "jsd", "matched_weight": None,
-                                  "unmatched_weight": None, "top_k": None}
-"""GOLD's own parameters and their defaults (its divergence's parameters come on top)."""
+                                  "unmatched_weight": None, "top_k": None, "tail": "total"}
+"""GOLD's own parameters and their defaults (its divergence's parameters come on top).
+``tail`` concerns a top-k teacher (a cross-tokenizer cache) only:
+:func:`~purekd.losses.aligned_gold_topk`'s convention for the mass outside its top-k."""
 
 
 def check_gold_parameters(params: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -41,6 +43,11 @@ def check_gold_parameters(params: Mapping[str, Any], where: str) -> dict[str, An
         if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
                                    or not 0 <= weight < float("inf")):
             raise ValueError(f"{where}: {key}={weight!r} must be a finite number >= 0")
+    tail = params.get("tail", GOLD_DEFAULTS["tail"])
+    if tail not in ("total", "uniform"):
+        raise ValueError(f"{where}: tail={tail!r}; choose 'total' (a top-k teacher's matched head "
+                         f"only, its tail in total in the ULD part) or 'uniform' (its rows "
+                         f"completed to V_T with a uniform tail)")
     top_k = params.get("top_k")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"{where}: top_k={top_k!r} must be a positive int, or None to sort the "

@@ -28,23 +28,54 @@ assumption about how the tail is spread:
 of the full ULD), and the full ULD itself when ``k = V_T``.
 
 **GOLD** (:func:`aligned_gold_topk`) needs the teacher at the matched ids, most of which are
-outside the head: the teacher's row is **completed with a uniform tail** — the tail mass spread
-evenly over the :math:`V_T - k` ids outside the head — and GOLD is computed on the completed
-vector exactly as :func:`~purekd.losses.aligned_gold` does on dense logits. Every entry stays
-finite and positive (no divergence sees a 0 it would take the log of), the total mass is the
-teacher's, and at ``k = V_T`` nothing is completed: the value is the dense GOLD. For ``k < V_T``
-it is an approximation (the uniform tail is the maximum-entropy guess given the mass).
+outside the head. Two conventions (``tail=``):
+
+* ``"total"`` (the default): **the matched head only**. Of the head's ``k`` ids, those whose
+  token string is matched (:math:`H_m \subseteq \mathcal M_T`, mapped to the student's ids
+  :math:`\sigma(H_m)`) are compared by the divergence; everything else — the unmatched head
+  entries and the tail, known only in total — goes to the ULD part, the tail in total as in
+  ULD above:
+
+  .. math::
+
+      w_m\, D\bigl(q^S_{[\sigma(H_m)]}, q^T_{[H_m]}\bigr)
+      + w_u\, \operatorname{ULD}_{h'}\bigl(q^S_{[\overline{\sigma(H_m)}]},
+      q^T_{[\overline{H_m}]}\bigr), \qquad h' = \min(u, h)
+
+  where :math:`u` is the count of unmatched head entries (the teacher's known top of its
+  :math:`\overline{H_m}` part: every tail entry is below every head entry) and
+  :math:`\operatorname{ULD}_{h'}` the sorted L1 of the first :math:`h'` entries plus the
+  difference of the remaining masses (a lower bound of the ULD of those two vectors). This is
+  GOLD with the matched set of each span cut to its teacher head's matched strings; nothing is
+  ``V_T`` wide (a block holds ``(spans, V_S)`` and ``(spans, k)``). At ``k = V_T``,
+  :math:`H_m = \mathcal M_T` and the tail is empty: exactly the dense GOLD. Below, the matched
+  strings outside the head move from ``D`` to the ULD part (their mass is in the tail).
+  ``D`` must give 0 to a column where both sides hold probability 0 (``-inf`` log-probability,
+  the unmatched head positions): every built-in divergence does (``0 log 0 = 0``).
+* ``"uniform"``: the teacher's row **completed with a uniform tail** — the tail mass spread
+  evenly over the :math:`V_T - k` ids outside the head — and GOLD computed on the completed
+  vector exactly as :func:`~purekd.losses.aligned_gold` does on dense logits (a block holds
+  ``(spans, V_T)``). Every entry stays finite and positive, the total mass is the teacher's,
+  and at ``k = V_T`` nothing is completed: the value is the dense GOLD. For ``k < V_T`` the
+  uniform tail is the maximum-entropy guess given the mass.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._gold import VocabularyMap, check_vocabulary_map, gold_per_span, gold_weights
+from ._gold import (
+    VocabularyMap,
+    check_vocabulary_map,
+    divergence_rows,
+    gold_per_span,
+    gold_weights,
+)
 from ._spans import (
     AlignedSpans,
     TeacherMerge,
@@ -115,6 +146,77 @@ def sorted_l1_topk(log_q_S: Tensor, target: TopkSpanTarget, top_k: int | None = 
     m = min(s.size(-1), t.size(-1))
     value = (s[:, :m] - t[:, :m]).abs().sum(-1) + s[:, m:].sum(-1) + t[:, m:].sum(-1)
     return value + ((q_S.sum(-1) - s.sum(-1)) - tail_T).abs()
+
+
+TOPK_TAILS = ("total", "uniform")
+""":func:`aligned_gold_topk`'s conventions for the teacher's mass outside its top-k."""
+
+
+def sorted_l1_known(log_q_S: Tensor, log_head_T: Tensor, known_T: Tensor, log_tail_T: Tensor,
+                    top_k: int | None = None) -> Tensor:
+    r"""The sorted L1 of each span's two vectors when the teacher's is known only on part of
+    its head: ``log_q_S`` ``(C, V_S)`` (``-inf`` where the student's vector has no entry),
+    ``log_head_T`` ``(C, k)`` with ``known_T`` ``(C, k)`` bool (the entries that belong to the
+    teacher's vector; the rest are not part of it), ``log_tail_T`` ``(C,)`` the log of the
+    teacher's remaining mass (its entries unknown, each below every known one).
+
+    :math:`\sum_{i \le h'} |s_{(i)} - t_{(i)}| + |(\sum s - \sum_{i \le h'} s_{(i)}) -
+    (\sum t - \sum_{i \le h'} t_{(i)})|` with :math:`h' = \min(u, h)` per span, :math:`u` the
+    known entries, :math:`h = \min(k, \text{top\_k})`: a lower bound of the full sorted L1,
+    equal to it when nothing is in the tail and :math:`h \ge u`. Returns ``(C,)``."""
+    k = log_head_T.size(-1)
+    h = k if top_k is None else min(top_k, k)
+    q_S = log_q_S.exp()
+    head_T = torch.where(known_T, log_head_T, float("-inf")).exp()
+    t = head_T.sort(dim=-1, descending=True).values[:, :h]
+    s = q_S.topk(min(h, q_S.size(-1)), dim=-1).values
+    if s.size(-1) < h:  # fewer student entries than compared positions: the rest are 0
+        s = torch.cat([s, s.new_zeros(s.size(0), h - s.size(-1))], dim=-1)
+    used = known_T.sum(-1, keepdim=True).clamp_max(h)
+    valid = torch.arange(h, device=t.device) < used
+    s, t = torch.where(valid, s, 0.0), torch.where(valid, t, 0.0)
+    rest_S = q_S.sum(-1) - s.sum(-1)
+    rest_T = head_T.sum(-1) + log_tail_T.exp() - t.sum(-1)
+    return (s - t).abs().sum(-1) + (rest_S - rest_T).abs()
+
+
+def matched_head_gold(vocabulary_map: VocabularyMap, vocab_S: int, device: torch.device, *,
+                      loss: str, w_m: float, w_u: float, top_k: int | None, where: str,
+                      **loss_params: float) -> Callable[[Tensor, TopkSpanTarget], Tensor]:
+    r"""``(log_q_S (C, V_S), target) -> (C,)``: GOLD of a top-k teacher on its matched head
+    (``tail="total"``, module docstring): ``D`` over the ``k`` head columns (``-inf`` on both
+    sides where the teacher's id is unmatched), the ULD part over the rest
+    (:func:`sorted_l1_known`). Only ``(C, V_S)`` and ``(C, k)`` tensors."""
+    matched_rows = divergence_rows(loss, where, **loss_params)
+    order = vocabulary_map.matched_T.to(device).argsort()
+    sorted_T = vocabulary_map.matched_T.to(device)[order]
+    sorted_S = vocabulary_map.matched_S.to(device)[order]
+    count = int(sorted_T.numel())
+
+    def per_span(log_q_S: Tensor, target: TopkSpanTarget) -> Tensor:
+        ids = target.ids
+        if count == 0:
+            is_matched = torch.zeros_like(ids, dtype=torch.bool)
+            ids_S = torch.zeros_like(ids)
+        else:
+            position = torch.searchsorted(sorted_T, ids).clamp_max(count - 1)
+            is_matched = sorted_T[position] == ids
+            ids_S = torch.where(is_matched, sorted_S[position], 0)
+        inf = float("-inf")
+        matched = matched_rows(torch.where(is_matched, log_q_S.gather(-1, ids_S), inf),
+                               torch.where(is_matched, target.log_head, inf))
+        if w_u == 0:
+            return w_m * matched
+        # the student's columns of the matched head leave its ULD vector (an extra column
+        # receives the unmatched positions' writes, so no write lands on a real column)
+        spare = torch.where(is_matched, ids_S, vocab_S)
+        taken = torch.zeros(ids.size(0), vocab_S + 1, dtype=torch.bool, device=ids.device)
+        taken = taken.scatter(-1, spare, True)[:, :vocab_S]
+        rest = sorted_l1_known(torch.where(taken, inf, log_q_S), target.log_head, ~is_matched,
+                               target.log_tail, top_k)
+        return w_m * matched + w_u * rest
+
+    return per_span
 
 
 def completed(target: TopkSpanTarget, vocab_T: int) -> Tensor:
@@ -210,33 +312,51 @@ def aligned_gold_topk(logits_S: Tensor, teacher: TopkSpanTeacher, spans: Aligned
                       temperature: float = 1.0, matched_weight: float | None = None,
                       unmatched_weight: float | None = None, top_k: int | None = None,
                       reduction: str = "mean", chunk_spans: int | None = None,
-                      blockwise: bool = True, **loss_params: float) -> Tensor:
-    r"""GOLD over the aligned spans from a top-k teacher: the teacher's merged vectors completed
-    with a uniform tail (module docstring), then exactly :func:`~purekd.losses.aligned_gold`'s
-    per-span GOLD (the matched ids through ``vocabulary_map``, the rest ULD; weights, ``loss``,
-    ``top_k`` as there; the default matched weight ``M / V_T`` uses ``teacher.vocab_size``).
+                      blockwise: bool = True, tail: str = "total",
+                      **loss_params: float) -> Tensor:
+    r"""GOLD over the aligned spans from a top-k teacher (module docstring): the matched ids
+    through ``vocabulary_map``, the rest ULD; weights, ``loss``, ``top_k`` as in
+    :func:`~purekd.losses.aligned_gold` (the default matched weight ``M / V_T`` uses
+    ``teacher.vocab_size``).
 
-    At ``k = V_T`` it equals :func:`~purekd.losses.aligned_gold` on the dense logits.
-    ``temperature`` must be 1. Gradients flow into ``logits_S`` only.
+    ``tail``: ``"total"`` (default) — the divergence on the teacher head's matched ids only,
+    the unmatched head and the tail (in total) in the ULD part; a block holds ``(spans, V_S)``
+    and ``(spans, k)``, nothing ``V_T`` wide. ``"uniform"`` — the teacher's vectors completed
+    to ``V_T`` with the tail spread uniformly, then exactly the dense per-span GOLD (a block
+    holds ``(spans, V_T)``). At ``k = V_T`` both equal :func:`~purekd.losses.aligned_gold` on
+    the dense logits. ``temperature`` must be 1. Gradients flow into ``logits_S`` only.
     """
     where = "aligned_gold_topk"
+    if tail not in TOPK_TAILS:
+        raise ValueError(f"{where}: tail={tail!r}; choose 'total' (the matched head only, the "
+                         f"tail in total in the ULD part) or 'uniform' (the row completed to "
+                         f"V_T with a uniform tail)")
     flat_S, (ids, logprobs, next_logprobs, vocab_T) = _checked_inputs(
         logits_S, teacher, spans, top_k, reduction, temperature, where)
     vocab_S = flat_S.size(-1)
     check_vocabulary_map(vocabulary_map, vocab_S, vocab_T, where)
     w_m, w_u = gold_weights(vocabulary_map, vocab_T, matched_weight, unmatched_weight, where)
-    dense = gold_per_span(vocabulary_map, vocab_S, vocab_T, flat_S.device, ids.device,
-                          loss=loss, w_m=w_m, w_u=w_u, top_k=top_k, where=where, **loss_params)
+    if tail == "total":
+        per_span = matched_head_gold(vocabulary_map, vocab_S, ids.device, loss=loss, w_m=w_m,
+                                     w_u=w_u, top_k=top_k, where=where, **loss_params)
+        width_T = ids.size(-1)
+    else:
+        dense = gold_per_span(vocabulary_map, vocab_S, vocab_T, flat_S.device, ids.device,
+                              loss=loss, w_m=w_m, w_u=w_u, top_k=top_k, where=where,
+                              **loss_params)
 
-    def per_span(log_q_S: Tensor, target: TopkSpanTarget) -> Tensor:
-        return dense(log_q_S, completed(target, vocab_T))
+        def per_span(log_q_S: Tensor, target: TopkSpanTarget) -> Tensor:
+            return dense(log_q_S, completed(target, vocab_T))
+
+        width_T = vocab_T
 
     return spans_loss_from(per_span, flat_S, topk_teacher_merge(ids, logprobs, next_logprobs),
                            spans, dtype=accumulation_dtype(flat_S, logprobs),
-                           rows_T=ids.size(0), width_T=vocab_T, temperature=temperature,
+                           rows_T=ids.size(0), width_T=width_T, temperature=temperature,
                            reduction=reduction, chunk_spans=chunk_spans, blockwise=blockwise,
                            where=where)
 
 
-__all__ = ["TopkSpanTarget", "TopkSpanTeacher", "aligned_gold_topk", "aligned_uld_topk",
-           "completed", "sorted_l1_topk", "topk_teacher_merge"]
+__all__ = ["TOPK_TAILS", "TopkSpanTarget", "TopkSpanTeacher", "aligned_gold_topk",
+           "aligned_uld_topk", "completed", "matched_head_gold", "sorted_l1_known",
+           "sorted_l1_topk", "topk_teacher_merge"]

@@ -122,6 +122,50 @@ def _split_batch(batch: Any, sample_ids: Callable[[Any], Any] | None) -> tuple[l
     return _as_ids(batch[SAMPLE_ID]), batch[TEACHER]
 
 
+VOCABULARY_BLOCK = 16384
+"""Output-layer rows per block when the teacher gives its hidden states and output layer."""
+
+
+@torch.no_grad()
+def topk_of_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None, k: int,
+                   next_tokens: Tensor | None = None, *, block: int = VOCABULARY_BLOCK
+                   ) -> tuple[Tensor, Tensor, Tensor | None]:
+    r"""The top-``k`` of :math:`\log\operatorname{softmax}(z)`, :math:`z = h W^\top + b`, a
+    block of the vocabulary at a time: the ``(N, V)`` logits are never formed (a block holds
+    ``(N, block)``), and ``weight`` is read once for all ``N`` rows.
+
+    ``hidden`` ``(N, H)``, ``weight`` ``(V, H)``, ``bias`` ``(V,)`` or None. Returns
+    ``(values, ids, following)``: ``values`` ``(N, k)`` float32 log-probabilities, descending,
+    ``ids`` ``(N, k)`` int64, and, when ``next_tokens`` ``(N,)`` is given, ``following``
+    ``(N,)`` float32, :math:`\log p_t(\text{next\_tokens}_t)`. The running maxima and the
+    log-sum-exp over the blocks are float32 at least: equal to ``log_softmax(z).topk(k)`` up to
+    rounding.
+    """
+    count, vocab = hidden.size(0), weight.size(0)
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    best = torch.full((count, k), float("-inf"), dtype=dtype, device=hidden.device)
+    best_ids = torch.zeros(count, k, dtype=torch.int64, device=hidden.device)
+    lse = torch.full((count,), float("-inf"), dtype=dtype, device=hidden.device)
+    raw_next = (torch.zeros(count, dtype=dtype, device=hidden.device)
+                if next_tokens is not None else None)
+    for start in range(0, vocab, block):
+        stop = min(start + block, vocab)
+        z = torch.nn.functional.linear(hidden, weight[start:stop],
+                                       None if bias is None else bias[start:stop]).to(dtype)
+        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
+        top, top_ids = z.topk(min(k, stop - start), dim=-1)
+        merged = torch.cat([best, top], dim=-1)
+        merged_ids = torch.cat([best_ids, top_ids + start], dim=-1)
+        best, where = merged.topk(k, dim=-1)
+        best_ids = merged_ids.gather(-1, where)
+        if next_tokens is not None and raw_next is not None:
+            inside = (next_tokens >= start) & (next_tokens < stop)
+            local = (next_tokens - start).clamp(0, stop - start - 1)
+            raw_next = torch.where(inside, z.gather(-1, local[:, None])[:, 0], raw_next)
+    following = None if raw_next is None else (raw_next - lse).float()
+    return (best - lse[:, None]).float(), best_ids, following
+
+
 def _row_lengths(mask: Tensor) -> Tensor:
     """Kept rows per sample of a right-padded 0/1 mask ``(B, L)``; other masks are an error."""
     keep = mask != 0
@@ -426,7 +470,10 @@ def write_teacher_cache(
     * Batches are ``{'sample_id': ids (B,), 'teacher': batch}`` (:class:`WithSampleIds` makes
       them), or any batch with ``sample_ids(batch) -> ids``. The teacher runs as
       ``adaptor(batch, forward(model, batch, **model_args))``; its ``logits[0]`` ``(B, L, V)``
-      are the scores; the kept rows are those of its ``logits_mask`` (else its ``inputs_mask``,
+      are the scores — or, without ``logits``, its ``lm_hidden`` ``(B, L, H)`` and
+      ``lm_weight`` ``(V, H)`` (``lm_bias``): the output layer is then applied a block of the
+      vocabulary at a time (:func:`topk_of_linear`), never forming the ``(B, L, V)`` logits, for
+      a large vocabulary; the kept rows are those of its ``logits_mask`` (else its ``inputs_mask``,
       else all), which must be right-padded: row ``t < length`` of a sample is stored.
     * Stored per token: ``ids`` ``(k,)`` and ``log_softmax(logits[t])`` at those ids (float32
       log-softmax, descending), encoded as ``values`` (:data:`VALUE_DTYPES`), and the input token
@@ -540,15 +587,23 @@ def _write(model: Callable[..., Any], adaptor: Adaptor, dataloader: Iterable[Any
             batch_T = move_to_device(batch_T, device)
             with torch.inference_mode():
                 adapted = adapt(adaptor, batch_T, forward(model, batch_T, **args))
-            if not adapted.logits or adapted.logits[0].dim() != 3:
+            hidden = None
+            if not adapted.logits and adapted.lm_hidden is not None \
+                    and adapted.lm_hidden.dim() == 3 and adapted.lm_weight is not None:
+                hidden = adapted.lm_hidden  # the output layer a block at a time (topk_of_linear)
+                batch_size, length = hidden.shape[:2]
+                vocab = adapted.lm_weight.size(0)
+            elif not adapted.logits or adapted.logits[0].dim() != 3:
                 shapes = [tuple(t.shape) for t in adapted.logits]
-                raise ValueError(f"the teacher's adaptor must return 'logits' of shape (B, L, V); "
-                                 f"got {shapes or 'none'}")
-            logits = adapted.logits[0]
-            batch_size, length, vocab = logits.shape
+                raise ValueError(f"the teacher's adaptor must return 'logits' of shape (B, L, V) "
+                                 f"(or 'lm_hidden' (B, L, H) with 'lm_weight' (V, H)); got "
+                                 f"{shapes or 'none'}")
+            else:
+                batch_size, length, vocab = adapted.logits[0].shape
+            device_rows = (hidden if hidden is not None else adapted.logits[0]).device
             if len(ids) != batch_size:
                 raise ValueError(f"the batch has {len(ids)} sample ids but the teacher's logits "
-                                 f"have {batch_size} rows ({tuple(logits.shape)})")
+                                 f"have {batch_size} rows ({(batch_size, length, vocab)})")
             if vocab_size is not None and vocab != vocab_size:
                 raise ValueError(f"vocab_size={vocab_size} but the teacher's logits have {vocab} "
                                  "classes: pass the teacher's vocabulary size")
@@ -556,10 +611,11 @@ def _write(model: Callable[..., Any], adaptor: Adaptor, dataloader: Iterable[Any
                 raise ValueError(f"k={k} is larger than the vocabulary ({vocab} classes)")
             mask = (adapted.logits_mask[0] if adapted.logits_mask else adapted.inputs_mask)
             if mask is None:
-                mask = torch.ones(batch_size, length, dtype=torch.long, device=logits.device)
+                mask = torch.ones(batch_size, length, dtype=torch.long, device=device_rows)
             if tuple(mask.shape) != (batch_size, length):
                 raise ValueError(f"the teacher's mask has shape {tuple(mask.shape)} but its "
-                                 f"logits {tuple(logits.shape)}: expected ({batch_size}, {length})")
+                                 f"rows are ({batch_size}, {length}): expected "
+                                 f"({batch_size}, {length})")
             lengths = _row_lengths(mask).tolist()
             batch_tokens = tokens(batch_T) if tokens is not None else None
             if batch_tokens is not None and tuple(batch_tokens.shape) != (batch_size, length):
@@ -586,18 +642,47 @@ def _write(model: Callable[..., Any], adaptor: Adaptor, dataloader: Iterable[Any
                 raise ValueError("tokens(batch) found input ids in some batches (or in the "
                                  "partial cache) but not in others")
             assert dtype is not None
+            from_hidden = None
+            if hidden is not None:  # every wanted row of the batch in one pass over the layer
+                assert adapted.lm_weight is not None
+                wanted = [row for row, i in enumerate(ids) if writer.wants(i)]
+                picked = [hidden[row, :lengths[row]] for row in wanted]
+                following_tokens = None
+                if batch_tokens is not None:
+                    following_tokens = torch.cat([torch.cat([
+                        batch_tokens[row, 1:lengths[row]].to(hidden.device).long(),
+                        torch.zeros(min(1, lengths[row]), dtype=torch.long,
+                                    device=hidden.device)]) for row in wanted]
+                        or [torch.zeros(0, dtype=torch.long, device=hidden.device)])
+                rows_hidden = (torch.cat(picked) if picked
+                               else hidden.new_zeros(0, hidden.size(-1)))
+                top_all, ids_all, following_all = topk_of_linear(
+                    rows_hidden, adapted.lm_weight, adapted.lm_bias, k, following_tokens)
+                from_hidden = {}
+                first = 0
+                for row in wanted:
+                    n = lengths[row]
+                    part = None if following_all is None else following_all[first:first + n].clone()
+                    if part is not None and n:
+                        part[-1] = 0.0  # a sample's last row: no following token
+                    from_hidden[row] = (top_all[first:first + n], ids_all[first:first + n], part)
+                    first += n
             encoded = []  # every row of the batch checked before any is stored
             for row, (sample_id, n) in enumerate(zip(ids, lengths, strict=True)):
                 if not writer.wants(sample_id):
                     skipped += 1
                     continue
-                scores = torch.log_softmax(logits[row, :n].float(), dim=-1)
-                top, top_ids = scores.topk(k, dim=-1, sorted=True)
+                scores = following = None
+                if from_hidden is not None:
+                    top, top_ids, following = from_hidden[row]
+                else:
+                    scores = torch.log_softmax(adapted.logits[0][row, :n].float(), dim=-1)
+                    top, top_ids = scores.topk(k, dim=-1, sorted=True)
                 _check_logprobs(sample_id, top)
                 extra = None
                 if offsets is not None and texts is not None and batch_tokens is not None:
                     extra = _cross_fields(scores, batch_tokens[row, :n], offsets[row, :n],
-                                          texts[row], sample_id)
+                                          texts[row], sample_id, following)
                 encoded.append((sample_id, fmt.encode(
                     top_ids, top, batch_tokens[row, :n] if batch_tokens is not None else None,
                     dtype, values, extra)))
@@ -617,14 +702,18 @@ def _write(model: Callable[..., Any], adaptor: Adaptor, dataloader: Iterable[Any
                                 float(dtype.itemsize), False)
 
 
-def _cross_fields(scores: Tensor, tokens: Tensor, offsets: Tensor, text: str,
-                  sample_id: int) -> fmt.CrossFields:
+def _cross_fields(scores: Tensor | None, tokens: Tensor, offsets: Tensor, text: str,
+                  sample_id: int, following: Tensor | None = None) -> fmt.CrossFields:
     """One sample's cross-tokenizer fields: ``next[t] = scores[t, tokens[t + 1]]`` (0 on the
-    last row), its offsets (checked: ``0 <= start <= end <= len(text)``), its text's digest."""
-    n = scores.shape[0]
-    following = torch.zeros(n, dtype=torch.float32, device=scores.device)
-    if n > 1:
-        following[:-1] = scores[:-1].gather(-1, tokens[1:].to(scores.device).long()[:, None])[:, 0]
+    last row; or ``following``, computed so already), its offsets (checked: ``0 <= start <= end
+    <= len(text)``), its text's digest."""
+    if following is None:
+        assert scores is not None
+        n = scores.shape[0]
+        following = torch.zeros(n, dtype=torch.float32, device=scores.device)
+        if n > 1:
+            following[:-1] = scores[:-1].gather(
+                -1, tokens[1:].to(scores.device).long()[:, None])[:, 0]
     spans = offsets.to(torch.int64).cpu()
     bad = (spans[:, 0] < 0) | (spans[:, 1] < spans[:, 0]) | (spans[:, 1] > len(text))
     if bool(bad.any()):
@@ -653,4 +742,5 @@ def _check_logprobs(sample_id: int, top: Tensor) -> None:
 
 
 
-__all__ = ["CacheSummary", "check_settings", "default_tokens", "finalize_teacher_cache", "write_teacher_cache"]
+__all__ = ["CacheSummary", "check_settings", "default_tokens", "finalize_teacher_cache",
+           "topk_of_linear", "write_teacher_cache"]

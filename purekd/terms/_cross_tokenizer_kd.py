@@ -119,7 +119,9 @@ def cross_tokenizer_kd(
     r"""A term ``{name: loss over the aligned spans}`` (module docstring), at ``temperature``.
 
     ``loss``: ``"gold"`` (``params``: ``loss``, its divergence's own parameters such as
-    ``beta``, ``matched_weight``, ``unmatched_weight``, ``top_k``; needs ``vocabulary_map``,
+    ``beta``, ``matched_weight``, ``unmatched_weight``, ``top_k``, and ``tail`` for a top-k
+    teacher — :func:`~purekd.losses.aligned_gold_topk`'s; ignored with dense teacher logits,
+    which have no tail; needs ``vocabulary_map``,
     :func:`~purekd.stages.vocabulary_map` of the two tokenizers) or ``"uld"`` (``params``:
     ``top_k``). Both sides' adaptors return ``logits``. The term's ``kept_rows`` is the count of
     aligned spans. Bad parameters, and ``"gold"`` without a vocabulary map, raise here.
@@ -157,9 +159,10 @@ def cross_tokenizer_kd(
         logits_T = adapted_T.logits[0]
         if loss == "gold":
             assert vocabulary_map is not None
+            dense = {k: v for k, v in options.items() if k != "tail"}  # a top-k teacher's only
             return losses.aligned_gold(logits_S, logits_T, spans, vocabulary_map,
                                        temperature=temperature, chunk_spans=chunk_spans,
-                                       **options)
+                                       **dense)
         return losses.aligned_uld(logits_S, logits_T, spans, temperature=temperature,
                                   chunk_spans=chunk_spans, **options)
 

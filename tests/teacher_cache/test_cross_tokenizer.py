@@ -157,7 +157,8 @@ def one_step(step: Any, student: torch.nn.Module, batch: Any) -> tuple[Tensor, l
 
 @pytest.mark.parametrize(("loss", "params"), [
     ("uld", {}), ("gold", {}), ("gold", {"beta": 0.9, "matched_weight": 1.0,
-                                         "unmatched_weight": 0.5, "top_k": 5})])
+                                         "unmatched_weight": 0.5, "top_k": 5}),
+    ("gold", {"tail": "uniform"}), ("gold", {"tail": "total", "loss": "forward_kl"})])
 def test_make_step_from_the_cache_at_k_equal_v_is_the_live_step(pair, tmp_path, loss, params):
     tokenizer_S, tokenizer_T = pair
     teacher = CausalLM(len(tokenizer_T), seed=0)
@@ -298,3 +299,79 @@ def test_general_distiller_from_the_cache_ends_with_the_live_weights(pair, tmp_p
     assert moved > 1e-3
     for a, b in zip(cached.parameters(), live.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 1000])
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_topk_of_linear_equals_the_dense_top_k(block, k):
+    from purekd.teacher_cache._writer import topk_of_linear
+
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    weight = torch.randn(23, 5, generator=generator, dtype=torch.float64)
+    bias = torch.randn(23, generator=generator, dtype=torch.float64)
+    following_tokens = torch.tensor([0, 22, 7, 7, 15, 3])
+    values, ids, following = topk_of_linear(hidden, weight, bias, k, following_tokens,
+                                            block=block)
+    logp = torch.log_softmax(hidden @ weight.T + bias, -1)
+    want_values, want_ids = logp.topk(k, -1)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(values, want_values.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(following, logp.gather(-1, following_tokens[:, None])[:, 0].float(),
+                               rtol=0, atol=1e-6)
+    assert topk_of_linear(hidden, weight, None, k, block=block)[2] is None
+
+
+class HiddenOutput(NamedTuple):
+    hidden: Tensor
+
+
+def test_a_cache_from_hidden_states_and_the_output_layer_is_the_logits_cache(pair, tmp_path):
+    # the writer given lm_hidden + lm_weight (+ lm_bias) applies the layer a vocabulary block at
+    # a time and stores what it stores from the logits: the same ids, tokens, offsets, texts
+    tokenizer_S, tokenizer_T = pair
+    teacher = CausalLM(len(tokenizer_T), seed=0)
+
+    def hidden_adaptor(batch: dict[str, Tensor], outputs: Any) -> dict[str, Any]:
+        h = teacher.embed(batch["input_ids"]).cumsum(1)
+        h = h / torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]
+        return {"lm_hidden": torch.tanh(h) * 3, "lm_weight": teacher.out.weight,
+                "lm_bias": teacher.out.bias * 3, "logits_mask": batch["attention_mask"]}
+
+    write(teacher, pair, tmp_path / "logits", k=4)
+    loader = DataLoader(WithSampleIds(TEXTS), batch_size=2,
+                        collate_fn=TeacherTextCollate(tokenizer_T))
+    write_teacher_cache(teacher, hidden_adaptor, loader, tmp_path / "hidden", k=4,
+                        values="float32", tokenizer=tokenizer_T, student_tokenizer=tokenizer_S,
+                        progress_bar=False)
+    from_logits, from_hidden = TeacherCache(tmp_path / "logits"), TeacherCache(tmp_path / "hidden")
+    for sample_id in range(len(TEXTS)):
+        a, b = from_logits[sample_id], from_hidden[sample_id]
+        assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.tokens, b.tokens)
+        assert torch.equal(a.offsets, b.offsets) and a.text_digest == b.text_digest
+        torch.testing.assert_close(a.topk_logprobs, b.topk_logprobs, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.next_logprobs, b.next_logprobs, rtol=0, atol=1e-5)
+        assert b.next_logprobs[-1] == 0
+
+
+@pytest.mark.parametrize("tail", ["total", "uniform"])
+def test_the_gold_config_chooses_the_top_k_tail(pair, tmp_path, tail):
+    # kd_loss_type=["gold", {"tail": ...}] from a k < V_T cache is aligned_gold_topk(tail=...)
+    tokenizer_S, tokenizer_T = pair
+    write(CausalLM(len(tokenizer_T), seed=0), pair, tmp_path, k=3)
+    student = CausalLM(len(tokenizer_S), seed=1)
+    mapping = vocabulary_map(tokenizer_S, tokenizer_T)
+    step = purekd.make_step({"kd_loss_type": ["gold", {"tail": tail}], "temperature": 1.0}, None,
+                            student, cached_adaptor, logits_adaptor, compile=False,
+                            vocabulary_map=mapping)
+    (batch,) = cached_batches(pair, tmp_path)
+    got = step(batch).loss
+    cached = batch["teacher_cache"]
+    teacher = purekd.losses.TopkSpanTeacher(cached["topk_ids"], cached["topk_logprobs"],
+                                            cached["topk_next_logprobs"],
+                                            cached["topk_vocab_size"])
+    want = purekd.losses.aligned_gold_topk(student(**batch["student"]).logits, teacher,
+                                           batch["spans"], mapping, tail=tail)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"tail='flat'; choose 'total'"):
+        purekd.DistillationConfig(kd_loss_type=["gold", {"tail": "flat"}], temperature=1.0)
