@@ -57,7 +57,7 @@ class Settings(NamedTuple):
     steps: int = 40
     layers: int = 6
     warmup_lr: float = 3e-3
-    lr: float = 5e-4
+    lr: float = 2e-3
     warmup: float = 0.1
     off_policy_loss: str = "forward_kl"
     on_policy_loss: str = "reverse_kl"
