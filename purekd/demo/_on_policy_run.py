@@ -49,11 +49,15 @@ class Settings(NamedTuple):
     prompt_tokens: int = 8
     max_new_tokens: int = 32
     batch_size: int = 8
-    warmup_steps: int = 30
+    warmup_steps: int = 60
+    warmup_rows: int = 240
+    warmup_batch_size: int = 8
+    warmup_k: int = 64
+    warmup_ce_weight: float = 1.0
     steps: int = 40
     layers: int = 6
     warmup_lr: float = 3e-3
-    lr: float = 5e-4
+    lr: float = 2e-3
     warmup: float = 0.1
     off_policy_loss: str = "forward_kl"
     on_policy_loss: str = "reverse_kl"
@@ -67,7 +71,7 @@ class Settings(NamedTuple):
 
     def check(self) -> None:
         positive = ("verses", "held_out_verses", "prompt_tokens", "max_new_tokens", "batch_size",
-                    "warmup_steps", "steps", "layers", "eval_prompts", "eval_batch_size",
+                    "warmup_steps", "warmup_rows", "warmup_batch_size", "warmup_k", "steps", "layers", "eval_prompts", "eval_batch_size",
                     "length", "held_out_rows")
         for name in positive:
             value = getattr(self, name)
@@ -79,6 +83,9 @@ class Settings(NamedTuple):
         for name in ("warmup_lr", "lr", "temperature", "eval_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected > 0")
+        if not self.warmup_ce_weight >= 0:
+            raise ValueError(f"warmup_ce_weight={self.warmup_ce_weight!r}: expected >= 0 (0: "
+                             "the warm-up's KD alone)")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup={self.warmup!r}: the warm-up fraction must be in [0, 1)")
         for name in ("off_policy_loss", "on_policy_loss"):
@@ -89,7 +96,8 @@ DEFAULT = Settings()
 """The documented run."""
 
 QUICK = Settings(verses=400, held_out_verses=40, prompt_tokens=4, max_new_tokens=6,
-                 batch_size=2, warmup_steps=2, steps=2, layers=2, eval_prompts=4,
+                 batch_size=2, warmup_steps=2, warmup_rows=4, warmup_batch_size=2, warmup_k=8,
+                 steps=2, layers=2, eval_prompts=4,
                  eval_batch_size=2, length=32, held_out_rows=2)
 """``--quick``: seconds of compute after the teacher's load (the test suite runs it)."""
 
@@ -143,6 +151,8 @@ class SampleScores(NamedTuple):
     stopped: float
     seconds: float
     examples: list[str]
+    kl_by_prompt: list[float]
+    tokens_by_prompt: list[int]
 
 
 @torch.no_grad()
@@ -164,6 +174,8 @@ def score_samples(model: nn.Module, teacher: nn.Module, prompts: Tensor, setting
     tokens = stopped = 0
     lengths: list[int] = []
     texts: list[str] = []
+    kl_by_prompt: list[float] = []
+    tokens_by_prompt: list[int] = []
     was_training = model.training
     model.eval()
     try:
@@ -178,6 +190,8 @@ def score_samples(model: nn.Module, teacher: nn.Module, prompts: Tensor, setting
             logits_T = teacher(**inputs).logits[:, :-1]
             kl, nll = reverse_kl_on_samples(logits_S, logits_T, next_ids, rows)
             kl_sum += float(kl.sum())
+            kl_by_prompt += kl.sum(1).tolist()
+            tokens_by_prompt += rows.sum(1).tolist()
             nll_sum += float(nll.sum())
             tokens += int(rows.sum())
             lengths += sampled.completion_lengths.tolist()
@@ -191,7 +205,34 @@ def score_samples(model: nn.Module, teacher: nn.Module, prompts: Tensor, setting
         model.train(was_training)
     return SampleScores(kl_sum / max(tokens, 1), nll_sum / max(tokens, 1), tokens,
                         sum(lengths) / max(len(lengths), 1), stopped / max(len(lengths), 1),
-                        time.perf_counter() - start, texts[:examples])
+                        time.perf_counter() - start, texts[:examples], kl_by_prompt,
+                        [int(t) for t in tokens_by_prompt])
+
+
+def bootstrap_ratio(a: SampleScores, b: SampleScores, draws: int = 2000, seed: int = 0,
+                    level: float = 0.95) -> tuple[float, float]:
+    r"""A percentile bootstrap interval of the ratio of two models' token-mean reverse KL on
+    the same prompts: each draw resamples the prompts with replacement (paired: the same
+    prompts for both) and computes
+
+    .. math:: r = \frac{\sum_{i} \mathrm{KL}^a_i / \sum_i n^a_i}
+                      {\sum_i \mathrm{KL}^b_i / \sum_i n^b_i}
+
+    (``KL_i`` the summed per-token reverse KL of prompt ``i``'s sample, ``n_i`` its tokens).
+    Returns the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of ``draws`` draws.
+    It measures the evaluation's noise (which prompts), not the training's."""
+    if len(a.kl_by_prompt) != len(b.kl_by_prompt) or not a.kl_by_prompt:
+        raise ValueError(f"bootstrap_ratio: {len(a.kl_by_prompt)} and {len(b.kl_by_prompt)} "
+                         "prompts: the two models must be scored on the same prompts")
+    generator = torch.Generator().manual_seed(seed)
+    n = len(a.kl_by_prompt)
+    index = torch.randint(0, n, (draws, n), generator=generator)
+    kl_a, kl_b = (torch.tensor(s.kl_by_prompt, dtype=torch.float64)[index] for s in (a, b))
+    n_a, n_b = (torch.tensor(s.tokens_by_prompt, dtype=torch.float64)[index] for s in (a, b))
+    ratio = (kl_a.sum(1) / n_a.sum(1).clamp_min(1)) / (kl_b.sum(1) / n_b.sum(1).clamp_min(1))
+    low, high = torch.quantile(ratio, torch.tensor([(1 - level) / 2, (1 + level) / 2],
+                                                   dtype=torch.float64)).tolist()
+    return low, high
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -199,11 +240,14 @@ def score_samples(model: nn.Module, teacher: nn.Module, prompts: Tensor, setting
 
 class Verses(NamedTuple):
     """Tokenised verses: ``train`` and ``held_out`` lists of id lists (each verse's ids, its
-    newline appended), ``held_out_rows`` ``(R, length)`` packed held-out text."""
+    newline appended), ``held_out_rows`` ``(R, length)`` packed held-out text,
+    ``warmup_rows`` ``(warmup_rows, length)`` the training verses' text packed (the warm-up's
+    data, as the LM demo's rows)."""
 
     train: list[list[int]]
     held_out: list[list[int]]
     held_out_rows: Tensor
+    warmup_rows: Tensor
 
 
 def newline_id(tokenizer: Any) -> int:
@@ -226,15 +270,16 @@ def load_verses(tokenizer: Any, settings: Settings) -> Verses:
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] + [newline] for t in texts]
     train = [ids for ids in encoded[:cut] if len(ids) >= settings.prompt_tokens + 2]
     held = [ids for ids in encoded[cut:] if len(ids) >= settings.prompt_tokens + 2]
-    needed = (settings.warmup_steps + settings.steps) * settings.batch_size
+    needed = settings.steps * settings.batch_size
     if len(train) < needed:
-        raise ValueError(f"{len(train)} training verses, fewer than the {needed} the warm-up and "
-                         "the arms take (steps x batch_size): read more verses or take fewer steps")
+        raise ValueError(f"{len(train)} training verses, fewer than the {needed} the arms take "
+                         "(steps x batch_size): read more verses or take fewer steps")
     if len(held) < settings.eval_prompts:
         raise ValueError(f"{len(held)} held-out verses, fewer than eval_prompts="
                          f"{settings.eval_prompts}: hold out more verses")
     rows = bible.packed(tokenizer, texts[cut:], settings.length, 0, settings.held_out_rows)
-    return Verses(train, held, rows.held_out)
+    warm = bible.packed(tokenizer, texts[:cut], settings.length, settings.warmup_rows, 0)
+    return Verses(train, held, rows.held_out, warm.train)
 
 
 def _pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -322,6 +367,37 @@ def train(teacher: Any, student: Any, config: purekd.DistillationConfig,
     return distiller.step
 
 
+def warm_up(teacher: Any, tokenizer: Any, student: Any, rows: Tensor, out: Path,
+            settings: Settings, progress_bar: bool | None,
+            teacher_path: str | Path | None = None) -> None:
+    """The shared warm-up, in place: ``purekd demo lm``'s distilled student (its recipe,
+    :func:`purekd.demo._lm_run.recipe_for`, through :func:`purekd.recipes.train_student`).
+    The teacher's top-``warmup_k`` log-probabilities of every token of ``rows``
+    ``(warmup_rows, length)`` are cached once under ``out/teacher_cache``; then
+    ``warmup_steps`` AdamW steps at ``warmup_lr`` (``warmup`` linear warm-up, linear decay,
+    gradient norm clipped at 1) of ``forward_kl(top-k) + warmup_ce_weight * CE`` on batches of
+    ``warmup_batch_size`` rows; the run's ``metrics.jsonl`` is under ``out/warmup``."""
+    import attrs
+
+    from . import _lm_run
+
+    lm_settings = _lm_run.Settings(
+        verses=settings.verses, length=settings.length, train_rows=settings.warmup_rows,
+        held_out_rows=settings.held_out_rows, batch_size=settings.warmup_batch_size,
+        steps=settings.warmup_steps, layers=settings.layers, k=settings.warmup_k,
+        lr=settings.warmup_lr, warmup=settings.warmup, ce_weight=settings.warmup_ce_weight,
+        seed=settings.seed)
+    cache = _lm_run.teacher_cache(teacher, tokenizer, rows, out / "teacher_cache", lm_settings,
+                                  progress_bar)
+    recipe = _lm_run.recipe_for(lm_settings, out, teacher_path)
+    recipe = attrs.evolve(recipe, checkpoint=attrs.evolve(
+        recipe.checkpoint, output_dir=str(out / "warmup"), save_pretrained=False))
+    _lm_run.train_distilled(student, rows, cache, out / "warmup", lm_settings, progress_bar,
+                            recipe)
+    for checkpoint in (out / "warmup").glob("gs*.pkl"):  # not needed here
+        checkpoint.unlink()
+
+
 class Row(NamedTuple):
     """One row of the table."""
 
@@ -367,9 +443,7 @@ def run(output_dir: str | Path = "purekd-demo-on-policy", *, teacher: str | Path
     order = list(range(len(data.train)))
     random.Random(settings.seed).shuffle(order)
     shuffled = [data.train[i] for i in order]
-    cut = settings.warmup_steps * settings.batch_size
-    warm_verses = shuffled[:cut]
-    arm_verses = shuffled[cut:cut + settings.steps * settings.batch_size]
+    arm_verses = shuffled[:settings.steps * settings.batch_size]
     eval_prompts = torch.tensor([v[:settings.prompt_tokens]
                                  for v in data.held_out[:settings.eval_prompts]])
     print(f"    {path.name}: {total_layers} layers; student: layers {layers}; "
@@ -387,14 +461,15 @@ def run(output_dir: str | Path = "purekd-demo-on-policy", *, teacher: str | Path
     samples: dict[str, SampleScores] = {}
     rows: list[Row] = []
 
-    print(f"2/5 warm-up (shared): {settings.warmup_steps} steps of off-policy KD "
-          f"({settings.off_policy_loss}) on whole verses, batch {settings.batch_size}")
-    warm_data = batches(warm_verses, settings, pad_id, kind="text")
-    warm_tokens = sum(int(b["attention_mask"].sum()) for b in warm_data)
+    print(f"2/5 warm-up (shared): the LM demo's distilled student, {settings.warmup_steps} "
+          f"steps of {settings.warmup_batch_size}x{settings.length} tokens of the training "
+          f"verses, forward KL on the teacher's top-{settings.warmup_k} + "
+          f"{settings.warmup_ce_weight:g} x cross-entropy")
+    warm_tokens = settings.warmup_steps * settings.warmup_batch_size * settings.length
     seed_everything(settings.seed)
     with measured() as phase:
-        train(model_T, student, _config(settings, "off_policy", stops), warm_data,
-              settings.warmup_steps, settings.warmup_lr, out / "warmup", settings, progress_bar)
+        warm_up(model_T, tokenizer, student, data.warmup_rows, out, settings, progress_bar,
+                teacher)
     seconds["warmup"], cpu["warmup"] = phase.seconds, phase.cpu_seconds
     samples["warmup"], ppl = score(student, "warmup")
     rows.append(Row("student after warm-up", samples["warmup"].reverse_kl,
@@ -440,8 +515,10 @@ def run(output_dir: str | Path = "purekd-demo-on-policy", *, teacher: str | Path
     print("5/5 results")
     print()
     print(table(rows))
+    low, high = results["ratio_interval"]
     print(f"\non-policy / off-policy reverse KL on their own samples: "
-          f"{results['ratio']:.2f} (target <= 0.8)")
+          f"{results['ratio']:.2f} (95 % bootstrap over the prompts: {low:.2f}-{high:.2f}; "
+          f"target <= 0.8); mixed / off-policy {results['ratio_mixed']:.2f}")
     print(f"arms + evaluation: {seconds['on_policy_part']:.0f} s "
           f"({cpu['on_policy_part']:.0f} CPU seconds on {torch.get_num_threads()} thread(s)); "
           f"whole job {seconds['total']:.0f} s")
@@ -496,9 +573,14 @@ def _results(rows: list[Row], samples: dict[str, SampleScores], settings: Settin
         "perplexity": {k: r.perplexity for k, r in by_key.items()},
         "ratio": ratio,
         "ratio_mixed": samples["mixed"].reverse_kl / samples["off_policy"].reverse_kl,
+        "ratio_interval": bootstrap_ratio(samples["on_policy"], samples["off_policy"],
+                                          seed=settings.seed),
+        "ratio_mixed_interval": bootstrap_ratio(samples["mixed"], samples["off_policy"],
+                                                seed=settings.seed),
         "target_met": ratio <= 0.8,
         "samples": {k: {"tokens": s.tokens, "mean_length": s.mean_length,
-                        "stopped": s.stopped, "seconds": s.seconds, "examples": s.examples}
+                        "stopped": s.stopped, "seconds": s.seconds, "examples": s.examples,
+                        "kl_by_prompt": s.kl_by_prompt, "tokens_by_prompt": s.tokens_by_prompt}
                     for k, s in samples.items()},
         "seconds": seconds["total"],
         "seconds_by_phase": seconds,
@@ -590,5 +672,6 @@ def plot_results(out: Path, path: Path) -> Path:
 
 
 __all__ = ["ARMS", "DEFAULT", "QUICK", "Row", "SampleScores", "Settings", "Verses", "batches",
-           "load_verses", "newline_id", "plot_results", "reverse_kl_on_samples", "run",
-           "score_samples", "table", "text_batch", "train"]
+           "bootstrap_ratio", "load_verses", "newline_id", "plot_results",
+           "reverse_kl_on_samples", "run", "score_samples", "table", "text_batch", "train",
+           "warm_up"]

@@ -20,6 +20,7 @@ from ._on_policy_run import (
     Settings,
     Verses,
     batches,
+    bootstrap_ratio,
     load_verses,
     newline_id,
     plot_results,
@@ -29,8 +30,10 @@ from ._on_policy_run import (
     table,
     text_batch,
     train,
+    warm_up,
 )
 
 __all__ = ["ARMS", "DEFAULT", "QUICK", "Row", "SampleScores", "Settings", "Verses", "batches",
-           "load_verses", "newline_id", "plot_results", "reverse_kl_on_samples", "run",
-           "score_samples", "table", "text_batch", "train"]
+           "bootstrap_ratio", "load_verses", "newline_id", "plot_results",
+           "reverse_kl_on_samples", "run", "score_samples", "table", "text_batch", "train",
+           "warm_up"]

@@ -64,6 +64,35 @@ def test_reverse_kl_on_samples_refuses_shapes_that_disagree():
                                         torch.zeros(3, dtype=torch.long), torch.ones(3))
 
 
+# -- the ratio's bootstrap interval ----------------------------------------------------------
+
+
+def _scores(kl: list[float], tokens: list[int]) -> on_policy.SampleScores:
+    return on_policy.SampleScores(sum(kl) / sum(tokens), 0.0, sum(tokens), 0.0, 0.0, 0.0, [],
+                                  kl, tokens)
+
+
+def test_bootstrap_ratio_is_the_ratio_when_every_prompt_agrees():
+    # every prompt: the same tokens and a's KL 0.5 x b's, so every resample's ratio is 0.5
+    a = _scores([1.0, 3.0, 0.5], [4, 6, 2])
+    b = _scores([2.0, 6.0, 1.0], [4, 6, 2])
+    low, high = on_policy.bootstrap_ratio(a, b, draws=200)
+    assert low == pytest.approx(0.5, abs=1e-12) and high == pytest.approx(0.5, abs=1e-12)
+
+
+def test_bootstrap_ratio_brackets_the_token_weighted_ratios_of_the_prompts():
+    # two prompts: a resample holds (0, 1 or 2) copies of prompt 0, so the ratio takes three
+    # values, computed by hand; the interval lies between the smallest and the largest
+    a = _scores([1.0, 1.0], [1, 1])
+    b = _scores([1.0, 4.0], [1, 2])
+    by_hand = [(1 / 1) / (4 / 2), (2 / 2) / (5 / 3), (1 / 1) / (1 / 1)]  # 0.5, 0.6, 1.0
+    low, high = on_policy.bootstrap_ratio(a, b, draws=4000, seed=3)
+    assert low == pytest.approx(by_hand[0]) and high == pytest.approx(by_hand[2])
+    with pytest.raises(ValueError, match=r"bootstrap_ratio: 2 and 1 prompts: the two models must "
+                                         r"be scored on the same prompts"):
+        on_policy.bootstrap_ratio(a, _scores([1.0], [1]))
+
+
 # -- batches and settings --------------------------------------------------------------------
 
 
@@ -134,6 +163,12 @@ def test_the_quick_demo_writes_its_results_and_plot(quick_run):
     assert saved["ratio"] == pytest.approx(saved["reverse_kl"]["on_policy"]
                                            / saved["reverse_kl"]["off_policy"])
     assert saved["target_met"] == (saved["ratio"] <= 0.8)
+    low, high = saved["ratio_interval"]
+    assert 0 < low <= high
+    for model in models:
+        scored = saved["samples"][model]
+        assert len(results["samples"][model]["kl_by_prompt"]) == on_policy.QUICK.eval_prompts
+        assert sum(scored["tokens_by_prompt"]) == scored["tokens"]
     phases = saved["seconds_by_phase"]
     for phase in ("teacher_load", "warmup", "train_off_policy", "train_on_policy", "train_mixed",
                   "eval_off_policy", "eval_on_policy", "eval_mixed", "on_policy_part", "total"):
