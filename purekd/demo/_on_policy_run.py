@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import random
 import time
@@ -59,8 +60,8 @@ class Settings(NamedTuple):
     warmup_lr: float = 3e-3
     lr: float = 2e-3
     warmup: float = 0.1
-    off_policy_loss: str = "forward_kl"
-    on_policy_loss: str = "reverse_kl"
+    off_policy_loss: str | list[Any] = "forward_kl"
+    on_policy_loss: str | list[Any] = "reverse_kl"
     temperature: float = 1.0
     eval_prompts: int = 64
     eval_temperature: float = 1.0
@@ -398,6 +399,64 @@ def warm_up(teacher: Any, tokenizer: Any, student: Any, rows: Tensor, out: Path,
         checkpoint.unlink()
 
 
+WARMUP_FIELDS = ("verses", "held_out_verses", "length", "held_out_rows", "layers", "warmup_steps",
+                 "warmup_rows", "warmup_batch_size", "warmup_k", "warmup_ce_weight", "warmup_lr",
+                 "warmup", "seed")
+"""The settings the shared warm-up depends on (the key of its saved copy); the arms' settings
+(``lr``, ``steps``, the losses, the evaluation) are not among them."""
+
+
+def warmup_key(settings: Settings, teacher_path: str | Path) -> dict[str, Any]:
+    """What identifies a warm-up: the :data:`WARMUP_FIELDS` of ``settings`` and the teacher
+    (its file or folder name and, for a file, its size in bytes)."""
+    path = Path(teacher_path)
+    return {**{name: getattr(settings, name) for name in WARMUP_FIELDS},
+            "teacher": path.name, "teacher_bytes": path.stat().st_size if path.is_file() else None}
+
+
+def warmup_file(folder: str | Path, key: dict[str, Any]) -> Path:
+    """``folder/warmup-<12 hex digits>.pt``: the saved warm-up of ``key`` (:func:`warmup_key`),
+    named by the SHA-1 of its JSON."""
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(folder) / f"warmup-{digest}.pt"
+
+
+def save_warmup(path: Path, key: dict[str, Any], student: nn.Module, metrics: Path,
+                seconds: float, cpu_seconds: float) -> None:
+    """Saves the warmed-up ``student``'s state with its ``key``, the warm-up's
+    ``metrics.jsonl`` text and its wall and CPU seconds (written to a temporary file, then
+    renamed: a partial file is never read)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    torch.save({"key": key, "state_dict": student.state_dict(),
+                "metrics": metrics.read_text() if metrics.exists() else "",
+                "seconds": seconds, "cpu_seconds": cpu_seconds}, temporary)
+    temporary.replace(path)
+
+
+def load_warmup(path: Path, key: dict[str, Any], student: nn.Module,
+                metrics: Path) -> tuple[float, float]:
+    """Loads a warm-up saved by :func:`save_warmup` into ``student`` (strict: every parameter)
+    and writes its ``metrics.jsonl`` to ``metrics``; returns the original warm-up's ``(wall,
+    CPU)`` seconds. Raises ``ValueError`` if the file was saved for other settings."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("key") != key:
+        raise ValueError(f"{path}: a warm-up saved for {saved.get('key')}, not {key}: delete "
+                         "the file or give another warmup_cache folder")
+    student.load_state_dict(saved["state_dict"])
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(saved["metrics"])
+    return float(saved["seconds"]), float(saved["cpu_seconds"])
+
+
+def loss_name(kd_loss_type: str | list[Any]) -> str:
+    """A ``kd_loss_type`` as the table names it: ``"reverse_kl"``, ``['jsd', {'beta': 0.9}]``
+    -> ``"jsd beta=0.9"``."""
+    name, parameters = purekd.presets.kd_loss_spec(kd_loss_type)
+    return " ".join([name, *(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in parameters.items())])
+
+
 class Row(NamedTuple):
     """One row of the table."""
 
@@ -415,9 +474,16 @@ class Row(NamedTuple):
 
 
 def run(output_dir: str | Path = "purekd-demo-on-policy", *, teacher: str | Path | None = None,
-        settings: Settings = DEFAULT, plot: bool = True,
-        progress_bar: bool | None = None) -> dict[str, Any]:
-    """Run the demo; returns what it writes to ``output_dir/results.json``."""
+        settings: Settings = DEFAULT, plot: bool = True, progress_bar: bool | None = None,
+        warmup_cache: str | Path | None = None) -> dict[str, Any]:
+    """Run the demo; returns what it writes to ``output_dir/results.json``.
+
+    ``warmup_cache``: a folder where the shared warm-up is saved after it runs and loaded from
+    when a warm-up of the same :func:`warmup_key` (the same teacher and warm-up settings) is
+    there (:func:`warmup_file`): runs that change only the arms or the evaluation then skip
+    it. A loaded warm-up reports the original warm-up's wall and CPU seconds (the load's own
+    time is ``seconds_by_phase["warmup_load"]``); ``results["warmup_cache"]`` names the file
+    and whether it was loaded."""
     settings.check()
     start = time.perf_counter()
     out = Path(output_dir)
@@ -467,21 +533,34 @@ def run(output_dir: str | Path = "purekd-demo-on-policy", *, teacher: str | Path
           f"{settings.warmup_ce_weight:g} x cross-entropy")
     warm_tokens = settings.warmup_steps * settings.warmup_batch_size * settings.length
     seed_everything(settings.seed)
-    with measured() as phase:
-        warm_up(model_T, tokenizer, student, data.warmup_rows, out, settings, progress_bar,
-                teacher)
-    seconds["warmup"], cpu["warmup"] = phase.seconds, phase.cpu_seconds
+    key = warmup_key(settings, path)
+    saved = None if warmup_cache is None else warmup_file(warmup_cache, key)
+    metrics = out / "warmup" / "metrics.jsonl"
+    if saved is not None and saved.exists():
+        with measured() as phase:
+            seconds["warmup"], cpu["warmup"] = load_warmup(saved, key, student, metrics)
+        seconds["warmup_load"], cpu["warmup_load"] = phase.seconds, phase.cpu_seconds
+        print(f"    loaded from {saved} (saved warm-up of the same settings)")
+        peak = None
+    else:
+        with measured() as phase:
+            warm_up(model_T, tokenizer, student, data.warmup_rows, out, settings,
+                    progress_bar, teacher)
+        seconds["warmup"], cpu["warmup"], peak = phase.seconds, phase.cpu_seconds, phase.peak_mb
+        if saved is not None:
+            save_warmup(saved, key, student, metrics, phase.seconds, phase.cpu_seconds)
+            print(f"    saved to {saved}")
     samples["warmup"], ppl = score(student, "warmup")
     rows.append(Row("student after warm-up", samples["warmup"].reverse_kl,
                     samples["warmup"].teacher_nll, ppl, samples["warmup"].mean_length,
-                    phase.seconds, warm_tokens / phase.seconds, phase.peak_mb))
+                    seconds["warmup"], warm_tokens / seconds["warmup"], peak))
 
     print(f"3/5 three arms from the warmed-up student: {settings.steps} steps each, AdamW "
           f"lr {settings.lr}, prompts in the same order")
     arm_tokens: dict[str, int] = {}
-    names = {"off_policy": f"off-policy ({settings.off_policy_loss})",
-             "on_policy": f"on-policy l=1 ({settings.on_policy_loss})",
-             "mixed": f"mixed l=0.5 ({settings.on_policy_loss})"}
+    names = {"off_policy": f"off-policy ({loss_name(settings.off_policy_loss)})",
+             "on_policy": f"on-policy l=1 ({loss_name(settings.on_policy_loss)})",
+             "mixed": f"mixed l=0.5 ({loss_name(settings.on_policy_loss)})"}
     for arm in ARMS:
         kind = {"off_policy": "text", "on_policy": "prompts", "mixed": "both"}[arm]
         arm_data = batches(arm_verses, settings, pad_id, kind=kind)
@@ -512,6 +591,8 @@ def run(output_dir: str | Path = "purekd-demo-on-policy", *, teacher: str | Path
     cpu["on_policy_part"] = sum(cpu[f"train_{a}"] + cpu[f"eval_{a}"] for a in ARMS)
     results = _results(rows, samples, settings, layers, total_layers, path, seconds, cpu,
                        arm_tokens, lm.parameter_count(model_T), lm.parameter_count(student))
+    results["warmup_cache"] = None if saved is None else {
+        "file": str(saved), "loaded": "warmup_load" in seconds, "key": key}
     print("5/5 results")
     print()
     print(table(rows))
@@ -671,7 +752,8 @@ def plot_results(out: Path, path: Path) -> Path:
     return path
 
 
-__all__ = ["ARMS", "DEFAULT", "QUICK", "Row", "SampleScores", "Settings", "Verses", "batches",
-           "bootstrap_ratio", "load_verses", "newline_id", "plot_results",
-           "reverse_kl_on_samples", "run", "score_samples", "table", "text_batch", "train",
-           "warm_up"]
+__all__ = ["ARMS", "DEFAULT", "QUICK", "WARMUP_FIELDS", "Row", "SampleScores", "Settings",
+           "Verses", "batches", "bootstrap_ratio", "load_verses", "load_warmup", "loss_name",
+           "newline_id", "plot_results", "reverse_kl_on_samples", "run", "save_warmup",
+           "score_samples", "table", "text_batch", "train", "warm_up", "warmup_file",
+           "warmup_key"]

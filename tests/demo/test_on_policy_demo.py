@@ -131,6 +131,62 @@ def test_the_command_line_keeps_the_demos_options_apart(capsys):
     assert "--steps must be >= 1" in capsys.readouterr().err
 
 
+# -- the saved warm-up ----------------------------------------------------------------------
+
+
+def test_the_warm_up_key_holds_the_warm_up_settings_and_the_teacher_only(tmp_path):
+    teacher = tmp_path / "teacher.gguf"
+    teacher.write_bytes(b"12345")
+    key = on_policy.warmup_key(on_policy.DEFAULT, teacher)
+    assert key == {**{name: getattr(on_policy.DEFAULT, name) for name in on_policy.WARMUP_FIELDS},
+                   "teacher": "teacher.gguf", "teacher_bytes": 5}
+    file = on_policy.warmup_file(tmp_path, key)
+    assert file.parent == tmp_path and file.name.startswith("warmup-") and file.suffix == ".pt"
+    # the arms' and the evaluation's settings leave the warm-up (and its file) unchanged
+    for field, value in (("lr", 1e-3), ("steps", 7), ("on_policy_loss", ["jsd", {"beta": 0.9}]),
+                         ("eval_prompts", 128), ("temperature", 0.8), ("batch_size", 4)):
+        changed = on_policy.DEFAULT._replace(**{field: value})
+        assert on_policy.warmup_file(tmp_path, on_policy.warmup_key(changed, teacher)) == file
+    # every warm-up setting, and the teacher's file, change it
+    files = {file}
+    for field in on_policy.WARMUP_FIELDS:
+        value = getattr(on_policy.DEFAULT, field)
+        new = 0.2 if field == "warmup" else value + 1 if isinstance(value, int) else value * 2
+        changed = on_policy.DEFAULT._replace(**{field: new})
+        files.add(on_policy.warmup_file(tmp_path, on_policy.warmup_key(changed, teacher)))
+    teacher.write_bytes(b"123456")
+    files.add(on_policy.warmup_file(tmp_path, on_policy.warmup_key(on_policy.DEFAULT, teacher)))
+    assert len(files) == len(on_policy.WARMUP_FIELDS) + 2
+
+
+def test_a_saved_warm_up_loads_back_exactly_and_refuses_other_settings(tmp_path):
+    torch.manual_seed(0)
+    student, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    metrics = tmp_path / "run" / "warmup" / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text('{"step": 0, "loss": 1.5}\n')
+    key = {"seed": 0, "teacher": "t.gguf"}
+    file = tmp_path / "cache" / "warmup-x.pt"
+    on_policy.save_warmup(file, key, student, metrics, 12.5, 10.0)
+    assert file.exists() and not file.with_suffix(".tmp").exists()
+    copied = tmp_path / "again" / "warmup" / "metrics.jsonl"
+    assert on_policy.load_warmup(file, key, other, copied) == (12.5, 10.0)
+    for name, value in student.state_dict().items():
+        assert torch.equal(other.state_dict()[name], value), name
+    assert copied.read_text() == '{"step": 0, "loss": 1.5}\n'
+    with pytest.raises(ValueError, match=r"warmup-x.pt: a warm-up saved for \{'seed': 0, "
+                                         r"'teacher': 't.gguf'\}, not \{'seed': 1, 'teacher': "
+                                         r"'t.gguf'\}: delete the file or give another "
+                                         r"warmup_cache folder"):
+        on_policy.load_warmup(file, {"seed": 1, "teacher": "t.gguf"}, other, copied)
+
+
+def test_loss_name_shows_a_loss_and_its_parameters():
+    assert on_policy.loss_name("reverse_kl") == "reverse_kl"
+    assert on_policy.loss_name(["jsd", {"beta": 0.9}]) == "jsd beta=0.9"
+    assert on_policy.loss_name(["jsd", 0.9]) == "jsd beta=0.9"
+
+
 # -- the quick demo, end to end --------------------------------------------------------------
 
 
@@ -145,7 +201,8 @@ def quick_run(tmp_path_factory):
     except ValueError as error:
         pytest.skip(str(error))
     out = tmp_path_factory.mktemp("demo-on-policy")
-    return out, on_policy.run(out, settings=on_policy.QUICK, progress_bar=False)
+    return out, on_policy.run(out, settings=on_policy.QUICK, progress_bar=False,
+                              warmup_cache=out / "warmup-cache")
 
 
 def test_the_quick_demo_writes_its_results_and_plot(quick_run):
@@ -195,3 +252,24 @@ def test_the_quick_demo_trains_on_the_student_s_own_samples(quick_run):
     assert 0 < results["tokens"]["on_policy"] <= q.steps * q.batch_size * q.max_new_tokens
     # the off-policy arm's are the verses' real tokens, the prompts included
     assert results["tokens"]["off_policy"] > 0
+
+
+def test_a_second_run_loads_the_saved_warm_up_and_gives_the_same_figures(quick_run, tmp_path):
+    out, first = quick_run
+    assert first["warmup_cache"]["loaded"] is False
+    assert first["warmup_cache"]["file"].startswith(str(out / "warmup-cache" / "warmup-"))
+    again = on_policy.run(tmp_path, settings=on_policy.QUICK, progress_bar=False, plot=False,
+                          warmup_cache=out / "warmup-cache")
+    assert again["warmup_cache"] == {**first["warmup_cache"], "loaded": True}
+    assert not (tmp_path / "teacher_cache").exists()  # the warm-up did not run
+    # the same student after the warm-up, so the same arms and the same figures, exactly
+    for measure in ("reverse_kl", "teacher_nll", "perplexity"):
+        assert again[measure] == first[measure], measure
+    assert again["ratio"] == first["ratio"]
+    # the warm-up's curve and times are the original run's; the load's time is its own phase
+    assert ((tmp_path / "warmup" / "metrics.jsonl").read_text()
+            == (out / "warmup" / "metrics.jsonl").read_text())
+    assert again["seconds_by_phase"]["warmup"] == first["seconds_by_phase"]["warmup"]
+    assert again["cpu_seconds_by_phase"]["warmup"] == first["cpu_seconds_by_phase"]["warmup"]
+    assert again["seconds_by_phase"]["warmup_load"] > 0
+    assert "warmup_load" not in first["seconds_by_phase"]
