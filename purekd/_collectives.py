@@ -42,9 +42,12 @@ def settled(collective: Callable[..., Any], tensor: torch.Tensor, **options: Any
     then wait, sleeping without the GIL, until the backend holds no reference to ``tensor``:
     its reference count (read before and after in this one frame) is back to what it was.
     Returns True, or False (with a ``RuntimeWarning``) if after :data:`RELEASE_TIMEOUT_S` it is
-    not, and goes on."""
+    not, and goes on. A tensor off the CPU is not waited for (True): NCCL's watchdog thread
+    keeps its works until it polls them, and waiting would add that polling to every step."""
     references = sys.getrefcount(tensor)
     collective(tensor, **options)
+    if tensor.device.type != "cpu":
+        return True
     deadline = time.monotonic() + RELEASE_TIMEOUT_S
     while sys.getrefcount(tensor) > references:
         if time.monotonic() >= deadline:
