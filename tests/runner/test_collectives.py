@@ -112,3 +112,10 @@ def test_guard_exit_registers_one_handler(monkeypatch: pytest.MonkeyPatch) -> No
     _collectives.guard_exit()
     _collectives.guard_exit()
     assert registered == [(time.sleep, (_collectives.EXIT_GRACE_S,))]
+
+
+def test_settled_does_not_wait_for_tensors_off_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_collectives, "RELEASE_TIMEOUT_S", 3600.0)  # a wait would hang
+    kept: list[torch.Tensor] = []
+    assert _collectives.settled(kept.append, torch.empty(2, device="meta")) is True
+    assert len(kept) == 1
