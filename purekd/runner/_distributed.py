@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from purekd import _collectives
+from purekd._collectives import all_reduce, broadcast, guard_exit
 
 
 def local_rank_from(config_rank: int) -> int:
@@ -32,7 +32,7 @@ def ensure_process_group(device: str | torch.device) -> None:
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
         atexit.register(_close_process_group)
-    _collectives.guard_exit()
+    guard_exit()
 
 
 def _close_process_group() -> None:
@@ -61,7 +61,7 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """``value`` summed over every process (itself when not distributed); a new tensor."""
     total = value.detach().clone()
     if world_size() > 1:
-        _collectives.all_reduce(total, op=dist.ReduceOp.SUM)
+        all_reduce(total, op=dist.ReduceOp.SUM)
     return total
 
 
@@ -78,7 +78,7 @@ def is_initialized() -> bool:
 def broadcast_flag(flag: bool, device: str | torch.device) -> bool:
     """Rank 0's ``flag``, on every rank (a collective)."""
     value = torch.tensor([int(flag)], device=device)
-    _collectives.broadcast(value, src=0)
+    broadcast(value, src=0)
     return bool(value.item())
 
 
