@@ -63,7 +63,7 @@ class Settings(NamedTuple):
     off_policy_loss: str | list[Any] = "forward_kl"
     on_policy_loss: str | list[Any] = "reverse_kl"
     temperature: float = 1.0
-    eval_prompts: int = 64
+    eval_prompts: int = 128
     eval_temperature: float = 1.0
     eval_batch_size: int = 16
     length: int = 128
