@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parents[1] / "purekd"
-LEAVES = {"_masked", "_compiling", "_keys", "_sharded"}
+LEAVES = {"_masked", "_compiling", "_keys", "_sharded", "_collectives"}
 ALLOWED = {
     "losses": LEAVES,
     "schedules": LEAVES,

@@ -1,7 +1,8 @@
 """Layer 7, beside the distillers — integrations with other libraries' models and training
 loops. Imports the stages (3), the combinators (4, ``Step``), the runner (6: the metric
-sinks and the non-finite error) and the teacher cache (6: its dataset and collate, refused with
-an on-policy step).
+sinks and the non-finite error), the teacher cache (6: its dataset and collate, refused with
+an on-policy step) and the leaves ``purekd._collectives`` (the exit guard of a distributed run) and ``purekd._keys``
+(the adaptor key names).
 
 * :mod:`purekd.integrations.huggingface` — :func:`hf_adaptor`, an adaptor built from a
   ``transformers`` ``ModelOutput`` (logits, hidden states, attentions, loss, padding mask).

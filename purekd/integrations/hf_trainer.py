@@ -75,6 +75,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from purekd._collectives import guard_exit
 from purekd.combinators import Objective, OnPolicyStage, Step, on_policy_stage
 from purekd.runner import MetricSink, NonFiniteLossError
 from purekd.runner._guard import non_finite_names, sums_finite
@@ -143,6 +144,8 @@ class DistillationTrainer(Trainer):
         _check_on_policy(step, token_level=token_level, count_tokens=count_tokens,
                          tokenizers=tokenizers, kwargs=kwargs)
         super().__init__(model=step, args=args, **kwargs)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            guard_exit()  # the Trainer's collectives hold tensors with Python objects
         self.step = step
         self.token_level = token_level
         self.count_tokens = count_tokens or (lambda b: count_label_tokens(b, shift_labels))

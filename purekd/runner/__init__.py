@@ -6,8 +6,8 @@ placements of one interface; states that name their run and are verified, valida
 back from on resume.
 
 Imports from the layers above: the stages (3, ``Adapted``), the training config's own module
-(``purekd.configs._training``: data, no losses or presets) and two leaf modules
-(``purekd._atomic``, ``purekd._devices``); never the losses, the distillation config or the
+(``purekd.configs._training``: data, no losses or presets) and three leaf modules
+(``purekd._atomic``, ``purekd._collectives``, ``purekd._devices``); never the losses, the distillation config or the
 distillers. The step it drives is any callable returning ``.loss`` and ``.terms``."""
 
 from purekd._devices import move_to_device

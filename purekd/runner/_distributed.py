@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from purekd._collectives import all_reduce, broadcast, guard_exit
+
 
 def local_rank_from(config_rank: int) -> int:
     """The local rank: the config's if set, else ``LOCAL_RANK`` from torchrun, else -1."""
@@ -21,13 +23,16 @@ def local_rank_from(config_rank: int) -> int:
 def ensure_process_group(device: str | torch.device) -> None:
     """Initialise the default process group from torchrun's environment if nobody has.
 
-    A group opened here is also closed here, when the interpreter exits: a gloo group left open
-    at exit can abort the process ("terminate called without an active exception", exit code
-    -6) after a run that succeeded. A group the user opened stays the user's to close."""
+    A group opened here is also closed here, when the interpreter exits; a group the user
+    opened stays the user's to close. Either way the exit waits for the backend's worker threads
+    to let go of the last collective's tensors (:func:`purekd._collectives.guard_exit`): a
+    worker thread still holding one when the interpreter finalises aborts the process ("terminate
+    called without an active exception", exit code -6) after a run that succeeded."""
     if not dist.is_initialized():
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
         atexit.register(_close_process_group)
+    guard_exit()
 
 
 def _close_process_group() -> None:
@@ -56,7 +61,7 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """``value`` summed over every process (itself when not distributed); a new tensor."""
     total = value.detach().clone()
     if world_size() > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        all_reduce(total, op=dist.ReduceOp.SUM)
     return total
 
 
@@ -73,7 +78,7 @@ def is_initialized() -> bool:
 def broadcast_flag(flag: bool, device: str | torch.device) -> bool:
     """Rank 0's ``flag``, on every rank (a collective)."""
     value = torch.tensor([int(flag)], device=device)
-    dist.broadcast(value, src=0)
+    broadcast(value, src=0)
     return bool(value.item())
 
 

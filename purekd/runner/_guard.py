@@ -141,8 +141,10 @@ class AllRanksNonFiniteGuard(NonFiniteGuard):
     def _first_everywhere(self, values: list[int]) -> list[int]:
         import torch.distributed as dist
 
+        from purekd._collectives import all_reduce
+
         first = torch.tensor(values, dtype=torch.int64, device=self.device)
-        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        all_reduce(first, op=dist.ReduceOp.MIN)
         return [int(v) for v in first.cpu().tolist()]
 
     def observe_gradients(self, global_step: int, named: Sequence[tuple[str, Tensor]]) -> None:

@@ -8,8 +8,9 @@ logits with the tokens they predict; ``rollout`` samples completions of prompts 
 tokenizers, and ``retokenise_rollout`` turns an on-policy rollout into such a batch.
 
 Imports: the layers above (``purekd.losses``: the aligned-span record the cross-tokenizer
-losses take), the leaf ``purekd._keys`` (the adaptor key names) and the leaf
-``purekd._sharded`` (an FSDP2-sharded output layer gathered whole) (``tests/test_layers.py``).
+losses take), the leaf ``purekd._keys`` (the adaptor key names), the leaf
+``purekd._sharded`` (an FSDP2-sharded output layer gathered whole) and the leaf
+``purekd._collectives`` (the samplers' lockstep across ranks) (``tests/test_layers.py``).
 """
 
 from ._adapt import (

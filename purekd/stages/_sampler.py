@@ -328,8 +328,10 @@ def _all_done(unfinished: Tensor, synced: bool) -> bool:
     """Whether every row (``synced``: of every rank) has stopped."""
     left = unfinished.sum()
     if synced:
+        from purekd._collectives import all_reduce
+
         left = left.clone()
-        torch.distributed.all_reduce(left)
+        all_reduce(left)
     return int(left) == 0
 
 

@@ -28,7 +28,7 @@ def imported(package: str) -> set[str]:
 
 
 def test_the_runner_imports_the_training_config_alone() -> None:
-    assert imported("runner") == {"purekd._atomic", "purekd._devices",
+    assert imported("runner") == {"purekd._atomic", "purekd._collectives", "purekd._devices",
                                   "purekd.configs._training", "purekd.stages"}
 
 
@@ -37,12 +37,13 @@ def test_the_teacher_cache_does_not_import_the_runner() -> None:
 
 
 @pytest.mark.parametrize(("package", "layer", "allowed"), [
-    ("runner", "Layer 6", {"purekd._atomic", "purekd._devices", "purekd.configs._training",
+    ("runner", "Layer 6", {"purekd._atomic", "purekd._collectives", "purekd._devices",
+                           "purekd.configs._training",
                            "purekd.stages"}),
     ("distillers", "Layer 7", {"purekd._devices", "purekd.combinators", "purekd.configs",
                                "purekd.runner", "purekd.stages", "purekd.teacher_cache",
                                "purekd.terms"}),
-    ("integrations", "Layer 7", {"purekd.combinators", "purekd.runner", "purekd.runner._guard",
+    ("integrations", "Layer 7", {"purekd._collectives", "purekd._keys", "purekd.combinators", "purekd.runner", "purekd.runner._guard",
                                  "purekd.runner._sinks", "purekd.stages",
                                  "purekd.teacher_cache", "purekd.integrations.hf_trainer"}),
 ])
