@@ -222,9 +222,9 @@ def test_the_kd_configs_are_uld_and_gold_mixed_with_the_texts_cross_entropy():
         assert (config.kd_loss_weight, config.hard_label_weight) == (0.5, 2.0)
     tsd = ct.kd_configs(ct.Settings(gold_loss="jsd", beta=0.3, matched_weight=None,
                                     unmatched_weight=None, top_k=None))
-    assert tsd["gold"].kd_loss == ("gold", {"loss": "jsd", "tail": "uniform", "beta": 0.3})
-    assert ct.DEFAULT.gold_tail == "uniform"  # the better student (docs/demo-cross-tokenizer.md)
-    uniform = ct.kd_configs(ct.Settings(top_k=64))
+    assert tsd["gold"].kd_loss == ("gold", {"loss": "jsd", "tail": "total", "beta": 0.3})
+    assert ct.DEFAULT.gold_tail == "total"  # the budget's choice (docs/demo-cross-tokenizer.md)
+    uniform = ct.kd_configs(ct.Settings(top_k=64, gold_tail="uniform"))
     assert uniform["gold"].kd_loss == ("gold", {"loss": "forward_kl", "top_k": 64,
                                                 "tail": "uniform", "matched_weight": 1.0,
                                                 "unmatched_weight": 1.0})

@@ -74,7 +74,7 @@ class Settings(NamedTuple):
     beta: float = 0.5
     matched_weight: float | None = 1.0
     unmatched_weight: float | None = 1.0
-    gold_tail: str = "uniform"
+    gold_tail: str = "total"
     analysis_texts: int = 0
     seed: int = 0
 
