@@ -2,7 +2,7 @@
 ``purekd demo lm [--quick] [--teacher FILE_OR_DIR] [--steps N] [--output-dir DIR]`` (language
 model), ``purekd demo on-policy [--quick] [--steps N] [--output-dir DIR]`` (on-policy against
 off-policy distillation of the same language model), ``purekd demo cross-tokenizer [--quick]
-[--steps N] [--output-dir DIR]`` (Gemma 3 -> a SmolLM2 student, ULD and GOLD), ``purekd distill RECIPE.yaml [key=value ...]`` (a language-model distillation from a
+[--steps N] [--span-analysis TEXTS] [--output-dir DIR]`` (Gemma 3 -> a SmolLM2 student, ULD and GOLD), ``purekd distill RECIPE.yaml [key=value ...]`` (a language-model distillation from a
 recipe file), ``purekd recipes [show NAME]`` (the shipped recipes) and ``purekd cache-teacher
 [MODEL_DIR | --gguf FILE] --data FILE --k K --out DIR``.
 
@@ -19,7 +19,7 @@ import time
 DIGITS_OPTIONS = ("epochs", "teacher_epochs", "labels", "compile")
 LM_OPTIONS = ("quick", "teacher", "steps", "layers", "k")
 ON_POLICY_OPTIONS = ("quick", "steps")
-CROSS_OPTIONS = ("quick", "steps")
+CROSS_OPTIONS = ("quick", "steps", "span_analysis")
 
 
 def _demo_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -55,6 +55,11 @@ def _demo_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParse
                           help="decoder layers the student keeps (default 6)")
     language.add_argument("--k", type=int, default=None,
                           help="teacher entries cached per token (default 64)")
+    cross = demo.add_argument_group("cross-tokenizer demo")
+    cross.add_argument("--span-analysis", type=int, default=None, metavar="TEXTS",
+                       help="also compare ULD and GOLD with the live teacher's dense logits on "
+                            "the first TEXTS held-out texts (a diagnostic; default 0: off; 4 "
+                            "costs about 370 CPU seconds)")
     demo.add_argument("--output-dir", default=None,
                       help="where results go (default purekd-demo, purekd-demo-lm or "
                            "purekd-demo-on-policy, purekd-demo-cross-tokenizer)")
@@ -124,6 +129,10 @@ def _run_demo_module(parser: argparse.ArgumentParser, args: argparse.Namespace, 
         if args.steps < 1:
             parser.error("--steps must be >= 1")
         settings = settings._replace(steps=args.steps)
+    if getattr(args, "span_analysis", None) is not None:
+        if args.span_analysis < 0:
+            parser.error("--span-analysis must be >= 0")
+        settings = settings._replace(analysis_texts=args.span_analysis)
     settings = settings._replace(seed=args.seed)
     start = time.perf_counter()
     try:
@@ -279,9 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         own = {"digits": DIGITS_OPTIONS, "lm": LM_OPTIONS,
                "on-policy": ON_POLICY_OPTIONS, "cross-tokenizer": CROSS_OPTIONS}[args.which]
-        for name in (*DIGITS_OPTIONS, *LM_OPTIONS):
+        for name in (*DIGITS_OPTIONS, *LM_OPTIONS, "span_analysis"):
             if name not in own and getattr(args, name) is not None:
-                other = "digits" if name in DIGITS_OPTIONS else "lm"
+                other = ("digits" if name in DIGITS_OPTIONS else "lm" if name in LM_OPTIONS
+                         else "cross-tokenizer")
                 demo.error(f"--{name.replace('_', '-')} is an option of the {other} demo, not "
                            f"of `purekd demo {args.which}`")
         if args.which == "lm":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,7 @@ def test_training_and_held_out_texts_do_not_overlap_and_too_few_verses_are_named
     ("warmup", 1.0, "warmup=1.0"), ("top_k", 0, "top_k=0"), ("beta", 2.0, "beta=2.0"),
     ("matched_weight", None, "give both or neither"), ("analysis_texts", 99, "analysis_texts"),
     ("ce_weight", -1.0, "ce_weight=-1.0"), ("max_length", 1, "max_length=1"),
+    ("gold_tail", "flat", "gold_tail='flat'"), ("analysis_texts", -1, "analysis_texts=-1"),
 ])
 def test_settings_reject_bad_values_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -210,15 +212,65 @@ def test_one_step_of_a_kd_student_is_kd_plus_cross_entropy_by_hand(name):
 
 
 def test_the_kd_configs_are_uld_and_gold_mixed_with_the_texts_cross_entropy():
-    configs = ct.kd_configs(ct.Settings(kd_weight=0.5, ce_weight=2.0, top_k=64))
+    configs = ct.kd_configs(ct.Settings(kd_weight=0.5, ce_weight=2.0, top_k=64,
+                                        gold_tail="total"))
     assert configs["uld"].kd_loss == ("uld", {"top_k": 64})
     assert configs["gold"].kd_loss == ("gold", {"loss": "forward_kl", "top_k": 64,
-                                                "matched_weight": 1.0, "unmatched_weight": 1.0})
+                                                "tail": "total", "matched_weight": 1.0,
+                                                "unmatched_weight": 1.0})
     for config in configs.values():
         assert (config.kd_loss_weight, config.hard_label_weight) == (0.5, 2.0)
     tsd = ct.kd_configs(ct.Settings(gold_loss="jsd", beta=0.3, matched_weight=None,
                                     unmatched_weight=None, top_k=None))
-    assert tsd["gold"].kd_loss == ("gold", {"loss": "jsd", "beta": 0.3})
+    assert tsd["gold"].kd_loss == ("gold", {"loss": "jsd", "tail": "total", "beta": 0.3})
+    assert ct.DEFAULT.gold_tail == "total"  # the budget's choice (docs/demo-cross-tokenizer.md)
+    uniform = ct.kd_configs(ct.Settings(top_k=64, gold_tail="uniform"))
+    assert uniform["gold"].kd_loss == ("gold", {"loss": "forward_kl", "top_k": 64,
+                                                "tail": "uniform", "matched_weight": 1.0,
+                                                "unmatched_weight": 1.0})
+    assert uniform["uld"].kd_loss == ("uld", {"top_k": 64})
+
+
+def test_the_span_analysis_is_off_by_default_and_on_in_the_quick_run():
+    assert ct.DEFAULT.analysis_texts == 0 and ct.QUICK.analysis_texts == 2
+
+
+# -- held-out scores kept between runs --------------------------------------------------------
+
+
+def test_held_out_scores_are_kept_per_model_file_variant_and_texts(tmp_path, monkeypatch):
+    model, tokenizer = _tiny_llama(vocab=8, seed=5), _Characters("abé€ \n")
+    weights = tmp_path / "model.gguf"
+    weights.write_bytes(b"weights")
+    cache = tmp_path / "cache"
+    texts = ["ab €", "éa b\na"]
+    expected = models.bits_per_byte(model, tokenizer, texts).bits_per_byte
+    assert ct.cached_bits_per_byte(model, tokenizer, texts, cache, weights) == (expected, False)
+    assert len(list(cache.glob("bits-per-byte-*.json"))) == 1
+
+    calls = []
+    real = ct.bits_per_byte
+
+    def counted(*args):
+        calls.append(args[2])
+        return real(*args)
+
+    monkeypatch.setattr(ct, "bits_per_byte", counted)
+    assert ct.cached_bits_per_byte(model, tokenizer, texts, cache, weights) == (expected, True)
+    assert calls == []  # read back, not scored
+    # other texts, another variant, another file (a new modification time): scored again
+    assert ct.cached_bits_per_byte(model, tokenizer, texts[:1], cache, weights)[1] is False
+    assert ct.cached_bits_per_byte(model, tokenizer, texts, cache, weights,
+                                   variant="layers [0]")[1] is False
+    os.utime(weights, ns=(1, 1))
+    assert ct.cached_bits_per_byte(model, tokenizer, texts, cache, weights)[1] is False
+    assert len(calls) == 3
+    # an unreadable file is scored again and rewritten; no cache: always scored
+    for path in cache.glob("bits-per-byte-*.json"):
+        path.write_text("{")
+    assert ct.cached_bits_per_byte(model, tokenizer, texts, cache, weights) == (expected, False)
+    assert ct.cached_bits_per_byte(model, tokenizer, texts, cache, weights) == (expected, True)
+    assert ct.cached_bits_per_byte(model, tokenizer, texts, None, weights) == (expected, False)
 
 
 # -- results.json, the table, the plot -----------------------------------------------------------
@@ -274,6 +326,21 @@ def test_the_command_line_keeps_the_other_demos_options_apart(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "cross-tokenizer", "--steps", "0"])
     assert "--steps must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "cross-tokenizer", "--span-analysis", "-1"])
+    assert "--span-analysis must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "lm", "--span-analysis", "4"])
+    assert "--span-analysis is an option of the cross-tokenizer demo" in capsys.readouterr().err
+
+
+def test_the_command_line_turns_the_span_analysis_on(monkeypatch, tmp_path):
+    given = []
+    monkeypatch.setattr(ct, "run", lambda out, settings: given.append(settings))
+    assert main(["demo", "cross-tokenizer", "--output-dir", str(tmp_path)]) == 0
+    assert main(["demo", "cross-tokenizer", "--span-analysis", "4", "--steps", "5",
+                 "--output-dir", str(tmp_path)]) == 0
+    assert given == [ct.DEFAULT, ct.DEFAULT._replace(analysis_texts=4, steps=5)]
 
 
 def test_the_default_cache_folder_follows_the_environment(monkeypatch, tmp_path):

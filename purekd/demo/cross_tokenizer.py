@@ -74,7 +74,8 @@ class Settings(NamedTuple):
     beta: float = 0.5
     matched_weight: float | None = 1.0
     unmatched_weight: float | None = 1.0
-    analysis_texts: int = 4
+    gold_tail: str = "total"
+    analysis_texts: int = 0
     seed: int = 0
 
     def check(self) -> None:
@@ -103,6 +104,9 @@ class Settings(NamedTuple):
         if (self.matched_weight is None) != (self.unmatched_weight is None):
             raise ValueError("matched_weight and unmatched_weight: give both or neither (TRL's "
                              "matched share M / V_T and its complement)")
+        if self.gold_tail not in ("total", "uniform"):
+            raise ValueError(f"gold_tail={self.gold_tail!r}: 'total' (the teacher's matched head "
+                             "only) or 'uniform' (its row completed with a uniform tail)")
         if self.analysis_texts < 0 or self.analysis_texts > self.held_out_texts:
             raise ValueError(f"analysis_texts={self.analysis_texts}: between 0 and "
                              f"held_out_texts={self.held_out_texts}")
@@ -142,8 +146,8 @@ def load_pair(cache_dir: Path | None, progress_bar: bool = True
         model, tokenizer, _, cached = lm.load_causal_lm(path, cache_dir=cache_dir,
                                                         progress_bar=progress_bar)
         tokenizer.padding_side = "right"  # positions count from 0 at the first real token
-        info[key] = {"file": path.name, "seconds": time.perf_counter() - start,
-                     "from_cache": cached}
+        info[key] = {"file": path.name, "path": str(path),
+                     "seconds": time.perf_counter() - start, "from_cache": cached}
         loaded.append((model, tokenizer))
     (teacher, tokenizer_T), (source, tokenizer_S) = loaded
     if tokenizer_S.pad_token is None:
@@ -235,6 +239,7 @@ def kd_configs(settings: Settings) -> dict[str, purekd.DistillationConfig]:
     next-token cross-entropy as ``hard_label_weight``, the student's own ``loss``)."""
     uld: dict[str, Any] = {} if settings.top_k is None else {"top_k": settings.top_k}
     gold: dict[str, Any] = {"loss": settings.gold_loss, **uld}
+    gold["tail"] = settings.gold_tail  # for a cached teacher; make_step drops it for a live one
     if settings.gold_loss == "jsd":
         gold["beta"] = settings.beta
     if settings.matched_weight is not None:
@@ -295,6 +300,41 @@ def bits_per_byte(model: Any, tokenizer: Any, texts: Sequence[str]) -> float:
     return lm.bits_per_byte(model, tokenizer, texts).bits_per_byte
 
 
+def cached_bits_per_byte(model: Any, tokenizer: Any, texts: Sequence[str],
+                         cache_dir: Path | None, model_file: str | Path, variant: str = ""
+                         ) -> tuple[float, bool]:
+    """``(bits per byte, from the cache)``: :func:`bits_per_byte` of a model that does not
+    change between runs (the teacher, the student's source, the student before training), kept
+    as ``bits-per-byte-<key>.json`` in ``cache_dir`` beside the converted models. ``key``: a
+    hash of the GGUF file's name, size and modification time (the converted copy's key), the
+    ``variant`` (what was built from the file, e.g. the layers kept), the texts, and the
+    versions of torch and transformers. ``cache_dir=None``: always scored."""
+    if cache_dir is None:
+        return bits_per_byte(model, tokenizer, texts), False
+    import hashlib
+
+    import transformers
+
+    source = Path(model_file)
+    fingerprint = lm._cache_key(source) if source.is_file() else str(source)
+    key = hashlib.sha256(json.dumps(
+        [fingerprint, variant, list(texts), torch.__version__, transformers.__version__]
+    ).encode()).hexdigest()[:32]
+    path = Path(cache_dir) / f"bits-per-byte-{key}.json"
+    if path.is_file():
+        try:
+            return float(json.loads(path.read_text())["bits_per_byte"]), True
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable: scored again and rewritten below
+    value = bits_per_byte(model, tokenizer, texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps({"bits_per_byte": value, "model": fingerprint,
+                                     "variant": variant, "texts": len(texts)}))
+    os.replace(temporary, path)  # written beside, then renamed: never half-written
+    return value, False
+
+
 def _flags(ids: Tensor, size: int) -> Tensor:
     flags = torch.zeros(size, dtype=torch.bool)
     flags[ids] = True
@@ -350,7 +390,7 @@ def span_analysis(teacher: Any, students: Mapping[str, Any], collated: Mapping[s
         student.train(was)
         matched_S = _flags(vocabulary_map.matched_S, logits_S.size(-1))
         common: dict[str, Any] = {"temperature": settings.temperature, "top_k": top_k}
-        gold_args = {k: v for k, v in kd.items() if k not in ("top_k",)}
+        gold_args = {k: v for k, v in kd.items() if k not in ("top_k", "tail")}
         parts = {k: v for k, v in gold_args.items()
                  if k not in ("matched_weight", "unmatched_weight")}
         result["students"][name] = {
@@ -368,7 +408,8 @@ def span_analysis(teacher: Any, students: Mapping[str, Any], collated: Mapping[s
             "uld_from_top_k": float(purekd.losses.aligned_uld_topk(logits_S, topk_T, spans,
                                                                    **common)),
             "gold_from_top_k": float(purekd.losses.aligned_gold_topk(
-                logits_S, topk_T, spans, vocabulary_map, **common, **gold_args)),
+                logits_S, topk_T, spans, vocabulary_map, **common, **gold_args,
+                tail="total")),
             "gold_from_top_k_uniform_tail": float(purekd.losses.aligned_gold_topk(
                 logits_S, topk_T, spans, vocabulary_map, **common, **gold_args,
                 tail="uniform")),
@@ -556,18 +597,26 @@ def run(output_dir: str | Path = "purekd-demo-cross-tokenizer", *,
           f"(teacher) share {matched:,} token strings")
 
     clock.start()
-    teacher_bpb = bits_per_byte(teacher_model, tokenizer_T, texts.held_out)
-    source_bpb = bits_per_byte(source, tokenizer_S, texts.held_out)
+    teacher_bpb, teacher_cached = cached_bits_per_byte(
+        teacher_model, tokenizer_T, texts.held_out, cache, loads["teacher"]["path"])
+    source_bpb, source_cached = cached_bits_per_byte(
+        source, tokenizer_S, texts.held_out, cache, loads["source"]["path"])
     total_layers = len(lm.decoder_layers(source))
     layers = lm.spread_layers(total_layers, settings.layers)
     student = lm.compress(source, layers)
     parameters = {"teacher": lm.parameter_count(teacher_model),
                   "source": lm.parameter_count(source), "student": lm.parameter_count(student)}
     del source
-    initial_bpb = bits_per_byte(student, tokenizer_S, texts.held_out)
+    initial_bpb, initial_cached = cached_bits_per_byte(
+        student, tokenizer_S, texts.held_out, cache, loads["source"]["path"],
+        variant=f"layers {layers}")
+    scores_cached = {"teacher": teacher_cached, "source": source_cached,
+                     "student_initial": initial_cached}
     clock.stop("score_before")
     print(f"3/7 held-out bits per byte: teacher {teacher_bpb:.3f}, SmolLM2-135M {source_bpb:.3f}"
-          f", student (layers {layers} of {total_layers}) {initial_bpb:.3f} before training")
+          f", student (layers {layers} of {total_layers}) {initial_bpb:.3f} before training"
+          + (" (kept from an earlier run: " + ", ".join(k for k, v in scores_cached.items() if v)
+             + ")" if any(scores_cached.values()) else ""))
 
     print(f"4/7 the teacher's top-{settings.cache_k} over its own tokenisation of the "
           f"{len(texts.train)} training texts, once (a cross-tokenizer cache)")
@@ -635,6 +684,7 @@ def run(output_dir: str | Path = "purekd-demo-cross-tokenizer", *,
     results["cpu_seconds_by_phase"] = {**clock.cpu,
                                        **{f"step_{k}": a.meter.cpu for k, a in arms.items()}}
     results["cpu_seconds"] = time.process_time() - began_cpu
+    results["held_out_scores_from_cache"] = scores_cached
     results["threads"] = torch.get_num_threads()
     print()
     print(table(rows))
@@ -738,7 +788,8 @@ def plot_results(results_path: Path, path: Path) -> Path:
 
 
 __all__ = ["ARMS", "DEFAULT", "QUICK", "Arm", "Clock", "Meter", "Row", "Settings",
-           "SharedTeacher", "Texts", "bits_per_byte", "cached_batches", "cached_teacher",
+           "SharedTeacher", "Texts", "bits_per_byte", "cached_batches", "cached_bits_per_byte",
+           "cached_teacher",
            "chunk_texts", "default_cache_dir", "kd_configs", "load_pair", "make_arms",
            "plot_results", "run", "span_analysis", "split_texts", "table", "teacher_hidden",
            "write_cache"]

@@ -127,13 +127,23 @@ def merged_log_probs(logits: Tensor, rows: Tensor, ids: Tensor, mask: Tensor,
     temperature ``1 / inv_tau``.
     """
     count, length = rows.shape
-    z = logits.index_select(0, rows.reshape(-1)).view(count, length, -1).to(dtype) * inv_tau
-    log_p = torch.log_softmax(z, dim=-1)
-    first = log_p[:, 0]
+    first = torch.log_softmax(logits.index_select(0, rows[:, 0]).to(dtype) * inv_tau, dim=-1)
     if length == 1:
         return first
-    later = log_p[:, 1:].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return first + torch.where(mask[:, 1:], later, 0.0).sum(-1, keepdim=True)
+    # the later tokens' log-probabilities, log p(x_j) = z_j[x_j] - logsumexp(z_j): only those
+    # of real positions in eager mode (most spans are one token: the padded positions of L - 1
+    # columns would double the work); every position under torch.compile (static shapes)
+    later_rows, later_ids, later_mask = rows[:, 1:], ids[:, 1:], mask[:, 1:]
+    if torch.compiler.is_compiling():
+        z = logits.index_select(0, later_rows.reshape(-1)).view(count, length - 1, -1)
+        z = z.to(dtype) * inv_tau
+        later = z.gather(-1, later_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+        return first + torch.where(later_mask, later, 0.0).sum(-1, keepdim=True)
+    span, position = later_mask.nonzero(as_tuple=True)
+    z = logits.index_select(0, later_rows[span, position]).to(dtype) * inv_tau
+    later = z.gather(-1, later_ids[span, position].unsqueeze(-1)).squeeze(-1) \
+        - torch.logsumexp(z, dim=-1)
+    return first + first.new_zeros(count).index_add(0, span, later).unsqueeze(-1)
 
 
 TeacherMerge = Callable[[Tensor, Tensor, Tensor, float, torch.dtype], Any]
