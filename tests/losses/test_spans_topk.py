@@ -257,11 +257,14 @@ def test_matched_head_gold_without_any_matched_id_is_the_uld_part():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_matched_head_gold_holds_nothing_of_the_teachers_vocabulary():
-    # the teacher side of a block is (spans, k), as for ULD: a large V_T costs nothing
-    from .test_uld import PeakMemory
+_ROWS, _VOCAB_S, _VOCAB_T = 64, 3000, 200_000
 
-    rows, vocab_S, vocab_T, k = 64, 3000, 200_000, 8
+
+def _large_teacher_vocabulary():
+    """64 one-token spans, a 3,000-token student, a top-8 teacher over a 200,000-token
+    vocabulary: the student's logits, the top-k log-probabilities and ids, the teacher, the
+    spans."""
+    rows, vocab_S, vocab_T, k = _ROWS, _VOCAB_S, _VOCAB_T, 8
     generator = torch.Generator().manual_seed(1)
     logits_S = torch.randn(rows, vocab_S, generator=generator).requires_grad_()
     logprobs = torch.log_softmax(torch.randn(rows, k, generator=generator), -1) - 1.0
@@ -269,15 +272,23 @@ def test_matched_head_gold_holds_nothing_of_the_teachers_vocabulary():
     teacher = TopkSpanTeacher(ids, logprobs.sort(-1, descending=True).values,
                               torch.full((rows,), -0.5), vocab_T)
     spans = make_spans([(([r], [r % vocab_S]), ([r], [int(ids[r, 0])])) for r in range(rows)])
+    return logits_S, logprobs, ids, teacher, spans
+
+
+def test_matched_head_gold_holds_nothing_of_the_teachers_vocabulary():
+    # the teacher side of a block is (spans, k), as for ULD: a large V_T costs nothing
+    from .test_uld import PeakMemory
+
+    logits_S, logprobs, ids, teacher, spans = _large_teacher_vocabulary()
     matched_T = ids[:, :4].reshape(-1).unique()     # half of each head is matched
     mapping = losses.VocabularyMap(torch.arange(matched_T.numel()), matched_T)
     with PeakMemory(logits_S, logprobs) as measured:
         value = losses.aligned_gold_topk(logits_S, teacher, spans, mapping, chunk_spans=4,
                                          matched_weight=1.0, unmatched_weight=1.0)
         value.backward()
-    grad_bytes = rows * vocab_S * 4
+    grad_bytes = _ROWS * _VOCAB_S * 4
     assert measured.peak < 2 * grad_bytes
-    assert measured.peak < 4 * 4 * vocab_T
+    assert measured.peak < 4 * 4 * _VOCAB_T
     assert math.isfinite(value.item())
 
 
@@ -349,18 +360,11 @@ def test_uld_from_a_top_k_teacher_holds_nothing_of_the_teachers_vocabulary():
     # the teacher side of a block is (spans, k): a large teacher vocabulary costs nothing
     from .test_uld import PeakMemory
 
-    rows, vocab_S, vocab_T, k = 64, 3000, 200_000, 8
-    generator = torch.Generator().manual_seed(1)
-    logits_S = torch.randn(rows, vocab_S, generator=generator).requires_grad_()
-    logprobs = torch.log_softmax(torch.randn(rows, k, generator=generator), -1) - 1.0
-    ids = torch.stack([torch.randperm(vocab_T, generator=generator)[:k] for _ in range(rows)])
-    teacher = TopkSpanTeacher(ids, logprobs.sort(-1, descending=True).values,
-                              torch.full((rows,), -0.5), vocab_T)
-    spans = make_spans([(([r], [r % vocab_S]), ([r], [int(ids[r, 0])])) for r in range(rows)])
+    logits_S, logprobs, _, teacher, spans = _large_teacher_vocabulary()
     with PeakMemory(logits_S, logprobs) as measured:
         value = losses.aligned_uld_topk(logits_S, teacher, spans, chunk_spans=4)
         value.backward()
-    grad_bytes = rows * vocab_S * 4
+    grad_bytes = _ROWS * _VOCAB_S * 4
     assert measured.peak < 2 * grad_bytes          # the student's gradient and small blocks
-    assert measured.peak < 4 * 4 * vocab_T          # not even four teacher-vocabulary rows
+    assert measured.peak < 4 * 4 * _VOCAB_T         # not even four teacher-vocabulary rows
     assert math.isfinite(value.item())
