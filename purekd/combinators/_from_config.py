@@ -151,9 +151,10 @@ def _check_stops_matched(stage: OnPolicyStage, vocabulary_map: Any) -> None:
     the stop probabilities only through the ULD part of the unmatched columns."""
     pairs = set(zip(vocabulary_map.matched_S.tolist(), vocabulary_map.matched_T.tolist(),
                     strict=True))
-    seq_kd = stage.config.seq_kd
-    missing = [(t, s) if seq_kd else (s, t) for s, t in stage.end_tokens.items()
-               if ((t, s) if seq_kd else (s, t)) not in pairs]
+    # end_tokens maps the sampling side's stop id to the other side's end token
+    ends = [(other, stop) if stage.config.seq_kd else (stop, other)
+            for stop, other in stage.end_tokens.items()]
+    missing = [pair for pair in ends if pair not in pairs]
     if missing:
         warnings.warn(
             f"kd_loss_type='gold' on-policy across tokenizers: the end-of-text pair(s) "

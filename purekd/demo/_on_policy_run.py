@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 import purekd
+from purekd._atomic import atomic_write
 from purekd.recipes import _models as lm
 
 from . import _bible as bible
@@ -424,14 +425,13 @@ def warmup_file(folder: str | Path, key: dict[str, Any]) -> Path:
 def save_warmup(path: Path, key: dict[str, Any], student: nn.Module, metrics: Path,
                 seconds: float, cpu_seconds: float) -> None:
     """Saves the warmed-up ``student``'s state with its ``key``, the warm-up's
-    ``metrics.jsonl`` text and its wall and CPU seconds (written to a temporary file, then
-    renamed: a partial file is never read)."""
+    ``metrics.jsonl`` text and its wall and CPU seconds (:func:`~purekd._atomic.atomic_write`:
+    a partial file is never read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    torch.save({"key": key, "state_dict": student.state_dict(),
-                "metrics": metrics.read_text() if metrics.exists() else "",
-                "seconds": seconds, "cpu_seconds": cpu_seconds}, temporary)
-    temporary.replace(path)
+    saved = {"key": key, "state_dict": student.state_dict(),
+             "metrics": metrics.read_text() if metrics.exists() else "",
+             "seconds": seconds, "cpu_seconds": cpu_seconds}
+    atomic_write(path, lambda file: torch.save(saved, file))
 
 
 def load_warmup(path: Path, key: dict[str, Any], student: nn.Module,

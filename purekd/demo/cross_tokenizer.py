@@ -41,6 +41,8 @@ import torch
 from torch import Tensor, nn
 
 import purekd
+from purekd._atomic import atomic_write
+from purekd.losses._gold_parameters import TOPK_TAILS
 from purekd.recipes import Schedule
 from purekd.recipes import _models as lm
 from purekd.recipes._train import lr_factor
@@ -104,7 +106,7 @@ class Settings(NamedTuple):
         if (self.matched_weight is None) != (self.unmatched_weight is None):
             raise ValueError("matched_weight and unmatched_weight: give both or neither (TRL's "
                              "matched share M / V_T and its complement)")
-        if self.gold_tail not in ("total", "uniform"):
+        if self.gold_tail not in TOPK_TAILS:
             raise ValueError(f"gold_tail={self.gold_tail!r}: 'total' (the teacher's matched head "
                              "only) or 'uniform' (its row completed with a uniform tail)")
         if self.analysis_texts < 0 or self.analysis_texts > self.held_out_texts:
@@ -328,10 +330,9 @@ def cached_bits_per_byte(model: Any, tokenizer: Any, texts: Sequence[str],
             pass  # unreadable: scored again and rewritten below
     value = bits_per_byte(model, tokenizer, texts)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps({"bits_per_byte": value, "model": fingerprint,
-                                     "variant": variant, "texts": len(texts)}))
-    os.replace(temporary, path)  # written beside, then renamed: never half-written
+    record = json.dumps({"bits_per_byte": value, "model": fingerprint, "variant": variant,
+                         "texts": len(texts)}).encode()
+    atomic_write(path, lambda file: file.write(record))  # never half-written
     return value, False
 
 
@@ -506,6 +507,10 @@ class Clock:
     def start(self) -> None:
         self._wall, self._cpu = time.perf_counter(), time.process_time()
 
+    def elapsed(self) -> float:
+        """Wall seconds since :meth:`start`."""
+        return time.perf_counter() - self._wall
+
     def stop(self, phase: str) -> float:
         wall = time.perf_counter() - self._wall
         self.wall[phase] = self.wall.get(phase, 0.0) + wall
@@ -647,7 +652,7 @@ def run(output_dir: str | Path = "purekd-demo-cross-tokenizer", *,
         if progress_bar is not False and ((index + 1) % 10 == 0 or index + 1 == len(batches)):
             losses = ", ".join(f"{a.name} {a.log[-1]['loss']:.3f}" for a in arms.values())
             print(f"    step {index + 1}/{settings.steps}: {losses} "
-                  f"({time.perf_counter() - clock._wall:.0f} s)")
+                  f"({clock.elapsed():.0f} s)")
     clock.stop("train")
 
     clock.start()

@@ -17,6 +17,19 @@ GOLD_DEFAULTS: dict[str, Any] = {"loss": "jsd", "matched_weight": None,
 :func:`~purekd.losses.aligned_gold_topk`'s convention for the mass outside its top-k."""
 
 
+TOPK_TAILS = ("total", "uniform")
+"""GOLD's conventions for a top-k teacher's mass outside its top-k
+(:func:`~purekd.losses.aligned_gold_topk`)."""
+
+
+def check_tail(tail: Any, where: str) -> None:
+    """``tail`` is one of :data:`TOPK_TAILS`, else a ``ValueError`` naming both."""
+    if tail not in TOPK_TAILS:
+        raise ValueError(f"{where}: tail={tail!r}; choose 'total' (a top-k teacher's matched head "
+                         f"only, its tail in total in the ULD part) or 'uniform' (its rows "
+                         f"completed to V_T with a uniform tail)")
+
+
 def check_gold_parameters(params: Mapping[str, Any], where: str) -> dict[str, Any]:
     """GOLD's parameters (:data:`GOLD_DEFAULTS` and those of its divergence ``loss``),
     validated: a ``ValueError`` starting with ``where`` names the bad one."""
@@ -43,11 +56,7 @@ def check_gold_parameters(params: Mapping[str, Any], where: str) -> dict[str, An
         if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
                                    or not 0 <= weight < float("inf")):
             raise ValueError(f"{where}: {key}={weight!r} must be a finite number >= 0")
-    tail = params.get("tail", GOLD_DEFAULTS["tail"])
-    if tail not in ("total", "uniform"):
-        raise ValueError(f"{where}: tail={tail!r}; choose 'total' (a top-k teacher's matched head "
-                         f"only, its tail in total in the ULD part) or 'uniform' (its rows "
-                         f"completed to V_T with a uniform tail)")
+    check_tail(params.get("tail", GOLD_DEFAULTS["tail"]), where)
     top_k = params.get("top_k")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"{where}: top_k={top_k!r} must be a positive int, or None to sort the "
@@ -55,4 +64,4 @@ def check_gold_parameters(params: Mapping[str, Any], where: str) -> dict[str, An
     return params
 
 
-__all__ = ["GOLD_DEFAULTS", "check_gold_parameters"]
+__all__ = ["GOLD_DEFAULTS", "TOPK_TAILS", "check_gold_parameters", "check_tail"]

@@ -76,6 +76,7 @@ from ._gold import (
     gold_per_span,
     gold_weights,
 )
+from ._gold_parameters import TOPK_TAILS, check_tail
 from ._spans import (
     AlignedSpans,
     TeacherMerge,
@@ -146,10 +147,6 @@ def sorted_l1_topk(log_q_S: Tensor, target: TopkSpanTarget, top_k: int | None = 
     m = min(s.size(-1), t.size(-1))
     value = (s[:, :m] - t[:, :m]).abs().sum(-1) + s[:, m:].sum(-1) + t[:, m:].sum(-1)
     return value + ((q_S.sum(-1) - s.sum(-1)) - tail_T).abs()
-
-
-TOPK_TAILS = ("total", "uniform")
-""":func:`aligned_gold_topk`'s conventions for the teacher's mass outside its top-k."""
 
 
 def sorted_l1_known(log_q_S: Tensor, log_head_T: Tensor, known_T: Tensor, log_tail_T: Tensor,
@@ -327,10 +324,7 @@ def aligned_gold_topk(logits_S: Tensor, teacher: TopkSpanTeacher, spans: Aligned
     the dense logits. ``temperature`` must be 1. Gradients flow into ``logits_S`` only.
     """
     where = "aligned_gold_topk"
-    if tail not in TOPK_TAILS:
-        raise ValueError(f"{where}: tail={tail!r}; choose 'total' (the matched head only, the "
-                         f"tail in total in the ULD part) or 'uniform' (the row completed to "
-                         f"V_T with a uniform tail)")
+    check_tail(tail, where)
     flat_S, (ids, logprobs, next_logprobs, vocab_T) = _checked_inputs(
         logits_S, teacher, spans, top_k, reduction, temperature, where)
     vocab_S = flat_S.size(-1)

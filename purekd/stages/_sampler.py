@@ -330,8 +330,7 @@ def _all_done(unfinished: Tensor, synced: bool) -> bool:
     if synced:
         from purekd._collectives import all_reduce
 
-        left = left.clone()
-        all_reduce(left)
+        all_reduce(left)  # in place: the sum is a tensor of its own
     return int(left) == 0
 
 

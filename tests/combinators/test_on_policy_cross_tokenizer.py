@@ -53,19 +53,7 @@ def characters() -> Any:
 def wordpiece_any() -> Any:
     """A WordPiece teacher tokenizer whose vocabulary has a few words and every letter (alone
     and as a ``##`` continuation), so that any lower-case text is tokenised without [UNK]."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    letters = list("abcdefghijklmnopqrstuvwxyz")
-    words = [w for w in _tokenizers.WORDS if w not in letters]
-    vocab = ["[PAD]", "[UNK]", *words, *letters, *[f"##{c}" for c in letters]]
-    backend = Tokenizer(models.WordPiece({t: i for i, t in enumerate(dict.fromkeys(vocab))},
-                                         unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
-                                   pad_token="[PAD]")
+    return _tokenizers.wordpiece_letters()
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,13 @@ from purekd.teacher_cache import (
     TeacherCache,
 )
 
-from ..teacher_cache.test_cross_tokenizer import TEXTS, CausalLM, cached_batches, one_step, write
+from ..teacher_cache.test_cross_tokenizer import (
+    TEXTS,
+    CausalLM,
+    assert_cached_step_is_live,
+    cached_batches,
+    write,
+)
 
 pytest.importorskip("transformers")
 
@@ -69,14 +75,7 @@ def test_make_step_from_the_cache_with_hf_adaptor_is_the_live_step(pair, tmp_pat
                                  **options)
     cached_step = purekd.make_step(config, None, student, adaptor, adaptor, compile=False,
                                    **options)
-    live_loss, live_grads = one_step(live_step, student,
-                                     CrossTokenizerCollator(tokenizer_S, tokenizer_T)(TEXTS))
-    (batch,) = cached_batches(pair, tmp_path)
-    cached_loss, cached_grads = one_step(cached_step, student, batch)
-    assert live_loss.item() > 0.05
-    torch.testing.assert_close(cached_loss, live_loss, rtol=0, atol=1e-6)
-    for a, b in zip(cached_grads, live_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert_cached_step_is_live(live_step, cached_step, student, pair, tmp_path)
 
 
 @pytest.mark.parametrize("loss", ["uld", "gold"])

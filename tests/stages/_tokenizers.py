@@ -32,6 +32,26 @@ def wordpiece() -> Any:
                                    pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]")
 
 
+def wordpiece_letters(end: str | None = None) -> Any:
+    """A WordPiece fast tokenizer of a few words (:data:`WORDS`) and every letter, alone and as
+    a ``##`` continuation, so that any lower-case text is tokenised without [UNK]; ``end``: an
+    end-of-text token of its own (its ``eos_token``), else none."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    words = [w for w in WORDS if w not in letters]
+    vocab = ["[PAD]", "[UNK]", *([end] if end else []), *words, *letters,
+             *[f"##{c}" for c in letters]]
+    backend = Tokenizer(models.WordPiece({t: i for i, t in enumerate(dict.fromkeys(vocab))},
+                                         unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
+                                   pad_token="[PAD]", **({"eos_token": end} if end else {}))
+
+
 def slow_wordpiece(folder: Path) -> Any:
     """A slow (pure Python) tokenizer: no offset mapping."""
     from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy

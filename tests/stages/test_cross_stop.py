@@ -43,20 +43,7 @@ def characters() -> Any:
 
 def wordpiece_with_end(end: str | None = "[END]") -> Any:
     """A WordPiece tokenizer of every letter and a few words, with its own end-of-text token."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    letters = list("abcdefghijklmnopqrstuvwxyz")
-    words = [w for w in _tokenizers.WORDS if w not in letters]
-    vocab = ["[PAD]", "[UNK]", *([end] if end else []), *words, *letters,
-             *[f"##{c}" for c in letters]]
-    backend = Tokenizer(models.WordPiece({t: i for i, t in enumerate(dict.fromkeys(vocab))},
-                                         unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
-                                   pad_token="[PAD]", **({"eos_token": end} if end else {}))
+    return _tokenizers.wordpiece_letters(end)
 
 
 # ----------------------------------------------------------------------- the vocabulary map

@@ -155,6 +155,21 @@ def one_step(step: Any, student: torch.nn.Module, batch: Any) -> tuple[Tensor, l
     return loss.detach(), [p.grad.clone() for p in student.parameters()]
 
 
+def assert_cached_step_is_live(live_step: Any, cached_step: Any, student: torch.nn.Module,
+                               pair: Any, tmp_path: Path) -> None:
+    """One step on :data:`TEXTS` from the live teacher and one from the cache written to
+    ``tmp_path`` give the same loss (> 0.05) and student gradients, to 1e-6."""
+    tokenizer_S, tokenizer_T = pair
+    live_loss, live_grads = one_step(live_step, student,
+                                     CrossTokenizerCollator(tokenizer_S, tokenizer_T)(TEXTS))
+    (batch,) = cached_batches(pair, tmp_path)
+    cached_loss, cached_grads = one_step(cached_step, student, batch)
+    assert live_loss.item() > 0.05
+    torch.testing.assert_close(cached_loss, live_loss, rtol=0, atol=1e-6)
+    for a, b in zip(cached_grads, live_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize(("loss", "params"), [
     ("uld", {}), ("gold", {}), ("gold", {"beta": 0.9, "matched_weight": 1.0,
                                          "unmatched_weight": 0.5, "top_k": 5}),
@@ -170,14 +185,7 @@ def test_make_step_from_the_cache_at_k_equal_v_is_the_live_step(pair, tmp_path, 
                                  compile=False, **options)
     cached_step = purekd.make_step(config, None, student, cached_adaptor, logits_adaptor,
                                    compile=False, **options)
-    live_loss, live_grads = one_step(live_step, student,
-                                     CrossTokenizerCollator(tokenizer_S, tokenizer_T)(TEXTS))
-    (batch,) = cached_batches(pair, tmp_path)
-    cached_loss, cached_grads = one_step(cached_step, student, batch)
-    assert live_loss.item() > 0.05
-    torch.testing.assert_close(cached_loss, live_loss, rtol=0, atol=1e-6)
-    for a, b in zip(cached_grads, live_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert_cached_step_is_live(live_step, cached_step, student, pair, tmp_path)
 
 
 @pytest.mark.parametrize("loss", ["uld", "gold"])
