@@ -257,7 +257,8 @@ class Contender:
                                                             dtype=torch.float32).to(device())
         self.student.train()
         self.tokenizer = AutoTokenizer.from_pretrained(folder / "student", padding_side="left")
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=workload.lr)
+        # TRL's DistillationConfig defaults to optim="adamw_torch_fused": the same for both
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=workload.lr, fused=True)
         self.clock = Clock()
         self.clock.hook(_backbone(self.teacher), "teacher_forward")
         self.clock.hook(_backbone(self.student), "student_forward")
@@ -299,14 +300,22 @@ class Purekd(Contender):
         self.step_fn = purekd.make_step(
             config, self.teacher, self.student,
             hf_adaptor(causal=True, lm_head=self.teacher.get_output_embeddings()), adaptor_S,
-            compile=False, sampler=sampler)
+            compile="auto", sampler=sampler)  # the default: decided over the warm-up steps
         # output_hidden_states=True, logits_to_keep=<no position>: no output-layer row at all
         self.forward_kwargs = adaptor_S.forward_kwargs()
         stage = self.step_fn.outputs
         self.sampler = stage.sampler
         stage.sampler = Timed(self.sampler, self.clock, "sampling", sampling=True)
-        self.step_fn.loss = Timed(self.step_fn.loss, self.clock, "loss_forward")
         self.stage = stage
+        # the loss path timed in place: still a Compiled, so compile="auto" measures and decides
+        loss, clock = self.step_fn.loss, self.clock
+
+        class TimedLoss(type(loss)):  # type: ignore[misc]
+            def __call__(self, *args: Any, **kwargs: Any) -> Any:
+                with clock.part("loss_forward"):
+                    return super().__call__(*args, **kwargs)
+
+        loss.__class__ = TimedLoss
 
     def prompts(self, texts: list[str]) -> dict[str, torch.Tensor]:
         encoded = self.tokenizer(texts, padding=True, return_tensors="pt")
@@ -468,7 +477,9 @@ def worker(name: str, folder: Path, workload: Workload, warmup: int, memory: boo
         extra = extra_peak_mib(lambda: contender.run(rows))
         print(json.dumps({"extra_peak_mib": extra}), flush=True)
         return
-    print(json.dumps({"ready": True, "warmup": warm, "first_completions": first}), flush=True)
+    decision = getattr(getattr(contender, "step_fn", None), "loss", None)
+    print(json.dumps({"ready": True, "warmup": warm, "first_completions": first,
+                      "compile_decision": getattr(decision, "decision", None)}), flush=True)
     for line in sys.stdin:
         command = line.strip()
         if command == "step":
@@ -546,7 +557,7 @@ def _memory_result(process: subprocess.Popen[str], name: str) -> float:
 DEFAULT = Workload()
 
 
-def run(workload: Workload = DEFAULT, rounds: int = 5, warmup: int = 2,
+def run(workload: Workload = DEFAULT, rounds: int = 5, warmup: int = 5,
         rollout_repeats: int = 3, memory: bool = True,
         models: Path | None = None) -> dict[str, Any]:
     started = time.perf_counter()
@@ -582,7 +593,8 @@ def run(workload: Workload = DEFAULT, rounds: int = 5, warmup: int = 2,
             "completion_tokens": statistics.median(s["tokens"] for s in steps),
             "first_loss": ready[name]["warmup"][0]["loss"] if ready[name]["warmup"] else None,
             "losses": [s["loss"] for s in ready[name]["warmup"] + steps],
-            "extra_peak_mib": extra.get(name)}
+            "extra_peak_mib": extra.get(name),
+            "compile_decision": ready[name].get("compile_decision")}
     record["contenders"] = contenders
     record["time_ratio"] = paired_ratio(times, "purekd", "trl")
     if memory:
@@ -621,6 +633,7 @@ def table(record: dict[str, Any]) -> str:
                  f"{c['trl']['first_loss']:>10.5f}  same completions: "
                  f"{record['same_first_completions']}, relative difference "
                  f"{record.get('first_loss_relative_difference', float('nan')):.1e}")
+    lines.append(f"purekd compile='auto' chose: {c['purekd'].get('compile_decision')}")
     rollout = record.get("rollout")
     if rollout:
         for name in ("sampler", "sampler_logprobs", "generate"):
@@ -644,7 +657,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="TRL's default gradient checkpointing on (off: as purekd)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="steps before measuring (purekd's compile='auto' decides in 4)")
     parser.add_argument("--rollout-repeats", type=int, default=3,
                         help="interleaved rollout-speed repeats (0: skip)")
     parser.add_argument("--no-memory", action="store_true")

@@ -23,7 +23,9 @@ from purekd.stages import (
     detach,
     forward,
     mean_logits,
+    output_weight,
     share_equal_masks,
+    sparse_tied_embedding,
 )
 
 Adaptor = Callable[[Any, Any], Any]
@@ -126,10 +128,16 @@ class ModelsStage:
                  **args: Any) -> Outputs:
         parts = self.split(batch)
         adapted_T = self.teacher(parts, args) if teacher_outputs is None else teacher_outputs
-        with capture_outputs(self.capture_S) as captured:
+        weight = output_weight(self.adaptor_S)
+        with capture_outputs(self.capture_S) as captured, \
+                sparse_tied_embedding(self.student, weight) as alias:
             outputs_S = forward(self.student, parts.student, **args)
         adapted_S = adapt(self.adaptor_S, parts.student, outputs_S)._replace(
             captured=tuple(captured), spans=getattr(parts, "spans", None))
+        if alias is not None and adapted_S.lm_weight is weight:
+            # the tied output layer read through the alias made before the forward: no second
+            # (V, H) gradient buffer (purekd.stages.sparse_tied_embedding)
+            adapted_S = adapted_S._replace(lm_weight=alias)
         if teacher_outputs is not None and adapted_S.logits_mask and not adapted_T.logits_mask:
             adapted_T = adapted_T._replace(logits_mask=adapted_S.logits_mask)
         return Outputs(adapted_S, share_equal_masks(adapted_S, adapted_T))

@@ -53,6 +53,7 @@ from ._rollout import (
 )
 from ._sampler import HFGenerateSampler, KVCacheSampler, Sample, Sampler, completion_mask
 from ._split import Split, batch_split
+from ._tied_embedding import output_weight, sparse_tied_embedding, tied_input_embedding
 from ._vocabulary import (
     match_vocabularies,
     normalise_token,
@@ -97,6 +98,7 @@ __all__ = [
     "next_token",
     "normalise",
     "normalise_token",
+    "output_weight",
     "probability_shift",
     "prompts_for",
     "retokenise_rollout",
@@ -104,7 +106,9 @@ __all__ = [
     "sampling_mode",
     "share_equal_masks",
     "shift_left",
+    "sparse_tied_embedding",
     "stop_pairs",
+    "tied_input_embedding",
     "token_spans",
     "tokenizer_scheme",
     "vocabulary_map",

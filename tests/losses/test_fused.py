@@ -317,11 +317,12 @@ def test_an_outer_factor_scales_every_gradient():
 
 
 def test_default_blocks_are_large_enough_for_the_weight_gradient_product():
-    # about 16 Mi logits a block, a multiple of 8 rows, never below 128 rows (the weight
+    # about 2 Mi logits a block, a multiple of 8 rows, never below 64 rows (the weight
     # gradient's product reduces over them), never more rows than there are
-    assert _blockwise.default_chunk_rows(4096, 49152, fused=True) == 336
-    assert _blockwise.default_chunk_rows(2048, 128256, fused=True) == 128
-    assert _blockwise.default_chunk_rows(4096, 256000, fused=True) == 128
+    assert _blockwise.default_chunk_rows(4096, 49152, fused=True) == 64
+    assert _blockwise.default_chunk_rows(4096, 16384, fused=True) == 128
+    assert _blockwise.default_chunk_rows(2048, 128256, fused=True) == 64
+    assert _blockwise.default_chunk_rows(4096, 256000, fused=True) == 64
     assert _blockwise.default_chunk_rows(50, 128256, fused=True) == 50
     assert _blockwise.default_chunk_rows(4096, 49152) == 168  # the on-logits losses: 8 Mi
 
