@@ -120,3 +120,76 @@ def test_a_model_without_a_kv_cache_points_to_generate():
     with pytest.raises(ValueError, match=r"KV cache.*use HFGenerateSampler"):
         KVCacheSampler(max_new_tokens=2, stop_token_ids=(EOS,), pad_token_id=PAD)(
             NoCache(), batch["prompts"], batch["prompt_attention_mask"], seed=0)
+
+
+# -- the output layer the sampler computes itself (float32 on a CPU with threads) ---------------
+@pytest.fixture(scope="module")
+def float_llama():
+    return tiny_llama(2, 16, seed=3).float().eval()
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _kept_positions(model):
+    """The ``logits_to_keep`` of each forward call, recorded by a pre-hook (remove after)."""
+    seen: list[object] = []
+
+    def hook(_module, _args, kwargs):
+        keep = kwargs.get("logits_to_keep")
+        seen.append(int(keep.numel()) if isinstance(keep, torch.Tensor) else keep)
+
+    return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("options", SETTINGS)
+def test_the_threaded_output_layer_draws_what_generate_draws(float_llama, two_threads, options):
+    seen, handle = _kept_positions(float_llama)
+    try:
+        for seed in (0, 11):
+            reference, ours = _both(float_llama, seed, options)
+            assert torch.equal(ours.completions, reference.completions), (seed, options)
+            assert torch.equal(ours.completion_mask, reference.completion_mask)
+            torch.testing.assert_close(ours.logprobs, reference.logprobs, rtol=0, atol=1e-5)
+    finally:
+        handle.remove()
+    # generate's calls keep 1 position; ours: 1 at the prefill, then none (the sampler's own head)
+    assert 0 in seen
+
+
+def test_a_model_that_rescales_its_logits_keeps_its_own_output_layer(float_llama, two_threads):
+    # a change after the output layer (as Gemma's soft-capping or Granite's scaling): the prefill
+    # check finds the sampler's own logits different, so every step reads the model's
+    def rescale(_module, _args, outputs):
+        outputs.logits = 3.0 * outputs.logits
+        return outputs
+
+    scaled = float_llama.register_forward_hook(rescale)
+    seen, handle = _kept_positions(float_llama)
+    try:
+        for seed in (0, 11):
+            reference, ours = _both(float_llama, seed, {"temperature": 1.3})
+            assert torch.equal(ours.completions, reference.completions)
+            torch.testing.assert_close(ours.logprobs, reference.logprobs, rtol=0, atol=0)
+    finally:
+        scaled.remove()
+        handle.remove()
+    assert 0 not in seen
+
+
+def test_one_thread_keeps_the_models_output_layer(float_llama):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    seen, handle = _kept_positions(float_llama)
+    try:
+        reference, ours = _both(float_llama, 0, {})
+    finally:
+        handle.remove()
+        torch.set_num_threads(before)
+    assert torch.equal(ours.completions, reference.completions)
+    assert 0 not in seen
