@@ -162,13 +162,13 @@ def score_samples(model: nn.Module, teacher: nn.Module, prompts: Tensor, setting
                   stop_ids: Sequence[int], pad_id: int, tokenizer: Any = None,
                   examples: int = 3) -> SampleScores:
     """``model`` samples a continuation of every prompt (``(N, P)``, no padding) with
-    :class:`purekd.stages.HFGenerateSampler` at ``eval_temperature`` (seed ``seed + batch
+    :class:`purekd.stages.KVCacheSampler` at ``eval_temperature`` (seed ``seed + batch
     index``: the same draws for every model); both models score the sampled sequences
     (:func:`purekd.stages.rollout` lays them out) and :func:`reverse_kl_on_samples` gives the
     exact per-token reverse KL and the teacher's NLL on the completion rows."""
-    from purekd.stages import HFGenerateSampler, rollout
+    from purekd.stages import KVCacheSampler, rollout
 
-    sampler = HFGenerateSampler(max_new_tokens=settings.max_new_tokens,
+    sampler = KVCacheSampler(max_new_tokens=settings.max_new_tokens,
                                 temperature=settings.eval_temperature, stop_token_ids=stop_ids,
                                 pad_token_id=pad_id, logprobs=False)
     start = time.perf_counter()
@@ -345,16 +345,23 @@ def train(teacher: Any, student: Any, config: purekd.DistillationConfig,
     """``steps`` optimizer steps of ``GeneralDistiller`` over ``data`` (cycled) with AdamW at
     ``lr`` (``warmup`` linear warm-up, then linear decay; gradient norm clipped at 1); both
     models give the fused KD their last hidden states and output layer
-    (``hf_adaptor(lm_head=...)``), so no ``(rows, V)`` logits are formed. Returns the step
-    (its on-policy stage, if any, is ``step.outputs``)."""
+    (``hf_adaptor(lm_head=...)``), so no ``(rows, V)`` logits are formed; the on-policy arms
+    sample with :class:`purekd.stages.KVCacheSampler` (``generate``'s draws, faster). Returns
+    the step (its on-policy stage, if any, is ``step.outputs``)."""
     from purekd.integrations import hf_adaptor
     from purekd.recipes import Schedule
     from purekd.recipes._train import lr_factor
+    from purekd.stages import KVCacheSampler
 
+    knobs = config.on_policy
+    sampler = None if knobs is None else KVCacheSampler(
+        max_new_tokens=knobs.max_new_tokens, temperature=knobs.temperature, top_p=knobs.top_p,
+        top_k=knobs.top_k, stop_token_ids=knobs.stop_token_ids, pad_token_id=knobs.pad_token_id,
+        logprobs=False)
     distiller = purekd.GeneralDistiller(
         purekd.TrainingConfig(output_dir=str(out), device="cpu", ckpt_steps=steps), config,
         teacher, student, hf_adaptor(causal=True, lm_head=teacher.get_output_embeddings()),
-        hf_adaptor(causal=True, lm_head=student.get_output_embeddings()), compile=False)
+        hf_adaptor(causal=True, lm_head=student.get_output_embeddings()), sampler=sampler)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr,
                                   weight_decay=0.0)
     with distiller:
