@@ -12,12 +12,14 @@ One optimizer step of on-policy distillation, the same on both sides:
   ``KL(p_S || p_T)`` per completion token, averaged over the completion tokens — TRL's
   generalised JSD at ``beta=1`` (its default), purekd's ``kd_loss_type=["jsd", {"beta": 1}]``
   (exactly ``reverse_kl``), both at loss temperature 1;
-* backward, then ``AdamW`` (same learning rate) and ``zero_grad``.
+* backward, then ``AdamW(fused=True)`` (TRL's own default, ``optim="adamw_torch_fused"``; same
+  learning rate) and ``zero_grad``.
 
 Contenders:
 
 * ``purekd`` — ``make_step(DistillationConfig(on_policy=OnPolicyConfig(lmbda=1, ...)), ...,
-  sampler=KVCacheSampler(...))`` with ``hf_adaptor(causal=True, lm_head=...)`` on both models
+  sampler=KVCacheSampler(...))`` (``compile="auto"``, the default, decided over the warm-up
+  steps) with ``hf_adaptor(causal=True, lm_head=...)`` on both models
   (the fused path: only completion rows go through the output layer, no ``(N, V)`` logits),
   called with the adaptor's ``forward_kwargs()`` (``output_hidden_states=True`` and
   ``logits_to_keep`` an empty index: no output-layer row); ``KVCacheSampler`` is purekd's own
@@ -44,7 +46,7 @@ forward hooks and wrappers); the first step's loss on both sides (equal to float
 greedy sampling, since the completions are equal — checked); extra peak memory of one step, in one
 more process per contender (resident memory on CPU with glibc's mmap threshold fixed, as
 ``token_kd`` and ``fused_kd`` do; peak allocated memory on CUDA) over what the models and the
-optimizer state already hold; and the rollout speed of purekd's ``HFGenerateSampler`` against a
+optimizer state already hold; and the rollout speed of purekd's ``KVCacheSampler`` against a
 plain ``model.generate`` loop on the same student with the same settings (tokens per second;
 ``sampler``: the stage's, which keeps no log-probabilities for a full-distribution loss;
 ``sampler_logprobs``: keeping them, as for the sampled-token loss).
