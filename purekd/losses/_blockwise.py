@@ -64,12 +64,23 @@ the machine's peak (measured on CPU, V 49152: 23 ms a 64-row block against 49 ms
 the same time per row; at 32 rows the logits' GEMM took 1.8x the time per row)."""
 
 
+FUSED_TRACED_BLOCK_ELEMENTS = 1 << 24
+"""Logits per fused block when the loss is traced into a compiled graph (a step with
+``compile=True``): 16 Mi entries, at least 128 rows. There the in-place accumulation of the
+``(V, H)`` weight gradient becomes an out-of-place sum and a copy of ``(V, H)`` per block, so
+fewer, larger blocks cost less than the eager path's 64-row ones."""
+
+
 def default_chunk_rows(rows: int, vocabulary: int, *, fused: bool = False) -> int:
     """Rows per block, a multiple of 8 and at most ``rows``: :data:`DEFAULT_BLOCK_ELEMENTS`
     logits; ``fused``: :data:`FUSED_BLOCK_ELEMENTS` logits, at least
-    :data:`FUSED_MIN_BLOCK_ROWS` rows (its GEMMs dominate; the blocks are reused buffers)."""
-    elements, least = ((FUSED_BLOCK_ELEMENTS, FUSED_MIN_BLOCK_ROWS) if fused
-                       else (DEFAULT_BLOCK_ELEMENTS, 8))
+    :data:`FUSED_MIN_BLOCK_ROWS` rows (its GEMMs dominate; the blocks are reused buffers), or
+    inside a compiled graph :data:`FUSED_TRACED_BLOCK_ELEMENTS`, at least 128 rows."""
+    if fused and torch.compiler.is_compiling():
+        elements, least = FUSED_TRACED_BLOCK_ELEMENTS, 128
+    else:
+        elements, least = ((FUSED_BLOCK_ELEMENTS, FUSED_MIN_BLOCK_ROWS) if fused
+                           else (DEFAULT_BLOCK_ELEMENTS, 8))
     chunk = max(least, (elements // max(vocabulary, 1)) // 8 * 8)
     return max(1, min(rows, chunk))
 
@@ -456,6 +467,7 @@ def fused_linear(options: FusedOptions, hidden_S: Tensor, weight_S: Tensor,
     return result
 
 
-__all__ = ["DEFAULT_BLOCK_ELEMENTS", "FUSED_BLOCK_ELEMENTS", "FUSED_MIN_BLOCK_ROWS", "DenseTarget",
+__all__ = ["DEFAULT_BLOCK_ELEMENTS", "FUSED_BLOCK_ELEMENTS", "FUSED_MIN_BLOCK_ROWS",
+           "FUSED_TRACED_BLOCK_ELEMENTS", "DenseTarget",
            "FusedOptions", "Teacher", "TopkTarget",
            "block_kernel", "blockwise_on_logits", "default_chunk_rows", "fused_linear"]

@@ -327,6 +327,14 @@ def test_default_blocks_are_large_enough_for_the_weight_gradient_product():
     assert _blockwise.default_chunk_rows(4096, 49152) == 168  # the on-logits losses: 8 Mi
 
 
+def test_a_traced_fused_loss_takes_fewer_larger_blocks(monkeypatch):
+    # inside a compiled graph each block's weight-gradient accumulation costs a (V, H) copy
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _blockwise.default_chunk_rows(4096, 49152, fused=True) == 336
+    assert _blockwise.default_chunk_rows(4096, 256000, fused=True) == 128
+    assert _blockwise.default_chunk_rows(4096, 49152) == 168  # the on-logits losses: unchanged
+
+
 def test_a_last_block_shorter_than_the_others_reuses_the_buffers_correctly():
     student, teacher, mask, labels, _, _ = _inputs(11)
     rows = student["hidden_S"].shape[0]
