@@ -47,41 +47,51 @@ BlockOutput = tuple[Tensor, Tensor | None, tuple[Tensor | None, ...], Tensor]
 the teacher's tensors, and whether each row of the teacher is a distribution (finite)."""
 
 
-FUSED_BLOCK_ELEMENTS = 1 << 21
-"""Logits per block of the fused output-layer losses: 2 Mi entries (8 MiB in float32); with the
-:data:`FUSED_MIN_BLOCK_ROWS` floor, 64 rows for every vocabulary from 32k entries up (12 MiB a
-block at 49k, 64 MiB at 256k). Small blocks are what the fused path is for: its extra memory is
-the ``(V, H)`` gradient plus a few blocks. Measured on CPU (2 threads, V 49152, H 576, compiled
-block kernels, forward + backward of 256 rows): 64-row blocks took the time of 128-row ones
-(0.74-0.85 s against 0.76-0.80 s) and 0.86x that of 256-row ones, with 168 MiB of extra memory
-against 348 MiB at 256 rows; blocks under glibc's 32 MiB mmap ceiling are also recycled from the
-heap instead of being page-faulted in anew at every call."""
+FUSED_BLOCK_ELEMENTS = 1 << 24
+"""At most about this many logits per block of the fused output-layer losses (16 Mi entries, 64
+MiB in float32), and at least :data:`FUSED_MIN_BLOCK_ROWS` rows: the block size for many rows."""
 
-FUSED_MIN_BLOCK_ROWS = 64
-"""At least this many rows per fused block, whatever the vocabulary: the weight gradient's GEMM
-(``(V, rows) @ (rows, H)``) reduces over the block's rows, and far below this it runs far from
-the machine's peak (measured on CPU, V 49152: 23 ms a 64-row block against 49 ms a 128-row one,
-the same time per row; at 32 rows the logits' GEMM took 1.8x the time per row)."""
+FUSED_MIN_BLOCK_ROWS = 128
+"""At least this many rows per fused block when there are many rows: the weight gradient's GEMM
+(``(V, rows) @ (rows, H)``) reduces over the block's rows, and below ~128 it runs far from the
+machine's peak (measured on CPU: ~1.6x the time per row at 64 rows than at 336)."""
 
+FUSED_BLOCKS = 8
+"""With few rows, the fused losses split them into about this many blocks (of at least
+:data:`FUSED_FEW_ROWS_BLOCK` rows) instead of one or two large ones. Each block adds its share
+of the weight gradient into the ``(V, H)`` buffer, a pass over all of it, so many rows want few,
+large blocks; few rows want small ones, whose buffers then stay small beside that gradient.
+Measured on CPU (2 threads, V 49152, H 576, compiled block kernels, forward + backward): 256
+rows took the same time in 64-row blocks as in 128-row ones and 0.86x the time of one 256-row
+block, with 168 against 348 MiB of extra memory; 4096 rows took 9.3 s in 64-row blocks, 8.8 s in
+128-row, 7.5 s in 192- and 336-row ones."""
+
+FUSED_FEW_ROWS_BLOCK = 64
+"""The smallest fused block :data:`FUSED_BLOCKS` makes (12 MiB at 49k entries)."""
 
 FUSED_TRACED_BLOCK_ELEMENTS = 1 << 24
 """Logits per fused block when the loss is traced into a compiled graph (a step with
-``compile=True``): 16 Mi entries, at least 128 rows. There the in-place accumulation of the
-``(V, H)`` weight gradient becomes an out-of-place sum and a copy of ``(V, H)`` per block, so
-fewer, larger blocks cost less than the eager path's 64-row ones."""
+``compile=True``): 16 Mi entries, at least 128 rows, whatever the rows. There the in-place
+accumulation of the ``(V, H)`` weight gradient becomes an out-of-place sum and a copy of
+``(V, H)`` per block, so fewer, larger blocks cost less."""
 
 
 def default_chunk_rows(rows: int, vocabulary: int, *, fused: bool = False) -> int:
     """Rows per block, a multiple of 8 and at most ``rows``: :data:`DEFAULT_BLOCK_ELEMENTS`
-    logits; ``fused``: :data:`FUSED_BLOCK_ELEMENTS` logits, at least
+    logits. ``fused``: :data:`FUSED_BLOCK_ELEMENTS` logits, at least
     :data:`FUSED_MIN_BLOCK_ROWS` rows (its GEMMs dominate; the blocks are reused buffers), or
-    inside a compiled graph :data:`FUSED_TRACED_BLOCK_ELEMENTS`, at least 128 rows."""
-    if fused and torch.compiler.is_compiling():
-        elements, least = FUSED_TRACED_BLOCK_ELEMENTS, 128
-    else:
-        elements, least = ((FUSED_BLOCK_ELEMENTS, FUSED_MIN_BLOCK_ROWS) if fused
-                           else (DEFAULT_BLOCK_ELEMENTS, 8))
-    chunk = max(least, (elements // max(vocabulary, 1)) // 8 * 8)
+    fewer rows when there are few, about ``rows / FUSED_BLOCKS`` but at least
+    :data:`FUSED_FEW_ROWS_BLOCK`; inside a compiled graph :data:`FUSED_TRACED_BLOCK_ELEMENTS`
+    logits, at least 128 rows."""
+    if not fused:
+        chunk = max(8, (DEFAULT_BLOCK_ELEMENTS // max(vocabulary, 1)) // 8 * 8)
+        return max(1, min(rows, chunk))
+    traced = torch.compiler.is_compiling()
+    elements = FUSED_TRACED_BLOCK_ELEMENTS if traced else FUSED_BLOCK_ELEMENTS
+    chunk = max(FUSED_MIN_BLOCK_ROWS, (elements // max(vocabulary, 1)) // 8 * 8)
+    if not traced:
+        share = -(-rows // FUSED_BLOCKS)
+        chunk = min(chunk, max(FUSED_FEW_ROWS_BLOCK, -(-share // 8) * 8))
     return max(1, min(rows, chunk))
 
 
@@ -467,7 +477,7 @@ def fused_linear(options: FusedOptions, hidden_S: Tensor, weight_S: Tensor,
     return result
 
 
-__all__ = ["DEFAULT_BLOCK_ELEMENTS", "FUSED_BLOCK_ELEMENTS", "FUSED_MIN_BLOCK_ROWS",
-           "FUSED_TRACED_BLOCK_ELEMENTS", "DenseTarget",
+__all__ = ["DEFAULT_BLOCK_ELEMENTS", "FUSED_BLOCKS", "FUSED_BLOCK_ELEMENTS", "FUSED_FEW_ROWS_BLOCK",
+           "FUSED_MIN_BLOCK_ROWS", "FUSED_TRACED_BLOCK_ELEMENTS", "DenseTarget",
            "FusedOptions", "Teacher", "TopkTarget",
            "block_kernel", "blockwise_on_logits", "default_chunk_rows", "fused_linear"]

@@ -175,7 +175,7 @@ def fused_linear_distill(
 
     ``shared_vocab``: when the student's and the teacher's output layers have different
     numbers of rows, compare on the shared first ones (otherwise a ``ValueError``).
-    ``chunk_rows``: rows per block (default: about 2 Mi logits a block, at least 64 rows).
+    ``chunk_rows``: rows per block (default: about 16 Mi logits a block and at least 128 rows; with few rows about ``rows / 8`` rows a block, at least 64).
     """
     where = "fused_linear_distill"
     sum_reduction = check_reduction(reduction, where)

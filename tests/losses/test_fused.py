@@ -317,14 +317,21 @@ def test_an_outer_factor_scales_every_gradient():
 
 
 def test_default_blocks_are_large_enough_for_the_weight_gradient_product():
-    # about 2 Mi logits a block, a multiple of 8 rows, never below 64 rows (the weight
-    # gradient's product reduces over them), never more rows than there are
-    assert _blockwise.default_chunk_rows(4096, 49152, fused=True) == 64
-    assert _blockwise.default_chunk_rows(4096, 16384, fused=True) == 128
-    assert _blockwise.default_chunk_rows(2048, 128256, fused=True) == 64
-    assert _blockwise.default_chunk_rows(4096, 256000, fused=True) == 64
-    assert _blockwise.default_chunk_rows(50, 128256, fused=True) == 50
+    # many rows: about 16 Mi logits a block, a multiple of 8 rows, never below 128 rows (the
+    # weight gradient's product reduces over them)
+    assert _blockwise.default_chunk_rows(4096, 49152, fused=True) == 336
+    assert _blockwise.default_chunk_rows(2048, 128256, fused=True) == 128
+    assert _blockwise.default_chunk_rows(4096, 256000, fused=True) == 128
     assert _blockwise.default_chunk_rows(4096, 49152) == 168  # the on-logits losses: 8 Mi
+
+
+def test_few_rows_take_about_eight_blocks_of_at_least_64_rows():
+    # each block is a pass over the (V, H) weight gradient: few rows can afford small blocks
+    assert _blockwise.default_chunk_rows(256, 49152, fused=True) == 64
+    assert _blockwise.default_chunk_rows(1024, 49152, fused=True) == 128
+    assert _blockwise.default_chunk_rows(2000, 49152, fused=True) == 256
+    assert _blockwise.default_chunk_rows(50, 128256, fused=True) == 50  # never more than rows
+    assert _blockwise.default_chunk_rows(100, 49152, fused=True) == 64
 
 
 def test_a_traced_fused_loss_takes_fewer_larger_blocks(monkeypatch):
