@@ -19,7 +19,8 @@ single item of an on-policy step's peak.
 
 ``W.grad`` is dense as always, and equal to the dense path's up to float rounding (a token that
 occurs several times has its rows added to ``G_out`` one by one instead of summed first).
-Nothing changes unless every condition holds: gradients are on, the model has a
+Nothing changes unless every condition holds: gradients are on (outside ``torch.func``
+transforms, which take gradients their own way), the model has a
 ``get_input_embeddings()`` that is a plain ``nn.Embedding`` whose weight *is* the output layer's
 weight ``W`` (a plain tensor, not an FSDP2 ``DTensor``) and requires a gradient. If the loss
 then never reads the alias, ``W`` gets only the sparse ``G_in``; a hook registered for that case
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from purekd._compiling import _inside_functorch_transform
 from purekd._sharded import is_dtensor
 
 
@@ -79,6 +81,8 @@ def tied_input_embedding(model: Any, weight: Tensor | None) -> nn.Embedding | No
     """``model``'s input embedding if its weight is ``weight`` and the lookup may be made sparse
     (see the module docstring), else ``None``."""
     if weight is None or not torch.is_grad_enabled() or not weight.requires_grad:
+        return None
+    if _inside_functorch_transform():  # torch.func.grad & co.: autograd's order does not apply
         return None
     if not weight.is_leaf or is_dtensor(weight) or weight.layout != torch.strided:
         return None

@@ -133,3 +133,18 @@ def test_the_embeddings_setting_is_restored_when_the_forward_raises():
         assert embedding.sparse is True
         raise RuntimeError("boom")
     assert embedding.sparse is False
+
+
+def test_inside_torch_func_transforms_nothing_changes():
+    # torch.func takes gradients its own way (no autograd node order to rely on)
+    student = _llama(1, tied=True)
+    weight = student.get_output_embeddings().weight
+    seen = []
+
+    def f(x):
+        seen.append(tied_input_embedding(student, weight))
+        return (x * x).sum()
+
+    torch.func.grad(f)(torch.ones(2))
+    assert seen == [None]
+    assert tied_input_embedding(student, weight) is not None  # outside: on
