@@ -69,27 +69,19 @@ block, with 168 against 348 MiB of extra memory; 4096 rows took 9.3 s in 64-row 
 FUSED_FEW_ROWS_BLOCK = 64
 """The smallest fused block :data:`FUSED_BLOCKS` makes (12 MiB at 49k entries)."""
 
-FUSED_TRACED_BLOCK_ELEMENTS = 1 << 24
-"""Logits per fused block when the loss is traced into a compiled graph (a step with
-``compile=True``): 16 Mi entries, at least 128 rows, whatever the rows. There the in-place
-accumulation of the ``(V, H)`` weight gradient becomes an out-of-place sum and a copy of
-``(V, H)`` per block, so fewer, larger blocks cost less."""
-
 
 def default_chunk_rows(rows: int, vocabulary: int, *, fused: bool = False) -> int:
     """Rows per block, a multiple of 8 and at most ``rows``: :data:`DEFAULT_BLOCK_ELEMENTS`
     logits. ``fused``: :data:`FUSED_BLOCK_ELEMENTS` logits, at least
     :data:`FUSED_MIN_BLOCK_ROWS` rows (its GEMMs dominate; the blocks are reused buffers), or
     fewer rows when there are few, about ``rows / FUSED_BLOCKS`` but at least
-    :data:`FUSED_FEW_ROWS_BLOCK`; inside a compiled graph :data:`FUSED_TRACED_BLOCK_ELEMENTS`
-    logits, at least 128 rows."""
-    if not fused:
-        chunk = max(8, (DEFAULT_BLOCK_ELEMENTS // max(vocabulary, 1)) // 8 * 8)
-        return max(1, min(rows, chunk))
-    traced = torch.compiler.is_compiling()
-    elements = FUSED_TRACED_BLOCK_ELEMENTS if traced else FUSED_BLOCK_ELEMENTS
-    chunk = max(FUSED_MIN_BLOCK_ROWS, (elements // max(vocabulary, 1)) // 8 * 8)
-    if not traced:
+    :data:`FUSED_FEW_ROWS_BLOCK` — except inside a compiled graph (a step with
+    ``compile=True``), where the in-place accumulation of the ``(V, H)`` weight gradient becomes
+    an out-of-place sum and a copy of ``(V, H)`` per block, so the blocks stay the large ones."""
+    elements, least = ((FUSED_BLOCK_ELEMENTS, FUSED_MIN_BLOCK_ROWS) if fused
+                       else (DEFAULT_BLOCK_ELEMENTS, 8))
+    chunk = max(least, (elements // max(vocabulary, 1)) // 8 * 8)
+    if fused and not torch.compiler.is_compiling():
         share = -(-rows // FUSED_BLOCKS)
         chunk = min(chunk, max(FUSED_FEW_ROWS_BLOCK, -(-share // 8) * 8))
     return max(1, min(rows, chunk))
@@ -478,6 +470,6 @@ def fused_linear(options: FusedOptions, hidden_S: Tensor, weight_S: Tensor,
 
 
 __all__ = ["DEFAULT_BLOCK_ELEMENTS", "FUSED_BLOCKS", "FUSED_BLOCK_ELEMENTS", "FUSED_FEW_ROWS_BLOCK",
-           "FUSED_MIN_BLOCK_ROWS", "FUSED_TRACED_BLOCK_ELEMENTS", "DenseTarget",
+           "FUSED_MIN_BLOCK_ROWS", "DenseTarget",
            "FusedOptions", "Teacher", "TopkTarget",
            "block_kernel", "blockwise_on_logits", "default_chunk_rows", "fused_linear"]

@@ -184,8 +184,9 @@ class KVCacheSampler:
     layer is computed by the sampler itself from the last hidden state, as ``(W @ h^T)^T``, which
     the BLAS spreads over the threads (:class:`_OutputLayer`: 13.5 against 24 ms a token at V
     49152, 8 rows, 2 threads) — after the prefill found it equal to the model's own logits to
-    float rounding (a model that scales or caps its logits keeps its own). Each step's float32 scores ``z`` (the last position's
-    logits) are processed as ``generate`` processes them, in its order: ``z / temperature``
+    float rounding (a model that scales or caps its logits keeps its own). Each step's float32
+    scores ``z`` (the last position's logits) are processed as ``generate`` processes them, in
+    its order: ``z / temperature``
     (when not 1), the ``top_k`` filter (entries below the ``k``-th largest set to ``-inf``),
     the ``top_p`` nucleus filter (the smallest set of largest entries whose probability
     reaches ``top_p``, at least one); then one draw ``torch.multinomial(softmax(z), 1)`` per
