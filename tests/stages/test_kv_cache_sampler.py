@@ -6,10 +6,13 @@ number of forward calls, and bad input."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from purekd.stages import HFGenerateSampler, KVCacheSampler, rollout
+from purekd.stages._sampler import _onednn_packing, _OutputLayer
 from tests._on_policy import EOS, PAD, prompt_batch, tiny_gpt2, tiny_llama
 
 pytest.importorskip("transformers")
@@ -30,11 +33,12 @@ def models():
     return {"llama": tiny_llama(2, 16, seed=3).eval(), "gpt2": tiny_gpt2(4).eval()}
 
 
-def _both(model, seed, options, logprobs=True):
+def _both(model, seed, options, logprobs=True, **ours):
     batch = prompt_batch()
     out = []
     for kind in (HFGenerateSampler, KVCacheSampler):
-        sampler = kind(**{"max_new_tokens": 8, **options}, logprobs=logprobs)
+        extra = ours if kind is KVCacheSampler else {}
+        sampler = kind(**{"max_new_tokens": 8, **options}, logprobs=logprobs, **extra)
         with torch.no_grad():
             out.append(sampler(model.eval(), batch["prompts"], batch["prompt_attention_mask"],
                                seed=seed))
@@ -122,7 +126,7 @@ def test_a_model_without_a_kv_cache_points_to_generate():
             NoCache(), batch["prompts"], batch["prompt_attention_mask"], seed=0)
 
 
-# -- the output layer the sampler computes itself (float32 on a CPU with threads) ---------------
+# -- the output layer the sampler computes itself (float32 on a CPU) ----------------------------
 @pytest.fixture(scope="module")
 def float_llama():
     return tiny_llama(2, 16, seed=3).float().eval()
@@ -132,6 +136,14 @@ def float_llama():
 def two_threads():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
 
@@ -147,12 +159,17 @@ def _kept_positions(model):
     return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+ONEDNN = _onednn_packing()
+
+
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("options", SETTINGS)
-def test_the_threaded_output_layer_draws_what_generate_draws(float_llama, two_threads, options):
+def test_the_samplers_output_layer_draws_what_generate_draws(float_llama, two_threads, options,
+                                                             packed):
     seen, handle = _kept_positions(float_llama)
     try:
         for seed in (0, 11):
-            reference, ours = _both(float_llama, seed, options)
+            reference, ours = _both(float_llama, seed, options, packed_output_layer=packed)
             assert torch.equal(ours.completions, reference.completions), (seed, options)
             assert torch.equal(ours.completion_mask, reference.completion_mask)
             torch.testing.assert_close(ours.logprobs, reference.logprobs, rtol=0, atol=1e-5)
@@ -160,6 +177,22 @@ def test_the_threaded_output_layer_draws_what_generate_draws(float_llama, two_th
         handle.remove()
     # generate's calls keep 1 position; ours: 1 at the prefill, then none (the sampler's own head)
     assert 0 in seen
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this PyTorch has no oneDNN packed linear")
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_packed_output_layer_is_the_models_product(bias):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 48, generator=generator)
+    shift = torch.randn(300, generator=generator) if bias else None
+    states = torch.randn(5, 7, 48, generator=generator)  # (B, L, H): the last position is read
+    layer = _OutputLayer(weight, shift, torch.ops.mkldnn._reorder_linear_weight(weight, 5),
+                         torch.empty(0, dtype=torch.int64))
+    outputs = SimpleNamespace(hidden_states=(states,), logits=torch.nn.functional.linear(
+        states, weight, shift))
+    torch.testing.assert_close(layer(outputs), outputs.logits[:, -1], rtol=1e-5, atol=1e-5)
+    assert layer.matches(outputs)
+    assert not layer.matches(SimpleNamespace(hidden_states=(states,), logits=2 * outputs.logits))
 
 
 def test_a_model_that_rescales_its_logits_keeps_its_own_output_layer(float_llama, two_threads):
@@ -173,23 +206,36 @@ def test_a_model_that_rescales_its_logits_keeps_its_own_output_layer(float_llama
     seen, handle = _kept_positions(float_llama)
     try:
         for seed in (0, 11):
-            reference, ours = _both(float_llama, seed, {"temperature": 1.3})
-            assert torch.equal(ours.completions, reference.completions)
-            torch.testing.assert_close(ours.logprobs, reference.logprobs, rtol=0, atol=0)
+            for packed in (True, False):
+                reference, ours = _both(float_llama, seed, {"temperature": 1.3},
+                                        packed_output_layer=packed)
+                assert torch.equal(ours.completions, reference.completions)
+                torch.testing.assert_close(ours.logprobs, reference.logprobs, rtol=0, atol=0)
     finally:
         scaled.remove()
         handle.remove()
     assert 0 not in seen
 
 
-def test_one_thread_keeps_the_models_output_layer(float_llama):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    seen, handle = _kept_positions(float_llama)
+def test_one_thread_packs_the_output_layer_or_keeps_the_models(float_llama, one_thread):
+    # on one thread the transposed product is slower than the model's: only the packed form is used
+    for packed in (False, True):
+        seen, handle = _kept_positions(float_llama)
+        try:
+            reference, ours = _both(float_llama, 0, {}, packed_output_layer=packed)
+        finally:
+            handle.remove()
+        assert torch.equal(ours.completions, reference.completions)
+        assert (0 in seen) == (packed and ONEDNN)
+
+
+def test_a_float64_model_keeps_its_own_output_layer(two_threads):
+    model = tiny_llama(2, 16, seed=3).double().eval()
+    seen, handle = _kept_positions(model)
     try:
-        reference, ours = _both(float_llama, 0, {})
+        reference, ours = _both(model, 0, {})
     finally:
         handle.remove()
-        torch.set_num_threads(before)
     assert torch.equal(ours.completions, reference.completions)
+    torch.testing.assert_close(ours.logprobs, reference.logprobs, rtol=0, atol=0)
     assert 0 not in seen
