@@ -14,10 +14,13 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
+
+from ._packed_linears import packed_linears
 
 
 class Sample(NamedTuple):
@@ -180,17 +183,13 @@ class KVCacheSampler:
     The loop: one prefill of the left-padded prompts (``position_ids`` = the count of real
     tokens before each position, as ``generate`` numbers them), then one token per step
     through the cache, the output layer on the last position only (``logits_to_keep=1`` where
-    the model's forward takes it). On a CPU, a float32 model's output layer is computed by the
-    sampler itself from the last hidden state (:class:`_OutputLayer`): with
-    ``packed_output_layer`` (the default) by oneDNN on a copy of the weight packed once per call
-    for the batch's rows (5.7 against 22 ms a token at V 49152, H 576, 8 rows, 2 threads; the
-    copy, ``V x H`` floats, lives for the call), else, with more than one thread, as
-    ``(W @ h^T)^T``, which the BLAS spreads over the threads (13.5 ms) — either only after the
-    prefill found it equal to the model's own logits to float rounding (a model that scales or
-    caps its logits keeps its own). Each step's float32
-    scores ``z`` (the last position's logits) are processed as ``generate`` processes them, in
-    its order: ``z / temperature``
-    (when not 1), the ``top_k`` filter (entries below the ``k``-th largest set to ``-inf``),
+    the model's forward takes it). On a CPU (``packed_weights``, the default) the model's plain
+    float32 ``nn.Linear`` layers compute through oneDNN on copies of their weights packed once
+    per call for the batch's rows (:func:`~purekd.stages._packed_linears.packed_linears`: the
+    same products, about twice as fast for so few rows; the copies live for the call;
+    ``False``: the model's own products). Each step's float32 scores ``z`` (the last
+    position's logits) are processed as ``generate`` processes them, in its order:
+    ``z / temperature`` (when not 1), the ``top_k`` filter (entries below the ``k``-th largest set to ``-inf``),
     the ``top_p`` nucleus filter (the smallest set of largest entries whose probability
     reaches ``top_p``, at least one); then one draw ``torch.multinomial(softmax(z), 1)`` per
     row from the global generator (forked and seeded with ``seed``, as
@@ -214,7 +213,7 @@ class KVCacheSampler:
     def __init__(self, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, stop_token_ids: Sequence[int] = (),
                  pad_token_id: int | None = None, synced_gpus: bool | None = None,
-                 logprobs: bool = True, packed_output_layer: bool = True):
+                 logprobs: bool = True, packed_weights: bool = True):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
             raise ValueError(f"KVCacheSampler(max_new_tokens={max_new_tokens!r}): give an int "
@@ -237,7 +236,7 @@ class KVCacheSampler:
         self.pad_token_id = pad_token_id
         self.synced_gpus = synced_gpus
         self.logprobs = logprobs
-        self.packed_output_layer = bool(packed_output_layer)
+        self.packed_weights = bool(packed_weights)
 
     def stops_and_pad(self, model: Any) -> tuple[tuple[int, ...], int]:
         """The stop ids and the pad id this sampler uses for ``model`` (as
@@ -281,22 +280,16 @@ class KVCacheSampler:
         tokens: list[Tensor] = []
         logprobs: list[Tensor] = []
         devices = [device] if device.type == "cuda" else []
-        head = _sampler_output_layer(model, device, takes, prompt_ids.size(0),
-                                     self.packed_output_layer)
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        packing = (packed_linears(model, prompt_ids.size(0))
+                   if self.packed_weights and device.type == "cpu" else nullcontext())
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), packing:
             torch.manual_seed(seed)
             outputs = model(input_ids=prompt_ids, attention_mask=mask,
-                            **({"position_ids": positions} if with_positions else {}), **extra,
-                            **({"output_hidden_states": True} if head is not None else {}))
-            if head is not None:
-                head = head if head.matches(outputs) else None
-                if head is not None:  # the later steps skip the model's own output layer
-                    extra.update(logits_to_keep=head.no_position, output_hidden_states=True)
+                            **({"position_ids": positions} if with_positions else {}), **extra)
             last = positions[:, -1:]
             for step in range(self.max_new_tokens):
                 logits, cache = _logits_and_cache(outputs)
-                scores = (logits[:, -1] if head is None or step == 0
-                          else head(outputs)).to(torch.float32)
+                scores = logits[:, -1].to(torch.float32)
                 if greedy:
                     chosen = scores.argmax(-1)
                     if self.logprobs:
@@ -325,87 +318,6 @@ class KVCacheSampler:
             return Sample(completions, completion, None)
         return Sample(completions, completion,
                       torch.where(completion != 0, torch.stack(logprobs, 1), 0.0))
-
-
-class _OutputLayer(NamedTuple):
-    """A model's output layer computed by the sampler from the last hidden state ``h``
-    ``(B, H)``: ``h W^T + b``, ``W`` ``(V, H)``.
-
-    A causal LM's forward computes the decode step's logits as ``h @ W^T`` with one row per
-    sequence, a product the CPU's BLAS does poorly for so few rows. Two faster forms of the same
-    product, measured at V 49152, H 576, 8 rows:
-
-    * ``packed`` (oneDNN's linear on a copy of ``W`` reordered once per rollout for this many
-      rows, :func:`torch.ops.mkldnn._reorder_linear_weight`; the reorder takes ~60 ms and holds
-      one more copy of ``W`` during the rollout): 5.7 against 22 ms a token on 2 threads, 10.6
-      against 26 ms on one;
-    * else, with more than one thread, ``(W @ h^T)^T``, which the BLAS spreads over the threads:
-      13.5 against 24 ms a token on 2 threads (on one it is slower, so it is not used there).
-
-    Used only after :meth:`matches` found the model's own logits at the prefill equal to it (to
-    float rounding: a model that scales or caps its logits after the output layer keeps its
-    own)."""
-
-    weight: Tensor
-    bias: Tensor | None
-    packed: Tensor | None
-    no_position: Tensor
-
-    def __call__(self, outputs: Any) -> Tensor:
-        hidden = outputs.hidden_states[-1][:, -1].to(self.weight.dtype)
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(hidden, self.packed, self.bias, "none",
-                                                      [None], "")
-        logits = torch.mm(self.weight, hidden.t()).t()
-        return logits if self.bias is None else logits + self.bias
-
-    def matches(self, outputs: Any) -> bool:
-        states = getattr(outputs, "hidden_states", None)
-        logits = getattr(outputs, "logits", None)
-        if not states or not isinstance(logits, Tensor) or logits.dim() != 3 \
-                or states[-1].size(-1) != self.weight.size(1):
-            return False
-        reference = logits[:, -1].to(torch.float32)
-        return bool(torch.allclose(self(outputs).to(torch.float32), reference, rtol=1e-4,
-                                   atol=1e-5 * float(reference.abs().max().clamp_min(1))))
-
-
-def _onednn_packing() -> bool:
-    """Whether this PyTorch has oneDNN's packed linear (CPU builds with ``mkldnn``)."""
-    mkldnn = getattr(torch.backends, "mkldnn", None)
-    try:
-        return bool(mkldnn is not None and mkldnn.is_available()
-                    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-                    and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _sampler_output_layer(model: Any, device: torch.device, takes: frozenset[str], rows: int,
-                          pack: bool) -> _OutputLayer | None:
-    """The model's float32 output layer for :class:`_OutputLayer`, on a CPU, for a forward that
-    can skip its own (``logits_to_keep``): oneDNN-packed for ``rows`` rows when ``pack`` and
-    this PyTorch has it, else the transposed product with more than one thread; else ``None``."""
-    if device.type != "cpu" or "logits_to_keep" not in takes:
-        return None
-    get = getattr(model, "get_output_embeddings", None)
-    layer = get() if callable(get) else None
-    weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
-    if not isinstance(weight, Tensor) or type(weight) not in (Tensor, torch.nn.Parameter) \
-            or weight.dim() != 2 or weight.dtype != torch.float32 or weight.device != device \
-            or weight.layout != torch.strided \
-            or (bias is not None and not isinstance(bias, Tensor)):
-        return None
-    weight, bias = weight.detach(), None if bias is None else bias.detach()
-    packed = None
-    if pack and _onednn_packing():
-        try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-        except RuntimeError:
-            packed = None
-    if packed is None and torch.get_num_threads() < 2:
-        return None
-    return _OutputLayer(weight, bias, packed, torch.empty(0, dtype=torch.int64, device=device))
 
 
 def _logits_and_cache(outputs: Any) -> tuple[Tensor, Any]:

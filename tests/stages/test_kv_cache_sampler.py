@@ -6,13 +6,11 @@ number of forward calls, and bad input."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from purekd.stages import HFGenerateSampler, KVCacheSampler, rollout
-from purekd.stages._sampler import _onednn_packing, _OutputLayer
+from purekd.stages._packed_linears import onednn_packing
 from tests._on_policy import EOS, PAD, prompt_batch, tiny_gpt2, tiny_llama
 
 pytest.importorskip("transformers")
@@ -126,116 +124,76 @@ def test_a_model_without_a_kv_cache_points_to_generate():
             NoCache(), batch["prompts"], batch["prompt_attention_mask"], seed=0)
 
 
-# -- the output layer the sampler computes itself (float32 on a CPU) ----------------------------
+# -- oneDNN-packed weights (float32 on a CPU) ---------------------------------------------------
 @pytest.fixture(scope="module")
 def float_llama():
     return tiny_llama(2, 16, seed=3).float().eval()
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+def _packing_seen(model):
+    """Whether each forward of the output layer ran with a packed ``forward`` of its own."""
+    seen: list[bool] = []
+    layer = model.get_output_embeddings()
+    handle = layer.register_forward_pre_hook(
+        lambda module, _args: seen.append("forward" in module.__dict__))
+    return seen, handle
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _kept_positions(model):
-    """The ``logits_to_keep`` of each forward call, recorded by a pre-hook (remove after)."""
-    seen: list[object] = []
-
-    def hook(_module, _args, kwargs):
-        keep = kwargs.get("logits_to_keep")
-        seen.append(int(keep.numel()) if isinstance(keep, torch.Tensor) else keep)
-
-    return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-ONEDNN = _onednn_packing()
+ONEDNN = onednn_packing()
 
 
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("options", SETTINGS)
-def test_the_samplers_output_layer_draws_what_generate_draws(float_llama, two_threads, options,
-                                                             packed):
-    seen, handle = _kept_positions(float_llama)
+def test_packed_weights_draw_what_generate_draws(float_llama, options, packed):
+    seen, handle = _packing_seen(float_llama)
     try:
         for seed in (0, 11):
-            reference, ours = _both(float_llama, seed, options, packed_output_layer=packed)
+            reference, ours = _both(float_llama, seed, options, packed_weights=packed)
             assert torch.equal(ours.completions, reference.completions), (seed, options)
             assert torch.equal(ours.completion_mask, reference.completion_mask)
-            torch.testing.assert_close(ours.logprobs, reference.logprobs, rtol=0, atol=1e-5)
+            torch.testing.assert_close(ours.logprobs, reference.logprobs, rtol=0,
+                                       atol=1e-5 if packed else 0)
     finally:
         handle.remove()
-    # generate's calls keep 1 position; ours: 1 at the prefill, then none (the sampler's own head)
-    assert 0 in seen
+    assert any(seen) == (packed and ONEDNN)  # generate's calls are never packed
+    assert not any("forward" in m.__dict__ for m in float_llama.modules())  # all restored
 
 
-@pytest.mark.skipif(not ONEDNN, reason="this PyTorch has no oneDNN packed linear")
-@pytest.mark.parametrize("bias", [False, True])
-def test_the_packed_output_layer_is_the_models_product(bias):
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(300, 48, generator=generator)
-    shift = torch.randn(300, generator=generator) if bias else None
-    states = torch.randn(5, 7, 48, generator=generator)  # (B, L, H): the last position is read
-    layer = _OutputLayer(weight, shift, torch.ops.mkldnn._reorder_linear_weight(weight, 5),
-                         torch.empty(0, dtype=torch.int64))
-    outputs = SimpleNamespace(hidden_states=(states,), logits=torch.nn.functional.linear(
-        states, weight, shift))
-    torch.testing.assert_close(layer(outputs), outputs.logits[:, -1], rtol=1e-5, atol=1e-5)
-    assert layer.matches(outputs)
-    assert not layer.matches(SimpleNamespace(hidden_states=(states,), logits=2 * outputs.logits))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_weights_on_any_thread_count(float_llama, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        reference, ours = _both(float_llama, 3, {"temperature": 1.2})
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(ours.completions, reference.completions)
 
 
-def test_a_model_that_rescales_its_logits_keeps_its_own_output_layer(float_llama, two_threads):
-    # a change after the output layer (as Gemma's soft-capping or Granite's scaling): the prefill
-    # check finds the sampler's own logits different, so every step reads the model's
+def test_a_model_that_rescales_its_logits_keeps_its_scaling(float_llama):
+    # a change after the output layer (as Gemma's soft-capping or Granite's scaling) stays: only
+    # the linear layers' products are swapped
     def rescale(_module, _args, outputs):
         outputs.logits = 3.0 * outputs.logits
         return outputs
 
     scaled = float_llama.register_forward_hook(rescale)
-    seen, handle = _kept_positions(float_llama)
     try:
         for seed in (0, 11):
-            for packed in (True, False):
-                reference, ours = _both(float_llama, seed, {"temperature": 1.3},
-                                        packed_output_layer=packed)
-                assert torch.equal(ours.completions, reference.completions)
-                torch.testing.assert_close(ours.logprobs, reference.logprobs, rtol=0, atol=0)
+            reference, ours = _both(float_llama, seed, {"temperature": 1.3})
+            assert torch.equal(ours.completions, reference.completions)
+            torch.testing.assert_close(ours.logprobs, reference.logprobs, rtol=0, atol=1e-5)
     finally:
         scaled.remove()
-        handle.remove()
-    assert 0 not in seen
 
 
-def test_one_thread_packs_the_output_layer_or_keeps_the_models(float_llama, one_thread):
-    # on one thread the transposed product is slower than the model's: only the packed form is used
-    for packed in (False, True):
-        seen, handle = _kept_positions(float_llama)
-        try:
-            reference, ours = _both(float_llama, 0, {}, packed_output_layer=packed)
-        finally:
-            handle.remove()
-        assert torch.equal(ours.completions, reference.completions)
-        assert (0 in seen) == (packed and ONEDNN)
-
-
-def test_a_float64_model_keeps_its_own_output_layer(two_threads):
+def test_a_float64_model_keeps_its_own_products():
     model = tiny_llama(2, 16, seed=3).double().eval()
-    seen, handle = _kept_positions(model)
+    seen, handle = _packing_seen(model)
     try:
         reference, ours = _both(model, 0, {})
     finally:
         handle.remove()
     assert torch.equal(ours.completions, reference.completions)
     torch.testing.assert_close(ours.logprobs, reference.logprobs, rtol=0, atol=0)
-    assert 0 not in seen
+    assert not any(seen)

@@ -1,0 +1,89 @@
+"""``packed_linears``: oneDNN-packed ``nn.Linear`` products for a block of code — the same
+products as ``F.linear`` (2-D and 3-D inputs, with and without bias), what is packed and what
+is left alone, tied weights packed once, gradients, and the model restored after the block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from purekd.stages._packed_linears import onednn_packing, packed_linears
+
+pytestmark = pytest.mark.skipif(not onednn_packing(), reason="no oneDNN packed linear")
+
+
+class Scaled(nn.Linear):
+    """A subclass with a forward of its own (as LoRA or quantised layers): never packed."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def model():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 48, bias=False),
+                        Scaled(48, 48), nn.Linear(48, 300))
+    net.append(nn.Linear(48, 300).double())  # float64: not packed
+    return net
+
+
+@pytest.mark.parametrize("shape", [(5, 48), (3, 1, 48), (2, 7, 48)])
+def test_the_products_are_the_modules(shape):
+    net = model()
+    x = torch.randn(*shape)
+
+    def every_layer():  # each layer on an input of its width and dtype
+        hidden = net[0](x)
+        return [hidden, net[2](hidden), net[3](x), net[4](x), net[5](x.double())]
+
+    with torch.no_grad():
+        reference = every_layer()
+        with packed_linears(net, shape[0]) as count:
+            ours = every_layer()
+    assert count == 3  # net[0], net[2] (no bias), net[4]
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_what_is_packed_and_what_is_left():
+    net = model()
+    with torch.no_grad(), packed_linears(net, 4):
+        packed = [("forward" in m.__dict__) for m in net]
+    assert packed == [True, False, True, False, True, False]
+    assert not any("forward" in m.__dict__ for m in net)
+
+
+def test_a_forward_someone_else_replaced_is_kept():
+    net = model()
+    own = net[0].forward
+    net[0].forward = lambda x: own(x) + 1  # as accelerate's hooks do
+    replaced = net[0].forward
+    with torch.no_grad(), packed_linears(net, 4) as count:
+        assert net[0].forward is replaced
+    assert count == 2 and net[0].forward is replaced
+
+
+def test_a_tied_weight_is_packed_once():
+    a, b = nn.Linear(16, 32), nn.Linear(16, 32)
+    b.weight = a.weight
+    with torch.no_grad(), packed_linears(nn.Sequential(a, b), 2) as count:
+        assert count == 2
+        assert a.forward.args[1] is b.forward.args[1]  # the same packed copy
+
+
+def test_gradients_take_the_modules_own_product():
+    net = model()
+    x = torch.randn(4, 48, requires_grad=True)
+    with packed_linears(net, 4):
+        net[0](x).sum().backward()
+    expected = torch.ones(4, 96) @ net[0].weight
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_the_model_is_restored_after_an_exception():
+    net = model()
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), packed_linears(net, 4):
+        assert "forward" in net[0].__dict__
+        raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in net)
