@@ -80,7 +80,7 @@ def packed_linears(model: nn.Module, rows: int) -> Iterator[int]:
                 if key not in packed:
                     packed[key] = torch.ops.mkldnn._reorder_linear_weight(weight.detach(),
                                                                           int(rows))
-                module.forward = functools.partial(  # type: ignore[method-assign]
+                module.forward = functools.partial(
                     _packed_forward, weight, packed[key], bias)
                 swapped.append(module)
         yield len(swapped)
