@@ -10,10 +10,10 @@ reordered once for ``B`` rows does the same product about twice as fast. Measure
 holds one more copy of them while it is in use.
 
 :func:`packed_linears` does this for one block of code without touching the model's weights: it
-gives each plain :class:`torch.nn.Linear` of the model (exactly that class, float32, on the CPU,
-an ordinary tensor: no ``DTensor``, no quantised or LoRA subclass, no ``forward`` already
-replaced by someone else) a ``forward`` of its own for the block and removes it afterwards,
-also on an exception. Inputs it cannot take (another dtype, gradients wanted) go to the
+gives each plain :class:`torch.nn.Linear` of the model (exactly that class; its weight a
+contiguous float32 CPU tensor, not a ``DTensor``; no quantised or LoRA subclass; no ``forward``
+already replaced by someone else) a ``forward`` of its own for the block and removes it
+afterwards, also on an exception. Inputs it cannot take (another dtype, gradients wanted) go to the
 module's usual product.
 """
 
@@ -46,6 +46,7 @@ def _packable(module: nn.Module) -> bool:
             and type(weight) in (Tensor, nn.Parameter) and isinstance(weight, Tensor)
             and weight.dim() == 2 and weight.dtype == torch.float32
             and weight.device.type == "cpu" and weight.layout == torch.strided
+            and weight.is_contiguous()
             and (bias is None or (type(bias) in (Tensor, nn.Parameter)
                                   and bias.dtype == torch.float32)))
 

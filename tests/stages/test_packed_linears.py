@@ -54,6 +54,16 @@ def test_what_is_packed_and_what_is_left():
     assert not any("forward" in m.__dict__ for m in net)
 
 
+def test_a_weight_that_is_a_strided_view_is_left_alone():
+    layer = nn.Linear(16, 8)
+    layer.weight = nn.Parameter(torch.randn(16, 8).t())  # (8, 16), not contiguous
+    x = torch.randn(3, 16)
+    with torch.no_grad(), packed_linears(layer, 3) as count:
+        assert count == 0
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight,
+                                                                        layer.bias))
+
+
 def test_a_forward_someone_else_replaced_is_kept():
     net = model()
     own = net[0].forward
