@@ -14,7 +14,8 @@ gives each plain :class:`torch.nn.Linear` of the model (exactly that class; its 
 contiguous float32 CPU tensor, not a ``DTensor``; no quantised or LoRA subclass; no ``forward``
 already replaced by someone else) a ``forward`` of its own for the block and removes it
 afterwards, also on an exception. Inputs it cannot take (another dtype, gradients wanted) go to the
-module's usual product.
+module's usual product. The swap is visible to anything that calls the same modules while the
+block runs (another thread, say): it gets the packed product too, the same to rounding.
 """
 
 from __future__ import annotations
