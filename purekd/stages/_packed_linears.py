@@ -14,7 +14,10 @@ gives each plain :class:`torch.nn.Linear` of the model (exactly that class; its 
 contiguous float32 CPU tensor, not a ``DTensor``; no quantised or LoRA subclass; no ``forward``
 already replaced by someone else) a ``forward`` of its own for the block and removes it
 afterwards, also on an exception. Inputs it cannot take (another dtype, gradients wanted) go to the
-module's usual product. The swap is visible to anything that calls the same modules while the
+module's usual product. The copies are bounded: modules are packed in order while their weights
+add up to at most half the memory the system reports available (``MemAvailable`` of
+``/proc/meminfo``; no bound where it is not reported); the rest keep their own product, so a
+model too large to copy still samples, only slower. The swap is visible to anything that calls the same modules while the
 block runs (another thread, say): it gets the packed product too, the same to rounding.
 """
 
@@ -39,6 +42,19 @@ def onednn_packing() -> bool:
                     and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
     except (AttributeError, RuntimeError):
         return False
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system reports available (``MemAvailable`` in ``/proc/meminfo``), or
+    ``None`` where it reports none."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _packable(module: nn.Module) -> bool:
@@ -73,6 +89,8 @@ def packed_linears(model: nn.Module, rows: int) -> Iterator[int]:
     try:
         if onednn_packing():
             packed: dict[int, Tensor] = {}
+            available = available_memory()
+            budget = None if available is None else available // 2
             for module in model.modules():
                 if not _packable(module):
                     continue
@@ -80,6 +98,10 @@ def packed_linears(model: nn.Module, rows: int) -> Iterator[int]:
                 bias: Any = module.bias
                 key = id(weight)
                 if key not in packed:
+                    size = weight.numel() * weight.element_size()
+                    if budget is not None and size > budget:
+                        continue
+                    budget = None if budget is None else budget - size
                     packed[key] = torch.ops.mkldnn._reorder_linear_weight(weight.detach(),
                                                                           int(rows))
                 module.forward = functools.partial(
@@ -91,4 +113,4 @@ def packed_linears(model: nn.Module, rows: int) -> Iterator[int]:
             module.__dict__.pop("forward", None)
 
 
-__all__ = ["onednn_packing", "packed_linears"]
+__all__ = ["available_memory", "onednn_packing", "packed_linears"]

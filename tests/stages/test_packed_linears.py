@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from purekd.stages._packed_linears import onednn_packing, packed_linears
+from purekd.stages import _packed_linears
+from purekd.stages._packed_linears import available_memory, onednn_packing, packed_linears
 
 pytestmark = pytest.mark.skipif(not onednn_packing(), reason="no oneDNN packed linear")
 
@@ -97,3 +98,22 @@ def test_the_model_is_restored_after_an_exception():
         assert "forward" in net[0].__dict__
         raise RuntimeError("boom")
     assert not any("forward" in m.__dict__ for m in net)
+
+
+def test_the_copies_stay_within_half_the_available_memory(monkeypatch):
+    net = model()  # float32 weights packed in order: 48x96, 96x48, 48x300 floats
+    sizes = [net[i].weight.numel() * 4 for i in (0, 2, 4)]
+    monkeypatch.setattr(_packed_linears, "available_memory", lambda: 2 * (sizes[0] + sizes[1]))
+    x = torch.randn(2, 48)
+    with torch.no_grad(), packed_linears(net, 2) as count:
+        assert count == 2 and "forward" not in net[4].__dict__  # the head did not fit
+        torch.testing.assert_close(net[4](x), torch.nn.functional.linear(x, net[4].weight,
+                                                                         net[4].bias))
+    monkeypatch.setattr(_packed_linears, "available_memory", lambda: None)  # not reported
+    with torch.no_grad(), packed_linears(net, 2) as count:
+        assert count == 3
+
+
+def test_available_memory_reads_the_system():
+    value = available_memory()
+    assert value is None or value > 0
