@@ -13,12 +13,14 @@ holds one more copy of them while it is in use.
 gives each plain :class:`torch.nn.Linear` of the model (exactly that class; its weight a
 contiguous float32 CPU tensor, not a ``DTensor``; no quantised or LoRA subclass; no ``forward``
 already replaced by someone else) a ``forward`` of its own for the block and removes it
-afterwards, also on an exception. Inputs it cannot take (another dtype, gradients wanted) go to the
-module's usual product. The copies are bounded: modules are packed in order while their weights
-add up to at most half the memory the system reports available (``MemAvailable`` of
-``/proc/meminfo``; no bound where it is not reported); the rest keep their own product, so a
-model too large to copy still samples, only slower. The swap is visible to anything that calls the same modules while the
-block runs (another thread, say): it gets the packed product too, the same to rounding.
+afterwards, also on an exception. Inputs it cannot take (another dtype, gradients wanted, CPU
+autocast on: its lower-precision product is what the model would compute) go to the module's
+usual product; under CPU autocast nothing is packed at all. The copies are bounded: modules are
+packed in order while their weights add up to at most half the memory the system reports
+available (``MemAvailable`` of ``/proc/meminfo``; no bound where it is not reported); the rest
+keep their own product, so a model too large to copy still samples, only slower. The swap is
+visible to anything that calls the same modules while the block runs (another thread, say): it
+gets the packed product too, the same to rounding.
 """
 
 from __future__ import annotations
@@ -70,9 +72,9 @@ def _packable(module: nn.Module) -> bool:
 
 def _packed_forward(weight: Tensor, packed: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
     """``x W^T + b`` through oneDNN on ``packed`` (``W`` reordered); the module's usual product
-    for an input it cannot take (not float32 on the CPU, or gradients wanted)."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or (
-            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    for an input it cannot take (not float32 on the CPU, gradients wanted, or CPU autocast on)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu") \
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
 
@@ -82,12 +84,12 @@ def packed_linears(model: nn.Module, rows: int) -> Iterator[int]:
     """Within the block, every packable ``nn.Linear`` of ``model`` (see the module docstring)
     computes ``x W^T + b`` through oneDNN on a copy of ``W`` reordered for ``rows`` rows (a
     hint: other row counts work). Yields the number of modules packed (0 where this PyTorch
-    has no oneDNN; the block then runs as usual). A weight shared by several modules (a tied
+    has no oneDNN or CPU autocast is on; the block then runs as usual). A weight shared by several modules (a tied
     output layer is one of them only once) is reordered once. The copies are dropped when the
     block ends."""
     swapped: list[nn.Module] = []
     try:
-        if onednn_packing():
+        if onednn_packing() and not torch.is_autocast_enabled("cpu"):
             packed: dict[int, Tensor] = {}
             available = available_memory()
             budget = None if available is None else available // 2

@@ -117,3 +117,18 @@ def test_the_copies_stay_within_half_the_available_memory(monkeypatch):
 def test_available_memory_reads_the_system():
     value = available_memory()
     assert value is None or value > 0
+
+
+def test_under_cpu_autocast_the_modules_own_lower_precision_product_is_kept():
+    net = model()
+    x = torch.randn(4, 48)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = net[0](x)
+        with packed_linears(net, 4) as count:  # entered under autocast: nothing packed
+            assert count == 0
+            assert torch.equal(net[0](x), expected)
+    with torch.no_grad(), packed_linears(net, 4) as count:  # autocast entered inside the block
+        assert count == 3
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = net[0](x)
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, expected)
