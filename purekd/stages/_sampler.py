@@ -189,8 +189,8 @@ class KVCacheSampler:
     same products, about twice as fast for so few rows; the copies live for the call;
     ``False``: the model's own products). Each step's float32 scores ``z`` (the last
     position's logits) are processed as ``generate`` processes them, in its order:
-    ``z / temperature`` (when not 1), the ``top_k`` filter (entries below the ``k``-th largest set to ``-inf``),
-    the ``top_p`` nucleus filter (the smallest set of largest entries whose probability
+    ``z / temperature`` (when not 1), the ``top_k`` filter (entries below the ``k``-th largest
+    set to ``-inf``), the ``top_p`` nucleus filter (the smallest set of largest entries whose probability
     reaches ``top_p``, at least one); then one draw ``torch.multinomial(softmax(z), 1)`` per
     row from the global generator (forked and seeded with ``seed``, as
     :class:`HFGenerateSampler` does, so the same seed draws the same tokens). ``top_k=1``
