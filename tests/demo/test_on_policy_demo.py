@@ -64,12 +64,33 @@ def test_reverse_kl_on_samples_refuses_shapes_that_disagree():
                                         torch.zeros(3, dtype=torch.long), torch.ones(3))
 
 
+# -- the reverse KL by position in the sample ----------------------------------------------
+
+
+def test_by_position_sums_each_position_of_the_kept_entries_wherever_a_row_starts():
+    values = torch.tensor([[9.0, 1.0, 2.0, 3.0, 9.0],
+                           [9.0, 9.0, 4.0, 5.0, 9.0],   # starts one later, ends early
+                           [6.0, 9.0, 9.0, 9.0, 9.0]])  # one kept entry
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 0], [1, 0, 0, 0, 0]])
+    sums, counts = on_policy.by_position(values, mask, 4)
+    assert sums.tolist() == [1.0 + 4.0 + 6.0, 2.0 + 5.0, 3.0, 0.0]
+    assert counts.tolist() == [3.0, 2.0, 1.0, 0.0]
+    assert sums.dtype == counts.dtype == torch.float64
+
+
+def test_span_means_are_token_weighted_and_zero_where_no_sample_reached():
+    kl = [1.0, 3.0, 2.0, 0.0, 0.0]
+    tokens = [2, 2, 4, 0, 0]
+    assert on_policy.span_means(kl, tokens, span=2) == [4.0 / 4, 2.0 / 4, 0.0]
+    assert on_policy.span_means(kl, tokens, span=8) == [6.0 / 8]
+
+
 # -- the ratio's bootstrap interval ----------------------------------------------------------
 
 
 def _scores(kl: list[float], tokens: list[int]) -> on_policy.SampleScores:
     return on_policy.SampleScores(sum(kl) / sum(tokens), 0.0, sum(tokens), 0.0, 0.0, 0.0, [],
-                                  kl, tokens)
+                                  kl, tokens, [], [])
 
 
 def test_bootstrap_ratio_is_the_ratio_when_every_prompt_agrees():
@@ -110,11 +131,29 @@ def test_batches_carry_prompts_and_right_padded_verses():
     assert both[0]["prompts"].tolist() == [[5, 6], [11, 12]]
 
 
+def test_with_following_continues_each_verse_into_the_next_up_to_the_width():
+    verses = [[1, 2, 9], [3, 9], [4, 5, 6, 9], [7, 9]]
+    assert on_policy.with_following(verses, 6) == [
+        [1, 2, 9, 3, 9, 4], [3, 9, 4, 5, 6, 9], [4, 5, 6, 9, 7, 9], [7, 9]]
+    assert on_policy.with_following(verses, 2) == [[1, 2], [3, 9], [4, 5], [7, 9]]
+    assert verses == [[1, 2, 9], [3, 9], [4, 5, 6, 9], [7, 9]]  # not mutated
+
+
+def test_stop_tokens_hold_the_newline_only_when_samples_stop_at_the_verse_s_end():
+    passage, verse = on_policy.DEFAULT, on_policy.DEFAULT._replace(stop_at_newline=True)
+    assert on_policy.stop_tokens(passage, 198, 2) == (2,)
+    assert on_policy.stop_tokens(verse, 198, 2) == (198, 2)
+    assert on_policy.stop_tokens(verse, 198, 198) == (198,)
+    assert on_policy.stop_tokens(verse, 198, None) == (198,)
+    assert on_policy.stop_tokens(passage, 198, [2, 3]) == (2, 3)
+    assert on_policy.stop_tokens(verse, 198, [2, 198]) == (198, 2)
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("steps", 0, "steps=0"), ("prompt_tokens", 0, "prompt_tokens=0"), ("lr", 0.0, "lr=0.0"),
     ("eval_temperature", -1.0, "eval_temperature=-1.0"), ("warmup", 1.0, "warmup=1.0"),
     ("held_out_verses", 6000, "held_out_verses=6000"),
-    ("on_policy_loss", "nope", "nope")])
+    ("on_policy_loss", "nope", "nope"), ("stop_at_newline", 1, "stop_at_newline=1")])
 def test_settings_reject_bad_values_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         on_policy.DEFAULT._replace(**{field: value}).check()
@@ -226,6 +265,13 @@ def test_the_quick_demo_writes_its_results_and_plot(quick_run):
         scored = saved["samples"][model]
         assert len(results["samples"][model]["kl_by_prompt"]) == on_policy.QUICK.eval_prompts
         assert sum(scored["tokens_by_prompt"]) == scored["tokens"]
+        assert len(scored["tokens_by_position"]) == on_policy.QUICK.max_new_tokens
+        assert sum(scored["tokens_by_position"]) == scored["tokens"]
+        assert sum(scored["kl_by_position"]) == pytest.approx(sum(scored["kl_by_prompt"]))
+        assert saved["reverse_kl_by_span"][model] == pytest.approx(on_policy.span_means(
+            scored["kl_by_position"], scored["tokens_by_position"]))
+    assert len(saved["ratio_by_span"]) == math.ceil(on_policy.QUICK.max_new_tokens
+                                                    / on_policy.SPAN)
     phases = saved["seconds_by_phase"]
     for phase in ("teacher_load", "warmup", "train_off_policy", "train_on_policy", "train_mixed",
                   "eval_off_policy", "eval_on_policy", "eval_mixed", "on_policy_part", "total"):
