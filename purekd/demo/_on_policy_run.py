@@ -856,37 +856,3 @@ def plot_results(out: Path, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
-
-
-__all__ = [
-    "ARMS",
-    "DEFAULT",
-    "QUICK",
-    "SPAN",
-    "WARMUP_FIELDS",
-    "Row",
-    "SampleScores",
-    "Settings",
-    "Verses",
-    "batches",
-    "bootstrap_ratio",
-    "by_position",
-    "load_verses",
-    "load_warmup",
-    "loss_name",
-    "newline_id",
-    "plot_results",
-    "reverse_kl_on_samples",
-    "run",
-    "save_warmup",
-    "score_samples",
-    "span_means",
-    "stop_tokens",
-    "table",
-    "text_batch",
-    "train",
-    "warm_up",
-    "warmup_file",
-    "warmup_key",
-    "with_following",
-]
