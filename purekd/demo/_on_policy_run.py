@@ -170,9 +170,13 @@ class SampleScores(NamedTuple):
 def by_position(values: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
     """Sums of ``values`` ``(B, L)`` over the rows of each position of the kept entries of
     ``mask`` ``(B, L)`` 0/1 (position ``k``: the ``k``-th kept entry of its row, wherever the
-    row's kept entries start); returns ``(sums, counts)``, each ``(length,)`` float64."""
+    row's kept entries start); returns ``(sums, counts)``, each ``(length,)`` float64. A row
+    with more than ``length`` kept entries raises ``ValueError``."""
     keep = mask != 0
-    position = (keep.long().cumsum(1) - 1).clamp(0, length - 1)
+    position = keep.long().cumsum(1) - 1
+    longest = int(keep.sum(1).max()) if keep.numel() else 0
+    if longest > length:
+        raise ValueError(f"by_position: a row keeps {longest} entries, more than length={length}")
     sums = torch.zeros(length, dtype=torch.float64)
     counts = torch.zeros(length, dtype=torch.float64)
     sums.index_add_(0, position[keep], values[keep].double())
@@ -288,8 +292,8 @@ def bootstrap_ratio(a: SampleScores, b: SampleScores, draws: int = 2000, seed: i
 class Verses(NamedTuple):
     """Tokenised verses: ``train`` and ``held_out`` lists of id lists (each verse's ids, its
     newline appended, then, unless ``stop_at_newline``, the ids of the verses that follow it in
-    its split, up to ``prompt_tokens + max_new_tokens`` ids), ``held_out_rows`` ``(R, length)`` packed held-out text,
-    ``warmup_rows`` ``(warmup_rows, length)`` the training verses' text packed (the warm-up's
+    its split, up to ``prompt_tokens + max_new_tokens`` ids), ``held_out_rows``
+    ``(R, length)`` packed held-out text, ``warmup_rows`` ``(warmup_rows, length)`` the training verses' text packed (the warm-up's
     data, as the LM demo's rows)."""
 
     train: list[list[int]]
@@ -343,6 +347,7 @@ def load_verses(tokenizer: Any, settings: Settings) -> Verses:
     newline = newline_id(tokenizer)
     cut = len(texts) - settings.held_out_verses
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] + [newline] for t in texts]
+
     def split(verses: list[list[int]]) -> list[list[int]]:
         rows = verses if settings.stop_at_newline else with_following(
             verses, settings.prompt_tokens + settings.max_new_tokens)
@@ -375,7 +380,8 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 def text_batch(verses: list[list[int]], settings: Settings, pad_id: int,
                prompts: bool = False) -> dict[str, Tensor]:
     """A batch of verses (each with the passage after it unless ``stop_at_newline``; at most
-    ``prompt_tokens + max_new_tokens`` tokens each), right-padded: ``input_ids``, ``attention_mask`` (KD on every real token, as the LM demo);
+    ``prompt_tokens + max_new_tokens`` tokens each), right-padded: ``input_ids``,
+    ``attention_mask`` (KD on every real token, as the LM demo);
     with ``prompts``, also each verse's first ``prompt_tokens`` tokens as ``prompts`` and
     ``prompt_attention_mask`` (for the on-policy stage)."""
     rows = [v[:settings.prompt_tokens + settings.max_new_tokens] for v in verses]

@@ -76,6 +76,9 @@ def test_by_position_sums_each_position_of_the_kept_entries_wherever_a_row_start
     assert sums.tolist() == [1.0 + 4.0 + 6.0, 2.0 + 5.0, 3.0, 0.0]
     assert counts.tolist() == [3.0, 2.0, 1.0, 0.0]
     assert sums.dtype == counts.dtype == torch.float64
+    with pytest.raises(ValueError, match=r"by_position: a row keeps 3 entries, more than "
+                                         r"length=2"):
+        on_policy.by_position(values, mask, 2)
 
 
 def test_span_means_are_token_weighted_and_zero_where_no_sample_reached():
