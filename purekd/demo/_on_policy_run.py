@@ -741,6 +741,7 @@ def _results(rows: list[Row], samples: dict[str, SampleScores], settings: Settin
              cpu: dict[str, float], arm_tokens: dict[str, int], parameters_T: int, parameters_S: int) -> dict[str, Any]:
     by_key = {_key(r): r for r in rows}
     ratio = samples["on_policy"].reverse_kl / samples["off_policy"].reverse_kl
+    by_span = {k: span_means(s.kl_by_position, s.tokens_by_position) for k, s in samples.items()}
     return {
         "reverse_kl": {k: s.reverse_kl for k, s in samples.items()},
         "teacher_nll": {k: s.teacher_nll for k, s in samples.items()},
@@ -758,10 +759,11 @@ def _results(rows: list[Row], samples: dict[str, SampleScores], settings: Settin
                         "kl_by_position": s.kl_by_position,
                         "tokens_by_position": s.tokens_by_position}
                     for k, s in samples.items()},
-        "reverse_kl_by_span": {k: span_means(s.kl_by_position, s.tokens_by_position)
-                               for k, s in samples.items()},
+        "reverse_kl_by_span": by_span,
         "span": SPAN,
-        "ratio_by_span": _ratios(samples["on_policy"], samples["off_policy"]),
+        "ratio_by_span": [on / off if off else None  # None: no off-policy sample got there
+                          for on, off in zip(by_span["on_policy"], by_span["off_policy"],
+                                             strict=True)],
         "seconds": seconds["total"],
         "seconds_by_phase": seconds,
         "cpu_seconds_by_phase": cpu,
@@ -779,13 +781,6 @@ def _results(rows: list[Row], samples: dict[str, SampleScores], settings: Settin
         "teacher_layers": total_layers,
         "settings": settings._asdict(),
     }
-
-
-def _ratios(a: SampleScores, b: SampleScores) -> list[float | None]:
-    """``a``'s reverse KL over ``b``'s in each span of positions (None where ``b`` has none)."""
-    return [x / y if y else None for x, y in zip(
-        span_means(a.kl_by_position, a.tokens_by_position),
-        span_means(b.kl_by_position, b.tokens_by_position), strict=True)]
 
 
 def table(rows: list[Row]) -> str:

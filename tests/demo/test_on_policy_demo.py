@@ -275,6 +275,9 @@ def test_the_quick_demo_writes_its_results_and_plot(quick_run):
             scored["kl_by_position"], scored["tokens_by_position"]))
     assert len(saved["ratio_by_span"]) == math.ceil(on_policy.QUICK.max_new_tokens
                                                     / on_policy.SPAN)
+    assert saved["ratio_by_span"] == pytest.approx(
+        [on / off for on, off in zip(saved["reverse_kl_by_span"]["on_policy"],
+                                     saved["reverse_kl_by_span"]["off_policy"], strict=True)])
     phases = saved["seconds_by_phase"]
     for phase in ("teacher_load", "warmup", "train_off_policy", "train_on_policy", "train_mixed",
                   "eval_off_policy", "eval_on_policy", "eval_mixed", "on_policy_part", "total"):
