@@ -293,8 +293,8 @@ class Verses(NamedTuple):
     """Tokenised verses: ``train`` and ``held_out`` lists of id lists (each verse's ids, its
     newline appended, then, unless ``stop_at_newline``, the ids of the verses that follow it in
     its split, up to ``prompt_tokens + max_new_tokens`` ids), ``held_out_rows``
-    ``(R, length)`` packed held-out text, ``warmup_rows`` ``(warmup_rows, length)`` the training verses' text packed (the warm-up's
-    data, as the LM demo's rows)."""
+    ``(R, length)`` packed held-out text, ``warmup_rows`` ``(warmup_rows, length)`` the
+    training verses' text packed (the warm-up's data, as the LM demo's rows)."""
 
     train: list[list[int]]
     held_out: list[list[int]]

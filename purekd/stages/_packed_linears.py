@@ -84,8 +84,8 @@ def packed_linears(model: nn.Module, rows: int) -> Iterator[int]:
     """Within the block, every packable ``nn.Linear`` of ``model`` (see the module docstring)
     computes ``x W^T + b`` through oneDNN on a copy of ``W`` reordered for ``rows`` rows (a
     hint: other row counts work). Yields the number of modules packed (0 where this PyTorch
-    has no oneDNN or CPU autocast is on; the block then runs as usual). A weight shared by several modules (a tied
-    output layer is one of them only once) is reordered once. The copies are dropped when the
+    has no oneDNN or CPU autocast is on; the block then runs as usual). A weight shared by
+    several modules (a tied output layer is one of them only once) is reordered once. The copies are dropped when the
     block ends."""
     swapped: list[nn.Module] = []
     try:

@@ -190,8 +190,8 @@ class KVCacheSampler:
     ``False``: the model's own products). Each step's float32 scores ``z`` (the last
     position's logits) are processed as ``generate`` processes them, in its order:
     ``z / temperature`` (when not 1), the ``top_k`` filter (entries below the ``k``-th largest
-    set to ``-inf``), the ``top_p`` nucleus filter (the smallest set of largest entries whose probability
-    reaches ``top_p``, at least one); then one draw ``torch.multinomial(softmax(z), 1)`` per
+    set to ``-inf``), the ``top_p`` nucleus filter (the smallest set of largest entries whose
+    probability reaches ``top_p``, at least one); then one draw ``torch.multinomial(softmax(z), 1)`` per
     row from the global generator (forked and seeded with ``seed``, as
     :class:`HFGenerateSampler` does, so the same seed draws the same tokens). ``top_k=1``
     (greedy) takes ``argmax z`` without the filters or a draw (same token; log-probability 0:
