@@ -85,8 +85,8 @@ def packed_linears(model: nn.Module, rows: int) -> Iterator[int]:
     computes ``x W^T + b`` through oneDNN on a copy of ``W`` reordered for ``rows`` rows (a
     hint: other row counts work). Yields the number of modules packed (0 where this PyTorch
     has no oneDNN or CPU autocast is on; the block then runs as usual). A weight shared by
-    several modules (a tied output layer is one of them only once) is reordered once. The copies are dropped when the
-    block ends."""
+    several modules (a tied output layer is one of them only once) is reordered once. The
+    copies are dropped when the block ends."""
     swapped: list[nn.Module] = []
     try:
         if onednn_packing() and not torch.is_autocast_enabled("cpu"):
